@@ -1,0 +1,358 @@
+//! `/v1/devices`: registration (one or a batch), listing, one device,
+//! renaming, deletion.
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::{json, Map, Value};
+use std::collections::HashMap;
+
+use super::{blocking, json_object, rfc3339, ApiError, SharedState};
+use crate::keys::{decode_key, encode_key};
+use crate::registry::{validate_name, validate_uuid, Device, NewDevice, Registered, MAX_BATCH};
+use crate::wg_config;
+
+const DEFAULT_PAGE: usize = 100;
+const MAX_PAGE: usize = 1000;
+
+/// Validates one registration object; `prefix` names it in errors
+/// (`""` for a single registration, `"devices[3]."` in a batch).
+fn parse_new_device(obj: &Map<String, Value>, prefix: &str) -> Result<NewDevice, ApiError> {
+    for k in obj.keys() {
+        if !matches!(k.as_str(), "uuid" | "public_key" | "name") {
+            return Err(ApiError::bad_field(
+                format!("{prefix}{k}"),
+                format!("unknown field {k:?}; a registration takes uuid, public_key and name"),
+            ));
+        }
+    }
+    let uuid = match obj.get("uuid") {
+        Some(Value::String(s)) => s.clone(),
+        Some(_) => return Err(ApiError::bad_field(format!("{prefix}uuid"), "uuid must be a string")),
+        None => return Err(ApiError::bad_field(format!("{prefix}uuid"), "uuid is required")),
+    };
+    validate_uuid(&uuid).map_err(|m| ApiError::bad_field(format!("{prefix}uuid"), m))?;
+    let public_key = match obj.get("public_key") {
+        Some(Value::String(s)) => decode_key(s)
+            .map_err(|e| ApiError::bad_field(format!("{prefix}public_key"), e.to_string()))?,
+        Some(_) => {
+            return Err(ApiError::bad_field(
+                format!("{prefix}public_key"),
+                "public_key must be a string (base64, as `wg pubkey` prints it)",
+            ))
+        }
+        None => {
+            return Err(ApiError::bad_field(
+                format!("{prefix}public_key"),
+                "public_key is required",
+            ))
+        }
+    };
+    let name = parse_name(obj.get("name"), prefix)?;
+    Ok(NewDevice {
+        uuid,
+        public_key,
+        name,
+    })
+}
+
+fn parse_name(v: Option<&Value>, prefix: &str) -> Result<Option<String>, ApiError> {
+    match v {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => {
+            validate_name(s).map_err(|m| ApiError::bad_field(format!("{prefix}name"), m))?;
+            Ok(Some(s.clone()))
+        }
+        Some(_) => Err(ApiError::bad_field(format!("{prefix}name"), "name must be a string or null")),
+    }
+}
+
+fn gateway_json(s: &SharedState) -> Value {
+    json!({
+        "public_key": encode_key(s.path.public_key().as_bytes()),
+        "endpoint": s.endpoint,
+        "address": s.path.gateway_address().to_string(),
+    })
+}
+
+fn wg_quick(s: &SharedState, d: &Device) -> String {
+    wg_config::render(
+        &d.uuid,
+        d.address,
+        &encode_key(s.path.public_key().as_bytes()),
+        &s.endpoint,
+        s.path.gateway_address(),
+    )
+}
+
+fn registration_json(d: &Device) -> Map<String, Value> {
+    let mut m = Map::new();
+    m.insert("uuid".into(), json!(d.uuid));
+    m.insert("public_key".into(), json!(encode_key(&d.public_key)));
+    m.insert("address".into(), json!(d.address.to_string()));
+    m.insert("name".into(), json!(d.name));
+    m.insert(
+        "created_at".into(),
+        json!(rfc3339(
+            std::time::UNIX_EPOCH + std::time::Duration::from_millis(d.created_at_ms as u64)
+        )),
+    );
+    m
+}
+
+fn cloudlink_json(s: &SharedState, uuid: &str) -> Value {
+    match s.path.sessions.by_uuid(uuid) {
+        Some(session) => {
+            let snap = session.snapshot();
+            json!({
+                "connected": snap.connected,
+                "since": snap.since.map(rfc3339),
+                "endpoint": snap.endpoint.to_string(),
+                "last_handshake_at": snap.last_handshake_at.map(rfc3339),
+                "last_packet_at": snap.last_packet_at.map(rfc3339),
+                "rx_bytes": snap.rx_bytes,
+                "tx_bytes": snap.tx_bytes,
+                "rx_packets": snap.rx_packets,
+                "tx_packets": snap.tx_packets,
+            })
+        }
+        None => json!({
+            "connected": false,
+            "since": null,
+            "endpoint": null,
+            "last_handshake_at": null,
+            "last_packet_at": null,
+            "rx_bytes": 0,
+            "tx_bytes": 0,
+            "rx_packets": 0,
+            "tx_packets": 0,
+        }),
+    }
+}
+
+fn full_device_json(s: &SharedState, d: &Device) -> Value {
+    let mut m = registration_json(d);
+    m.insert("gateway".into(), gateway_json(s));
+    m.insert("wg_quick".into(), json!(wg_quick(s, d)));
+    m.insert("cloudlink".into(), cloudlink_json(s, &d.uuid));
+    Value::Object(m)
+}
+
+fn conflict_uuid(uuid: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::CONFLICT,
+        "uuid_taken",
+        format!("device {uuid:?} is registered with another public key; delete it first to re-key it"),
+    )
+    .field("uuid")
+}
+
+fn conflict_key(other: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::CONFLICT,
+        "public_key_taken",
+        format!("this public key belongs to device {other:?}; every device needs its own key"),
+    )
+    .field("public_key")
+}
+
+/// `POST /v1/devices`
+pub async fn register(State(s): State<SharedState>, body: Bytes) -> Result<Response, ApiError> {
+    let obj = json_object(&body)?;
+    let dev = parse_new_device(&obj, "")?;
+    let registry = s.registry.clone();
+    let outcome = blocking(move || registry.register(dev)).await?;
+    s.metrics.devices_registered.set(s.registry.count());
+    match outcome {
+        Registered::Created(d) => {
+            tracing::info!(device = %d.uuid, address = %d.address, "device registered");
+            Ok((StatusCode::CREATED, Json(full_device_json(&s, &d))).into_response())
+        }
+        Registered::Existing(d) => Ok((StatusCode::OK, Json(full_device_json(&s, &d))).into_response()),
+        Registered::UuidTaken => Err(conflict_uuid(obj["uuid"].as_str().unwrap_or_default())),
+        Registered::KeyTaken { uuid } => Err(conflict_key(&uuid)),
+    }
+}
+
+/// `POST /v1/devices/batch`: `{"devices": [...]}`, up to 10,000, one
+/// transaction; answers per device, in order.
+pub async fn register_batch(State(s): State<SharedState>, body: Bytes) -> Result<Response, ApiError> {
+    let mut obj = json_object(&body)?;
+    if let Some(k) = obj.keys().find(|k| k.as_str() != "devices") {
+        return Err(ApiError::bad_field(k.clone(), format!("unknown field {k:?}; a batch takes devices")));
+    }
+    let items = match obj.remove("devices") {
+        Some(Value::Array(a)) => a,
+        Some(_) => return Err(ApiError::bad_field("devices", "devices must be an array")),
+        None => return Err(ApiError::bad_field("devices", "devices is required")),
+    };
+    if items.len() > MAX_BATCH {
+        return Err(ApiError::bad_field(
+            "devices",
+            format!("a batch holds at most {MAX_BATCH} devices, got {}", items.len()),
+        ));
+    }
+    // Validate everything first; invalid entries are answered without
+    // touching the registry, valid ones go in together.
+    let mut results: Vec<Option<Value>> = vec![None; items.len()];
+    let mut valid = Vec::with_capacity(items.len());
+    let mut positions = Vec::with_capacity(items.len());
+    for (i, item) in items.iter().enumerate() {
+        let prefix = format!("devices[{i}].");
+        let parsed = match item {
+            Value::Object(o) => parse_new_device(o, &prefix),
+            _ => Err(ApiError::bad_field(format!("devices[{i}]"), "each device must be an object")),
+        };
+        match parsed {
+            Ok(d) => {
+                valid.push(d);
+                positions.push(i);
+            }
+            Err(e) => {
+                results[i] = Some(json!({
+                    "uuid": item.get("uuid"),
+                    "status": e.status.as_u16(),
+                    "error": e,
+                }))
+            }
+        }
+    }
+    let uuids: Vec<String> = valid.iter().map(|d| d.uuid.clone()).collect();
+    let registry = s.registry.clone();
+    let outcomes = blocking(move || registry.register_batch(valid)).await?;
+    s.metrics.devices_registered.set(s.registry.count());
+    for ((pos, uuid), outcome) in positions.into_iter().zip(uuids).zip(outcomes) {
+        results[pos] = Some(match outcome {
+            Registered::Created(d) => json!({"uuid": d.uuid, "status": 201, "address": d.address.to_string()}),
+            Registered::Existing(d) => json!({"uuid": d.uuid, "status": 200, "address": d.address.to_string()}),
+            Registered::UuidTaken => {
+                let e = conflict_uuid(&uuid).field(format!("devices[{pos}].uuid"));
+                json!({"uuid": uuid, "status": 409, "error": e})
+            }
+            Registered::KeyTaken { uuid: other } => {
+                let e = conflict_key(&other).field(format!("devices[{pos}].public_key"));
+                json!({"uuid": uuid, "status": 409, "error": e})
+            }
+        });
+    }
+    let created = results
+        .iter()
+        .filter(|r| r.as_ref().and_then(|v| v["status"].as_u64()) == Some(201))
+        .count();
+    Ok(Json(json!({
+        "created": created,
+        "results": results,
+        "gateway": gateway_json(&s),
+    }))
+    .into_response())
+}
+
+/// `GET /v1/devices?limit=&after=`
+pub async fn list(
+    State(s): State<SharedState>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    for k in q.keys() {
+        if !matches!(k.as_str(), "limit" | "after") {
+            return Err(ApiError::bad_field(k.clone(), format!("unknown query parameter {k:?}; the listing takes limit and after")));
+        }
+    }
+    let limit = match q.get("limit") {
+        None => DEFAULT_PAGE,
+        Some(v) => match v.parse::<usize>() {
+            Ok(n) if (1..=MAX_PAGE).contains(&n) => n,
+            _ => {
+                return Err(ApiError::bad_field(
+                    "limit",
+                    format!("limit must be a whole number from 1 to {MAX_PAGE}"),
+                ))
+            }
+        },
+    };
+    let after = q.get("after").cloned();
+    // Read as_of before the state: every event up to it is reflected below
+    // (events are published after the change they announce).
+    let as_of = s.events.as_of();
+    let registry = s.registry.clone();
+    let page = blocking(move || registry.list(after.as_deref(), limit)).await?;
+    let next = if page.len() == limit {
+        page.last().map(|d| d.uuid.clone())
+    } else {
+        None
+    };
+    let devices: Vec<Value> = page
+        .iter()
+        .map(|d| {
+            let mut m = registration_json(d);
+            m.insert("cloudlink".into(), cloudlink_json(&s, &d.uuid));
+            Value::Object(m)
+        })
+        .collect();
+    Ok(Json(json!({"devices": devices, "next": next, "as_of": as_of})))
+}
+
+fn check_path_uuid(uuid: &str) -> Result<(), ApiError> {
+    validate_uuid(uuid).map_err(|m| ApiError::bad_field("uuid", m))
+}
+
+/// `GET /v1/devices/{uuid}`
+pub async fn get_one(State(s): State<SharedState>, Path(uuid): Path<String>) -> Result<Json<Value>, ApiError> {
+    check_path_uuid(&uuid)?;
+    let registry = s.registry.clone();
+    let u = uuid.clone();
+    match blocking(move || registry.get(&u)).await? {
+        Some(d) => Ok(Json(full_device_json(&s, &d))),
+        None => Err(ApiError::unknown_device(&uuid)),
+    }
+}
+
+/// `PATCH /v1/devices/{uuid}`: mutable fields (`name`).
+pub async fn patch(
+    State(s): State<SharedState>,
+    Path(uuid): Path<String>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    check_path_uuid(&uuid)?;
+    let obj = json_object(&body)?;
+    for k in obj.keys() {
+        if k != "name" {
+            let hint = if matches!(k.as_str(), "uuid" | "public_key" | "address") {
+                format!("{k} cannot be changed; delete the device and register it again")
+            } else {
+                format!("unknown field {k:?}; PATCH takes name")
+            };
+            return Err(ApiError::bad_field(k.clone(), hint));
+        }
+    }
+    let registry = s.registry.clone();
+    let u = uuid.clone();
+    let updated = if obj.contains_key("name") {
+        let name = parse_name(obj.get("name"), "")?;
+        blocking(move || registry.set_name(&u, name.as_deref())).await?
+    } else {
+        blocking(move || registry.get(&u)).await?
+    };
+    match updated {
+        Some(d) => Ok(Json(full_device_json(&s, &d))),
+        None => Err(ApiError::unknown_device(&uuid)),
+    }
+}
+
+/// `DELETE /v1/devices/{uuid}`: the registration goes (fsync'd), the session
+/// is dropped at once and `link.down` (`revoked`) is published if it was up.
+pub async fn delete(State(s): State<SharedState>, Path(uuid): Path<String>) -> Result<StatusCode, ApiError> {
+    check_path_uuid(&uuid)?;
+    let registry = s.registry.clone();
+    let u = uuid.clone();
+    match blocking(move || registry.delete(&u)).await? {
+        Some(_) => {
+            s.path.revoke(&uuid);
+            s.metrics.devices_registered.set(s.registry.count());
+            tracing::info!(device = %uuid, "device deleted");
+            Ok(StatusCode::NO_CONTENT)
+        }
+        None => Err(ApiError::unknown_device(&uuid)),
+    }
+}

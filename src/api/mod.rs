@@ -1,0 +1,199 @@
+//! The HTTP control API (axum): devices, the event stream, health and
+//! metrics. Handlers only translate HTTP to calls on the registry, the
+//! packet path and the event hub; they hold no state of their own.
+//!
+//! Every error the gateway answers itself has one JSON shape,
+//! `{"error": <code>, "message": <for a person>, "field": <when one is at fault>}`
+//! ([`ApiError`]). Everything under `/v1` needs `Authorization: Bearer
+//! <token>`; `/healthz`, `/readyz` and `/metrics` do not.
+
+mod devices;
+mod events_sse;
+mod ops;
+
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use serde::Serialize;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use crate::events::EventHub;
+use crate::metrics::Metrics;
+use crate::packet_path::PacketPath;
+use crate::registry::Registry;
+
+/// What the handlers share.
+pub struct ApiState {
+    pub path: Arc<PacketPath>,
+    pub registry: Arc<Registry>,
+    pub events: Arc<EventHub>,
+    pub metrics: Arc<Metrics>,
+    pub token: String,
+    /// `host:port` written into device configs.
+    pub endpoint: String,
+    pub ready: AtomicBool,
+}
+
+pub type SharedState = Arc<ApiState>;
+
+pub fn router(state: SharedState) -> Router {
+    let v1 = Router::new()
+        .route("/devices", get(devices::list).post(devices::register))
+        .route("/devices/batch", post(devices::register_batch))
+        .route(
+            "/devices/{uuid}",
+            get(devices::get_one)
+                .patch(devices::patch)
+                .delete(devices::delete),
+        )
+        .route("/events", get(events_sse::events))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), require_token));
+    Router::new()
+        .nest("/v1", v1)
+        .route("/healthz", get(ops::healthz))
+        .route("/readyz", get(ops::readyz))
+        .route("/metrics", get(ops::metrics))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        // A batch of 10,000 registrations is about 1.3 MB of JSON.
+        .layer(DefaultBodyLimit::max(8 * 1024 * 1024))
+        .with_state(state)
+}
+
+/// The gateway's error answer.
+#[derive(Debug, Clone, Serialize)]
+pub struct ApiError {
+    #[serde(skip)]
+    pub status: StatusCode,
+    pub error: &'static str,
+    pub message: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, error: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            error,
+            message: message.into(),
+            field: None,
+        }
+    }
+    pub fn field(mut self, field: impl Into<String>) -> Self {
+        self.field = Some(field.into());
+        self
+    }
+    pub fn bad_field(field: impl Into<String>, message: impl Into<String>) -> Self {
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid_field", message).field(field)
+    }
+    pub fn internal(e: impl std::fmt::Display) -> Self {
+        tracing::error!(error = %e, "internal error answering an API request");
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "the gateway failed to handle this request; see its log",
+        )
+    }
+    pub fn unknown_device(uuid: &str) -> Self {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "device_not_found",
+            format!("no device with uuid {uuid:?} is registered"),
+        )
+        .field("uuid")
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut r = (self.status, axum::Json(&self)).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            r.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        r
+    }
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this endpoint does not take that method",
+    )
+}
+
+/// Checks `Authorization: Bearer <token>` in constant time.
+async fn require_token(State(state): State<SharedState>, req: Request, next: Next) -> Response {
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")));
+    match presented {
+        Some(t) if token_matches(t.trim(), &state.token) => next.run(req).await,
+        Some(_) => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "the bearer token is not this gateway's API token",
+        )
+        .into_response(),
+        None => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "send the gateway's API token as `Authorization: Bearer <token>`",
+        )
+        .into_response(),
+    }
+}
+
+pub fn token_matches(presented: &str, token: &str) -> bool {
+    use subtle::ConstantTimeEq;
+    presented.len() == token.len() && bool::from(presented.as_bytes().ct_eq(token.as_bytes()))
+}
+
+/// Parses a JSON body into an object, or answers 400 saying why.
+pub(crate) fn json_object(body: &[u8]) -> Result<serde_json::Map<String, serde_json::Value>, ApiError> {
+    match serde_json::from_slice::<serde_json::Value>(body) {
+        Ok(serde_json::Value::Object(m)) => Ok(m),
+        Ok(_) => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+            "the body must be a JSON object",
+        )),
+        Err(e) => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+            format!("the body is not valid JSON: {e}"),
+        )),
+    }
+}
+
+/// Runs blocking registry work off the async workers.
+pub(crate) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, crate::registry::RegistryError> + Send + 'static,
+) -> Result<T, ApiError> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(crate::registry::RegistryError::CidrExhausted(net))) => Err(ApiError::new(
+            StatusCode::INSUFFICIENT_STORAGE,
+            "tunnel_cidr_exhausted",
+            format!("the tunnel network {net} has no free address; delete devices or start with a larger --tunnel-cidr"),
+        )),
+        Ok(Err(e)) => Err(ApiError::internal(e)),
+        Err(e) => Err(ApiError::internal(e)),
+    }
+}
+
+pub(crate) fn rfc3339(t: std::time::SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}

@@ -1,0 +1,244 @@
+//! Command line, environment and configuration file.
+//!
+//! Every `serve` setting can come from a flag, from a `CLOUDLINK_*`
+//! environment variable, or from the TOML file named by `--config`, in that
+//! order of precedence, falling back to the embedded defaults. The file uses
+//! the flag names as keys (`listen = "0.0.0.0:51820"`, `link-timeout =
+//! "90s"`); an unknown key is an error, so a typo never goes unnoticed.
+
+use clap::{Args, Parser, Subcommand};
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::error::Error;
+
+#[derive(Debug, Parser)]
+#[command(name = "cloudlink", version, about = "WireGuard tunnel gateway for device fleets")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the gateway.
+    Serve(ServeArgs),
+    /// Print a new private key (like `wg genkey`).
+    Genkey,
+    /// Read a private key on stdin, print its public key (like `wg pubkey`).
+    Pubkey,
+}
+
+/// `cloudlink serve` flags. All optional here: defaults are applied after
+/// merging with the configuration file (see [`ServeArgs::resolve`]).
+#[derive(Debug, Default, Args, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ServeArgs {
+    /// TOML file with any of these settings (flag names as keys).
+    #[arg(long, env = "CLOUDLINK_CONFIG")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// UDP address WireGuard devices dial [default: 0.0.0.0:51820]
+    #[arg(long, env = "CLOUDLINK_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// HTTP control API address [default: 127.0.0.1:8080]
+    #[arg(long, env = "CLOUDLINK_API")]
+    pub api: Option<SocketAddr>,
+    /// Directory for the registry, the gateway key and the API token [default: ./cloudlink-data]
+    #[arg(long, env = "CLOUDLINK_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Tunnel network; the gateway takes its first host address [default: 10.240.0.0/12]
+    #[arg(long, env = "CLOUDLINK_TUNNEL_CIDR")]
+    pub tunnel_cidr: Option<ipnet::Ipv4Net>,
+    /// Public host:port written into device configs [default: this host's name and the UDP port]
+    #[arg(long, env = "CLOUDLINK_ENDPOINT")]
+    pub endpoint: Option<String>,
+    /// A link is down after this long without an authenticated packet [default: 90s]
+    #[arg(long, env = "CLOUDLINK_LINK_TIMEOUT", value_parser = humantime::parse_duration)]
+    #[serde(default, with = "opt_duration")]
+    pub link_timeout: Option<Duration>,
+    /// Bearer token for the API (prefer --token-file: flags show in `ps`)
+    #[arg(long, env = "CLOUDLINK_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// File holding the API bearer token [default: <data-dir>/api-token, generated on first start]
+    #[arg(long, env = "CLOUDLINK_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Name of this gateway in events [default: the host name]
+    #[arg(long, env = "CLOUDLINK_GATEWAY_ID")]
+    pub gateway_id: Option<String>,
+    /// Events kept for consumers that resume with Last-Event-ID [default: 100000]
+    #[arg(long, env = "CLOUDLINK_EVENT_RING")]
+    pub event_ring: Option<usize>,
+    /// Handshake initiations per second above which cookie replies are demanded [default: 2000]
+    #[arg(long, env = "CLOUDLINK_HANDSHAKE_RATE_LIMIT")]
+    pub handshake_rate_limit: Option<u64>,
+    /// Log filter (tracing's EnvFilter syntax) [default: info]
+    #[arg(long, env = "CLOUDLINK_LOG")]
+    pub log: Option<String>,
+}
+
+mod opt_duration {
+    use serde::{Deserialize, Deserializer};
+    use std::time::Duration;
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        let s: Option<String> = Option::deserialize(d)?;
+        s.map(|s| humantime::parse_duration(&s).map_err(serde::de::Error::custom))
+            .transpose()
+    }
+}
+
+/// The resolved settings of a gateway.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    pub listen: SocketAddr,
+    pub api: SocketAddr,
+    pub data_dir: PathBuf,
+    pub tunnel_cidr: ipnet::Ipv4Net,
+    pub endpoint: Option<String>,
+    pub link_timeout: Duration,
+    pub token: Option<String>,
+    pub token_file: Option<PathBuf>,
+    pub gateway_id: Option<String>,
+    pub event_ring: usize,
+    pub handshake_rate_limit: u64,
+    pub log: String,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig {
+            listen: "0.0.0.0:51820".parse().unwrap(),
+            api: "127.0.0.1:8080".parse().unwrap(),
+            data_dir: PathBuf::from("./cloudlink-data"),
+            tunnel_cidr: "10.240.0.0/12".parse().unwrap(),
+            endpoint: None,
+            link_timeout: Duration::from_secs(90),
+            token: None,
+            token_file: None,
+            gateway_id: None,
+            event_ring: 100_000,
+            handshake_rate_limit: 2_000,
+            log: "info".into(),
+        }
+    }
+}
+
+impl ServeArgs {
+    /// Merges flags/environment over the configuration file over defaults.
+    pub fn resolve(self) -> Result<GatewayConfig, Error> {
+        let file = match &self.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+                toml::from_str::<ServeArgs>(&text)
+                    .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?
+            }
+            None => ServeArgs::default(),
+        };
+        let d = GatewayConfig::default();
+        let c = GatewayConfig {
+            listen: self.listen.or(file.listen).unwrap_or(d.listen),
+            api: self.api.or(file.api).unwrap_or(d.api),
+            data_dir: self.data_dir.or(file.data_dir).unwrap_or(d.data_dir),
+            tunnel_cidr: self.tunnel_cidr.or(file.tunnel_cidr).unwrap_or(d.tunnel_cidr),
+            endpoint: self.endpoint.or(file.endpoint),
+            link_timeout: self.link_timeout.or(file.link_timeout).unwrap_or(d.link_timeout),
+            token: self.token.or(file.token),
+            token_file: self.token_file.or(file.token_file),
+            gateway_id: self.gateway_id.or(file.gateway_id),
+            event_ring: self.event_ring.or(file.event_ring).unwrap_or(d.event_ring),
+            handshake_rate_limit: self
+                .handshake_rate_limit
+                .or(file.handshake_rate_limit)
+                .unwrap_or(d.handshake_rate_limit),
+            log: self.log.or(file.log).unwrap_or(d.log),
+        };
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+impl GatewayConfig {
+    pub fn validate(&self) -> Result<(), Error> {
+        if self.link_timeout < Duration::from_secs(1) {
+            return Err(Error::Config("--link-timeout must be at least 1s".into()));
+        }
+        if self.tunnel_cidr.prefix_len() > 30 {
+            return Err(Error::Config(format!(
+                "--tunnel-cidr {} is too small: it needs the gateway and at least one device",
+                self.tunnel_cidr
+            )));
+        }
+        if self.event_ring == 0 {
+            return Err(Error::Config("--event-ring must be at least 1".into()));
+        }
+        if let Some(t) = &self.token {
+            check_token(t)?;
+        }
+        Ok(())
+    }
+}
+
+/// A usable API token: long enough to resist guessing, printable ASCII.
+pub fn check_token(token: &str) -> Result<(), Error> {
+    if token.len() < 16 || !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(Error::Config(
+            "the API token must be at least 16 printable ASCII characters without spaces".into(),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_file_which_overrides_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "listen = \"127.0.0.1:9999\"\nlink-timeout = \"5s\"\napi = \"127.0.0.1:1\"\n",
+        )
+        .unwrap();
+        let args = ServeArgs {
+            config: Some(path),
+            api: Some("127.0.0.1:2".parse().unwrap()),
+            ..Default::default()
+        };
+        let c = args.resolve().unwrap();
+        assert_eq!(c.listen, "127.0.0.1:9999".parse().unwrap());
+        assert_eq!(c.api, "127.0.0.1:2".parse().unwrap());
+        assert_eq!(c.link_timeout, Duration::from_secs(5));
+        assert_eq!(c.tunnel_cidr, "10.240.0.0/12".parse().unwrap());
+    }
+
+    #[test]
+    fn unknown_file_keys_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "lisen = \"127.0.0.1:9999\"\n").unwrap();
+        let err = ServeArgs {
+            config: Some(path),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap_err();
+        assert!(err.to_string().contains("lisen"), "{err}");
+    }
+
+    #[test]
+    fn env_vars_are_read() {
+        use clap::Parser;
+        // Parse with an explicit environment through clap's env support.
+        std::env::set_var("CLOUDLINK_EVENT_RING", "77");
+        let cli = Cli::try_parse_from(["cloudlink", "serve"]).unwrap();
+        std::env::remove_var("CLOUDLINK_EVENT_RING");
+        let Command::Serve(args) = cli.command else {
+            panic!()
+        };
+        assert_eq!(args.resolve().unwrap().event_ring, 77);
+    }
+}

@@ -1,0 +1,222 @@
+//! Wiring: opens the data directory, starts the packet threads and the API,
+//! and stops them in order. [`run`] is what the binary calls; tests call
+//! [`Gateway::start`] on sockets bound to `127.0.0.1:0`.
+
+use std::future::Future;
+use std::net::UdpSocket;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::api::{self, ApiState};
+use crate::config::{check_token, GatewayConfig};
+use crate::error::Error;
+use crate::events::EventHub;
+use crate::keys::{encode_key, load_or_create_private_key, write_secret_file};
+use crate::metrics::Metrics;
+use crate::packet_path::udp_io::PacketThreads;
+use crate::packet_path::{PacketPath, PacketPathConfig};
+use crate::registry::{AddressPlan, Registry};
+
+/// A running gateway.
+pub struct Gateway {
+    pub path: Arc<PacketPath>,
+    pub api_state: Arc<ApiState>,
+    threads: Option<PacketThreads>,
+    api_addr: std::net::SocketAddr,
+    udp_addr: std::net::SocketAddr,
+    stop_api: Option<tokio::sync::oneshot::Sender<()>>,
+    api_task: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// Runs a gateway until `shutdown` resolves, then stops it cleanly.
+pub async fn run(
+    config: GatewayConfig,
+    udp: UdpSocket,
+    api: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), Error> {
+    let gw = Gateway::start(config, udp, api).await?;
+    shutdown.await;
+    gw.shutdown().await;
+    Ok(())
+}
+
+impl Gateway {
+    pub async fn start(
+        config: GatewayConfig,
+        udp: UdpSocket,
+        api: tokio::net::TcpListener,
+    ) -> Result<Self, Error> {
+        config.validate()?;
+        let dir = config.data_dir.clone();
+        create_private_dir(&dir)?;
+        let secret = load_or_create_private_key(&dir.join("gateway.key"))?;
+        let token = resolve_token(&config, &dir)?;
+        let plan = AddressPlan::new(config.tunnel_cidr).map_err(crate::registry::RegistryError::from)?;
+        let registry = {
+            let dir = dir.clone();
+            tokio::task::spawn_blocking(move || Registry::open(&dir, plan))
+                .await
+                .map_err(|e| Error::Config(format!("registry open task failed: {e}")))??
+        };
+        let registry = Arc::new(registry);
+        let udp_addr = udp.local_addr().map_err(Error::Socket)?;
+        let api_addr = api.local_addr().map_err(Error::Socket)?;
+        let hostname = hostname();
+        let endpoint = match &config.endpoint {
+            Some(e) => e.clone(),
+            None => {
+                let e = format!("{hostname}:{}", udp_addr.port());
+                tracing::warn!(endpoint = %e, "no --endpoint given: device configs will name this host; set --endpoint to the public host:port devices dial");
+                e
+            }
+        };
+        let gateway_id = config.gateway_id.clone().unwrap_or(hostname);
+        let events = Arc::new(EventHub::new(boot_epoch(), gateway_id.clone(), config.event_ring));
+        let metrics = Arc::new(Metrics::new());
+        metrics.devices_registered.set(registry.count());
+        let path = Arc::new(PacketPath::new(
+            secret,
+            plan.gateway(),
+            registry.clone(),
+            events.clone(),
+            metrics.clone(),
+            PacketPathConfig {
+                link_timeout: config.link_timeout,
+                handshake_rate_limit: config.handshake_rate_limit,
+            },
+        ));
+        let reader = registry.reader()?;
+        let threads = PacketThreads::start(path.clone(), Arc::new(udp), reader).map_err(Error::Socket)?;
+        let api_state = Arc::new(ApiState {
+            path: path.clone(),
+            registry: registry.clone(),
+            events: events.clone(),
+            metrics,
+            token,
+            endpoint,
+            ready: false.into(),
+        });
+        let app = api::router(api_state.clone());
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let api_task = tokio::spawn(async move {
+            let server = axum::serve(api, app).with_graceful_shutdown(async move {
+                let _ = stop_rx.await;
+            });
+            if let Err(e) = server.await {
+                tracing::error!(error = %e, "API server failed");
+            }
+        });
+        api_state.ready.store(true, Ordering::Release);
+        tracing::info!(
+            udp = %udp_addr,
+            api = %api_addr,
+            gateway = %gateway_id,
+            public_key = %encode_key(path.public_key().as_bytes()),
+            address = %plan.gateway(),
+            devices = registry.count(),
+            "cloudlink gateway serving"
+        );
+        Ok(Gateway {
+            path,
+            api_state,
+            threads: Some(threads),
+            api_addr,
+            udp_addr,
+            stop_api: Some(stop_tx),
+            api_task: Some(api_task),
+        })
+    }
+
+    pub fn api_addr(&self) -> std::net::SocketAddr {
+        self.api_addr
+    }
+    pub fn udp_addr(&self) -> std::net::SocketAddr {
+        self.udp_addr
+    }
+    pub fn token(&self) -> &str {
+        &self.api_state.token
+    }
+
+    /// Clean stop: not ready, packet threads stopped, `link.down`
+    /// (`shutdown`) for every up link, event streams drained and ended, API
+    /// stopped.
+    pub async fn shutdown(mut self) {
+        self.api_state.ready.store(false, Ordering::Release);
+        if let Some(t) = self.threads.take() {
+            let _ = tokio::task::spawn_blocking(move || t.stop()).await;
+        }
+        self.path.shutdown();
+        self.path.events.close();
+        if let Some(tx) = self.stop_api.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.api_task.take() {
+            if tokio::time::timeout(Duration::from_secs(5), task).await.is_err() {
+                tracing::warn!("API connections did not close within 5 s");
+            }
+        }
+        tracing::info!("cloudlink gateway stopped");
+    }
+}
+
+fn create_private_dir(dir: &Path) -> Result<(), Error> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| Error::io(dir, e))
+}
+
+/// `--token`, else `--token-file`, else `<data-dir>/api-token` (generated on
+/// first start, mode 0600; its path is logged, never its value).
+fn resolve_token(config: &GatewayConfig, dir: &Path) -> Result<String, Error> {
+    if let Some(t) = &config.token {
+        return Ok(t.clone());
+    }
+    let (path, generate) = match &config.token_file {
+        Some(p) => (p.clone(), false),
+        None => (dir.join("api-token"), true),
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(t) => {
+            let t = t.trim().to_owned();
+            check_token(&t).map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+            Ok(t)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && generate => {
+            let mut bytes = [0u8; 32];
+            rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut bytes);
+            let t: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+            write_secret_file(&path, format!("{t}\n").as_bytes())?;
+            tracing::info!(path = %path.display(), "generated an API token; send it as `Authorization: Bearer <token>`");
+            Ok(t)
+        }
+        Err(e) => Err(Error::io(&path, e)),
+    }
+}
+
+fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most buf.len() bytes into buf.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc == 0 {
+        let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+        if let Ok(s) = std::str::from_utf8(&buf[..end]) {
+            if !s.is_empty() {
+                return s.to_owned();
+            }
+        }
+    }
+    "localhost".into()
+}
+
+/// A random id for this boot of the gateway.
+fn boot_epoch() -> String {
+    let mut b = [0u8; 8];
+    rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut b);
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}

@@ -1,0 +1,24 @@
+//! cloudlink: a WireGuard tunnel gateway for device fleets.
+//!
+//! Start with `ARCHITECTURE.md` for the bird's-eye view. In short:
+//! [`packet_path`] terminates WireGuard (one file per stage),
+//! [`session_table`] holds connected devices, [`link_state`] decides when a
+//! link is up or down, [`events`] publishes that, [`registry`] persists who
+//! may connect, [`api`] exposes it all over HTTP, [`gateway`] wires it up.
+
+pub mod api;
+pub mod config;
+pub mod error;
+pub mod events;
+pub mod gateway;
+pub mod keys;
+pub mod link_state;
+pub mod metrics;
+pub mod packet_path;
+pub mod registry;
+pub mod session_table;
+pub mod wg_config;
+
+pub use config::GatewayConfig;
+pub use error::Error;
+pub use gateway::{run, Gateway};

@@ -1,0 +1,65 @@
+//! The `cloudlink` binary: parses the command line and calls the library.
+
+use anyhow::Context as _;
+use clap::Parser;
+use std::io::{Read, Write};
+
+use cloudlink::config::{Cli, Command};
+use cloudlink::keys;
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Genkey => {
+            let k = keys::generate_private_key();
+            println!("{}", keys::encode_key(&k));
+            Ok(())
+        }
+        Command::Pubkey => {
+            let mut input = String::new();
+            std::io::stdin().read_to_string(&mut input)?;
+            let private = keys::decode_key(&input).context("reading a private key from stdin")?;
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "{}", keys::encode_key(&keys::public_key(&private)))?;
+            Ok(())
+        }
+        Command::Serve(args) => {
+            let config = args.resolve()?;
+            init_tracing(&config.log);
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .thread_name("cloudlink-api")
+                .build()?;
+            runtime.block_on(serve(config))
+        }
+    }
+}
+
+async fn serve(config: cloudlink::GatewayConfig) -> anyhow::Result<()> {
+    let udp = std::net::UdpSocket::bind(config.listen)
+        .with_context(|| format!("binding the WireGuard UDP socket on {}", config.listen))?;
+    let api = tokio::net::TcpListener::bind(config.api)
+        .await
+        .with_context(|| format!("binding the API on {}", config.api))?;
+    cloudlink::run(config, udp, api, shutdown_signal()).await?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("stopping");
+}
+
+fn init_tracing(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}

@@ -1,0 +1,209 @@
+//! Prometheus metrics. Each gateway owns its own `prometheus::Registry` (not
+//! the process-global one), so several gateways can run in one test process.
+//!
+//! Labelled children are resolved once here, so the packet path increments a
+//! plain atomic and never hashes label values per packet.
+
+use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+
+/// Reasons a datagram or decrypted packet is dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    /// Not a WireGuard message, or of the wrong size.
+    Malformed,
+    /// A handshake whose mac1 does not match our public key.
+    InvalidMac,
+    /// A handshake that could not be decrypted or was replayed.
+    HandshakeFailed,
+    /// A handshake from a key that is not registered.
+    UnknownKey,
+    /// Under load and no valid cookie (mac2).
+    UnderLoad,
+    /// A transport packet for a session index we do not have.
+    UnknownSession,
+    /// A transport packet that did not decrypt (bad tag, replayed counter).
+    DecryptFailed,
+    /// A decrypted packet whose inner source is not the device's address.
+    SpoofedSource,
+    /// A decrypted packet for somebody other than the gateway.
+    NotForGateway,
+    /// A decrypted packet the gateway does not handle (IPv6 so far).
+    Unsupported,
+}
+
+impl DropReason {
+    pub const ALL: [DropReason; 10] = [
+        DropReason::Malformed,
+        DropReason::InvalidMac,
+        DropReason::HandshakeFailed,
+        DropReason::UnknownKey,
+        DropReason::UnderLoad,
+        DropReason::UnknownSession,
+        DropReason::DecryptFailed,
+        DropReason::SpoofedSource,
+        DropReason::NotForGateway,
+        DropReason::Unsupported,
+    ];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DropReason::Malformed => "malformed",
+            DropReason::InvalidMac => "invalid_mac",
+            DropReason::HandshakeFailed => "handshake_failed",
+            DropReason::UnknownKey => "unknown_key",
+            DropReason::UnderLoad => "under_load",
+            DropReason::UnknownSession => "unknown_session",
+            DropReason::DecryptFailed => "decrypt_failed",
+            DropReason::SpoofedSource => "spoofed_source",
+            DropReason::NotForGateway => "not_for_gateway",
+            DropReason::Unsupported => "unsupported",
+        }
+    }
+}
+
+/// Results of handshake initiations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandshakeResult {
+    /// Answered with a handshake response.
+    Completed,
+    /// Key not registered: dropped silently.
+    UnknownKey,
+    /// mac1 wrong, decryption failed or replayed timestamp.
+    Invalid,
+    /// Under load: answered with a cookie reply instead.
+    Cookie,
+    /// Under load without a source address to send a cookie to.
+    RateLimited,
+}
+
+impl HandshakeResult {
+    pub const ALL: [HandshakeResult; 5] = [
+        HandshakeResult::Completed,
+        HandshakeResult::UnknownKey,
+        HandshakeResult::Invalid,
+        HandshakeResult::Cookie,
+        HandshakeResult::RateLimited,
+    ];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HandshakeResult::Completed => "completed",
+            HandshakeResult::UnknownKey => "unknown_key",
+            HandshakeResult::Invalid => "invalid",
+            HandshakeResult::Cookie => "cookie",
+            HandshakeResult::RateLimited => "rate_limited",
+        }
+    }
+}
+
+pub const LINK_EVENT_TYPES: [&str; 3] = ["link.up", "link.down", "link.roamed"];
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub sessions: IntGauge,
+    pub devices_registered: IntGauge,
+    pub rx_bytes: IntCounter,
+    pub tx_bytes: IntCounter,
+    pub rx_packets: IntCounter,
+    pub tx_packets: IntCounter,
+    handshakes: Vec<IntCounter>,
+    dropped: Vec<IntCounter>,
+    link_events: Vec<IntCounter>,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let gauge = |name: &str, help: &str| {
+            let g = IntGauge::new(name, help).expect("valid metric");
+            registry.register(Box::new(g.clone())).expect("unique metric");
+            g
+        };
+        let counter = |name: &str, help: &str| {
+            let c = IntCounter::new(name, help).expect("valid metric");
+            registry.register(Box::new(c.clone())).expect("unique metric");
+            c
+        };
+        let vec = |name: &str, help: &str, label: &str, values: &[&str]| {
+            let v = IntCounterVec::new(Opts::new(name, help), &[label]).expect("valid metric");
+            registry.register(Box::new(v.clone())).expect("unique metric");
+            values
+                .iter()
+                .map(|l| v.with_label_values(&[l]))
+                .collect::<Vec<_>>()
+        };
+        Metrics {
+            sessions: gauge(
+                "cloudlink_sessions",
+                "Devices whose cloudlink is up (link state up).",
+            ),
+            devices_registered: gauge(
+                "cloudlink_devices_registered",
+                "Devices in the registry.",
+            ),
+            rx_bytes: counter(
+                "cloudlink_rx_bytes_total",
+                "Bytes of WireGuard datagrams received from devices.",
+            ),
+            tx_bytes: counter(
+                "cloudlink_tx_bytes_total",
+                "Bytes of WireGuard datagrams sent to devices.",
+            ),
+            rx_packets: counter(
+                "cloudlink_rx_packets_total",
+                "WireGuard datagrams received.",
+            ),
+            tx_packets: counter("cloudlink_tx_packets_total", "WireGuard datagrams sent."),
+            handshakes: vec(
+                "cloudlink_handshakes_total",
+                "Handshake initiations received, by result.",
+                "result",
+                &HandshakeResult::ALL.map(HandshakeResult::as_str),
+            ),
+            dropped: vec(
+                "cloudlink_packets_dropped_total",
+                "Datagrams or decrypted packets dropped, by reason.",
+                "reason",
+                &DropReason::ALL.map(DropReason::as_str),
+            ),
+            link_events: vec(
+                "cloudlink_link_events_total",
+                "Link events published, by type.",
+                "type",
+                &LINK_EVENT_TYPES,
+            ),
+            registry,
+        }
+    }
+
+    pub fn dropped(&self, reason: DropReason) {
+        self.dropped[DropReason::ALL.iter().position(|r| *r == reason).unwrap()].inc();
+    }
+    pub fn dropped_count(&self, reason: DropReason) -> u64 {
+        self.dropped[DropReason::ALL.iter().position(|r| *r == reason).unwrap()].get()
+    }
+    pub fn handshake(&self, result: HandshakeResult) {
+        self.handshakes[HandshakeResult::ALL.iter().position(|r| *r == result).unwrap()].inc();
+    }
+    pub fn handshake_count(&self, result: HandshakeResult) -> u64 {
+        self.handshakes[HandshakeResult::ALL.iter().position(|r| *r == result).unwrap()].get()
+    }
+    pub fn link_event(&self, kind: &str) {
+        if let Some(i) = LINK_EVENT_TYPES.iter().position(|t| *t == kind) {
+            self.link_events[i].inc();
+        }
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        prometheus::TextEncoder::new()
+            .encode_utf8(&self.registry.gather(), &mut out)
+            .expect("text encoding cannot fail");
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

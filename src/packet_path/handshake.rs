@@ -1,0 +1,167 @@
+//! Stage 2, handshake: a handshake initiation from a device.
+//!
+//! 1. The gateway-wide `RateLimiter` checks mac1 and, when more initiations
+//!    arrive per second than `--handshake-rate-limit`, demands a cookie
+//!    (mac2) and answers with a cookie reply instead of doing any DH.
+//! 2. `parse_handshake_anon` learns the initiator's static key (one DH).
+//! 3. The device's session, if it has one, takes the initiation (a rekey or
+//!    a reconnect). Otherwise the registry is asked; unknown keys are dropped
+//!    silently and counted, known ones get a new `Tunn` and session.
+//! 4. The session's `Tunn` answers with a handshake response, which goes back
+//!    to the initiation's source; that source becomes the endpoint (a valid
+//!    initiation proves possession of the device's key and is replay
+//!    protected by its timestamp, as in the kernel's WireGuard).
+//!
+//! A deletion may commit while a first handshake is in flight: the
+//! registry's deletion counter is read before the lookup and after the
+//! session is inserted; if it moved, the lookup is repeated.
+
+use boringtun::noise::errors::WireGuardError;
+use boringtun::noise::handshake::parse_handshake_anon;
+use boringtun::noise::{Packet, Tunn, TunnResult};
+use parking_lot::Mutex;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+use x25519_dalek::PublicKey;
+
+use super::{PacketPath, Transmit};
+use crate::keys::KeyBytes;
+use crate::link_state::LinkState;
+use crate::metrics::{DropReason, HandshakeResult};
+use crate::registry::RegistryReader;
+use crate::session_table::{Session, SessionState, SessionStats};
+
+impl PacketPath {
+    pub(crate) fn handle_initiation(
+        &self,
+        now: Instant,
+        src: SocketAddr,
+        datagram: &[u8],
+        out: &mut [u8],
+        reader: &mut RegistryReader,
+        tx: &mut impl Transmit,
+    ) {
+        let packet = match self
+            .handshake_limiter
+            .verify_packet(Some(src.ip()), datagram, out)
+        {
+            Ok(p) => p,
+            Err(TunnResult::WriteToNetwork(cookie)) => {
+                self.metrics.handshake(HandshakeResult::Cookie);
+                self.transmit(tx, None, src, cookie);
+                return;
+            }
+            Err(TunnResult::Err(WireGuardError::UnderLoad)) => {
+                self.metrics.handshake(HandshakeResult::RateLimited);
+                self.metrics.dropped(DropReason::UnderLoad);
+                return;
+            }
+            Err(_) => {
+                tracing::trace!(%src, "handshake initiation with a bad mac1");
+                self.metrics.handshake(HandshakeResult::Invalid);
+                self.metrics.dropped(DropReason::InvalidMac);
+                return;
+            }
+        };
+        let Packet::HandshakeInit(init) = packet else {
+            return;
+        };
+        let half = match parse_handshake_anon(&self.secret, &self.public, &init) {
+            Ok(h) => h,
+            Err(_) => {
+                self.metrics.handshake(HandshakeResult::Invalid);
+                self.metrics.dropped(DropReason::HandshakeFailed);
+                return;
+            }
+        };
+        let key = half.peer_static_public;
+        let (session, fresh) = match self.sessions.by_key(&key) {
+            Some(s) => (s, false),
+            None => match self.create_session(key, src, reader) {
+                Some(s) => (s, true),
+                None => return,
+            },
+        };
+        session.count_rx(datagram.len());
+        let _span = tracing::trace_span!("handshake", device = %session.uuid).entered();
+        let mut st = session.state.lock();
+        match st.tunn.decapsulate(Some(src.ip()), datagram, out) {
+            TunnResult::WriteToNetwork(response) => {
+                self.transmit(tx, Some(&session), src, response);
+                self.metrics.handshake(HandshakeResult::Completed);
+                st.last_handshake_at = Some(SystemTime::now());
+                if let Some(t) = st.link.on_authenticated(now, src, false) {
+                    self.announce(&session, t);
+                }
+                tracing::debug!(device = %session.uuid, %src, "handshake completed");
+                self.drain_queued(&session, &mut st, src, out, tx);
+            }
+            other => {
+                tracing::debug!(device = %session.uuid, result = ?other, "handshake initiation refused by the tunnel");
+                self.metrics.handshake(HandshakeResult::Invalid);
+                self.metrics.dropped(DropReason::HandshakeFailed);
+                if fresh && st.last_handshake_at.is_none() {
+                    drop(st);
+                    self.sessions.remove(&session);
+                }
+            }
+        }
+    }
+
+    /// Creates the session of a registered device on its first handshake.
+    fn create_session(
+        &self,
+        key: KeyBytes,
+        src: SocketAddr,
+        reader: &mut RegistryReader,
+    ) -> Option<Arc<Session>> {
+        let deletions = self.registry.deletions();
+        let identity = match reader.by_public_key(&key) {
+            Ok(Some(id)) => id,
+            Ok(None) => {
+                tracing::trace!(%src, "handshake from an unregistered key");
+                self.metrics.handshake(HandshakeResult::UnknownKey);
+                self.metrics.dropped(DropReason::UnknownKey);
+                return None;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "registry lookup failed; handshake dropped");
+                self.metrics.dropped(DropReason::HandshakeFailed);
+                return None;
+            }
+        };
+        let index = self.sessions.allocate_index();
+        let tunn = Tunn::new(
+            self.secret.clone(),
+            PublicKey::from(key),
+            None,
+            None,
+            index,
+            Some(self.tunn_limiter.clone()),
+        );
+        let session = Arc::new(Session {
+            index,
+            uuid: identity.uuid,
+            public_key: key,
+            address: identity.address,
+            state: Mutex::new(SessionState {
+                tunn,
+                link: LinkState::new(self.config.link_timeout, src),
+                last_handshake_at: None,
+                connected_since: None,
+            }),
+            stats: SessionStats::default(),
+        });
+        if let Err(existing) = self.sessions.insert_if_absent(session.clone()) {
+            return Some(existing);
+        }
+        if self.registry.deletions() != deletions && !matches!(reader.by_public_key(&key), Ok(Some(_))) {
+            self.sessions.remove(&session);
+            self.metrics.handshake(HandshakeResult::UnknownKey);
+            self.metrics.dropped(DropReason::UnknownKey);
+            return None;
+        }
+        Some(session)
+    }
+}

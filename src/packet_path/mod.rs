@@ -1,0 +1,223 @@
+//! The packet path: WireGuard datagrams in, WireGuard datagrams and link
+//! events out. One file per stage, in the order a datagram meets them:
+//!
+//! - [`receive`]: classify a datagram and hand it to the right stage;
+//! - [`handshake`]: rate-limit, learn the initiator's key, check the
+//!   registry, create or reuse the device's session, answer;
+//! - [`transport`]: decrypt in the device's session (found in O(1) from the
+//!   receiver index), learn the endpoint (roaming), enforce cryptokey routing,
+//!   deliver packets addressed to the gateway;
+//! - [`send`]: encrypt an IP packet from the gateway to a device;
+//! - [`timers`]: boringtun's timers and the link timeout for every session;
+//! - [`udp_io`]: the only part that touches sockets: worker threads that
+//!   move datagrams between the UDP socket and the stages above.
+//!
+//! Everything but `udp_io` is sans-IO: it takes `now` and bytes and writes
+//! what must go out into a [`Transmit`], so tests drive it without sockets.
+//! (boringtun's own timers read the clock internally; our link state does
+//! not.)
+
+pub mod handshake;
+pub mod receive;
+pub mod send;
+pub mod timers;
+pub mod transport;
+pub mod udp_io;
+
+use boringtun::noise::rate_limiter::RateLimiter;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+use x25519_dalek::{PublicKey, StaticSecret};
+
+use crate::events::EventHub;
+use crate::link_state::LinkTransition;
+use crate::metrics::Metrics;
+use crate::registry::Registry;
+use crate::session_table::{Session, SessionTable};
+
+/// Largest UDP payload, plus room for boringtun's overhead.
+pub const BUF_SIZE: usize = 65_536 + 64;
+
+/// Where the packet path writes datagrams that must leave.
+pub trait Transmit {
+    fn send(&mut self, to: SocketAddr, datagram: &[u8]);
+}
+
+/// Test and collection helper: keeps every datagram.
+impl Transmit for Vec<(SocketAddr, Vec<u8>)> {
+    fn send(&mut self, to: SocketAddr, datagram: &[u8]) {
+        self.push((to, datagram.to_vec()));
+    }
+}
+
+/// Receives the IP packets devices send to the gateway's tunnel address
+/// (the relay's TCP/IP stack plugs in here). Called on the packet path with
+/// the session's lock released: it must not block.
+pub trait TunnelSink: Send + Sync + 'static {
+    fn deliver(&self, session: &Arc<Session>, packet: &[u8]);
+}
+
+/// Settings of the packet path.
+#[derive(Debug, Clone)]
+pub struct PacketPathConfig {
+    pub link_timeout: Duration,
+    /// Handshake initiations per second, gateway-wide, above which the
+    /// gateway counts itself under load and answers with cookie replies.
+    pub handshake_rate_limit: u64,
+}
+
+/// State shared by all packet workers, the timer driver and the API.
+pub struct PacketPath {
+    pub(crate) secret: StaticSecret,
+    pub(crate) public: PublicKey,
+    pub(crate) gateway_address: Ipv4Addr,
+    /// Gateway-wide limiter: mac1 check and load decision for initiations.
+    pub(crate) handshake_limiter: RateLimiter,
+    /// Limiter handed to every `Tunn`. boringtun re-verifies handshakes inside
+    /// `decapsulate`; with the gateway-wide limiter there that would count
+    /// every initiation twice, so tunnels get one that never reports load
+    /// (it still checks mac1, which is cheap).
+    pub(crate) tunn_limiter: Arc<RateLimiter>,
+    pub sessions: SessionTable,
+    pub registry: Arc<Registry>,
+    pub events: Arc<EventHub>,
+    pub metrics: Arc<Metrics>,
+    pub(crate) config: PacketPathConfig,
+    pub(crate) sink: OnceLock<Arc<dyn TunnelSink>>,
+    /// The socket `send` uses for packets that do not answer a datagram.
+    pub(crate) egress: OnceLock<Arc<std::net::UdpSocket>>,
+}
+
+impl PacketPath {
+    pub fn new(
+        secret: StaticSecret,
+        gateway_address: Ipv4Addr,
+        registry: Arc<Registry>,
+        events: Arc<EventHub>,
+        metrics: Arc<Metrics>,
+        config: PacketPathConfig,
+    ) -> Self {
+        let public = PublicKey::from(&secret);
+        PacketPath {
+            handshake_limiter: RateLimiter::new(&public, config.handshake_rate_limit),
+            tunn_limiter: Arc::new(RateLimiter::new(&public, u64::MAX)),
+            secret,
+            public,
+            gateway_address,
+            sessions: SessionTable::new(),
+            registry,
+            events,
+            metrics,
+            config,
+            sink: OnceLock::new(),
+            egress: OnceLock::new(),
+        }
+    }
+
+    pub fn public_key(&self) -> PublicKey {
+        self.public
+    }
+    pub fn gateway_address(&self) -> Ipv4Addr {
+        self.gateway_address
+    }
+
+    /// Plugs in the receiver of packets addressed to the gateway. Once.
+    pub fn set_sink(&self, sink: Arc<dyn TunnelSink>) -> Result<(), Arc<dyn TunnelSink>> {
+        self.sink.set(sink)
+    }
+
+    /// Sets the socket used by [`send`](Self::send_ip). Once.
+    pub fn set_egress(&self, socket: Arc<std::net::UdpSocket>) {
+        let _ = self.egress.set(socket);
+    }
+
+    /// Publishes a link transition of `session` (its state already changed:
+    /// see the ordering invariant in `events`).
+    pub(crate) fn announce(&self, session: &Session, t: LinkTransition) {
+        match t {
+            LinkTransition::Up { endpoint } => {
+                self.metrics.sessions.inc();
+                tracing::info!(device = %session.uuid, %endpoint, "link up");
+                self.publish(session, "link.up", endpoint, "handshake", None);
+            }
+            LinkTransition::Down { endpoint, reason } => {
+                self.metrics.sessions.dec();
+                tracing::info!(device = %session.uuid, %endpoint, reason = reason.as_str(), "link down");
+                self.publish(session, "link.down", endpoint, reason.as_str(), None);
+            }
+            LinkTransition::Roamed { from, to } => {
+                tracing::info!(device = %session.uuid, %from, %to, "link roamed");
+                self.publish(session, "link.roamed", to, "endpoint_changed", Some(from));
+            }
+        }
+    }
+
+    fn publish(
+        &self,
+        session: &Session,
+        kind: &str,
+        endpoint: SocketAddr,
+        reason: &str,
+        previous: Option<SocketAddr>,
+    ) {
+        #[derive(serde::Serialize)]
+        struct LinkFields {
+            endpoint: String,
+            reason: String,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            previous_endpoint: Option<String>,
+            address: String,
+        }
+        self.metrics.link_event(kind);
+        self.events.publish(
+            kind,
+            &session.uuid,
+            LinkFields {
+                endpoint: endpoint.to_string(),
+                reason: reason.to_string(),
+                previous_endpoint: previous.map(|p| p.to_string()),
+                address: session.address.to_string(),
+            },
+        );
+    }
+
+    /// Forgets a deleted device: its session goes at once and, if its link
+    /// was up, `link.down` (`revoked`) is published. Call after the registry
+    /// delete committed.
+    pub fn revoke(&self, uuid: &str) {
+        if let Some(session) = self.sessions.by_uuid(uuid) {
+            self.sessions.remove(&session);
+            let mut st = session.state.lock();
+            if let Some(t) = st.link.close(crate::link_state::DownReason::Revoked) {
+                st.connected_since = None;
+                self.announce(&session, t);
+            }
+        }
+    }
+
+    /// Clean shutdown: every up link goes down with reason `shutdown`.
+    pub fn shutdown(&self) {
+        let mut all = Vec::new();
+        self.sessions.collect_into(&mut all);
+        for session in all {
+            let mut st = session.state.lock();
+            if let Some(t) = st.link.close(crate::link_state::DownReason::Shutdown) {
+                st.connected_since = None;
+                self.announce(&session, t);
+            }
+        }
+    }
+}
+
+/// Normalises an IPv4-mapped IPv6 source (from a dual-stack socket).
+#[inline]
+pub(crate) fn canonical(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
+            None => addr,
+        },
+        v4 => v4,
+    }
+}

@@ -1,0 +1,78 @@
+//! Stage 1, receive: every datagram from the UDP socket enters here. It is
+//! counted, classified by its WireGuard message type, and handed to the
+//! handshake stage (initiations) or the transport stage (everything that
+//! names one of our sessions by receiver index). Anything else is dropped
+//! and counted as `malformed`.
+
+use boringtun::noise::{Packet, Tunn};
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use super::transport::Kind;
+use super::{canonical, PacketPath, Transmit};
+use crate::metrics::DropReason;
+use crate::registry::RegistryReader;
+
+impl PacketPath {
+    /// Handles one datagram from `src`. `out` is the worker's scratch buffer
+    /// (at least [`BUF_SIZE`](super::BUF_SIZE) bytes); `reader` its registry
+    /// connection.
+    pub fn handle_datagram(
+        &self,
+        now: Instant,
+        src: SocketAddr,
+        datagram: &[u8],
+        out: &mut [u8],
+        reader: &mut RegistryReader,
+        tx: &mut impl Transmit,
+    ) {
+        self.metrics.rx_packets.inc();
+        self.metrics.rx_bytes.inc_by(datagram.len() as u64);
+        let src = canonical(src);
+        match Tunn::parse_incoming_packet(datagram) {
+            Ok(Packet::HandshakeInit(_)) => self.handle_initiation(now, src, datagram, out, reader, tx),
+            Ok(Packet::PacketData(p)) => {
+                self.handle_transport(now, src, p.receiver_idx, Kind::Data, datagram, out, tx)
+            }
+            Ok(Packet::HandshakeResponse(p)) => self.handle_transport(
+                now,
+                src,
+                p.receiver_idx,
+                Kind::HandshakeResponse,
+                datagram,
+                out,
+                tx,
+            ),
+            Ok(Packet::PacketCookieReply(p)) => self.handle_transport(
+                now,
+                src,
+                p.receiver_idx,
+                Kind::CookieReply,
+                datagram,
+                out,
+                tx,
+            ),
+            Err(_) => {
+                tracing::trace!(%src, len = datagram.len(), "malformed datagram");
+                self.metrics.dropped(DropReason::Malformed);
+            }
+        }
+    }
+
+    /// Sends a datagram and counts it.
+    #[inline]
+    pub(crate) fn transmit(
+        &self,
+        tx: &mut impl Transmit,
+        session: Option<&crate::session_table::Session>,
+        to: SocketAddr,
+        datagram: &[u8],
+    ) {
+        self.metrics.tx_packets.inc();
+        self.metrics.tx_bytes.inc_by(datagram.len() as u64);
+        if let Some(s) = session {
+            s.count_tx(datagram.len());
+        }
+        tx.send(to, datagram);
+    }
+}

@@ -1,0 +1,567 @@
+//! The device registry: which devices may connect, with which key, at which
+//! tunnel address. Persisted in SQLite (WAL, `synchronous=FULL`): a
+//! registration is fsync'd before it is acknowledged.
+//!
+//! Nothing about a registered device is kept in the gateway's memory: the
+//! handshake path asks SQLite (one indexed lookup, a few µs, against the
+//! ~250 µs of the handshake's own cryptography) through a read connection
+//! owned by each packet worker. That is what lets one gateway hold 1,000,000
+//! registered devices at almost no memory and serve them the moment it starts.
+//!
+//! Addresses are handed out in order from the tunnel CIDR (the first host
+//! address is the gateway's) and never change for a device. Addresses of
+//! deleted devices are reused only once the CIDR has been walked to its end,
+//! so that a stale stream is unlikely to reach a new device at an old address.
+
+use parking_lot::Mutex;
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+
+use crate::keys::KeyBytes;
+
+/// Largest batch accepted by [`Registry::register_batch`].
+pub const MAX_BATCH: usize = 10_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("sqlite: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("the data directory was set up with tunnel CIDR {stored}, not {configured}; start with --tunnel-cidr {stored} or use a new data directory")]
+    CidrChanged { stored: String, configured: String },
+    #[error("the tunnel CIDR {0} has no free address left")]
+    CidrExhausted(String),
+    #[error("the tunnel CIDR {0} is too small: it needs room for the gateway and at least one device")]
+    CidrTooSmall(String),
+}
+
+/// A registered device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Device {
+    pub uuid: String,
+    pub public_key: KeyBytes,
+    pub address: Ipv4Addr,
+    pub name: Option<String>,
+    /// Registration time, milliseconds since the Unix epoch.
+    pub created_at_ms: i64,
+}
+
+/// What the handshake path needs to know of a device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceIdentity {
+    pub uuid: Box<str>,
+    pub address: Ipv4Addr,
+}
+
+/// A registration request, already validated.
+#[derive(Debug, Clone)]
+pub struct NewDevice {
+    pub uuid: String,
+    pub public_key: KeyBytes,
+    pub name: Option<String>,
+}
+
+/// The outcome of one registration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Registered {
+    /// A new device (HTTP 201).
+    Created(Device),
+    /// The same uuid with the same key was already registered (HTTP 200).
+    Existing(Device),
+    /// The uuid is registered with another key (HTTP 409).
+    UuidTaken,
+    /// The key belongs to another device (HTTP 409).
+    KeyTaken { uuid: String },
+}
+
+/// Checks a device uuid: 1 to 63 characters of `[0-9a-z-]`, so that it fits
+/// a DNS label (proxies address devices as `<uuid>.balena`).
+pub fn validate_uuid(uuid: &str) -> Result<(), &'static str> {
+    if uuid.is_empty() || uuid.len() > 63 {
+        return Err("a device uuid is 1 to 63 characters");
+    }
+    if !uuid
+        .bytes()
+        .all(|b| b.is_ascii_digit() || b.is_ascii_lowercase() || b == b'-')
+    {
+        return Err("a device uuid may hold only 0-9, a-z and '-'");
+    }
+    Ok(())
+}
+
+/// Checks a device name: up to 128 characters, no control characters.
+pub fn validate_name(name: &str) -> Result<(), &'static str> {
+    if name.chars().count() > 128 {
+        return Err("a device name is at most 128 characters");
+    }
+    if name.chars().any(char::is_control) {
+        return Err("a device name may not hold control characters");
+    }
+    Ok(())
+}
+
+/// The tunnel address plan: the gateway takes the first host address, devices
+/// get the following ones up to the last address before broadcast.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AddressPlan {
+    pub net: ipnet::Ipv4Net,
+}
+
+impl AddressPlan {
+    pub fn new(net: ipnet::Ipv4Net) -> Result<Self, RegistryError> {
+        let net = net.trunc();
+        if net.prefix_len() > 30 {
+            return Err(RegistryError::CidrTooSmall(net.to_string()));
+        }
+        Ok(AddressPlan { net })
+    }
+    pub fn gateway(&self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.net.network()) + 1)
+    }
+    fn first_device(&self) -> u32 {
+        u32::from(self.net.network()) + 2
+    }
+    fn last_device(&self) -> u32 {
+        u32::from(self.net.broadcast()) - 1
+    }
+    pub fn contains(&self, a: Ipv4Addr) -> bool {
+        let a = u32::from(a);
+        a >= self.first_device() && a <= self.last_device()
+    }
+}
+
+/// The registry: one write connection (serialised by a mutex: SQLite allows
+/// one writer anyway) and one read connection for the API. Packet workers
+/// open their own [`RegistryReader`].
+pub struct Registry {
+    path: PathBuf,
+    plan: AddressPlan,
+    writer: Mutex<Writer>,
+    reader: Mutex<Connection>,
+    count: AtomicI64,
+    /// Bumped after every committed delete. The handshake path reads it
+    /// before its lookup and after inserting a session: if it moved, the
+    /// device may have been deleted in between, and the lookup is repeated.
+    deletions: AtomicU64,
+}
+
+struct Writer {
+    conn: Connection,
+    /// Next address to try (as u32).
+    next: u32,
+    /// Set once the plan was walked to its end: from then on candidates are
+    /// checked against the table (addresses of deleted devices get reused).
+    wrapped: bool,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS devices (
+    id          INTEGER PRIMARY KEY,
+    uuid        TEXT    NOT NULL UNIQUE,
+    public_key  BLOB    NOT NULL UNIQUE,
+    address     INTEGER NOT NULL UNIQUE,
+    name        TEXT,
+    created_at  INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+";
+
+fn open_conn(path: &Path, read_only: bool) -> Result<Connection, RegistryError> {
+    let flags = if read_only {
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX
+    } else {
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX
+    };
+    let conn = Connection::open_with_flags(path, flags)?;
+    conn.busy_timeout(std::time::Duration::from_secs(10))?;
+    if !read_only {
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+    }
+    // FULL: the WAL is fsync'd at every commit, so an acknowledged
+    // registration survives power loss, not only a process crash.
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    Ok(conn)
+}
+
+fn row_to_device(row: &rusqlite::Row<'_>) -> rusqlite::Result<Device> {
+    let key: Vec<u8> = row.get(1)?;
+    let addr: i64 = row.get(2)?;
+    Ok(Device {
+        uuid: row.get(0)?,
+        public_key: key.try_into().unwrap_or([0; 32]),
+        address: Ipv4Addr::from(addr as u32),
+        name: row.get(3)?,
+        created_at_ms: row.get(4)?,
+    })
+}
+
+const DEVICE_COLUMNS: &str = "uuid, public_key, address, name, created_at";
+
+impl Registry {
+    /// Opens (or creates) the registry in `dir/registry.sqlite3`.
+    pub fn open(dir: &Path, plan: AddressPlan) -> Result<Self, RegistryError> {
+        let path = dir.join("registry.sqlite3");
+        let conn = open_conn(&path, false)?;
+        conn.execute_batch(SCHEMA)?;
+        let stored: Option<String> = conn
+            .query_row("SELECT value FROM meta WHERE key = 'tunnel_cidr'", [], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        match stored {
+            Some(s) if s != plan.net.to_string() => {
+                return Err(RegistryError::CidrChanged {
+                    stored: s,
+                    configured: plan.net.to_string(),
+                })
+            }
+            Some(_) => {}
+            None => {
+                conn.execute(
+                    "INSERT INTO meta (key, value) VALUES ('tunnel_cidr', ?1)",
+                    [plan.net.to_string()],
+                )?;
+            }
+        }
+        let max: Option<i64> = conn.query_row("SELECT max(address) FROM devices", [], |r| r.get(0))?;
+        let count: i64 = conn.query_row("SELECT count(*) FROM devices", [], |r| r.get(0))?;
+        let (next, wrapped) = match max {
+            Some(m) if (m as u32) >= plan.last_device() => (plan.first_device(), true),
+            Some(m) => ((m as u32 + 1).max(plan.first_device()), false),
+            None => (plan.first_device(), false),
+        };
+        let reader = open_conn(&path, true)?;
+        Ok(Registry {
+            path,
+            plan,
+            writer: Mutex::new(Writer {
+                conn,
+                next,
+                wrapped,
+            }),
+            reader: Mutex::new(reader),
+            count: AtomicI64::new(count),
+            deletions: AtomicU64::new(0),
+        })
+    }
+
+    pub fn plan(&self) -> AddressPlan {
+        self.plan
+    }
+
+    /// Number of registered devices.
+    pub fn count(&self) -> i64 {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    /// See the field's comment: a counter of committed deletes.
+    pub fn deletions(&self) -> u64 {
+        self.deletions.load(Ordering::Acquire)
+    }
+
+    /// A read connection of its own, for one packet worker.
+    pub fn reader(&self) -> Result<RegistryReader, RegistryError> {
+        Ok(RegistryReader {
+            conn: open_conn(&self.path, true)?,
+        })
+    }
+
+    /// Registers one device (fsync'd before it returns).
+    pub fn register(&self, dev: NewDevice) -> Result<Registered, RegistryError> {
+        let mut out = self.register_batch(vec![dev])?;
+        Ok(out.pop().expect("one result per device"))
+    }
+
+    /// Registers many devices in one transaction (one fsync), answering per
+    /// device. Conflicts inside the batch are judged in order.
+    pub fn register_batch(&self, devs: Vec<NewDevice>) -> Result<Vec<Registered>, RegistryError> {
+        let now = now_ms();
+        let mut w = self.writer.lock();
+        let Writer {
+            conn,
+            next,
+            wrapped,
+        } = &mut *w;
+        let tx = conn.transaction()?;
+        let mut results = Vec::with_capacity(devs.len());
+        let mut created = 0i64;
+        let saved = (*next, *wrapped);
+        {
+            let mut by_uuid = tx.prepare_cached(&format!(
+                "SELECT {DEVICE_COLUMNS} FROM devices WHERE uuid = ?1"
+            ))?;
+            let mut by_key = tx.prepare_cached("SELECT uuid FROM devices WHERE public_key = ?1")?;
+            let mut addr_used = tx.prepare_cached("SELECT 1 FROM devices WHERE address = ?1")?;
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO devices (uuid, public_key, address, name, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?;
+            for dev in devs {
+                if let Some(existing) = by_uuid
+                    .query_row([&dev.uuid], row_to_device)
+                    .optional()?
+                {
+                    if existing.public_key == dev.public_key {
+                        results.push(Registered::Existing(existing));
+                    } else {
+                        results.push(Registered::UuidTaken);
+                    }
+                    continue;
+                }
+                if let Some(uuid) = by_key
+                    .query_row([&dev.public_key[..]], |r| r.get::<_, String>(0))
+                    .optional()?
+                {
+                    results.push(Registered::KeyTaken { uuid });
+                    continue;
+                }
+                let address = allocate(&self.plan, next, wrapped, &mut addr_used)?;
+                insert.execute(params![
+                    dev.uuid,
+                    &dev.public_key[..],
+                    u32::from(address) as i64,
+                    dev.name,
+                    now
+                ])?;
+                created += 1;
+                results.push(Registered::Created(Device {
+                    uuid: dev.uuid,
+                    public_key: dev.public_key,
+                    address,
+                    name: dev.name,
+                    created_at_ms: now,
+                }));
+            }
+        }
+        if let Err(e) = tx.commit() {
+            // Nothing was stored: hand the addresses back.
+            (*next, *wrapped) = saved;
+            return Err(e.into());
+        }
+        self.count.fetch_add(created, Ordering::Relaxed);
+        Ok(results)
+    }
+
+    /// Sets or clears a device's name. `None` if the device does not exist.
+    pub fn set_name(&self, uuid: &str, name: Option<&str>) -> Result<Option<Device>, RegistryError> {
+        let w = self.writer.lock();
+        let n = w
+            .conn
+            .execute("UPDATE devices SET name = ?2 WHERE uuid = ?1", params![uuid, name])?;
+        if n == 0 {
+            return Ok(None);
+        }
+        drop(w);
+        self.get(uuid)
+    }
+
+    /// Deletes a device; returns it if it existed. Committed (fsync'd) before
+    /// it returns, and `deletions()` moves after the commit.
+    pub fn delete(&self, uuid: &str) -> Result<Option<Device>, RegistryError> {
+        let w = self.writer.lock();
+        let dev = w
+            .conn
+            .query_row(
+                &format!("DELETE FROM devices WHERE uuid = ?1 RETURNING {DEVICE_COLUMNS}"),
+                [uuid],
+                row_to_device,
+            )
+            .optional()?;
+        drop(w);
+        if dev.is_some() {
+            self.count.fetch_sub(1, Ordering::Relaxed);
+            self.deletions.fetch_add(1, Ordering::AcqRel);
+        }
+        Ok(dev)
+    }
+
+    pub fn get(&self, uuid: &str) -> Result<Option<Device>, RegistryError> {
+        let r = self.reader.lock();
+        let mut st = r.prepare_cached(&format!(
+            "SELECT {DEVICE_COLUMNS} FROM devices WHERE uuid = ?1"
+        ))?;
+        Ok(st.query_row([uuid], row_to_device).optional()?)
+    }
+
+    /// Devices in uuid order, strictly after `after`, at most `limit`.
+    pub fn list(&self, after: Option<&str>, limit: usize) -> Result<Vec<Device>, RegistryError> {
+        let r = self.reader.lock();
+        let mut st = r.prepare_cached(&format!(
+            "SELECT {DEVICE_COLUMNS} FROM devices WHERE uuid > ?1 ORDER BY uuid LIMIT ?2"
+        ))?;
+        let rows = st.query_map(params![after.unwrap_or(""), limit as i64], row_to_device)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+}
+
+fn allocate(
+    plan: &AddressPlan,
+    next: &mut u32,
+    wrapped: &mut bool,
+    addr_used: &mut rusqlite::CachedStatement<'_>,
+) -> Result<Ipv4Addr, RegistryError> {
+    let span = plan.last_device() - plan.first_device() + 1;
+    for _ in 0..=span {
+        if *next > plan.last_device() {
+            *next = plan.first_device();
+            *wrapped = true;
+        }
+        let candidate = *next;
+        *next += 1;
+        if *wrapped && addr_used.exists([candidate as i64])? {
+            continue;
+        }
+        return Ok(Ipv4Addr::from(candidate));
+    }
+    Err(RegistryError::CidrExhausted(plan.net.to_string()))
+}
+
+/// A read-only connection owned by one packet worker, for the handshake
+/// path's "is this key registered?" question.
+pub struct RegistryReader {
+    conn: Connection,
+}
+
+impl RegistryReader {
+    pub fn by_public_key(&mut self, key: &KeyBytes) -> Result<Option<DeviceIdentity>, RegistryError> {
+        let mut st = self
+            .conn
+            .prepare_cached("SELECT uuid, address FROM devices WHERE public_key = ?1")?;
+        Ok(st
+            .query_row([&key[..]], |r| {
+                Ok(DeviceIdentity {
+                    uuid: r.get::<_, String>(0)?.into_boxed_str(),
+                    address: Ipv4Addr::from(r.get::<_, i64>(1)? as u32),
+                })
+            })
+            .optional()?)
+    }
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(s: &str) -> AddressPlan {
+        AddressPlan::new(s.parse().unwrap()).unwrap()
+    }
+
+    fn dev(uuid: &str, k: u8) -> NewDevice {
+        NewDevice {
+            uuid: uuid.into(),
+            public_key: [k; 32],
+            name: None,
+        }
+    }
+
+    #[test]
+    fn register_is_idempotent_and_conflicts_are_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Registry::open(dir.path(), plan("10.240.0.0/12")).unwrap();
+        let Registered::Created(a) = r.register(dev("a", 1)).unwrap() else {
+            panic!()
+        };
+        assert_eq!(a.address, Ipv4Addr::new(10, 240, 0, 2));
+        assert_eq!(r.register(dev("a", 1)).unwrap(), Registered::Existing(a.clone()));
+        assert_eq!(r.register(dev("a", 2)).unwrap(), Registered::UuidTaken);
+        assert_eq!(
+            r.register(dev("b", 1)).unwrap(),
+            Registered::KeyTaken { uuid: "a".into() }
+        );
+        let Registered::Created(b) = r.register(dev("b", 2)).unwrap() else {
+            panic!()
+        };
+        assert_eq!(b.address, Ipv4Addr::new(10, 240, 0, 3));
+        assert_eq!(r.count(), 2);
+        let mut reader = r.reader().unwrap();
+        assert_eq!(
+            reader.by_public_key(&[2; 32]).unwrap().unwrap().uuid.as_ref(),
+            "b"
+        );
+        assert!(reader.by_public_key(&[9; 32]).unwrap().is_none());
+    }
+
+    #[test]
+    fn batch_judges_conflicts_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Registry::open(dir.path(), plan("10.0.0.0/24")).unwrap();
+        let out = r
+            .register_batch(vec![dev("x", 1), dev("y", 1), dev("x", 3), dev("z", 4)])
+            .unwrap();
+        assert!(matches!(out[0], Registered::Created(_)));
+        assert_eq!(out[1], Registered::KeyTaken { uuid: "x".into() });
+        assert_eq!(out[2], Registered::UuidTaken);
+        assert!(matches!(out[3], Registered::Created(_)));
+        assert_eq!(r.count(), 2);
+    }
+
+    #[test]
+    fn survives_an_unclean_stop() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Registry::open(dir.path(), plan("10.240.0.0/12")).unwrap();
+        r.register(dev("kept", 7)).unwrap();
+        // No clean close: the connections are leaked as a killed process
+        // would leave them (the WAL is not checkpointed).
+        std::mem::forget(r);
+        let r = Registry::open(dir.path(), plan("10.240.0.0/12")).unwrap();
+        assert_eq!(r.count(), 1);
+        let d = r.get("kept").unwrap().unwrap();
+        assert_eq!(d.public_key, [7; 32]);
+        // The next address continues after the existing ones.
+        let Registered::Created(n) = r.register(dev("new", 8)).unwrap() else {
+            panic!()
+        };
+        assert_eq!(n.address, Ipv4Addr::new(10, 240, 0, 3));
+    }
+
+    #[test]
+    fn cidr_change_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(Registry::open(dir.path(), plan("10.240.0.0/12")).unwrap());
+        let err = Registry::open(dir.path(), plan("10.0.0.0/16")).err().unwrap();
+        assert!(matches!(err, RegistryError::CidrChanged { .. }));
+    }
+
+    #[test]
+    fn addresses_are_reused_only_after_wrapping_and_exhaustion_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        // /29: network .0, gateway .1, devices .2 to .6, broadcast .7
+        let r = Registry::open(dir.path(), plan("10.9.0.0/29")).unwrap();
+        for i in 0..5u8 {
+            r.register(dev(&format!("d{i}"), i + 1)).unwrap();
+        }
+        assert!(matches!(
+            r.register(dev("extra", 99)),
+            Err(RegistryError::CidrExhausted(_))
+        ));
+        r.delete("d1").unwrap().unwrap();
+        let Registered::Created(n) = r.register(dev("extra", 99)).unwrap() else {
+            panic!()
+        };
+        assert_eq!(n.address, Ipv4Addr::new(10, 9, 0, 3));
+        assert!(r.list(None, 100).unwrap().windows(2).all(|w| w[0].uuid < w[1].uuid));
+    }
+
+    #[test]
+    fn validation() {
+        assert!(validate_uuid("abc-123").is_ok());
+        assert!(validate_uuid("").is_err());
+        assert!(validate_uuid("ABC").is_err());
+        assert!(validate_uuid(&"a".repeat(64)).is_err());
+        assert!(validate_uuid(&"a".repeat(63)).is_ok());
+        assert!(validate_name("kiosk 12").is_ok());
+        assert!(validate_name("bad\nname").is_err());
+    }
+}

@@ -1,0 +1,201 @@
+//! The session table: every device that completed a handshake since it was
+//! last forgotten, with its boringtun `Tunn`, link state and counters.
+//!
+//! Indexed four ways, each a `DashMap` (sharded locks, no global lock):
+//! - by **key index** (24 bits): a transport packet's `receiver_idx >> 8`
+//!   names its session in O(1) — the hot path;
+//! - by **public key**: a handshake initiation finds the device's session;
+//! - by **uuid** and by **tunnel address**: other modules (API, relay,
+//!   actions) reach a device.
+//!
+//! A session is created on a device's first valid handshake, not at
+//! registration, and removed when the device is deleted, when boringtun
+//! declares the connection expired (no new keys for 9 minutes), or at
+//! shutdown. A link that timed out keeps its session until then, so a device
+//! that was only silent comes back up with its next packet, without a new
+//! handshake.
+//!
+//! Lock order: a map shard, then a session's `state`, then the event hub.
+//! Nothing takes a shard lock while it holds a session's `state`.
+
+use boringtun::noise::Tunn;
+use dashmap::mapref::entry::Entry;
+use dashmap::DashMap;
+use parking_lot::Mutex;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use crate::keys::KeyBytes;
+use crate::link_state::LinkState;
+
+/// 24-bit session index space of boringtun (`index << 8 | session`).
+const INDEX_SPACE: u32 = 1 << 24;
+
+/// One device's tunnel.
+pub struct Session {
+    /// The 24-bit index given to boringtun; `receiver_idx >> 8` on the wire.
+    pub index: u32,
+    pub uuid: Box<str>,
+    pub public_key: KeyBytes,
+    pub address: Ipv4Addr,
+    /// Per-session lock: boringtun's `Tunn` needs `&mut` for every packet.
+    /// Held only for one packet's crypto and bookkeeping, never across
+    /// `.await`, and it serialises one device only.
+    pub state: Mutex<SessionState>,
+    pub stats: SessionStats,
+}
+
+pub struct SessionState {
+    pub tunn: Tunn,
+    pub link: LinkState,
+    /// Wall-clock time of the last completed handshake.
+    pub last_handshake_at: Option<SystemTime>,
+    /// Wall-clock time the link last came up.
+    pub connected_since: Option<SystemTime>,
+}
+
+/// Counters of WireGuard datagrams to and from the device (bytes on the wire).
+#[derive(Default)]
+pub struct SessionStats {
+    pub rx_bytes: AtomicU64,
+    pub tx_bytes: AtomicU64,
+    pub rx_packets: AtomicU64,
+    pub tx_packets: AtomicU64,
+}
+
+/// A consistent copy of what the API shows of a session.
+#[derive(Debug, Clone)]
+pub struct SessionSnapshot {
+    pub connected: bool,
+    pub since: Option<SystemTime>,
+    pub endpoint: SocketAddr,
+    pub last_handshake_at: Option<SystemTime>,
+    pub last_packet_at: Option<SystemTime>,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+    pub rx_packets: u64,
+    pub tx_packets: u64,
+}
+
+impl Session {
+    pub fn snapshot(&self) -> SessionSnapshot {
+        let st = self.state.lock();
+        SessionSnapshot {
+            connected: st.link.is_up(),
+            since: st.connected_since,
+            endpoint: st.link.endpoint(),
+            last_handshake_at: st.last_handshake_at,
+            last_packet_at: st.link.last_authenticated().map(instant_to_wall),
+            rx_bytes: self.stats.rx_bytes.load(Ordering::Relaxed),
+            tx_bytes: self.stats.tx_bytes.load(Ordering::Relaxed),
+            rx_packets: self.stats.rx_packets.load(Ordering::Relaxed),
+            tx_packets: self.stats.tx_packets.load(Ordering::Relaxed),
+        }
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.state.lock().link.is_up()
+    }
+
+    pub(crate) fn count_rx(&self, bytes: usize) {
+        self.stats.rx_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+        self.stats.rx_packets.fetch_add(1, Ordering::Relaxed);
+    }
+    pub(crate) fn count_tx(&self, bytes: usize) {
+        self.stats.tx_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+        self.stats.tx_packets.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Converts a monotonic instant of the past to wall-clock time.
+pub fn instant_to_wall(t: Instant) -> SystemTime {
+    SystemTime::now() - Instant::now().saturating_duration_since(t)
+}
+
+#[derive(Default)]
+pub struct SessionTable {
+    by_index: DashMap<u32, Arc<Session>>,
+    by_key: DashMap<KeyBytes, Arc<Session>>,
+    by_uuid: DashMap<Box<str>, Arc<Session>>,
+    by_address: DashMap<Ipv4Addr, Arc<Session>>,
+    next_index: AtomicU32,
+}
+
+impl SessionTable {
+    pub fn new() -> Self {
+        let mut seed = [0u8; 4];
+        rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut seed);
+        SessionTable {
+            next_index: AtomicU32::new(u32::from_le_bytes(seed) % INDEX_SPACE),
+            ..Default::default()
+        }
+    }
+
+    /// A free 24-bit index. Starting from a random point makes indices of a
+    /// restarted gateway unlikely to match the ones devices still hold.
+    pub fn allocate_index(&self) -> u32 {
+        loop {
+            let i = self.next_index.fetch_add(1, Ordering::Relaxed) % INDEX_SPACE;
+            if i != 0 && !self.by_index.contains_key(&i) {
+                return i;
+            }
+        }
+    }
+
+    /// Inserts `session` unless its device already has one, which is then
+    /// returned instead (two workers may race on a device's first handshake).
+    pub fn insert_if_absent(&self, session: Arc<Session>) -> Result<(), Arc<Session>> {
+        match self.by_key.entry(session.public_key) {
+            Entry::Occupied(e) => Err(e.get().clone()),
+            Entry::Vacant(v) => {
+                self.by_index.insert(session.index, session.clone());
+                if let Some(old) = self.by_uuid.insert(session.uuid.clone(), session.clone()) {
+                    // The device was re-registered with a new key: the old
+                    // session must not linger under its index.
+                    self.by_index.remove_if(&old.index, |_, s| Arc::ptr_eq(s, &old));
+                    self.by_key.remove_if(&old.public_key, |_, s| Arc::ptr_eq(s, &old));
+                }
+                self.by_address.insert(session.address, session.clone());
+                v.insert(session);
+                Ok(())
+            }
+        }
+    }
+
+    /// Removes exactly this session from every index.
+    pub fn remove(&self, session: &Arc<Session>) {
+        self.by_key.remove_if(&session.public_key, |_, s| Arc::ptr_eq(s, session));
+        self.by_index.remove_if(&session.index, |_, s| Arc::ptr_eq(s, session));
+        self.by_uuid.remove_if(&session.uuid, |_, s| Arc::ptr_eq(s, session));
+        self.by_address.remove_if(&session.address, |_, s| Arc::ptr_eq(s, session));
+    }
+
+    #[inline]
+    pub fn by_index(&self, index: u32) -> Option<Arc<Session>> {
+        self.by_index.get(&index).map(|s| s.clone())
+    }
+    pub fn by_key(&self, key: &KeyBytes) -> Option<Arc<Session>> {
+        self.by_key.get(key).map(|s| s.clone())
+    }
+    pub fn by_uuid(&self, uuid: &str) -> Option<Arc<Session>> {
+        self.by_uuid.get(uuid).map(|s| s.clone())
+    }
+    pub fn by_address(&self, addr: Ipv4Addr) -> Option<Arc<Session>> {
+        self.by_address.get(&addr).map(|s| s.clone())
+    }
+
+    /// Number of sessions (connected or not).
+    pub fn len(&self) -> usize {
+        self.by_index.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.by_index.is_empty()
+    }
+
+    /// Appends every session to `out` (a buffer the caller reuses).
+    pub fn collect_into(&self, out: &mut Vec<Arc<Session>>) {
+        out.extend(self.by_index.iter().map(|e| e.value().clone()));
+    }
+}
