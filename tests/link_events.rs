@@ -1,0 +1,333 @@
+//! End-to-end over loopback UDP: boringtun devices against an in-process
+//! gateway, watched through the SSE stream and the API.
+
+mod common;
+
+use common::*;
+use std::net::{Ipv4Addr, UdpSocket};
+use std::time::Duration;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+async fn new_device(g: &TestGateway, uuid: &str, index: u32) -> TestDevice {
+    // Register first (as a fleet would), then dial.
+    let key = cloudlink::keys::generate_private_key();
+    let reg = g.register(uuid, &cloudlink::keys::public_key(&key)).await;
+    let gw_pub = cloudlink::keys::decode_key(reg["gateway"]["public_key"].as_str().unwrap()).unwrap();
+    let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+    socket.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    TestDevice::with_key(g.udp, &gw_pub, index, socket, key)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshake_brings_link_up_then_timeout_brings_it_down() {
+    let mut g = TestGateway::start().await;
+    let mut events = g.events(None).await;
+    assert_eq!(events.status, 200);
+    let mut dev = new_device(&g, "dev-e2e", 11).await;
+    let local = dev.socket.local_addr().unwrap();
+    dev.connect();
+
+    let up = events.wait_for(WAIT, |e| e["type"] == "link.up").await;
+    assert_eq!(up.data["device"], "dev-e2e");
+    assert_eq!(up.data["endpoint"], local.to_string());
+    assert_eq!(up.data["gateway"], "test-gw");
+    assert!(up.event.is_none(), "no SSE event name: the type is in the JSON");
+    let epoch = up.data["epoch"].as_str().unwrap().to_owned();
+    assert_eq!(up.id.as_deref(), Some(format!("{epoch}-{}", up.data["id"]).as_str()));
+
+    let d = g.device("dev-e2e").await;
+    assert_eq!(d["cloudlink"]["connected"], true);
+    assert_eq!(d["cloudlink"]["endpoint"], local.to_string());
+    assert!(d["cloudlink"]["since"].is_string());
+    assert!(d["cloudlink"]["last_handshake_at"].is_string());
+    assert!(d["cloudlink"]["rx_bytes"].as_u64().unwrap() > 0);
+    assert!(d["cloudlink"]["tx_bytes"].as_u64().unwrap() > 0);
+    assert_eq!(g.metric("cloudlink_sessions").await, 1.0);
+    assert_eq!(g.metric("cloudlink_handshakes_total{result=\"completed\"}").await, 1.0);
+
+    // The device falls silent: link-timeout is 2 s in tests.
+    let down = events.wait_for(WAIT, |e| e["type"] == "link.down").await;
+    assert_eq!(down.data["device"], "dev-e2e");
+    assert_eq!(down.data["reason"], "timeout");
+    assert!(down.data["id"].as_u64().unwrap() > up.data["id"].as_u64().unwrap());
+    assert_eq!(g.device("dev-e2e").await["cloudlink"]["connected"], false);
+    assert_eq!(g.metric("cloudlink_sessions").await, 0.0);
+
+    // A keepalive on the still-valid session brings it back up without a
+    // new handshake.
+    dev.keepalive();
+    let up2 = events.wait_for(WAIT, |e| e["type"] == "link.up").await;
+    assert_eq!(up2.data["device"], "dev-e2e");
+    g.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_devices_behind_one_endpoint_get_their_own_replies() {
+    let mut g = TestGateway::start_with(|c| c.link_timeout = Duration::from_secs(30)).await;
+    let mut events = g.events(None).await;
+    let nat = UdpSocket::bind("127.0.0.1:0").unwrap();
+    nat.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let nat_addr = nat.local_addr().unwrap();
+    let mut a = new_device(&g, "behind-nat-a", 100).await;
+    let mut b = new_device(&g, "behind-nat-b", 200).await;
+    a.socket = nat.try_clone().unwrap();
+    b.socket = nat.try_clone().unwrap();
+
+    // Both initiate from the same outer address before either reads.
+    a.send_initiation();
+    b.send_initiation();
+    // Demultiplex the two answers by receiver index, as a NAT'd host would.
+    let mut buf = vec![0u8; 2048];
+    for _ in 0..2 {
+        let (n, _) = nat.recv_from(&mut buf).unwrap();
+        let receiver = u32::from_le_bytes(buf[8..12].try_into().unwrap());
+        match receiver >> 8 {
+            100 => assert!(a.feed(&buf[..n]).is_none()),
+            200 => assert!(b.feed(&buf[..n]).is_none()),
+            other => panic!("reply for an index neither device owns: {other}"),
+        }
+    }
+    let mut up = Vec::new();
+    for _ in 0..2 {
+        let m = events.wait_for(WAIT, |e| e["type"] == "link.up").await;
+        assert_eq!(m.data["endpoint"], nat_addr.to_string());
+        up.push(m.data["device"].as_str().unwrap().to_owned());
+    }
+    up.sort();
+    assert_eq!(up, ["behind-nat-a", "behind-nat-b"]);
+
+    // Gateway-originated packets reach the right tunnel: each decrypts only
+    // with its own device's keys.
+    let gw = g.gw().path.clone();
+    let addr_a: Ipv4Addr = g.device("behind-nat-a").await["address"].as_str().unwrap().parse().unwrap();
+    let addr_b: Ipv4Addr = g.device("behind-nat-b").await["address"].as_str().unwrap().parse().unwrap();
+    let gw_ip = gw.gateway_address();
+    gw.send_ip(addr_a, &ipv4_udp(gw_ip, addr_a, b"for-a")).unwrap();
+    gw.send_ip(addr_b, &ipv4_udp(gw_ip, addr_b, b"for-b")).unwrap();
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        let (n, from) = nat.recv_from(&mut buf).unwrap();
+        assert_eq!(from, g.udp);
+        let receiver = u32::from_le_bytes(buf[4..8].try_into().unwrap());
+        let pkt = match receiver >> 8 {
+            100 => a.feed(&buf[..n]).expect("a decrypts its packet"),
+            200 => b.feed(&buf[..n]).expect("b decrypts its packet"),
+            other => panic!("unknown index {other}"),
+        };
+        got.push((receiver >> 8, pkt[28..].to_vec()));
+    }
+    got.sort();
+    assert_eq!(got, vec![(100, b"for-a".to_vec()), (200, b"for-b".to_vec())]);
+    for uuid in ["behind-nat-a", "behind-nat-b"] {
+        let d = g.device(uuid).await;
+        assert_eq!(d["cloudlink"]["connected"], true);
+        assert_eq!(d["cloudlink"]["endpoint"], nat_addr.to_string());
+    }
+    g.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn roaming_follows_authenticated_packets_only() {
+    let mut g = TestGateway::start_with(|c| c.link_timeout = Duration::from_secs(30)).await;
+    let mut events = g.events(None).await;
+    let mut dev = new_device(&g, "roamer", 7).await;
+    let first = dev.socket.local_addr().unwrap();
+    dev.connect();
+    events.wait_for(WAIT, |e| e["type"] == "link.up").await;
+
+    // A forged datagram naming the session from a third address: it does not
+    // decrypt, so the endpoint stays.
+    let attacker = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let index = g.gw().path.sessions.by_uuid("roamer").unwrap().index;
+    let mut forged = vec![0u8; 64];
+    forged[0] = 4;
+    forged[4..8].copy_from_slice(&((index << 8) | 1).to_le_bytes());
+    attacker.send_to(&forged, g.udp).unwrap();
+    assert!(
+        eventually(WAIT, async || g.metric("cloudlink_packets_dropped_total{reason=\"decrypt_failed\"}").await >= 1.0).await
+    );
+    assert_eq!(g.device("roamer").await["cloudlink"]["endpoint"], first.to_string());
+
+    // The device moves (new source port, as after a NAT rebinding).
+    let moved = UdpSocket::bind("127.0.0.1:0").unwrap();
+    moved.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let second = moved.local_addr().unwrap();
+    dev.socket = moved;
+    dev.keepalive();
+    let roamed = events.wait_for(WAIT, |e| e["type"] == "link.roamed").await;
+    assert_eq!(roamed.data["device"], "roamer");
+    assert_eq!(roamed.data["endpoint"], second.to_string());
+    assert_eq!(roamed.data["previous_endpoint"], first.to_string());
+    assert_eq!(g.device("roamer").await["cloudlink"]["endpoint"], second.to_string());
+
+    // Replies now go to the new endpoint.
+    let path = g.gw().path.clone();
+    let addr = path.sessions.by_uuid("roamer").unwrap().address;
+    path.send_ip(addr, &ipv4_udp(path.gateway_address(), addr, b"hello")).unwrap();
+    let pkt = dev.receive_one().unwrap().expect("a packet at the new endpoint");
+    assert_eq!(&pkt[28..], b"hello");
+    g.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cryptokey_routing_drops_spoofed_and_foreign_packets() {
+    let mut g = TestGateway::start_with(|c| c.link_timeout = Duration::from_secs(30)).await;
+    let mut events = g.events(None).await;
+    let mut a = new_device(&g, "honest", 1).await;
+    let mut b = new_device(&g, "other", 2).await;
+    a.connect();
+    b.connect();
+    events.wait_for(WAIT, |e| e["type"] == "link.up").await;
+    events.wait_for(WAIT, |e| e["type"] == "link.up").await;
+    let gw_ip = g.gw().path.gateway_address();
+    let addr_a: Ipv4Addr = g.device("honest").await["address"].as_str().unwrap().parse().unwrap();
+    let addr_b: Ipv4Addr = g.device("other").await["address"].as_str().unwrap().parse().unwrap();
+
+    // Inner source is b's address, sent in a's tunnel.
+    a.send_ip(&ipv4_udp(addr_b, gw_ip, b"spoofed"));
+    assert!(eventually(WAIT, async || g.metric("cloudlink_packets_dropped_total{reason=\"spoofed_source\"}").await == 1.0).await);
+    // Honest source, but addressed to another device: never forwarded.
+    b.socket.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    a.send_ip(&ipv4_udp(addr_a, addr_b, b"lateral"));
+    assert!(eventually(WAIT, async || g.metric("cloudlink_packets_dropped_total{reason=\"not_for_gateway\"}").await == 1.0).await);
+    assert!(b.receive_one().is_err(), "nothing reaches the other device");
+    // Both devices are still up: dropping is not disconnecting.
+    assert_eq!(g.device("honest").await["cloudlink"]["connected"], true);
+    g.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_keys_and_garbage_are_dropped_and_counted() {
+    let mut g = TestGateway::start().await;
+    // Learn the gateway key through a registered device.
+    let _known = new_device(&g, "known", 1).await;
+    let gw_pub = g.gateway_public_key("known").await;
+    let mut stranger = TestDevice::new(g.udp, &gw_pub, 3);
+    stranger.socket.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    stranger.send_initiation();
+    assert!(stranger.receive_one().is_err(), "no answer to an unknown key");
+    assert!(eventually(WAIT, async || g.metric("cloudlink_handshakes_total{result=\"unknown_key\"}").await == 1.0).await);
+    assert_eq!(g.gw().path.sessions.len(), 0, "no session for an unknown key");
+
+    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+    s.send_to(b"\x09garbage", g.udp).unwrap();
+    let mut bad_mac = [7u8; 148]; // an initiation with a bad mac1
+    bad_mac[..4].copy_from_slice(&1u32.to_le_bytes());
+    s.send_to(&bad_mac, g.udp).unwrap();
+    assert!(eventually(WAIT, async || g.metric("cloudlink_packets_dropped_total{reason=\"malformed\"}").await == 1.0).await);
+    assert!(eventually(WAIT, async || g.metric("cloudlink_packets_dropped_total{reason=\"invalid_mac\"}").await == 1.0).await);
+    g.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_drops_the_session_and_publishes_revoked() {
+    let mut g = TestGateway::start_with(|c| c.link_timeout = Duration::from_secs(30)).await;
+    let mut events = g.events(None).await;
+    let mut dev = new_device(&g, "doomed", 5).await;
+    dev.connect();
+    events.wait_for(WAIT, |e| e["type"] == "link.up").await;
+    let (st, _) = g.call("DELETE", "/v1/devices/doomed", None).await;
+    assert_eq!(st, 204);
+    let down = events.wait_for(WAIT, |e| e["type"] == "link.down").await;
+    assert_eq!(down.data["reason"], "revoked");
+    assert_eq!(down.data["device"], "doomed");
+    assert!(g.gw().path.sessions.by_uuid("doomed").is_none());
+    // Its packets and handshakes are refused from now on.
+    dev.keepalive();
+    assert!(eventually(WAIT, async || g.metric("cloudlink_packets_dropped_total{reason=\"unknown_session\"}").await >= 1.0).await);
+    dev.socket.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    dev.send_initiation();
+    assert!(dev.receive_one().is_err());
+    assert_eq!(g.metric("cloudlink_sessions").await, 0.0);
+    g.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clean_shutdown_publishes_link_down_and_ends_streams() {
+    let mut g = TestGateway::start_with(|c| c.link_timeout = Duration::from_secs(30)).await;
+    let mut events = g.events(None).await;
+    let mut dev = new_device(&g, "stays", 5).await;
+    dev.connect();
+    events.wait_for(WAIT, |e| e["type"] == "link.up").await;
+    g.stop().await;
+    let down = events.wait_for(WAIT, |e| e["type"] == "link.down").await;
+    assert_eq!(down.data["reason"], "shutdown");
+    assert!(events.ended(WAIT).await, "the stream ends after shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_with_last_event_id_and_resync() {
+    let mut g = TestGateway::start_with(|c| {
+        c.link_timeout = Duration::from_secs(30);
+        c.event_ring = 4;
+    })
+    .await;
+    let mut live = g.events(None).await;
+    // Six link.up events (ids 1..=6); the ring keeps 3..=6.
+    let mut devs = Vec::new();
+    for i in 0..6 {
+        let mut d = new_device(&g, &format!("r{i}"), 10 + i).await;
+        d.connect();
+        live.wait_for(WAIT, |e| e["type"] == "link.up").await;
+        devs.push(d);
+    }
+    let (_, listing) = g.call("GET", "/v1/devices", None).await;
+    let as_of = listing["as_of"].as_str().unwrap().to_owned();
+    let (epoch, last) = as_of.rsplit_once('-').unwrap();
+    assert_eq!(last, "6");
+
+    // Resume after id 4: exactly 5 and 6, in order, with their SSE ids.
+    let mut r = g.events(Some(&format!("{epoch}-4"))).await;
+    let m5 = r.next(WAIT).await;
+    let m6 = r.next(WAIT).await;
+    assert_eq!(m5.data["id"], 5);
+    assert_eq!(m5.id.as_deref(), Some(format!("{epoch}-5").as_str()));
+    assert_eq!(m6.data["id"], 6);
+    assert!(r.drain_for(Duration::from_millis(300)).await.is_empty());
+    // Then live events follow on the same stream.
+    let (st, _) = g.call("DELETE", "/v1/devices/r0", None).await;
+    assert_eq!(st, 204);
+    let m7 = r.next(WAIT).await;
+    assert_eq!(m7.data["id"], 7);
+    assert_eq!(m7.data["reason"], "revoked");
+
+    // Resuming from the listing's as_of loses nothing either.
+    let mut r = g.events(Some(&as_of)).await;
+    assert_eq!(r.next(WAIT).await.data["id"], 7);
+
+    // Older than the ring: a resync message, never a silent gap.
+    let mut r = g.events(Some(&format!("{epoch}-1"))).await;
+    let m = r.next(WAIT).await;
+    assert_eq!(m.data["type"], "resync");
+    assert_eq!(m.data["reason"], "too_old");
+    assert_eq!(m.data["as_of"], format!("{epoch}-7"));
+    assert_eq!(m.id.as_deref(), Some(format!("{epoch}-7").as_str()));
+
+    // Another boot's id: resync as well.
+    let mut r = g.events(Some("0123456789abcdef-3")).await;
+    let m = r.next(WAIT).await;
+    assert_eq!(m.data["type"], "resync");
+    assert_eq!(m.data["reason"], "epoch_changed");
+
+    // A malformed id is a client error.
+    let r = g.events(Some("nonsense")).await;
+    assert_eq!(r.status, 400);
+    g.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_identity_survives_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = config(dir.path());
+    let mut g = TestGateway::start_in(dir, c.clone(), "127.0.0.1:0").await;
+    let reg = g.register("persist", &[9; 32]).await;
+    let key1 = reg["gateway"]["public_key"].clone();
+    g.stop().await;
+    let dir = std::mem::replace(&mut g.dir, tempfile::tempdir().unwrap());
+    let mut g2 = TestGateway::start_in(dir, c, "127.0.0.1:0").await;
+    let d = g2.device("persist").await;
+    assert_eq!(d["gateway"]["public_key"], key1);
+    assert_eq!(d["address"], reg["address"]);
+    g2.stop().await;
+}
