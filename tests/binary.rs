@@ -1,0 +1,205 @@
+//! The `cloudlink` binary itself: embedded defaults overridden from the
+//! environment, generated secrets, `kill -9` durability, key commands.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_cloudlink");
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+struct Served {
+    child: Child,
+    api: String,
+    log: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+/// Starts `cloudlink serve` configured only through CLOUDLINK_* variables.
+fn serve(dir: &std::path::Path, extra_env: &[(&str, &str)]) -> Served {
+    let api = format!("127.0.0.1:{}", free_port());
+    let mut cmd = Command::new(BIN);
+    cmd.arg("serve")
+        .env("CLOUDLINK_LISTEN", format!("127.0.0.1:{}", free_udp_port()))
+        .env("CLOUDLINK_API", &api)
+        .env("CLOUDLINK_DATA_DIR", dir)
+        .env_remove("CLOUDLINK_TOKEN")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null());
+    for (k, v) in extra_env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let stderr = child.stderr.take().unwrap();
+    let l = log.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            l.lock().unwrap().push_str(&line);
+            l.lock().unwrap().push('\n');
+        }
+    });
+    let s = Served {
+        child,
+        api: format!("http://{api}"),
+        log,
+    };
+    wait_ready(&s);
+    s
+}
+
+fn wait_ready(s: &Served) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if let Ok((status, _)) = http("GET", &format!("{}/readyz", s.api), None, None) {
+            if status == 200 {
+                return;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("gateway not ready; log:\n{}", s.log.lock().unwrap());
+}
+
+/// A minimal blocking HTTP/1.1 client: enough for these tests.
+fn http(method: &str, url: &str, token: Option<&str>, body: Option<&str>) -> std::io::Result<(u16, String)> {
+    use std::io::Read;
+    let rest = url.strip_prefix("http://").unwrap();
+    let (host, path) = rest.split_at(rest.find('/').unwrap());
+    let mut s = std::net::TcpStream::connect(host)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let body = body.unwrap_or("");
+    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    let status = out.split(' ').nth(1).unwrap_or("0").parse().unwrap_or(0);
+    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    Ok((status, body))
+}
+
+fn mode(path: &std::path::Path) -> u32 {
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+#[test]
+fn generated_secrets_and_kill_9_durability() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut g = serve(&data, &[]);
+    let token_path = data.join("api-token");
+    let token = std::fs::read_to_string(&token_path).unwrap().trim().to_owned();
+    assert_eq!(mode(&token_path), 0o600);
+    assert_eq!(mode(&data.join("gateway.key")), 0o600);
+    let log = g.log.lock().unwrap().clone();
+    assert!(log.contains(&token_path.display().to_string()), "token path is logged:\n{log}");
+    assert!(!log.contains(&token), "the token value is never logged");
+    assert!(log.contains("no --endpoint given"), "a warning without --endpoint:\n{log}");
+
+    let key = cloudlink::keys::encode_key(&cloudlink::keys::public_key(&cloudlink::keys::generate_private_key()));
+    let (st, body) = http(
+        "POST",
+        &format!("{}/v1/devices", g.api),
+        Some(&token),
+        Some(&format!(r#"{{"uuid":"durable","public_key":"{key}"}}"#)),
+    )
+    .unwrap();
+    assert_eq!(st, 201, "{body}");
+    let gw_key = serde_json::from_str::<serde_json::Value>(&body).unwrap()["gateway"]["public_key"].clone();
+    // Acknowledged, then killed without any chance to flush.
+    g.child.kill().unwrap();
+    g.child.wait().unwrap();
+
+    let mut g = serve(&data, &[]);
+    let (st, body) = http("GET", &format!("{}/v1/devices/durable", g.api), Some(&token), None).unwrap();
+    assert_eq!(st, 200, "{body}");
+    let d: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(d["public_key"], key);
+    assert_eq!(d["gateway"]["public_key"], gw_key, "the gateway keeps its identity");
+    g.child.kill().unwrap();
+    g.child.wait().unwrap();
+}
+
+#[test]
+fn config_file_and_token_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, "from-a-file-0123456789\n").unwrap();
+    let conf = dir.path().join("cloudlink.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "token-file = \"{}\"\nendpoint = \"gw.example.net:51820\"\ntunnel-cidr = \"10.99.0.0/16\"\n",
+            token_file.display()
+        ),
+    )
+    .unwrap();
+    let mut g = serve(&dir.path().join("data"), &[("CLOUDLINK_CONFIG", conf.to_str().unwrap())]);
+    let key = cloudlink::keys::encode_key(&[3; 32]);
+    let (st, body) = http(
+        "POST",
+        &format!("{}/v1/devices", g.api),
+        Some("from-a-file-0123456789"),
+        Some(&format!(r#"{{"uuid":"c1","public_key":"{key}"}}"#)),
+    )
+    .unwrap();
+    assert_eq!(st, 201, "{body}");
+    let d: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(d["address"], "10.99.0.2");
+    assert_eq!(d["gateway"]["endpoint"], "gw.example.net:51820");
+    assert!(!data_has(&dir.path().join("data"), "api-token"), "no token generated when one is given");
+    g.child.kill().unwrap();
+    g.child.wait().unwrap();
+}
+
+fn data_has(dir: &std::path::Path, name: &str) -> bool {
+    dir.join(name).exists()
+}
+
+#[test]
+fn bad_configuration_is_a_clear_error() {
+    let out = Command::new(BIN)
+        .args(["serve", "--link-timeout", "soon"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("link-timeout"));
+}
+
+#[test]
+fn genkey_and_pubkey() {
+    let out = Command::new(BIN).arg("genkey").output().unwrap();
+    assert!(out.status.success());
+    let private = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(private.len(), 45, "44 base64 characters and a newline");
+    let mut child = Command::new(BIN)
+        .arg("pubkey")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"dwdtCnMYpX08FsFyUbJmRd9ML4frwJkqsXf7pR25LCo=\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), "hSDwCYkwp1R0i33ctD73Wg2/Og0mOBr066SpjqqbTmo=\n");
+
+    let mut child = Command::new(BIN)
+        .arg("pubkey")
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"not a key\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success());
+}
