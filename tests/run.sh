@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Installs what the tests need and runs them all: the README's test command,
+# and what .ci/run calls.
+#
+# System packages (Debian): wireguard-go and wireguard-tools (the interop
+# test's WireGuard peer), iproute2 (network namespaces), prometheus (for
+# promtool). The interop test needs root for `ip netns`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SUDO=
+if [ "$(id -u)" != 0 ]; then SUDO=sudo; fi
+
+need=()
+command -v wireguard-go >/dev/null 2>&1 || need+=(wireguard-go)
+command -v wg >/dev/null 2>&1 || need+=(wireguard-tools)
+command -v ip >/dev/null 2>&1 || need+=(iproute2)
+command -v promtool >/dev/null 2>&1 || need+=(prometheus)
+if [ ${#need[@]} -gt 0 ]; then
+    echo "tests/run.sh: installing ${need[*]}"
+    $SUDO apt-get update -qq
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}"
+fi
+
+if ! cargo nextest --version >/dev/null 2>&1; then
+    cargo install --locked cargo-nextest
+fi
+
+# Benchmarks are not run here (see README, "Performance"), but they must build.
+cargo check --benches --quiet
+cargo nextest run --no-fail-fast "$@"
