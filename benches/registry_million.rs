@@ -72,7 +72,11 @@ fn main() {
         body.push_str("]}");
         let (status, answer) = http(&g.api, "POST", "/v1/devices/batch", Some(&body));
         assert_eq!(status, 200, "{answer}");
-        assert!(answer.contains(&format!("\"created\":{n}")), "batch {batch}: {}", &answer[..200.min(answer.len())]);
+        assert!(
+            answer.contains(&format!("\"created\":{n}")),
+            "batch {batch}: {}",
+            &answer[..200.min(answer.len())]
+        );
         if batch % 10 == 9 {
             eprintln!("registered {} devices", (batch + 1) * BATCH);
         }
@@ -109,7 +113,9 @@ fn main() {
     e.stop();
 
     let per_device = (rss_full as f64 - rss_empty as f64) / devices as f64;
-    let db_bytes = std::fs::metadata(full.join("registry.sqlite3")).map(|m| m.len()).unwrap_or(0);
+    let db_bytes = std::fs::metadata(full.join("registry.sqlite3"))
+        .map(|m| m.len())
+        .unwrap_or(0);
     println!("registry_million: {devices} devices");
     println!("  registration through the batch endpoint: {register_s:.1} s ({:.0} devices/s); gateway RSS while registering {:.1} MiB", devices as f64 / register_s, rss_while_registering as f64 / 1048576.0);
     println!(
@@ -122,7 +128,11 @@ fn main() {
         "  start to /readyz ready: {ready_s:.3} s; start to a completed handshake: {handshake_s:.3} s; limit {START_LIMIT} s, ratio {:.3}",
         handshake_s / START_LIMIT
     );
-    println!("  registry on disk: {:.1} MiB ({:.0} B/device)", db_bytes as f64 / 1048576.0, db_bytes as f64 / devices as f64);
+    println!(
+        "  registry on disk: {:.1} MiB ({:.0} B/device)",
+        db_bytes as f64 / 1048576.0,
+        db_bytes as f64 / devices as f64
+    );
     println!(
         "{{\"devices\":{devices},\"register_s\":{register_s:.2},\"bytes_per_registered_device\":{per_device:.1},\"ready_s\":{ready_s:.3},\"first_handshake_s\":{handshake_s:.3},\"rss_full_bytes\":{rss_full},\"rss_empty_bytes\":{rss_empty}}}"
     );
@@ -136,10 +146,34 @@ struct Gateway {
 
 impl Gateway {
     fn spawn(dir: &std::path::Path) -> Self {
-        let api = format!("127.0.0.1:{}", std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port());
-        let udp = format!("127.0.0.1:{}", UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port());
+        let api = format!(
+            "127.0.0.1:{}",
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port()
+        );
+        let udp = format!(
+            "127.0.0.1:{}",
+            UdpSocket::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port()
+        );
         let child = Command::new(BIN)
-            .args(["serve", "--listen", &udp, "--api", &api, "--endpoint", &udp, "--log", "warn"])
+            .args([
+                "serve",
+                "--listen",
+                &udp,
+                "--api",
+                &api,
+                "--endpoint",
+                &udp,
+                "--log",
+                "warn",
+            ])
             .arg("--data-dir")
             .arg(dir)
             .env("CLOUDLINK_TOKEN", TOKEN)
@@ -160,7 +194,10 @@ impl Gateway {
             if let Ok((200, _)) = try_http(&self.api, "GET", "/readyz", None) {
                 return started.elapsed().as_secs_f64();
             }
-            assert!(started.elapsed() < Duration::from_secs(120), "gateway never became ready");
+            assert!(
+                started.elapsed() < Duration::from_secs(120),
+                "gateway never became ready"
+            );
             std::thread::sleep(Duration::from_millis(5));
         }
     }
@@ -171,19 +208,25 @@ impl Gateway {
         let gw_pub = self.gateway_public_key();
         let mut tunn = Tunn::new((*key).into(), gw_pub.into(), None, None, 1, None);
         let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
-        sock.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
         let mut buf = vec![0u8; 2048];
         let mut inbuf = vec![0u8; 2048];
         loop {
-            if let TunnResult::WriteToNetwork(p) = tunn.format_handshake_initiation(&mut buf, true) {
+            if let TunnResult::WriteToNetwork(p) = tunn.format_handshake_initiation(&mut buf, true)
+            {
                 sock.send_to(p, &self.udp).unwrap();
             }
             if let Ok((n, _)) = sock.recv_from(&mut inbuf) {
-                if let TunnResult::WriteToNetwork(_) = tunn.decapsulate(None, &inbuf[..n], &mut buf) {
+                if let TunnResult::WriteToNetwork(_) = tunn.decapsulate(None, &inbuf[..n], &mut buf)
+                {
                     return started.elapsed().as_secs_f64();
                 }
             }
-            assert!(started.elapsed() < Duration::from_secs(120), "no handshake answer");
+            assert!(
+                started.elapsed() < Duration::from_secs(120),
+                "no handshake answer"
+            );
         }
     }
 
@@ -216,7 +259,12 @@ fn http(addr: &str, method: &str, path: &str, body: Option<&str>) -> (u16, Strin
     try_http(addr, method, path, body).unwrap()
 }
 
-fn try_http(addr: &str, method: &str, path: &str, body: Option<&str>) -> std::io::Result<(u16, String)> {
+fn try_http(
+    addr: &str,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> std::io::Result<(u16, String)> {
     let mut s = TcpStream::connect(addr)?;
     let body = body.unwrap_or("");
     write!(
@@ -229,6 +277,9 @@ fn try_http(addr: &str, method: &str, path: &str, body: Option<&str>) -> std::io
     s.read_to_end(&mut out)?;
     let out = String::from_utf8_lossy(&out);
     let status = out.split(' ').nth(1).unwrap_or("0").parse().unwrap_or(0);
-    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
     Ok((status, body))
 }

@@ -15,13 +15,19 @@ use std::time::Duration;
 use crate::error::Error;
 
 #[derive(Debug, Parser)]
-#[command(name = "cloudlink", version, about = "WireGuard tunnel gateway for device fleets")]
+#[command(
+    name = "cloudlink",
+    version,
+    about = "WireGuard tunnel gateway for device fleets"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
 }
 
 #[derive(Debug, Subcommand)]
+// Parsed once per process: the size of the variants does not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum Command {
     /// Run the gateway.
     Serve(ServeArgs),
@@ -141,9 +147,15 @@ impl ServeArgs {
             listen: self.listen.or(file.listen).unwrap_or(d.listen),
             api: self.api.or(file.api).unwrap_or(d.api),
             data_dir: self.data_dir.or(file.data_dir).unwrap_or(d.data_dir),
-            tunnel_cidr: self.tunnel_cidr.or(file.tunnel_cidr).unwrap_or(d.tunnel_cidr),
+            tunnel_cidr: self
+                .tunnel_cidr
+                .or(file.tunnel_cidr)
+                .unwrap_or(d.tunnel_cidr),
             endpoint: self.endpoint.or(file.endpoint),
-            link_timeout: self.link_timeout.or(file.link_timeout).unwrap_or(d.link_timeout),
+            link_timeout: self
+                .link_timeout
+                .or(file.link_timeout)
+                .unwrap_or(d.link_timeout),
             token: self.token.or(file.token),
             token_file: self.token_file.or(file.token_file),
             gateway_id: self.gateway_id.or(file.gateway_id),

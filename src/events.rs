@@ -44,6 +44,11 @@ struct Common<'a, T: Serialize> {
     extra: T,
 }
 
+/// A `Last-Event-ID` that is not `<epoch>-<id>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("an event id is <epoch>-<id>")]
+pub struct InvalidEventId;
+
 /// What a consumer asked to resume from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Resume {
@@ -142,12 +147,12 @@ impl EventHub {
 
     /// Interprets a `Last-Event-ID` value. `Err` if it is not of the form
     /// `<epoch>-<id>`.
-    pub fn resume_from(&self, last_event_id: Option<&str>) -> Result<Resume, ()> {
+    pub fn resume_from(&self, last_event_id: Option<&str>) -> Result<Resume, InvalidEventId> {
         let Some(text) = last_event_id else {
             return Ok(Resume::Live);
         };
-        let (epoch, id) = text.trim().rsplit_once('-').ok_or(())?;
-        let id: u64 = id.parse().map_err(|_| ())?;
+        let (epoch, id) = text.trim().rsplit_once('-').ok_or(InvalidEventId)?;
+        let id: u64 = id.parse().map_err(|_| InvalidEventId)?;
         if epoch != self.epoch {
             return Ok(Resume::Resync("epoch_changed"));
         }
@@ -224,7 +229,11 @@ mod tests {
         let hub = EventHub::new("e1".into(), "gw".into(), 3);
         assert_eq!(hub.as_of(), "e1-0");
         for _ in 0..5 {
-            hub.publish("link.up", "dev", serde_json::json!({"endpoint": "1.2.3.4:5"}));
+            hub.publish(
+                "link.up",
+                "dev",
+                serde_json::json!({"endpoint": "1.2.3.4:5"}),
+            );
         }
         assert_eq!(hub.last_id(), 5);
         // Ring holds 3, 4, 5.
@@ -233,9 +242,15 @@ mod tests {
         assert_eq!(ids(hub.read_after(4, 10)), vec![5]);
         assert_eq!(hub.resume_from(Some("e1-1")), Ok(Resume::Resync("too_old")));
         assert!(matches!(hub.read_after(1, 10), Read::Gap));
-        assert_eq!(hub.resume_from(Some("e0-4")), Ok(Resume::Resync("epoch_changed")));
-        assert_eq!(hub.resume_from(Some("e1-9")), Ok(Resume::Resync("unknown_id")));
-        assert_eq!(hub.resume_from(Some("garbage")), Err(()));
+        assert_eq!(
+            hub.resume_from(Some("e0-4")),
+            Ok(Resume::Resync("epoch_changed"))
+        );
+        assert_eq!(
+            hub.resume_from(Some("e1-9")),
+            Ok(Resume::Resync("unknown_id"))
+        );
+        assert_eq!(hub.resume_from(Some("garbage")), Err(InvalidEventId));
         assert_eq!(hub.resume_from(None), Ok(Resume::Live));
         hub.close();
         assert!(matches!(hub.read_after(5, 10), Read::Closed));

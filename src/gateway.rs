@@ -54,7 +54,7 @@ impl Gateway {
         create_private_dir(&dir)?;
         let secret = load_or_create_private_key(&dir.join("gateway.key"))?;
         let token = resolve_token(&config, &dir)?;
-        let plan = AddressPlan::new(config.tunnel_cidr).map_err(crate::registry::RegistryError::from)?;
+        let plan = AddressPlan::new(config.tunnel_cidr)?;
         let registry = {
             let dir = dir.clone();
             tokio::task::spawn_blocking(move || Registry::open(&dir, plan))
@@ -74,7 +74,11 @@ impl Gateway {
             }
         };
         let gateway_id = config.gateway_id.clone().unwrap_or(hostname);
-        let events = Arc::new(EventHub::new(boot_epoch(), gateway_id.clone(), config.event_ring));
+        let events = Arc::new(EventHub::new(
+            boot_epoch(),
+            gateway_id.clone(),
+            config.event_ring,
+        ));
         let metrics = Arc::new(Metrics::new());
         metrics.devices_registered.set(registry.count());
         let path = Arc::new(PacketPath::new(
@@ -89,7 +93,8 @@ impl Gateway {
             },
         ));
         let reader = registry.reader()?;
-        let threads = PacketThreads::start(path.clone(), Arc::new(udp), reader).map_err(Error::Socket)?;
+        let threads =
+            PacketThreads::start(path.clone(), Arc::new(udp), reader).map_err(Error::Socket)?;
         let api_state = Arc::new(ApiState {
             path: path.clone(),
             registry: registry.clone(),
@@ -154,7 +159,10 @@ impl Gateway {
             let _ = tx.send(());
         }
         if let Some(task) = self.api_task.take() {
-            if tokio::time::timeout(Duration::from_secs(5), task).await.is_err() {
+            if tokio::time::timeout(Duration::from_secs(5), task)
+                .await
+                .is_err()
+            {
                 tracing::warn!("API connections did not close within 5 s");
             }
         }

@@ -38,9 +38,17 @@ impl DownReason {
 /// A transition to announce as a link event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LinkTransition {
-    Up { endpoint: SocketAddr },
-    Down { endpoint: SocketAddr, reason: DownReason },
-    Roamed { from: SocketAddr, to: SocketAddr },
+    Up {
+        endpoint: SocketAddr,
+    },
+    Down {
+        endpoint: SocketAddr,
+        reason: DownReason,
+    },
+    Roamed {
+        from: SocketAddr,
+        to: SocketAddr,
+    },
 }
 
 /// One device's link state.
@@ -98,12 +106,10 @@ impl LinkState {
         self.last_authenticated = Some(now);
         let previous = self.endpoint;
         self.endpoint = from;
-        if transport {
-            if !self.up {
-                self.up = true;
-                self.up_since = Some(now);
-                return Some(LinkTransition::Up { endpoint: from });
-            }
+        if transport && !self.up {
+            self.up = true;
+            self.up_since = Some(now);
+            return Some(LinkTransition::Up { endpoint: from });
         }
         if self.up && previous != from {
             return Some(LinkTransition::Roamed {
@@ -229,7 +235,10 @@ mod tests {
             Some(LinkTransition::Roamed { from: a, to: b })
         );
         assert_eq!(l.endpoint(), b);
-        assert_eq!(l.on_authenticated(t0 + Duration::from_secs(2), b, true), None);
+        assert_eq!(
+            l.on_authenticated(t0 + Duration::from_secs(2), b, true),
+            None
+        );
     }
 
     #[test]

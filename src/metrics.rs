@@ -114,17 +114,23 @@ impl Metrics {
         let registry = Registry::new();
         let gauge = |name: &str, help: &str| {
             let g = IntGauge::new(name, help).expect("valid metric");
-            registry.register(Box::new(g.clone())).expect("unique metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric");
             g
         };
         let counter = |name: &str, help: &str| {
             let c = IntCounter::new(name, help).expect("valid metric");
-            registry.register(Box::new(c.clone())).expect("unique metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
             c
         };
         let vec = |name: &str, help: &str, label: &str, values: &[&str]| {
             let v = IntCounterVec::new(Opts::new(name, help), &[label]).expect("valid metric");
-            registry.register(Box::new(v.clone())).expect("unique metric");
+            registry
+                .register(Box::new(v.clone()))
+                .expect("unique metric");
             values
                 .iter()
                 .map(|l| v.with_label_values(&[l]))
@@ -135,10 +141,7 @@ impl Metrics {
                 "cloudlink_sessions",
                 "Devices whose cloudlink is up (link state up).",
             ),
-            devices_registered: gauge(
-                "cloudlink_devices_registered",
-                "Devices in the registry.",
-            ),
+            devices_registered: gauge("cloudlink_devices_registered", "Devices in the registry."),
             rx_bytes: counter(
                 "cloudlink_rx_bytes_total",
                 "Bytes of WireGuard datagrams received from devices.",
@@ -181,10 +184,18 @@ impl Metrics {
         self.dropped[DropReason::ALL.iter().position(|r| *r == reason).unwrap()].get()
     }
     pub fn handshake(&self, result: HandshakeResult) {
-        self.handshakes[HandshakeResult::ALL.iter().position(|r| *r == result).unwrap()].inc();
+        self.handshakes[HandshakeResult::ALL
+            .iter()
+            .position(|r| *r == result)
+            .unwrap()]
+        .inc();
     }
     pub fn handshake_count(&self, result: HandshakeResult) -> u64 {
-        self.handshakes[HandshakeResult::ALL.iter().position(|r| *r == result).unwrap()].get()
+        self.handshakes[HandshakeResult::ALL
+            .iter()
+            .position(|r| *r == result)
+            .unwrap()]
+        .get()
     }
     pub fn link_event(&self, kind: &str) {
         if let Some(i) = LINK_EVENT_TYPES.iter().position(|t| *t == kind) {

@@ -32,7 +32,9 @@ pub enum RegistryError {
     CidrChanged { stored: String, configured: String },
     #[error("the tunnel CIDR {0} has no free address left")]
     CidrExhausted(String),
-    #[error("the tunnel CIDR {0} is too small: it needs room for the gateway and at least one device")]
+    #[error(
+        "the tunnel CIDR {0} is too small: it needs room for the gateway and at least one device"
+    )]
     CidrTooSmall(String),
 }
 
@@ -210,9 +212,11 @@ impl Registry {
         let conn = open_conn(&path, false)?;
         conn.execute_batch(SCHEMA)?;
         let stored: Option<String> = conn
-            .query_row("SELECT value FROM meta WHERE key = 'tunnel_cidr'", [], |r| {
-                r.get(0)
-            })
+            .query_row(
+                "SELECT value FROM meta WHERE key = 'tunnel_cidr'",
+                [],
+                |r| r.get(0),
+            )
             .optional()?;
         match stored {
             Some(s) if s != plan.net.to_string() => {
@@ -229,7 +233,8 @@ impl Registry {
                 )?;
             }
         }
-        let max: Option<i64> = conn.query_row("SELECT max(address) FROM devices", [], |r| r.get(0))?;
+        let max: Option<i64> =
+            conn.query_row("SELECT max(address) FROM devices", [], |r| r.get(0))?;
         let count: i64 = conn.query_row("SELECT count(*) FROM devices", [], |r| r.get(0))?;
         let (next, wrapped) = match max {
             Some(m) if (m as u32) >= plan.last_device() => (plan.first_device(), true),
@@ -302,10 +307,7 @@ impl Registry {
                 "INSERT INTO devices (uuid, public_key, address, name, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
             )?;
             for dev in devs {
-                if let Some(existing) = by_uuid
-                    .query_row([&dev.uuid], row_to_device)
-                    .optional()?
-                {
+                if let Some(existing) = by_uuid.query_row([&dev.uuid], row_to_device).optional()? {
                     if existing.public_key == dev.public_key {
                         results.push(Registered::Existing(existing));
                     } else {
@@ -348,11 +350,16 @@ impl Registry {
     }
 
     /// Sets or clears a device's name. `None` if the device does not exist.
-    pub fn set_name(&self, uuid: &str, name: Option<&str>) -> Result<Option<Device>, RegistryError> {
+    pub fn set_name(
+        &self,
+        uuid: &str,
+        name: Option<&str>,
+    ) -> Result<Option<Device>, RegistryError> {
         let w = self.writer.lock();
-        let n = w
-            .conn
-            .execute("UPDATE devices SET name = ?2 WHERE uuid = ?1", params![uuid, name])?;
+        let n = w.conn.execute(
+            "UPDATE devices SET name = ?2 WHERE uuid = ?1",
+            params![uuid, name],
+        )?;
         if n == 0 {
             return Ok(None);
         }
@@ -428,7 +435,10 @@ pub struct RegistryReader {
 }
 
 impl RegistryReader {
-    pub fn by_public_key(&mut self, key: &KeyBytes) -> Result<Option<DeviceIdentity>, RegistryError> {
+    pub fn by_public_key(
+        &mut self,
+        key: &KeyBytes,
+    ) -> Result<Option<DeviceIdentity>, RegistryError> {
         let mut st = self
             .conn
             .prepare_cached("SELECT uuid, address FROM devices WHERE public_key = ?1")?;
@@ -474,7 +484,10 @@ mod tests {
             panic!()
         };
         assert_eq!(a.address, Ipv4Addr::new(10, 240, 0, 2));
-        assert_eq!(r.register(dev("a", 1)).unwrap(), Registered::Existing(a.clone()));
+        assert_eq!(
+            r.register(dev("a", 1)).unwrap(),
+            Registered::Existing(a.clone())
+        );
         assert_eq!(r.register(dev("a", 2)).unwrap(), Registered::UuidTaken);
         assert_eq!(
             r.register(dev("b", 1)).unwrap(),
@@ -487,7 +500,12 @@ mod tests {
         assert_eq!(r.count(), 2);
         let mut reader = r.reader().unwrap();
         assert_eq!(
-            reader.by_public_key(&[2; 32]).unwrap().unwrap().uuid.as_ref(),
+            reader
+                .by_public_key(&[2; 32])
+                .unwrap()
+                .unwrap()
+                .uuid
+                .as_ref(),
             "b"
         );
         assert!(reader.by_public_key(&[9; 32]).unwrap().is_none());
@@ -530,7 +548,9 @@ mod tests {
     fn cidr_change_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         drop(Registry::open(dir.path(), plan("10.240.0.0/12")).unwrap());
-        let err = Registry::open(dir.path(), plan("10.0.0.0/16")).err().unwrap();
+        let err = Registry::open(dir.path(), plan("10.0.0.0/16"))
+            .err()
+            .unwrap();
         assert!(matches!(err, RegistryError::CidrChanged { .. }));
     }
 
@@ -551,7 +571,11 @@ mod tests {
             panic!()
         };
         assert_eq!(n.address, Ipv4Addr::new(10, 9, 0, 3));
-        assert!(r.list(None, 100).unwrap().windows(2).all(|w| w[0].uuid < w[1].uuid));
+        assert!(r
+            .list(None, 100)
+            .unwrap()
+            .windows(2)
+            .all(|w| w[0].uuid < w[1].uuid));
     }
 
     #[test]

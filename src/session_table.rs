@@ -100,11 +100,15 @@ impl Session {
     }
 
     pub(crate) fn count_rx(&self, bytes: usize) {
-        self.stats.rx_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+        self.stats
+            .rx_bytes
+            .fetch_add(bytes as u64, Ordering::Relaxed);
         self.stats.rx_packets.fetch_add(1, Ordering::Relaxed);
     }
     pub(crate) fn count_tx(&self, bytes: usize) {
-        self.stats.tx_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+        self.stats
+            .tx_bytes
+            .fetch_add(bytes as u64, Ordering::Relaxed);
         self.stats.tx_packets.fetch_add(1, Ordering::Relaxed);
     }
 }
@@ -154,8 +158,10 @@ impl SessionTable {
                 if let Some(old) = self.by_uuid.insert(session.uuid.clone(), session.clone()) {
                     // The device was re-registered with a new key: the old
                     // session must not linger under its index.
-                    self.by_index.remove_if(&old.index, |_, s| Arc::ptr_eq(s, &old));
-                    self.by_key.remove_if(&old.public_key, |_, s| Arc::ptr_eq(s, &old));
+                    self.by_index
+                        .remove_if(&old.index, |_, s| Arc::ptr_eq(s, &old));
+                    self.by_key
+                        .remove_if(&old.public_key, |_, s| Arc::ptr_eq(s, &old));
                 }
                 self.by_address.insert(session.address, session.clone());
                 v.insert(session);
@@ -166,10 +172,14 @@ impl SessionTable {
 
     /// Removes exactly this session from every index.
     pub fn remove(&self, session: &Arc<Session>) {
-        self.by_key.remove_if(&session.public_key, |_, s| Arc::ptr_eq(s, session));
-        self.by_index.remove_if(&session.index, |_, s| Arc::ptr_eq(s, session));
-        self.by_uuid.remove_if(&session.uuid, |_, s| Arc::ptr_eq(s, session));
-        self.by_address.remove_if(&session.address, |_, s| Arc::ptr_eq(s, session));
+        self.by_key
+            .remove_if(&session.public_key, |_, s| Arc::ptr_eq(s, session));
+        self.by_index
+            .remove_if(&session.index, |_, s| Arc::ptr_eq(s, session));
+        self.by_uuid
+            .remove_if(&session.uuid, |_, s| Arc::ptr_eq(s, session));
+        self.by_address
+            .remove_if(&session.address, |_, s| Arc::ptr_eq(s, session));
     }
 
     #[inline]

@@ -31,7 +31,13 @@ async fn auth_is_required_on_v1_only() {
     assert_eq!(r.headers()["www-authenticate"], "Bearer");
     let b: Value = r.json().await.unwrap();
     assert_error(401, &b, 401, "unauthorized", None);
-    let r = g.http.get(g.url("/v1/devices")).bearer_auth("wrong-token-wrong-token").send().await.unwrap();
+    let r = g
+        .http
+        .get(g.url("/v1/devices"))
+        .bearer_auth("wrong-token-wrong-token")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 401);
     let r = g.http.get(g.url("/v1/events")).send().await.unwrap();
     assert_eq!(r.status(), 401);
@@ -47,7 +53,11 @@ async fn registration_answers_and_errors() {
     let mut g = TestGateway::start().await;
     let k = key();
     let (st, b) = g
-        .call("POST", "/v1/devices", Some(json!({"uuid": "dev-1", "public_key": k, "name": "kiosk 1"})))
+        .call(
+            "POST",
+            "/v1/devices",
+            Some(json!({"uuid": "dev-1", "public_key": k, "name": "kiosk 1"})),
+        )
         .await;
     assert_eq!(st, 201, "{b}");
     assert_eq!(b["uuid"], "dev-1");
@@ -57,19 +67,48 @@ async fn registration_answers_and_errors() {
     assert_eq!(b["gateway"]["address"], "10.240.0.1");
     assert_eq!(b["gateway"]["endpoint"], "127.0.0.1:51820");
     let wg = b["wg_quick"].as_str().unwrap();
-    assert!(wg.contains("[Interface]\nPrivateKey = <DEVICE_PRIVATE_KEY>\nAddress = 10.240.0.2/32\n"), "{wg}");
-    assert!(wg.contains(&format!("[Peer]\nPublicKey = {}\n", b["gateway"]["public_key"].as_str().unwrap())));
-    assert!(wg.contains("Endpoint = 127.0.0.1:51820\nAllowedIPs = 10.240.0.1/32\nPersistentKeepalive = 25\n"), "{wg}");
+    assert!(
+        wg.contains("[Interface]\nPrivateKey = <DEVICE_PRIVATE_KEY>\nAddress = 10.240.0.2/32\n"),
+        "{wg}"
+    );
+    assert!(wg.contains(&format!(
+        "[Peer]\nPublicKey = {}\n",
+        b["gateway"]["public_key"].as_str().unwrap()
+    )));
+    assert!(
+        wg.contains(
+            "Endpoint = 127.0.0.1:51820\nAllowedIPs = 10.240.0.1/32\nPersistentKeepalive = 25\n"
+        ),
+        "{wg}"
+    );
 
     // Same key again: 200, same answer.
-    let (st, b2) = g.call("POST", "/v1/devices", Some(json!({"uuid": "dev-1", "public_key": k}))).await;
+    let (st, b2) = g
+        .call(
+            "POST",
+            "/v1/devices",
+            Some(json!({"uuid": "dev-1", "public_key": k})),
+        )
+        .await;
     assert_eq!(st, 200);
     assert_eq!(b2["address"], b["address"]);
     // Another key for that uuid: 409.
-    let (st, e) = g.call("POST", "/v1/devices", Some(json!({"uuid": "dev-1", "public_key": key()}))).await;
+    let (st, e) = g
+        .call(
+            "POST",
+            "/v1/devices",
+            Some(json!({"uuid": "dev-1", "public_key": key()})),
+        )
+        .await;
     assert_error(st, &e, 409, "uuid_taken", Some("uuid"));
     // That key under another uuid: 409.
-    let (st, e) = g.call("POST", "/v1/devices", Some(json!({"uuid": "dev-2", "public_key": k}))).await;
+    let (st, e) = g
+        .call(
+            "POST",
+            "/v1/devices",
+            Some(json!({"uuid": "dev-2", "public_key": k})),
+        )
+        .await;
     assert_error(st, &e, 409, "public_key_taken", Some("public_key"));
 
     let bad: &[(Value, &str)] = &[
@@ -81,11 +120,23 @@ async fn registration_answers_and_errors() {
         (json!({"uuid": 5, "public_key": key()}), "uuid"),
         (json!({"uuid": "ok"}), "public_key"),
         (json!({"uuid": "ok", "public_key": "short"}), "public_key"),
-        (json!({"uuid": "ok", "public_key": "!".repeat(44)}), "public_key"),
+        (
+            json!({"uuid": "ok", "public_key": "!".repeat(44)}),
+            "public_key",
+        ),
         (json!({"uuid": "ok", "public_key": 1}), "public_key"),
-        (json!({"uuid": "ok", "public_key": key(), "name": 3}), "name"),
-        (json!({"uuid": "ok", "public_key": key(), "name": "a\u{7}b"}), "name"),
-        (json!({"uuid": "ok", "public_key": key(), "colour": "red"}), "colour"),
+        (
+            json!({"uuid": "ok", "public_key": key(), "name": 3}),
+            "name",
+        ),
+        (
+            json!({"uuid": "ok", "public_key": key(), "name": "a\u{7}b"}),
+            "name",
+        ),
+        (
+            json!({"uuid": "ok", "public_key": key(), "colour": "red"}),
+            "colour",
+        ),
     ];
     for (body, field) in bad {
         let (st, e) = g.call("POST", "/v1/devices", Some(body.clone())).await;
@@ -145,14 +196,30 @@ async fn batch_registration() {
     assert_eq!(r[5]["status"], 409);
     assert_eq!(r[5]["error"]["error"], "uuid_taken");
 
-    let (st, e) = g.call("POST", "/v1/devices/batch", Some(json!({"devices": {}}))).await;
+    let (st, e) = g
+        .call("POST", "/v1/devices/batch", Some(json!({"devices": {}})))
+        .await;
     assert_error(st, &e, 400, "invalid_field", Some("devices"));
     let (st, e) = g.call("POST", "/v1/devices/batch", Some(json!({}))).await;
     assert_error(st, &e, 400, "invalid_field", Some("devices"));
-    let (st, e) = g.call("POST", "/v1/devices/batch", Some(json!({"devices": [], "x": 1}))).await;
+    let (st, e) = g
+        .call(
+            "POST",
+            "/v1/devices/batch",
+            Some(json!({"devices": [], "x": 1})),
+        )
+        .await;
     assert_error(st, &e, 400, "invalid_field", Some("x"));
-    let too_many: Vec<Value> = (0..10_001).map(|i| json!({"uuid": format!("m{i}"), "public_key": "x"})).collect();
-    let (st, e) = g.call("POST", "/v1/devices/batch", Some(json!({"devices": too_many}))).await;
+    let too_many: Vec<Value> = (0..10_001)
+        .map(|i| json!({"uuid": format!("m{i}"), "public_key": "x"}))
+        .collect();
+    let (st, e) = g
+        .call(
+            "POST",
+            "/v1/devices/batch",
+            Some(json!({"devices": too_many})),
+        )
+        .await;
     assert_error(st, &e, 400, "invalid_field", Some("devices"));
     g.stop().await;
 }
@@ -160,8 +227,16 @@ async fn batch_registration() {
 #[tokio::test]
 async fn listing_pages_and_errors() {
     let mut g = TestGateway::start().await;
-    let devices: Vec<Value> = (0..25).map(|i| json!({"uuid": format!("d{i:02}"), "public_key": key()})).collect();
-    let (st, _) = g.call("POST", "/v1/devices/batch", Some(json!({"devices": devices}))).await;
+    let devices: Vec<Value> = (0..25)
+        .map(|i| json!({"uuid": format!("d{i:02}"), "public_key": key()}))
+        .collect();
+    let (st, _) = g
+        .call(
+            "POST",
+            "/v1/devices/batch",
+            Some(json!({"devices": devices})),
+        )
+        .await;
     assert_eq!(st, 200);
     let mut seen = Vec::new();
     let mut after: Option<String> = None;
@@ -197,27 +272,48 @@ async fn listing_pages_and_errors() {
 #[tokio::test]
 async fn single_device_patch_delete_and_unknown_routes() {
     let mut g = TestGateway::start().await;
-    g.register("solo", &public_key(&generate_private_key())).await;
+    g.register("solo", &public_key(&generate_private_key()))
+        .await;
 
     let (st, e) = g.call("GET", "/v1/devices/missing", None).await;
     assert_error(st, &e, 404, "device_not_found", Some("uuid"));
     let (st, e) = g.call("GET", "/v1/devices/Not_A_Uuid", None).await;
     assert_error(st, &e, 400, "invalid_field", Some("uuid"));
 
-    let (st, d) = g.call("PATCH", "/v1/devices/solo", Some(json!({"name": "front door"}))).await;
+    let (st, d) = g
+        .call(
+            "PATCH",
+            "/v1/devices/solo",
+            Some(json!({"name": "front door"})),
+        )
+        .await;
     assert_eq!(st, 200, "{d}");
     assert_eq!(d["name"], "front door");
     assert_eq!(g.device("solo").await["name"], "front door");
-    let (st, d) = g.call("PATCH", "/v1/devices/solo", Some(json!({"name": null}))).await;
+    let (st, d) = g
+        .call("PATCH", "/v1/devices/solo", Some(json!({"name": null})))
+        .await;
     assert_eq!(st, 200);
     assert_eq!(d["name"], Value::Null);
-    let (st, e) = g.call("PATCH", "/v1/devices/solo", Some(json!({"public_key": key()}))).await;
+    let (st, e) = g
+        .call(
+            "PATCH",
+            "/v1/devices/solo",
+            Some(json!({"public_key": key()})),
+        )
+        .await;
     assert_error(st, &e, 400, "invalid_field", Some("public_key"));
-    let (st, e) = g.call("PATCH", "/v1/devices/solo", Some(json!({"nmae": "x"}))).await;
+    let (st, e) = g
+        .call("PATCH", "/v1/devices/solo", Some(json!({"nmae": "x"})))
+        .await;
     assert_error(st, &e, 400, "invalid_field", Some("nmae"));
-    let (st, e) = g.call("PATCH", "/v1/devices/solo", Some(json!({"name": ["x"]}))).await;
+    let (st, e) = g
+        .call("PATCH", "/v1/devices/solo", Some(json!({"name": ["x"]})))
+        .await;
     assert_error(st, &e, 400, "invalid_field", Some("name"));
-    let (st, e) = g.call("PATCH", "/v1/devices/missing", Some(json!({"name": "x"}))).await;
+    let (st, e) = g
+        .call("PATCH", "/v1/devices/missing", Some(json!({"name": "x"})))
+        .await;
     assert_error(st, &e, 404, "device_not_found", Some("uuid"));
     // The refused patches changed nothing.
     assert_eq!(g.device("solo").await["name"], Value::Null);
@@ -239,7 +335,15 @@ async fn single_device_patch_delete_and_unknown_routes() {
 #[tokio::test]
 async fn readyz_reports_ready_and_metrics_parse() {
     let mut g = TestGateway::start().await;
-    let r: Value = g.http.get(g.url("/readyz")).send().await.unwrap().json().await.unwrap();
+    let r: Value = g
+        .http
+        .get(g.url("/readyz"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(r["status"], "ready");
     g.register("m1", &public_key(&generate_private_key())).await;
     assert_eq!(g.metric("cloudlink_devices_registered").await, 1.0);

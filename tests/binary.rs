@@ -9,11 +9,19 @@ use std::time::{Duration, Instant};
 const BIN: &str = env!("CARGO_BIN_EXE_cloudlink");
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn free_udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 struct Served {
@@ -69,14 +77,21 @@ fn wait_ready(s: &Served) {
 }
 
 /// A minimal blocking HTTP/1.1 client: enough for these tests.
-fn http(method: &str, url: &str, token: Option<&str>, body: Option<&str>) -> std::io::Result<(u16, String)> {
+fn http(
+    method: &str,
+    url: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> std::io::Result<(u16, String)> {
     use std::io::Read;
     let rest = url.strip_prefix("http://").unwrap();
     let (host, path) = rest.split_at(rest.find('/').unwrap());
     let mut s = std::net::TcpStream::connect(host)?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
     let body = body.unwrap_or("");
-    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
     write!(
         s,
         "{method} {path} HTTP/1.1\r\nHost: {host}\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
@@ -85,7 +100,10 @@ fn http(method: &str, url: &str, token: Option<&str>, body: Option<&str>) -> std
     let mut out = String::new();
     s.read_to_string(&mut out)?;
     let status = out.split(' ').nth(1).unwrap_or("0").parse().unwrap_or(0);
-    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
     Ok((status, body))
 }
 
@@ -99,15 +117,26 @@ fn generated_secrets_and_kill_9_durability() {
     let data = dir.path().join("data");
     let mut g = serve(&data, &[]);
     let token_path = data.join("api-token");
-    let token = std::fs::read_to_string(&token_path).unwrap().trim().to_owned();
+    let token = std::fs::read_to_string(&token_path)
+        .unwrap()
+        .trim()
+        .to_owned();
     assert_eq!(mode(&token_path), 0o600);
     assert_eq!(mode(&data.join("gateway.key")), 0o600);
     let log = g.log.lock().unwrap().clone();
-    assert!(log.contains(&token_path.display().to_string()), "token path is logged:\n{log}");
+    assert!(
+        log.contains(&token_path.display().to_string()),
+        "token path is logged:\n{log}"
+    );
     assert!(!log.contains(&token), "the token value is never logged");
-    assert!(log.contains("no --endpoint given"), "a warning without --endpoint:\n{log}");
+    assert!(
+        log.contains("no --endpoint given"),
+        "a warning without --endpoint:\n{log}"
+    );
 
-    let key = cloudlink::keys::encode_key(&cloudlink::keys::public_key(&cloudlink::keys::generate_private_key()));
+    let key = cloudlink::keys::encode_key(&cloudlink::keys::public_key(
+        &cloudlink::keys::generate_private_key(),
+    ));
     let (st, body) = http(
         "POST",
         &format!("{}/v1/devices", g.api),
@@ -116,17 +145,27 @@ fn generated_secrets_and_kill_9_durability() {
     )
     .unwrap();
     assert_eq!(st, 201, "{body}");
-    let gw_key = serde_json::from_str::<serde_json::Value>(&body).unwrap()["gateway"]["public_key"].clone();
+    let gw_key =
+        serde_json::from_str::<serde_json::Value>(&body).unwrap()["gateway"]["public_key"].clone();
     // Acknowledged, then killed without any chance to flush.
     g.child.kill().unwrap();
     g.child.wait().unwrap();
 
     let mut g = serve(&data, &[]);
-    let (st, body) = http("GET", &format!("{}/v1/devices/durable", g.api), Some(&token), None).unwrap();
+    let (st, body) = http(
+        "GET",
+        &format!("{}/v1/devices/durable", g.api),
+        Some(&token),
+        None,
+    )
+    .unwrap();
     assert_eq!(st, 200, "{body}");
     let d: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(d["public_key"], key);
-    assert_eq!(d["gateway"]["public_key"], gw_key, "the gateway keeps its identity");
+    assert_eq!(
+        d["gateway"]["public_key"], gw_key,
+        "the gateway keeps its identity"
+    );
     g.child.kill().unwrap();
     g.child.wait().unwrap();
 }
@@ -145,7 +184,10 @@ fn config_file_and_token_file() {
         ),
     )
     .unwrap();
-    let mut g = serve(&dir.path().join("data"), &[("CLOUDLINK_CONFIG", conf.to_str().unwrap())]);
+    let mut g = serve(
+        &dir.path().join("data"),
+        &[("CLOUDLINK_CONFIG", conf.to_str().unwrap())],
+    );
     let key = cloudlink::keys::encode_key(&[3; 32]);
     let (st, body) = http(
         "POST",
@@ -158,7 +200,10 @@ fn config_file_and_token_file() {
     let d: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(d["address"], "10.99.0.2");
     assert_eq!(d["gateway"]["endpoint"], "gw.example.net:51820");
-    assert!(!data_has(&dir.path().join("data"), "api-token"), "no token generated when one is given");
+    assert!(
+        !data_has(&dir.path().join("data"), "api-token"),
+        "no token generated when one is given"
+    );
     g.child.kill().unwrap();
     g.child.wait().unwrap();
 }
@@ -189,9 +234,17 @@ fn genkey_and_pubkey() {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    child.stdin.take().unwrap().write_all(b"dwdtCnMYpX08FsFyUbJmRd9ML4frwJkqsXf7pR25LCo=\n").unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"dwdtCnMYpX08FsFyUbJmRd9ML4frwJkqsXf7pR25LCo=\n")
+        .unwrap();
     let out = child.wait_with_output().unwrap();
-    assert_eq!(String::from_utf8(out.stdout).unwrap(), "hSDwCYkwp1R0i33ctD73Wg2/Og0mOBr066SpjqqbTmo=\n");
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        "hSDwCYkwp1R0i33ctD73Wg2/Og0mOBr066SpjqqbTmo=\n"
+    );
 
     let mut child = Command::new(BIN)
         .arg("pubkey")
@@ -199,7 +252,12 @@ fn genkey_and_pubkey() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    child.stdin.take().unwrap().write_all(b"not a key\n").unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"not a key\n")
+        .unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(!out.status.success());
 }

@@ -13,10 +13,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 fn run(cmd: &str, args: &[&str]) -> String {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{cmd} could not run ({e}); install it with `bash tests/run.sh`"));
+    let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| {
+        panic!("{cmd} could not run ({e}); install it with `bash tests/run.sh`")
+    });
     assert!(
         out.status.success(),
         "{cmd} {args:?} failed: {}",
@@ -33,7 +32,12 @@ fn run_stdin(cmd: &str, args: &[&str], input: &str) -> String {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success());
     String::from_utf8(out.stdout).unwrap()
@@ -67,9 +71,17 @@ impl Netns {
             ns_ip: ns_ip.clone(),
             children: Vec::new(),
         };
-        run("ip", &["link", "add", &host_if, "type", "veth", "peer", "name", &ns_if]);
+        run(
+            "ip",
+            &[
+                "link", "add", &host_if, "type", "veth", "peer", "name", &ns_if,
+            ],
+        );
         run("ip", &["link", "set", &ns_if, "netns", &name]);
-        run("ip", &["addr", "add", &format!("{host_ip}/24"), "dev", &host_if]);
+        run(
+            "ip",
+            &["addr", "add", &format!("{host_ip}/24"), "dev", &host_if],
+        );
         run("ip", &["link", "set", &host_if, "up"]);
         ns.exec(&["ip", "addr", "add", &format!("{ns_ip}/24"), "dev", &ns_if]);
         ns.exec(&["ip", "link", "set", &ns_if, "up"]);
@@ -90,8 +102,12 @@ impl Drop for Netns {
             let _ = c.kill();
             let _ = c.wait();
         }
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
-        let _ = Command::new("ip").args(["link", "del", &self.host_if]).output();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.host_if])
+            .output();
     }
 }
 
@@ -167,7 +183,10 @@ async fn wireguard_go_device_connects_and_disconnects() {
     let sock = format!("/run/wireguard/{iface}.sock");
     let deadline = Instant::now() + Duration::from_secs(10);
     while !std::path::Path::new(&sock).exists() {
-        assert!(Instant::now() < deadline, "wireguard-go did not create {sock}");
+        assert!(
+            Instant::now() < deadline,
+            "wireguard-go did not create {sock}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     let conf_path = tempfile::NamedTempFile::new().unwrap();
@@ -175,14 +194,29 @@ async fn wireguard_go_device_connects_and_disconnects() {
     ns.exec(&["wg", "setconf", &iface, conf_path.path().to_str().unwrap()]);
     ns.exec(&["ip", "addr", "add", &format!("{address}/32"), "dev", &iface]);
     ns.exec(&["ip", "link", "set", &iface, "up"]);
-    ns.exec(&["ip", "route", "add", &format!("{gw_addr}/32"), "dev", &iface]);
-    let listen_port = ns.exec(&["wg", "show", &iface, "listen-port"]).trim().to_owned();
+    ns.exec(&[
+        "ip",
+        "route",
+        "add",
+        &format!("{gw_addr}/32"),
+        "dev",
+        &iface,
+    ]);
+    let listen_port = ns
+        .exec(&["wg", "show", &iface, "listen-port"])
+        .trim()
+        .to_owned();
 
     // The handshake completes: wg reports it in the namespace...
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let hs = ns.exec(&["wg", "show", &iface, "latest-handshakes"]);
-        let t: u64 = hs.split_whitespace().nth(1).unwrap_or("0").parse().unwrap_or(0);
+        let t: u64 = hs
+            .split_whitespace()
+            .nth(1)
+            .unwrap_or("0")
+            .parse()
+            .unwrap_or(0);
         if t > 0 {
             break;
         }
@@ -190,7 +224,9 @@ async fn wireguard_go_device_connects_and_disconnects() {
         std::thread::sleep(Duration::from_millis(200));
     }
     // ...link.up arrives on the event stream...
-    let up = events.wait_for(Duration::from_secs(20), |e| e["type"] == "link.up").await;
+    let up = events
+        .wait_for(Duration::from_secs(20), |e| e["type"] == "link.up")
+        .await;
     let device_endpoint = format!("{}:{listen_port}", ns.ns_ip);
     assert_eq!(up.data["device"], "wggo-1");
     assert_eq!(up.data["endpoint"], device_endpoint);
@@ -205,7 +241,9 @@ async fn wireguard_go_device_connects_and_disconnects() {
         c.wait().unwrap();
     }
     ns.children.clear();
-    let down = events.wait_for(Duration::from_secs(20), |e| e["type"] == "link.down").await;
+    let down = events
+        .wait_for(Duration::from_secs(20), |e| e["type"] == "link.down")
+        .await;
     assert_eq!(down.data["device"], "wggo-1");
     assert_eq!(down.data["reason"], "timeout");
     assert_eq!(g.device("wggo-1").await["cloudlink"]["connected"], false);

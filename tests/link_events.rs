@@ -13,9 +13,12 @@ async fn new_device(g: &TestGateway, uuid: &str, index: u32) -> TestDevice {
     // Register first (as a fleet would), then dial.
     let key = cloudlink::keys::generate_private_key();
     let reg = g.register(uuid, &cloudlink::keys::public_key(&key)).await;
-    let gw_pub = cloudlink::keys::decode_key(reg["gateway"]["public_key"].as_str().unwrap()).unwrap();
+    let gw_pub =
+        cloudlink::keys::decode_key(reg["gateway"]["public_key"].as_str().unwrap()).unwrap();
     let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
-    socket.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
     TestDevice::with_key(g.udp, &gw_pub, index, socket, key)
 }
 
@@ -32,9 +35,15 @@ async fn handshake_brings_link_up_then_timeout_brings_it_down() {
     assert_eq!(up.data["device"], "dev-e2e");
     assert_eq!(up.data["endpoint"], local.to_string());
     assert_eq!(up.data["gateway"], "test-gw");
-    assert!(up.event.is_none(), "no SSE event name: the type is in the JSON");
+    assert!(
+        up.event.is_none(),
+        "no SSE event name: the type is in the JSON"
+    );
     let epoch = up.data["epoch"].as_str().unwrap().to_owned();
-    assert_eq!(up.id.as_deref(), Some(format!("{epoch}-{}", up.data["id"]).as_str()));
+    assert_eq!(
+        up.id.as_deref(),
+        Some(format!("{epoch}-{}", up.data["id"]).as_str())
+    );
 
     let d = g.device("dev-e2e").await;
     assert_eq!(d["cloudlink"]["connected"], true);
@@ -44,7 +53,11 @@ async fn handshake_brings_link_up_then_timeout_brings_it_down() {
     assert!(d["cloudlink"]["rx_bytes"].as_u64().unwrap() > 0);
     assert!(d["cloudlink"]["tx_bytes"].as_u64().unwrap() > 0);
     assert_eq!(g.metric("cloudlink_sessions").await, 1.0);
-    assert_eq!(g.metric("cloudlink_handshakes_total{result=\"completed\"}").await, 1.0);
+    assert_eq!(
+        g.metric("cloudlink_handshakes_total{result=\"completed\"}")
+            .await,
+        1.0
+    );
 
     // The device falls silent: link-timeout is 2 s in tests.
     let down = events.wait_for(WAIT, |e| e["type"] == "link.down").await;
@@ -100,11 +113,21 @@ async fn two_devices_behind_one_endpoint_get_their_own_replies() {
     // Gateway-originated packets reach the right tunnel: each decrypts only
     // with its own device's keys.
     let gw = g.gw().path.clone();
-    let addr_a: Ipv4Addr = g.device("behind-nat-a").await["address"].as_str().unwrap().parse().unwrap();
-    let addr_b: Ipv4Addr = g.device("behind-nat-b").await["address"].as_str().unwrap().parse().unwrap();
+    let addr_a: Ipv4Addr = g.device("behind-nat-a").await["address"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let addr_b: Ipv4Addr = g.device("behind-nat-b").await["address"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
     let gw_ip = gw.gateway_address();
-    gw.send_ip(addr_a, &ipv4_udp(gw_ip, addr_a, b"for-a")).unwrap();
-    gw.send_ip(addr_b, &ipv4_udp(gw_ip, addr_b, b"for-b")).unwrap();
+    gw.send_ip(addr_a, &ipv4_udp(gw_ip, addr_a, b"for-a"))
+        .unwrap();
+    gw.send_ip(addr_b, &ipv4_udp(gw_ip, addr_b, b"for-b"))
+        .unwrap();
     let mut got = Vec::new();
     for _ in 0..2 {
         let (n, from) = nat.recv_from(&mut buf).unwrap();
@@ -118,7 +141,10 @@ async fn two_devices_behind_one_endpoint_get_their_own_replies() {
         got.push((receiver >> 8, pkt[28..].to_vec()));
     }
     got.sort();
-    assert_eq!(got, vec![(100, b"for-a".to_vec()), (200, b"for-b".to_vec())]);
+    assert_eq!(
+        got,
+        vec![(100, b"for-a".to_vec()), (200, b"for-b".to_vec())]
+    );
     for uuid in ["behind-nat-a", "behind-nat-b"] {
         let d = g.device(uuid).await;
         assert_eq!(d["cloudlink"]["connected"], true);
@@ -145,13 +171,22 @@ async fn roaming_follows_authenticated_packets_only() {
     forged[4..8].copy_from_slice(&((index << 8) | 1).to_le_bytes());
     attacker.send_to(&forged, g.udp).unwrap();
     assert!(
-        eventually(WAIT, async || g.metric("cloudlink_packets_dropped_total{reason=\"decrypt_failed\"}").await >= 1.0).await
+        eventually(WAIT, async || g
+            .metric("cloudlink_packets_dropped_total{reason=\"decrypt_failed\"}")
+            .await
+            >= 1.0)
+        .await
     );
-    assert_eq!(g.device("roamer").await["cloudlink"]["endpoint"], first.to_string());
+    assert_eq!(
+        g.device("roamer").await["cloudlink"]["endpoint"],
+        first.to_string()
+    );
 
     // The device moves (new source port, as after a NAT rebinding).
     let moved = UdpSocket::bind("127.0.0.1:0").unwrap();
-    moved.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    moved
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
     let second = moved.local_addr().unwrap();
     dev.socket = moved;
     dev.keepalive();
@@ -159,13 +194,20 @@ async fn roaming_follows_authenticated_packets_only() {
     assert_eq!(roamed.data["device"], "roamer");
     assert_eq!(roamed.data["endpoint"], second.to_string());
     assert_eq!(roamed.data["previous_endpoint"], first.to_string());
-    assert_eq!(g.device("roamer").await["cloudlink"]["endpoint"], second.to_string());
+    assert_eq!(
+        g.device("roamer").await["cloudlink"]["endpoint"],
+        second.to_string()
+    );
 
     // Replies now go to the new endpoint.
     let path = g.gw().path.clone();
     let addr = path.sessions.by_uuid("roamer").unwrap().address;
-    path.send_ip(addr, &ipv4_udp(path.gateway_address(), addr, b"hello")).unwrap();
-    let pkt = dev.receive_one().unwrap().expect("a packet at the new endpoint");
+    path.send_ip(addr, &ipv4_udp(path.gateway_address(), addr, b"hello"))
+        .unwrap();
+    let pkt = dev
+        .receive_one()
+        .unwrap()
+        .expect("a packet at the new endpoint");
     assert_eq!(&pkt[28..], b"hello");
     g.stop().await;
 }
@@ -181,16 +223,38 @@ async fn cryptokey_routing_drops_spoofed_and_foreign_packets() {
     events.wait_for(WAIT, |e| e["type"] == "link.up").await;
     events.wait_for(WAIT, |e| e["type"] == "link.up").await;
     let gw_ip = g.gw().path.gateway_address();
-    let addr_a: Ipv4Addr = g.device("honest").await["address"].as_str().unwrap().parse().unwrap();
-    let addr_b: Ipv4Addr = g.device("other").await["address"].as_str().unwrap().parse().unwrap();
+    let addr_a: Ipv4Addr = g.device("honest").await["address"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let addr_b: Ipv4Addr = g.device("other").await["address"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
 
     // Inner source is b's address, sent in a's tunnel.
     a.send_ip(&ipv4_udp(addr_b, gw_ip, b"spoofed"));
-    assert!(eventually(WAIT, async || g.metric("cloudlink_packets_dropped_total{reason=\"spoofed_source\"}").await == 1.0).await);
+    assert!(
+        eventually(WAIT, async || g
+            .metric("cloudlink_packets_dropped_total{reason=\"spoofed_source\"}")
+            .await
+            == 1.0)
+        .await
+    );
     // Honest source, but addressed to another device: never forwarded.
-    b.socket.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    b.socket
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
     a.send_ip(&ipv4_udp(addr_a, addr_b, b"lateral"));
-    assert!(eventually(WAIT, async || g.metric("cloudlink_packets_dropped_total{reason=\"not_for_gateway\"}").await == 1.0).await);
+    assert!(
+        eventually(WAIT, async || g
+            .metric("cloudlink_packets_dropped_total{reason=\"not_for_gateway\"}")
+            .await
+            == 1.0)
+        .await
+    );
     assert!(b.receive_one().is_err(), "nothing reaches the other device");
     // Both devices are still up: dropping is not disconnecting.
     assert_eq!(g.device("honest").await["cloudlink"]["connected"], true);
@@ -204,19 +268,47 @@ async fn unknown_keys_and_garbage_are_dropped_and_counted() {
     let _known = new_device(&g, "known", 1).await;
     let gw_pub = g.gateway_public_key("known").await;
     let mut stranger = TestDevice::new(g.udp, &gw_pub, 3);
-    stranger.socket.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    stranger
+        .socket
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
     stranger.send_initiation();
-    assert!(stranger.receive_one().is_err(), "no answer to an unknown key");
-    assert!(eventually(WAIT, async || g.metric("cloudlink_handshakes_total{result=\"unknown_key\"}").await == 1.0).await);
-    assert_eq!(g.gw().path.sessions.len(), 0, "no session for an unknown key");
+    assert!(
+        stranger.receive_one().is_err(),
+        "no answer to an unknown key"
+    );
+    assert!(
+        eventually(WAIT, async || g
+            .metric("cloudlink_handshakes_total{result=\"unknown_key\"}")
+            .await
+            == 1.0)
+        .await
+    );
+    assert_eq!(
+        g.gw().path.sessions.len(),
+        0,
+        "no session for an unknown key"
+    );
 
     let s = UdpSocket::bind("127.0.0.1:0").unwrap();
     s.send_to(b"\x09garbage", g.udp).unwrap();
     let mut bad_mac = [7u8; 148]; // an initiation with a bad mac1
     bad_mac[..4].copy_from_slice(&1u32.to_le_bytes());
     s.send_to(&bad_mac, g.udp).unwrap();
-    assert!(eventually(WAIT, async || g.metric("cloudlink_packets_dropped_total{reason=\"malformed\"}").await == 1.0).await);
-    assert!(eventually(WAIT, async || g.metric("cloudlink_packets_dropped_total{reason=\"invalid_mac\"}").await == 1.0).await);
+    assert!(
+        eventually(WAIT, async || g
+            .metric("cloudlink_packets_dropped_total{reason=\"malformed\"}")
+            .await
+            == 1.0)
+        .await
+    );
+    assert!(
+        eventually(WAIT, async || g
+            .metric("cloudlink_packets_dropped_total{reason=\"invalid_mac\"}")
+            .await
+            == 1.0)
+        .await
+    );
     g.stop().await;
 }
 
@@ -235,8 +327,16 @@ async fn delete_drops_the_session_and_publishes_revoked() {
     assert!(g.gw().path.sessions.by_uuid("doomed").is_none());
     // Its packets and handshakes are refused from now on.
     dev.keepalive();
-    assert!(eventually(WAIT, async || g.metric("cloudlink_packets_dropped_total{reason=\"unknown_session\"}").await >= 1.0).await);
-    dev.socket.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    assert!(
+        eventually(WAIT, async || g
+            .metric("cloudlink_packets_dropped_total{reason=\"unknown_session\"}")
+            .await
+            >= 1.0)
+        .await
+    );
+    dev.socket
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
     dev.send_initiation();
     assert!(dev.receive_one().is_err());
     assert_eq!(g.metric("cloudlink_sessions").await, 0.0);

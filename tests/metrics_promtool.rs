@@ -13,23 +13,38 @@ async fn metrics_pass_promtool_after_traffic() {
     let mut g = TestGateway::start().await;
     let mut events = g.events(None).await;
     let key = cloudlink::keys::generate_private_key();
-    let reg = g.register("prom-1", &cloudlink::keys::public_key(&key)).await;
-    let gw_pub = cloudlink::keys::decode_key(reg["gateway"]["public_key"].as_str().unwrap()).unwrap();
+    let reg = g
+        .register("prom-1", &cloudlink::keys::public_key(&key))
+        .await;
+    let gw_pub =
+        cloudlink::keys::decode_key(reg["gateway"]["public_key"].as_str().unwrap()).unwrap();
     let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    socket.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
     let mut dev = TestDevice::with_key(g.udp, &gw_pub, 1, socket, key);
     dev.connect();
-    events.wait_for(Duration::from_secs(10), |e| e["type"] == "link.up").await;
+    events
+        .wait_for(Duration::from_secs(10), |e| e["type"] == "link.up")
+        .await;
     dev.socket.send_to(b"junk", g.udp).unwrap();
     assert!(
         eventually(Duration::from_secs(10), async || {
-            g.metric("cloudlink_packets_dropped_total{reason=\"malformed\"}").await == 1.0
+            g.metric("cloudlink_packets_dropped_total{reason=\"malformed\"}")
+                .await
+                == 1.0
         })
         .await
     );
     let text = g.metrics().await;
-    assert!(text.contains("cloudlink_handshakes_total{result=\"completed\"} 1"), "{text}");
-    assert!(text.contains("cloudlink_link_events_total{type=\"link.up\"} 1"), "{text}");
+    assert!(
+        text.contains("cloudlink_handshakes_total{result=\"completed\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("cloudlink_link_events_total{type=\"link.up\"} 1"),
+        "{text}"
+    );
     assert!(text.contains("cloudlink_sessions 1"), "{text}");
     assert!(text.contains("cloudlink_devices_registered 1"), "{text}");
 
@@ -39,8 +54,15 @@ async fn metrics_pass_promtool_after_traffic() {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("promtool could not run; install Debian's prometheus package with `bash tests/run.sh`");
-    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+        .expect(
+            "promtool could not run; install Debian's prometheus package with `bash tests/run.sh`",
+        );
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(
         out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),

@@ -30,8 +30,18 @@ fn parse_new_device(obj: &Map<String, Value>, prefix: &str) -> Result<NewDevice,
     }
     let uuid = match obj.get("uuid") {
         Some(Value::String(s)) => s.clone(),
-        Some(_) => return Err(ApiError::bad_field(format!("{prefix}uuid"), "uuid must be a string")),
-        None => return Err(ApiError::bad_field(format!("{prefix}uuid"), "uuid is required")),
+        Some(_) => {
+            return Err(ApiError::bad_field(
+                format!("{prefix}uuid"),
+                "uuid must be a string",
+            ))
+        }
+        None => {
+            return Err(ApiError::bad_field(
+                format!("{prefix}uuid"),
+                "uuid is required",
+            ))
+        }
     };
     validate_uuid(&uuid).map_err(|m| ApiError::bad_field(format!("{prefix}uuid"), m))?;
     let public_key = match obj.get("public_key") {
@@ -65,7 +75,10 @@ fn parse_name(v: Option<&Value>, prefix: &str) -> Result<Option<String>, ApiErro
             validate_name(s).map_err(|m| ApiError::bad_field(format!("{prefix}name"), m))?;
             Ok(Some(s.clone()))
         }
-        Some(_) => Err(ApiError::bad_field(format!("{prefix}name"), "name must be a string or null")),
+        Some(_) => Err(ApiError::bad_field(
+            format!("{prefix}name"),
+            "name must be a string or null",
+        )),
     }
 }
 
@@ -144,7 +157,9 @@ fn conflict_uuid(uuid: &str) -> ApiError {
     ApiError::new(
         StatusCode::CONFLICT,
         "uuid_taken",
-        format!("device {uuid:?} is registered with another public key; delete it first to re-key it"),
+        format!(
+            "device {uuid:?} is registered with another public key; delete it first to re-key it"
+        ),
     )
     .field("uuid")
 }
@@ -170,7 +185,9 @@ pub async fn register(State(s): State<SharedState>, body: Bytes) -> Result<Respo
             tracing::info!(device = %d.uuid, address = %d.address, "device registered");
             Ok((StatusCode::CREATED, Json(full_device_json(&s, &d))).into_response())
         }
-        Registered::Existing(d) => Ok((StatusCode::OK, Json(full_device_json(&s, &d))).into_response()),
+        Registered::Existing(d) => {
+            Ok((StatusCode::OK, Json(full_device_json(&s, &d))).into_response())
+        }
         Registered::UuidTaken => Err(conflict_uuid(obj["uuid"].as_str().unwrap_or_default())),
         Registered::KeyTaken { uuid } => Err(conflict_key(&uuid)),
     }
@@ -178,10 +195,16 @@ pub async fn register(State(s): State<SharedState>, body: Bytes) -> Result<Respo
 
 /// `POST /v1/devices/batch`: `{"devices": [...]}`, up to 10,000, one
 /// transaction; answers per device, in order.
-pub async fn register_batch(State(s): State<SharedState>, body: Bytes) -> Result<Response, ApiError> {
+pub async fn register_batch(
+    State(s): State<SharedState>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
     let mut obj = json_object(&body)?;
     if let Some(k) = obj.keys().find(|k| k.as_str() != "devices") {
-        return Err(ApiError::bad_field(k.clone(), format!("unknown field {k:?}; a batch takes devices")));
+        return Err(ApiError::bad_field(
+            k.clone(),
+            format!("unknown field {k:?}; a batch takes devices"),
+        ));
     }
     let items = match obj.remove("devices") {
         Some(Value::Array(a)) => a,
@@ -191,7 +214,10 @@ pub async fn register_batch(State(s): State<SharedState>, body: Bytes) -> Result
     if items.len() > MAX_BATCH {
         return Err(ApiError::bad_field(
             "devices",
-            format!("a batch holds at most {MAX_BATCH} devices, got {}", items.len()),
+            format!(
+                "a batch holds at most {MAX_BATCH} devices, got {}",
+                items.len()
+            ),
         ));
     }
     // Validate everything first; invalid entries are answered without
@@ -203,7 +229,10 @@ pub async fn register_batch(State(s): State<SharedState>, body: Bytes) -> Result
         let prefix = format!("devices[{i}].");
         let parsed = match item {
             Value::Object(o) => parse_new_device(o, &prefix),
-            _ => Err(ApiError::bad_field(format!("devices[{i}]"), "each device must be an object")),
+            _ => Err(ApiError::bad_field(
+                format!("devices[{i}]"),
+                "each device must be an object",
+            )),
         };
         match parsed {
             Ok(d) => {
@@ -225,8 +254,12 @@ pub async fn register_batch(State(s): State<SharedState>, body: Bytes) -> Result
     s.metrics.devices_registered.set(s.registry.count());
     for ((pos, uuid), outcome) in positions.into_iter().zip(uuids).zip(outcomes) {
         results[pos] = Some(match outcome {
-            Registered::Created(d) => json!({"uuid": d.uuid, "status": 201, "address": d.address.to_string()}),
-            Registered::Existing(d) => json!({"uuid": d.uuid, "status": 200, "address": d.address.to_string()}),
+            Registered::Created(d) => {
+                json!({"uuid": d.uuid, "status": 201, "address": d.address.to_string()})
+            }
+            Registered::Existing(d) => {
+                json!({"uuid": d.uuid, "status": 200, "address": d.address.to_string()})
+            }
             Registered::UuidTaken => {
                 let e = conflict_uuid(&uuid).field(format!("devices[{pos}].uuid"));
                 json!({"uuid": uuid, "status": 409, "error": e})
@@ -256,7 +289,10 @@ pub async fn list(
 ) -> Result<Json<Value>, ApiError> {
     for k in q.keys() {
         if !matches!(k.as_str(), "limit" | "after") {
-            return Err(ApiError::bad_field(k.clone(), format!("unknown query parameter {k:?}; the listing takes limit and after")));
+            return Err(ApiError::bad_field(
+                k.clone(),
+                format!("unknown query parameter {k:?}; the listing takes limit and after"),
+            ));
         }
     }
     let limit = match q.get("limit") {
@@ -290,7 +326,9 @@ pub async fn list(
             Value::Object(m)
         })
         .collect();
-    Ok(Json(json!({"devices": devices, "next": next, "as_of": as_of})))
+    Ok(Json(
+        json!({"devices": devices, "next": next, "as_of": as_of}),
+    ))
 }
 
 fn check_path_uuid(uuid: &str) -> Result<(), ApiError> {
@@ -298,7 +336,10 @@ fn check_path_uuid(uuid: &str) -> Result<(), ApiError> {
 }
 
 /// `GET /v1/devices/{uuid}`
-pub async fn get_one(State(s): State<SharedState>, Path(uuid): Path<String>) -> Result<Json<Value>, ApiError> {
+pub async fn get_one(
+    State(s): State<SharedState>,
+    Path(uuid): Path<String>,
+) -> Result<Json<Value>, ApiError> {
     check_path_uuid(&uuid)?;
     let registry = s.registry.clone();
     let u = uuid.clone();
@@ -342,7 +383,10 @@ pub async fn patch(
 
 /// `DELETE /v1/devices/{uuid}`: the registration goes (fsync'd), the session
 /// is dropped at once and `link.down` (`revoked`) is published if it was up.
-pub async fn delete(State(s): State<SharedState>, Path(uuid): Path<String>) -> Result<StatusCode, ApiError> {
+pub async fn delete(
+    State(s): State<SharedState>,
+    Path(uuid): Path<String>,
+) -> Result<StatusCode, ApiError> {
     check_path_uuid(&uuid)?;
     let registry = s.registry.clone();
     let u = uuid.clone();

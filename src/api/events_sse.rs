@@ -35,7 +35,8 @@ impl Cursor {
     fn push_resync(&mut self, reason: &str) {
         let (last, as_of, json) = self.hub.resync_json(reason);
         self.cursor = last;
-        self.pending.push_back(Event::default().id(as_of).data(json));
+        self.pending
+            .push_back(Event::default().id(as_of).data(json));
     }
 }
 
@@ -80,8 +81,11 @@ pub async fn events(
                     let epoch = c.hub.epoch().to_owned();
                     for e in v {
                         c.cursor = e.id;
-                        c.pending
-                            .push_back(Event::default().id(format!("{epoch}-{}", e.id)).data(&*e.json));
+                        c.pending.push_back(
+                            Event::default()
+                                .id(format!("{epoch}-{}", e.id))
+                                .data(&*e.json),
+                        );
                     }
                 }
                 Read::Events(_) => {

@@ -51,7 +51,10 @@ pub fn router(state: SharedState) -> Router {
                 .delete(devices::delete),
         )
         .route("/events", get(events_sse::events))
-        .route_layer(axum::middleware::from_fn_with_state(state.clone(), require_token));
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            require_token,
+        ));
     Router::new()
         .nest("/v1", v1)
         .route("/healthz", get(ops::healthz))
@@ -138,7 +141,10 @@ async fn require_token(State(state): State<SharedState>, req: Request, next: Nex
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")));
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        });
     match presented {
         Some(t) if token_matches(t.trim(), &state.token) => next.run(req).await,
         Some(_) => ApiError::new(
@@ -162,7 +168,9 @@ pub fn token_matches(presented: &str, token: &str) -> bool {
 }
 
 /// Parses a JSON body into an object, or answers 400 saying why.
-pub(crate) fn json_object(body: &[u8]) -> Result<serde_json::Map<String, serde_json::Value>, ApiError> {
+pub(crate) fn json_object(
+    body: &[u8],
+) -> Result<serde_json::Map<String, serde_json::Value>, ApiError> {
     match serde_json::from_slice::<serde_json::Value>(body) {
         Ok(serde_json::Value::Object(m)) => Ok(m),
         Ok(_) => Err(ApiError::new(

@@ -27,7 +27,10 @@ pub async fn readyz(State(s): State<SharedState>) -> Result<impl IntoResponse, A
 pub async fn metrics(State(s): State<SharedState>) -> impl IntoResponse {
     s.metrics.devices_registered.set(s.registry.count());
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         s.metrics.render(),
     )
 }

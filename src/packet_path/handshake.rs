@@ -156,7 +156,9 @@ impl PacketPath {
         if let Err(existing) = self.sessions.insert_if_absent(session.clone()) {
             return Some(existing);
         }
-        if self.registry.deletions() != deletions && !matches!(reader.by_public_key(&key), Ok(Some(_))) {
+        if self.registry.deletions() != deletions
+            && !matches!(reader.by_public_key(&key), Ok(Some(_)))
+        {
             self.sessions.remove(&session);
             self.metrics.handshake(HandshakeResult::UnknownKey);
             self.metrics.dropped(DropReason::UnknownKey);

@@ -30,7 +30,9 @@ impl PacketPath {
         self.metrics.rx_bytes.inc_by(datagram.len() as u64);
         let src = canonical(src);
         match Tunn::parse_incoming_packet(datagram) {
-            Ok(Packet::HandshakeInit(_)) => self.handle_initiation(now, src, datagram, out, reader, tx),
+            Ok(Packet::HandshakeInit(_)) => {
+                self.handle_initiation(now, src, datagram, out, reader, tx)
+            }
             Ok(Packet::PacketData(p)) => {
                 self.handle_transport(now, src, p.receiver_idx, Kind::Data, datagram, out, tx)
             }

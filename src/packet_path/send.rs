@@ -77,7 +77,11 @@ impl PacketPath {
         self.send_ip_to_session(&session, packet)
     }
 
-    pub fn send_ip_to_session(&self, session: &Arc<Session>, packet: &[u8]) -> Result<(), SendError> {
+    pub fn send_ip_to_session(
+        &self,
+        session: &Arc<Session>,
+        packet: &[u8],
+    ) -> Result<(), SendError> {
         let socket = self.egress.get().ok_or(SendError::NoSocket)?;
         SEND_BUF.with(|buf| {
             let mut buf = buf.borrow_mut();

@@ -64,15 +64,25 @@ impl PacketThreads {
     }
 }
 
-fn receive_loop(path: &PacketPath, socket: &UdpSocket, mut reader: RegistryReader, stop: &AtomicBool) {
+fn receive_loop(
+    path: &PacketPath,
+    socket: &UdpSocket,
+    mut reader: RegistryReader,
+    stop: &AtomicBool,
+) {
     let mut inbuf = vec![0u8; BUF_SIZE].into_boxed_slice();
     let mut out = vec![0u8; BUF_SIZE].into_boxed_slice();
     let mut tx = socket_tx(socket);
     while !stop.load(Ordering::Relaxed) {
         match socket.recv_from(&mut inbuf) {
-            Ok((n, src)) => {
-                path.handle_datagram(Instant::now(), src, &inbuf[..n], &mut out, &mut reader, &mut tx)
-            }
+            Ok((n, src)) => path.handle_datagram(
+                Instant::now(),
+                src,
+                &inbuf[..n],
+                &mut out,
+                &mut reader,
+                &mut tx,
+            ),
             Err(e)
                 if matches!(
                     e.kind(),
@@ -100,6 +110,9 @@ fn timer_loop(path: &PacketPath, socket: &UdpSocket, stop: &AtomicBool) {
             path.tick(now, &mut out, &mut scratch, &mut tx);
             next = now + TICK;
         }
-        std::thread::sleep(next.saturating_duration_since(Instant::now()).min(Duration::from_millis(50)));
+        std::thread::sleep(
+            next.saturating_duration_since(Instant::now())
+                .min(Duration::from_millis(50)),
+        );
     }
 }

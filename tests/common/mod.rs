@@ -89,7 +89,11 @@ impl TestGateway {
 
     pub async fn register(&self, uuid: &str, key: &KeyBytes) -> Value {
         let (st, body) = self
-            .call("POST", "/v1/devices", Some(json!({"uuid": uuid, "public_key": encode_key(key)})))
+            .call(
+                "POST",
+                "/v1/devices",
+                Some(json!({"uuid": uuid, "public_key": encode_key(key)})),
+            )
             .await;
         assert_eq!(st, 201, "{body}");
         body
@@ -102,7 +106,14 @@ impl TestGateway {
     }
 
     pub async fn metrics(&self) -> String {
-        self.http.get(self.url("/metrics")).send().await.unwrap().text().await.unwrap()
+        self.http
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
     }
 
     /// The value of one metric line (`name{labels}` exactly as printed).
@@ -193,7 +204,11 @@ impl SseReader {
     }
 
     /// Skips messages until one satisfies `pred`.
-    pub async fn wait_for(&mut self, timeout: Duration, pred: impl Fn(&Value) -> bool) -> SseMessage {
+    pub async fn wait_for(
+        &mut self,
+        timeout: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> SseMessage {
         let deadline = Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -243,8 +258,15 @@ impl TestDevice {
         Self::with_socket(gateway, gateway_public, index, socket)
     }
 
-    pub fn with_socket(gateway: SocketAddr, gateway_public: &KeyBytes, index: u32, socket: UdpSocket) -> Self {
-        socket.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    pub fn with_socket(
+        gateway: SocketAddr,
+        gateway_public: &KeyBytes,
+        index: u32,
+        socket: UdpSocket,
+    ) -> Self {
+        socket
+            .set_read_timeout(Some(Duration::from_secs(3)))
+            .unwrap();
         let private = generate_private_key();
         Self::with_key(gateway, gateway_public, index, socket, private)
     }
@@ -298,13 +320,10 @@ impl TestDevice {
         match self.tunn.decapsulate(None, datagram, &mut self.buf) {
             TunnResult::WriteToNetwork(p) => {
                 self.socket.send_to(p, self.gateway).unwrap();
-                loop {
-                    match self.tunn.decapsulate(None, &[], &mut self.buf) {
-                        TunnResult::WriteToNetwork(p) => {
-                            self.socket.send_to(p, self.gateway).unwrap();
-                        }
-                        _ => break,
-                    }
+                while let TunnResult::WriteToNetwork(p) =
+                    self.tunn.decapsulate(None, &[], &mut self.buf)
+                {
+                    self.socket.send_to(p, self.gateway).unwrap();
                 }
             }
             TunnResult::WriteToTunnelV4(p, _) => result = Some(p.to_vec()),
@@ -318,7 +337,8 @@ impl TestDevice {
         self.send_initiation();
         // The response; boringtun answers it with a keepalive, which the
         // gateway takes as the first transport packet.
-        self.receive_one().expect("handshake response from the gateway");
+        self.receive_one()
+            .expect("handshake response from the gateway");
     }
 
     /// Encrypts an IP packet and sends it from `socket`.
