@@ -80,6 +80,14 @@ pub struct ServeArgs {
     /// Handshake initiations per second above which cookie replies are demanded [default: 2000]
     #[arg(long, env = "CLOUDLINK_HANDSHAKE_RATE_LIMIT")]
     pub handshake_rate_limit: Option<u64>,
+    /// Default heartbeat poll interval of devices (settable per device) [default: 900s]
+    #[arg(long, env = "CLOUDLINK_POLL_INTERVAL", value_parser = humantime::parse_duration)]
+    #[serde(default, with = "opt_duration")]
+    pub poll_interval: Option<Duration>,
+    /// After a heartbeat timed out, it is offline after this further grace [default: 15s]
+    #[arg(long, env = "CLOUDLINK_HEARTBEAT_GRACE", value_parser = humantime::parse_duration)]
+    #[serde(default, with = "opt_duration")]
+    pub heartbeat_grace: Option<Duration>,
     /// Log filter (tracing's EnvFilter syntax) [default: info]
     #[arg(long, env = "CLOUDLINK_LOG")]
     pub log: Option<String>,
@@ -109,6 +117,8 @@ pub struct GatewayConfig {
     pub gateway_id: Option<String>,
     pub event_ring: usize,
     pub handshake_rate_limit: u64,
+    pub poll_interval: Duration,
+    pub heartbeat_grace: Duration,
     pub log: String,
 }
 
@@ -126,6 +136,8 @@ impl Default for GatewayConfig {
             gateway_id: None,
             event_ring: 100_000,
             handshake_rate_limit: 2_000,
+            poll_interval: Duration::from_secs(900),
+            heartbeat_grace: Duration::from_secs(15),
             log: "info".into(),
         }
     }
@@ -164,6 +176,11 @@ impl ServeArgs {
                 .handshake_rate_limit
                 .or(file.handshake_rate_limit)
                 .unwrap_or(d.handshake_rate_limit),
+            poll_interval: self.poll_interval.or(file.poll_interval).unwrap_or(d.poll_interval),
+            heartbeat_grace: self
+                .heartbeat_grace
+                .or(file.heartbeat_grace)
+                .unwrap_or(d.heartbeat_grace),
             log: self.log.or(file.log).unwrap_or(d.log),
         };
         c.validate()?;
@@ -181,6 +198,9 @@ impl GatewayConfig {
                 "--tunnel-cidr {} is too small: it needs the gateway and at least one device",
                 self.tunnel_cidr
             )));
+        }
+        if self.poll_interval < Duration::from_secs(1) {
+            return Err(Error::Config("--poll-interval must be at least 1s".into()));
         }
         if self.event_ring == 0 {
             return Err(Error::Config("--event-ring must be at least 1".into()));

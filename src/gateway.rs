@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use crate::api::{self, ApiState};
 use crate::config::{check_token, GatewayConfig};
+use crate::device_status::DeviceStatus;
 use crate::error::Error;
 use crate::events::EventHub;
 use crate::keys::{encode_key, load_or_create_private_key, write_secret_file};
@@ -27,6 +28,8 @@ pub struct Gateway {
     api_addr: std::net::SocketAddr,
     udp_addr: std::net::SocketAddr,
     stop_api: Option<tokio::sync::oneshot::Sender<()>>,
+    stop_status: tokio::sync::watch::Sender<bool>,
+    status_task: Option<tokio::task::JoinHandle<()>>,
     api_task: Option<tokio::task::JoinHandle<()>>,
 }
 
@@ -92,6 +95,17 @@ impl Gateway {
                 handshake_rate_limit: config.handshake_rate_limit,
             },
         ));
+        let status = {
+            let (registry, events) = (registry.clone(), events.clone());
+            let (interval, grace) = (config.poll_interval, config.heartbeat_grace);
+            tokio::task::spawn_blocking(move || DeviceStatus::load(registry, events, interval, grace))
+                .await
+                .map_err(|e| Error::Config(format!("status load task failed: {e}")))??
+        };
+        let status = Arc::new(status);
+        path.set_link_observer(status.clone());
+        let (stop_status, stop_status_rx) = tokio::sync::watch::channel(false);
+        let status_task = tokio::spawn(status.clone().run(stop_status_rx));
         let reader = registry.reader()?;
         let threads =
             PacketThreads::start(path.clone(), Arc::new(udp), reader).map_err(Error::Socket)?;
@@ -100,6 +114,7 @@ impl Gateway {
             registry: registry.clone(),
             events: events.clone(),
             metrics,
+            status,
             token,
             endpoint,
             ready: false.into(),
@@ -131,6 +146,8 @@ impl Gateway {
             api_addr,
             udp_addr,
             stop_api: Some(stop_tx),
+            stop_status,
+            status_task: Some(status_task),
             api_task: Some(api_task),
         })
     }
@@ -154,6 +171,11 @@ impl Gateway {
             let _ = tokio::task::spawn_blocking(move || t.stop()).await;
         }
         self.path.shutdown();
+        // Persist the last heartbeat times before the event stream closes.
+        let _ = self.stop_status.send(true);
+        if let Some(task) = self.status_task.take() {
+            let _ = task.await;
+        }
         self.path.events.close();
         if let Some(tx) = self.stop_api.take() {
             let _ = tx.send(());

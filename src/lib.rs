@@ -8,6 +8,7 @@
 
 pub mod api;
 pub mod config;
+pub mod device_status;
 pub mod error;
 pub mod events;
 pub mod gateway;

@@ -99,6 +99,8 @@ pub const LINK_EVENT_TYPES: [&str; 3] = ["link.up", "link.down", "link.roamed"];
 pub struct Metrics {
     pub registry: Registry,
     pub sessions: IntGauge,
+    /// Children in the order of `status::Status::NAMES`.
+    pub devices_by_status: Vec<IntGauge>,
     pub devices_registered: IntGauge,
     pub rx_bytes: IntCounter,
     pub tx_bytes: IntCounter,
@@ -136,7 +138,22 @@ impl Metrics {
                 .map(|l| v.with_label_values(&[l]))
                 .collect::<Vec<_>>()
         };
+        let by_status = prometheus::IntGaugeVec::new(
+            Opts::new(
+                "cloudlink_devices_by_status",
+                "Registered devices by derived status (heartbeat and cloudlink).",
+            ),
+            &["status"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(by_status.clone()))
+            .expect("unique metric");
         Metrics {
+            devices_by_status: crate::status::Status::NAMES
+                .iter()
+                .map(|n| by_status.with_label_values(&[n]))
+                .collect(),
             sessions: gauge(
                 "cloudlink_sessions",
                 "Devices whose cloudlink is up (link state up).",

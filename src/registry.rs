@@ -41,17 +41,31 @@ pub enum RegistryError {
 /// A registered device.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Device {
+    /// Row id: dense, stable while the device exists; indexes in-memory tables.
+    pub id: u32,
     pub uuid: String,
     pub public_key: KeyBytes,
     pub address: Ipv4Addr,
     pub name: Option<String>,
     /// Registration time, milliseconds since the Unix epoch.
     pub created_at_ms: i64,
+    /// Status inputs kept across restarts.
+    pub status: crate::status::Stored,
+}
+
+/// Changes to a device's mutable fields (`None`: leave as is).
+#[derive(Debug, Clone, Default)]
+pub struct DevicePatch {
+    pub name: Option<Option<String>>,
+    /// `Some(None)` resets to the gateway's default.
+    pub poll_interval_s: Option<Option<u32>>,
+    pub cloudlink_enabled: Option<bool>,
 }
 
 /// What the handshake path needs to know of a device.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceIdentity {
+    pub id: u32,
     pub uuid: Box<str>,
     pub address: Ipv4Addr,
 }
@@ -191,19 +205,48 @@ fn open_conn(path: &Path, read_only: bool) -> Result<Connection, RegistryError> 
     Ok(conn)
 }
 
+/// Columns added after the first release, with their definitions: added to
+/// an existing data directory at open, so nothing stored is lost.
+const ADDED_COLUMNS: &[(&str, &str)] = &[
+    ("last_heartbeat_ms", "INTEGER"),
+    ("poll_interval_s", "INTEGER"),
+    ("cloudlink_enabled", "INTEGER NOT NULL DEFAULT 1"),
+    ("ever_linked", "INTEGER NOT NULL DEFAULT 0"),
+];
+
+fn migrate(conn: &Connection) -> Result<(), RegistryError> {
+    let existing: Vec<String> = conn
+        .prepare("SELECT name FROM pragma_table_info('devices')")?
+        .query_map([], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    for (col, def) in ADDED_COLUMNS {
+        if !existing.iter().any(|c| c == col) {
+            conn.execute_batch(&format!("ALTER TABLE devices ADD COLUMN {col} {def}"))?;
+        }
+    }
+    Ok(())
+}
+
 fn row_to_device(row: &rusqlite::Row<'_>) -> rusqlite::Result<Device> {
-    let key: Vec<u8> = row.get(1)?;
-    let addr: i64 = row.get(2)?;
+    let key: Vec<u8> = row.get(2)?;
+    let addr: i64 = row.get(3)?;
     Ok(Device {
-        uuid: row.get(0)?,
+        id: row.get::<_, i64>(0)? as u32,
+        uuid: row.get(1)?,
         public_key: key.try_into().unwrap_or([0; 32]),
         address: Ipv4Addr::from(addr as u32),
-        name: row.get(3)?,
-        created_at_ms: row.get(4)?,
+        name: row.get(4)?,
+        created_at_ms: row.get(5)?,
+        status: crate::status::Stored {
+            last_heartbeat_ms: row.get::<_, Option<i64>>(6)?.map(|v| v as u64),
+            poll_interval_s: row.get::<_, Option<i64>>(7)?.map(|v| v as u32),
+            cloudlink_enabled: row.get(8)?,
+            ever_linked: row.get(9)?,
+        },
     })
 }
 
-const DEVICE_COLUMNS: &str = "uuid, public_key, address, name, created_at";
+const DEVICE_COLUMNS: &str = "id, uuid, public_key, address, name, created_at, last_heartbeat_ms, poll_interval_s, cloudlink_enabled, ever_linked";
 
 impl Registry {
     /// Opens (or creates) the registry in `dir/registry.sqlite3`.
@@ -211,6 +254,7 @@ impl Registry {
         let path = dir.join("registry.sqlite3");
         let conn = open_conn(&path, false)?;
         conn.execute_batch(SCHEMA)?;
+        migrate(&conn)?;
         let stored: Option<String> = conn
             .query_row(
                 "SELECT value FROM meta WHERE key = 'tunnel_cidr'",
@@ -330,8 +374,14 @@ impl Registry {
                     dev.name,
                     now
                 ])?;
+                let id = tx.last_insert_rowid() as u32;
                 created += 1;
                 results.push(Registered::Created(Device {
+                    id,
+                    status: crate::status::Stored {
+                        cloudlink_enabled: true,
+                        ..Default::default()
+                    },
                     uuid: dev.uuid,
                     public_key: dev.public_key,
                     address,
@@ -350,21 +400,103 @@ impl Registry {
     }
 
     /// Sets or clears a device's name. `None` if the device does not exist.
-    pub fn set_name(
-        &self,
-        uuid: &str,
-        name: Option<&str>,
-    ) -> Result<Option<Device>, RegistryError> {
-        let w = self.writer.lock();
-        let n = w.conn.execute(
-            "UPDATE devices SET name = ?2 WHERE uuid = ?1",
-            params![uuid, name],
-        )?;
-        if n == 0 {
-            return Ok(None);
+    pub fn set_name(&self, uuid: &str, name: Option<&str>) -> Result<Option<Device>, RegistryError> {
+        self.update(
+            uuid,
+            &DevicePatch {
+                name: Some(name.map(str::to_owned)),
+                ..Default::default()
+            },
+        )
+    }
+
+    /// Applies a patch in one transaction; returns the device as stored, or
+    /// `None` if it does not exist.
+    pub fn update(&self, uuid: &str, patch: &DevicePatch) -> Result<Option<Device>, RegistryError> {
+        let mut w = self.writer.lock();
+        let tx = w.conn.transaction()?;
+        let dev = {
+            let mut get = tx.prepare_cached(&format!("SELECT {DEVICE_COLUMNS} FROM devices WHERE uuid = ?1"))?;
+            if get.query_row([uuid], row_to_device).optional()?.is_none() {
+                return Ok(None);
+            }
+            if let Some(name) = &patch.name {
+                tx.execute("UPDATE devices SET name = ?2 WHERE uuid = ?1", params![uuid, name])?;
+            }
+            if let Some(interval) = patch.poll_interval_s {
+                tx.execute(
+                    "UPDATE devices SET poll_interval_s = ?2 WHERE uuid = ?1",
+                    params![uuid, interval.map(|v| v as i64)],
+                )?;
+            }
+            if let Some(enabled) = patch.cloudlink_enabled {
+                tx.execute(
+                    "UPDATE devices SET cloudlink_enabled = ?2 WHERE uuid = ?1",
+                    params![uuid, enabled],
+                )?;
+            }
+            get.query_row([uuid], row_to_device)?
+        };
+        tx.commit()?;
+        Ok(Some(dev))
+    }
+
+    /// Stores status inputs of many devices in one transaction. Rows of
+    /// devices deleted meanwhile are simply not found.
+    pub fn save_status(&self, rows: &[(u32, crate::status::Stored)]) -> Result<(), RegistryError> {
+        if rows.is_empty() {
+            return Ok(());
         }
-        drop(w);
-        self.get(uuid)
+        let mut w = self.writer.lock();
+        let tx = w.conn.transaction()?;
+        {
+            let mut st = tx.prepare_cached(
+                "UPDATE devices SET last_heartbeat_ms = ?2, ever_linked = ?3 WHERE id = ?1",
+            )?;
+            for (id, s) in rows {
+                st.execute(params![*id as i64, s.last_heartbeat_ms.map(|v| v as i64), s.ever_linked])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Calls `f` with the id and status inputs of every device (at start).
+    pub fn for_each_status(&self, mut f: impl FnMut(u32, crate::status::Stored)) -> Result<(), RegistryError> {
+        let r = self.reader.lock();
+        let mut st = r.prepare(
+            "SELECT id, last_heartbeat_ms, poll_interval_s, cloudlink_enabled, ever_linked FROM devices",
+        )?;
+        let mut rows = st.query([])?;
+        while let Some(row) = rows.next()? {
+            f(
+                row.get::<_, i64>(0)? as u32,
+                crate::status::Stored {
+                    last_heartbeat_ms: row.get::<_, Option<i64>>(1)?.map(|v| v as u64),
+                    poll_interval_s: row.get::<_, Option<i64>>(2)?.map(|v| v as u32),
+                    cloudlink_enabled: row.get(3)?,
+                    ever_linked: row.get(4)?,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    /// Ids of these uuids (`None` for unknown ones), in order.
+    pub fn ids(&self, uuids: &[String]) -> Result<Vec<Option<u32>>, RegistryError> {
+        let r = self.reader.lock();
+        let mut st = r.prepare_cached("SELECT id FROM devices WHERE uuid = ?1")?;
+        uuids
+            .iter()
+            .map(|u| Ok(st.query_row([u], |r| r.get::<_, i64>(0)).optional()?.map(|v| v as u32)))
+            .collect()
+    }
+
+    /// The uuid of a device id.
+    pub fn uuid_of(&self, id: u32) -> Result<Option<String>, RegistryError> {
+        let r = self.reader.lock();
+        let mut st = r.prepare_cached("SELECT uuid FROM devices WHERE id = ?1")?;
+        Ok(st.query_row([id as i64], |r| r.get(0)).optional()?)
     }
 
     /// Deletes a device; returns it if it existed. Committed (fsync'd) before
@@ -441,12 +573,13 @@ impl RegistryReader {
     ) -> Result<Option<DeviceIdentity>, RegistryError> {
         let mut st = self
             .conn
-            .prepare_cached("SELECT uuid, address FROM devices WHERE public_key = ?1")?;
+            .prepare_cached("SELECT id, uuid, address FROM devices WHERE public_key = ?1")?;
         Ok(st
             .query_row([&key[..]], |r| {
                 Ok(DeviceIdentity {
-                    uuid: r.get::<_, String>(0)?.into_boxed_str(),
-                    address: Ipv4Addr::from(r.get::<_, i64>(1)? as u32),
+                    id: r.get::<_, i64>(0)? as u32,
+                    uuid: r.get::<_, String>(1)?.into_boxed_str(),
+                    address: Ipv4Addr::from(r.get::<_, i64>(2)? as u32),
                 })
             })
             .optional()?)

@@ -396,6 +396,11 @@ impl StatusTracker {
         self.deadlines.first().map(|(t, _)| *t)
     }
 
+    /// Ids of devices with a transition due by `now` (without applying it).
+    pub fn due(&self, now: u64, out: &mut Vec<u32>) {
+        out.extend(self.deadlines.range(..=(now, u32::MAX)).map(|(_, id)| *id));
+    }
+
     /// Applies every heartbeat transition due by `now`, appending the status
     /// changes to `out`.
     pub fn poll(&mut self, now: u64, out: &mut Vec<StatusChange>) {

@@ -364,7 +364,7 @@ async fn resume_with_last_event_id_and_resync() {
     })
     .await;
     let mut live = g.events(None).await;
-    // Six link.up events (ids 1..=6); the ring keeps 3..=6.
+    // Six devices come up.
     let mut devs = Vec::new();
     for i in 0..6 {
         let mut d = new_device(&g, &format!("r{i}"), 10 + i).await;
@@ -375,34 +375,38 @@ async fn resume_with_last_event_id_and_resync() {
     let (_, listing) = g.call("GET", "/v1/devices", None).await;
     let as_of = listing["as_of"].as_str().unwrap().to_owned();
     let (epoch, last) = as_of.rsplit_once('-').unwrap();
-    assert_eq!(last, "6");
+    let last: u64 = last.parse().unwrap();
+    // Each connection published link.up and status.changed.
+    assert_eq!(last, 12);
 
-    // Resume after id 4: exactly 5 and 6, in order, with their SSE ids.
-    let mut r = g.events(Some(&format!("{epoch}-4"))).await;
-    let m5 = r.next(WAIT).await;
-    let m6 = r.next(WAIT).await;
-    assert_eq!(m5.data["id"], 5);
-    assert_eq!(m5.id.as_deref(), Some(format!("{epoch}-5").as_str()));
-    assert_eq!(m6.data["id"], 6);
+    // Resume after last-2: exactly the last two, in order, with their SSE ids.
+    let mut r = g.events(Some(&format!("{epoch}-{}", last - 2))).await;
+    let m1 = r.next(WAIT).await;
+    let m2 = r.next(WAIT).await;
+    assert_eq!(m1.data["id"], last - 1);
+    assert_eq!(m1.id.as_deref(), Some(format!("{epoch}-{}", last - 1).as_str()));
+    assert_eq!(m2.data["id"], last);
     assert!(r.drain_for(Duration::from_millis(300)).await.is_empty());
     // Then live events follow on the same stream.
     let (st, _) = g.call("DELETE", "/v1/devices/r0", None).await;
     assert_eq!(st, 204);
-    let m7 = r.next(WAIT).await;
-    assert_eq!(m7.data["id"], 7);
-    assert_eq!(m7.data["reason"], "revoked");
+    let m3 = r.next(WAIT).await;
+    assert_eq!(m3.data["id"], last + 1);
+    assert_eq!(m3.data["type"], "link.down");
+    assert_eq!(m3.data["reason"], "revoked");
 
     // Resuming from the listing's as_of loses nothing either.
     let mut r = g.events(Some(&as_of)).await;
-    assert_eq!(r.next(WAIT).await.data["id"], 7);
+    assert_eq!(r.next(WAIT).await.data["id"], last + 1);
 
-    // Older than the ring: a resync message, never a silent gap.
+    // Older than the ring (it keeps 4): a resync message, never a silent gap.
+    let now_last = g.gw().path.events.last_id();
     let mut r = g.events(Some(&format!("{epoch}-1"))).await;
     let m = r.next(WAIT).await;
     assert_eq!(m.data["type"], "resync");
     assert_eq!(m.data["reason"], "too_old");
-    assert_eq!(m.data["as_of"], format!("{epoch}-7"));
-    assert_eq!(m.id.as_deref(), Some(format!("{epoch}-7").as_str()));
+    assert_eq!(m.data["as_of"], format!("{epoch}-{now_last}"));
+    assert_eq!(m.id.as_deref(), Some(format!("{epoch}-{now_last}").as_str()));
 
     // Another boot's id: resync as well.
     let mut r = g.events(Some("0123456789abcdef-3")).await;

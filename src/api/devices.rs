@@ -11,11 +11,18 @@ use std::collections::HashMap;
 
 use super::{blocking, json_object, rfc3339, ApiError, SharedState};
 use crate::keys::{decode_key, encode_key};
-use crate::registry::{validate_name, validate_uuid, Device, NewDevice, Registered, MAX_BATCH};
+use crate::registry::{
+    validate_name, validate_uuid, Device, DevicePatch, NewDevice, Registered, MAX_BATCH,
+};
+use crate::status::Status;
 use crate::wg_config;
 
 const DEFAULT_PAGE: usize = 100;
 const MAX_PAGE: usize = 1000;
+/// Rows a filtered listing looks at per request, at most.
+const SCAN_BUDGET: usize = 20_000;
+/// Largest poll interval accepted: a year.
+const MAX_POLL_INTERVAL_S: u64 = 365 * 24 * 3600;
 
 /// Validates one registration object; `prefix` names it in errors
 /// (`""` for a single registration, `"devices[3]."` in a batch).
@@ -100,6 +107,24 @@ fn wg_quick(s: &SharedState, d: &Device) -> String {
     )
 }
 
+/// `heartbeat`, `status`, `status_detail` and `cloudlink_enabled` of a device.
+fn status_fields(s: &SharedState, d: &Device, m: &mut Map<String, Value>) {
+    let Some(v) = s.status.view(d.id) else {
+        return;
+    };
+    m.insert(
+        "heartbeat".into(),
+        json!({
+            "state": v.heartbeat.as_str(),
+            "last_at": v.last_heartbeat_ms.map(|ms| rfc3339(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms))),
+            "poll_interval_s": v.poll_interval_s,
+        }),
+    );
+    m.insert("status".into(), json!(v.status.name()));
+    m.insert("status_detail".into(), json!(v.status.detail()));
+    m.insert("cloudlink_enabled".into(), json!(v.cloudlink_enabled));
+}
+
 fn registration_json(d: &Device) -> Map<String, Value> {
     let mut m = Map::new();
     m.insert("uuid".into(), json!(d.uuid));
@@ -147,6 +172,7 @@ fn cloudlink_json(s: &SharedState, uuid: &str) -> Value {
 
 fn full_device_json(s: &SharedState, d: &Device) -> Value {
     let mut m = registration_json(d);
+    status_fields(s, d, &mut m);
     m.insert("gateway".into(), gateway_json(s));
     m.insert("wg_quick".into(), json!(wg_quick(s, d)));
     m.insert("cloudlink".into(), cloudlink_json(s, &d.uuid));
@@ -182,6 +208,7 @@ pub async fn register(State(s): State<SharedState>, body: Bytes) -> Result<Respo
     s.metrics.devices_registered.set(s.registry.count());
     match outcome {
         Registered::Created(d) => {
+            s.status.registered(d.id);
             tracing::info!(device = %d.uuid, address = %d.address, "device registered");
             Ok((StatusCode::CREATED, Json(full_device_json(&s, &d))).into_response())
         }
@@ -255,6 +282,7 @@ pub async fn register_batch(
     for ((pos, uuid), outcome) in positions.into_iter().zip(uuids).zip(outcomes) {
         results[pos] = Some(match outcome {
             Registered::Created(d) => {
+                s.status.registered(d.id);
                 json!({"uuid": d.uuid, "status": 201, "address": d.address.to_string()})
             }
             Registered::Existing(d) => {
@@ -282,16 +310,16 @@ pub async fn register_batch(
     .into_response())
 }
 
-/// `GET /v1/devices?limit=&after=`
+/// `GET /v1/devices?limit=&after=&status=&status_detail=`
 pub async fn list(
     State(s): State<SharedState>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
     for k in q.keys() {
-        if !matches!(k.as_str(), "limit" | "after") {
+        if !matches!(k.as_str(), "limit" | "after" | "status" | "status_detail") {
             return Err(ApiError::bad_field(
                 k.clone(),
-                format!("unknown query parameter {k:?}; the listing takes limit and after"),
+                format!("unknown query parameter {k:?}; the listing takes limit, after, status and status_detail"),
             ));
         }
     }
@@ -307,29 +335,81 @@ pub async fn list(
             }
         },
     };
-    let after = q.get("after").cloned();
+    let status = match q.get("status") {
+        None => None,
+        Some(v) if Status::NAMES.contains(&v.as_str()) => Some(v.clone()),
+        Some(_) => {
+            return Err(ApiError::bad_field(
+                "status",
+                format!("status is one of {}", Status::NAMES.join(", ")),
+            ))
+        }
+    };
+    let details: Vec<&str> = Status::ALL.iter().filter_map(|s| s.detail()).collect();
+    let detail = match q.get("status_detail") {
+        None => None,
+        Some(v) if details.contains(&v.as_str()) => Some(v.clone()),
+        Some(_) => {
+            return Err(ApiError::bad_field(
+                "status_detail",
+                format!("status_detail is one of {}", details.join(", ")),
+            ))
+        }
+    };
+    let mut after = q.get("after").cloned();
     // Read as_of before the state: every event up to it is reflected below
     // (events are published after the change they announce).
     let as_of = s.events.as_of();
-    let registry = s.registry.clone();
-    let page = blocking(move || registry.list(after.as_deref(), limit)).await?;
-    let next = if page.len() == limit {
-        page.last().map(|d| d.uuid.clone())
-    } else {
-        None
+    let matches = |d: &Device| {
+        let Some(v) = s.status.view(d.id) else {
+            return false;
+        };
+        status.as_deref().is_none_or(|st| v.status.name() == st)
+            && detail.as_deref().is_none_or(|dt| v.status.detail() == Some(dt))
     };
+    // A filtered listing scans the registry in uuid order and keeps what
+    // matches. One request looks at SCAN_BUDGET rows at most: when the
+    // budget runs out first, the page is short (maybe empty) and `next` says
+    // where to go on, so no request costs more than that however rare the
+    // matches.
+    let filtered = status.is_some() || detail.is_some();
+    let mut page = Vec::with_capacity(limit);
+    let mut scanned = 0usize;
+    let mut exhausted = false;
+    while page.len() < limit && scanned < SCAN_BUDGET {
+        let chunk = if filtered { MAX_PAGE } else { limit - page.len() };
+        let registry = s.registry.clone();
+        let from = after.clone();
+        let rows = blocking(move || registry.list(from.as_deref(), chunk)).await?;
+        let short = rows.len() < chunk;
+        for d in rows {
+            if page.len() == limit {
+                break;
+            }
+            scanned += 1;
+            after = Some(d.uuid.clone());
+            if !filtered || matches(&d) {
+                page.push(d);
+            }
+        }
+        if short && page.len() < limit {
+            exhausted = true;
+            break;
+        }
+    }
+    let next = if exhausted { None } else { after };
     let devices: Vec<Value> = page
         .iter()
         .map(|d| {
             let mut m = registration_json(d);
+            status_fields(&s, d, &mut m);
             m.insert("cloudlink".into(), cloudlink_json(&s, &d.uuid));
             Value::Object(m)
         })
         .collect();
-    Ok(Json(
-        json!({"devices": devices, "next": next, "as_of": as_of}),
-    ))
+    Ok(Json(json!({"devices": devices, "next": next, "as_of": as_of})))
 }
+
 
 fn check_path_uuid(uuid: &str) -> Result<(), ApiError> {
     validate_uuid(uuid).map_err(|m| ApiError::bad_field("uuid", m))
@@ -349,7 +429,8 @@ pub async fn get_one(
     }
 }
 
-/// `PATCH /v1/devices/{uuid}`: mutable fields (`name`).
+/// `PATCH /v1/devices/{uuid}`: mutable fields (`name`, `poll_interval_s`,
+/// `cloudlink_enabled`).
 pub async fn patch(
     State(s): State<SharedState>,
     Path(uuid): Path<String>,
@@ -358,25 +439,44 @@ pub async fn patch(
     check_path_uuid(&uuid)?;
     let obj = json_object(&body)?;
     for k in obj.keys() {
-        if k != "name" {
+        if !matches!(k.as_str(), "name" | "poll_interval_s" | "cloudlink_enabled") {
             let hint = if matches!(k.as_str(), "uuid" | "public_key" | "address") {
                 format!("{k} cannot be changed; delete the device and register it again")
             } else {
-                format!("unknown field {k:?}; PATCH takes name")
+                format!("unknown field {k:?}; PATCH takes name, poll_interval_s and cloudlink_enabled")
             };
             return Err(ApiError::bad_field(k.clone(), hint));
         }
     }
+    let mut patch = DevicePatch::default();
+    if obj.contains_key("name") {
+        patch.name = Some(parse_name(obj.get("name"), "")?);
+    }
+    if let Some(v) = obj.get("poll_interval_s") {
+        patch.poll_interval_s = Some(match v {
+            Value::Null => None,
+            v => Some(parse_poll_interval(v)?),
+        });
+    }
+    match obj.get("cloudlink_enabled") {
+        None => {}
+        Some(Value::Bool(b)) => patch.cloudlink_enabled = Some(*b),
+        Some(_) => {
+            return Err(ApiError::bad_field(
+                "cloudlink_enabled",
+                "cloudlink_enabled must be true or false",
+            ))
+        }
+    }
     let registry = s.registry.clone();
     let u = uuid.clone();
-    let updated = if obj.contains_key("name") {
-        let name = parse_name(obj.get("name"), "")?;
-        blocking(move || registry.set_name(&u, name.as_deref())).await?
-    } else {
-        blocking(move || registry.get(&u)).await?
-    };
-    match updated {
-        Some(d) => Ok(Json(full_device_json(&s, &d))),
+    let p = patch.clone();
+    match blocking(move || registry.update(&u, &p)).await? {
+        Some(d) => {
+            s.status
+                .settings(d.id, &d.uuid, patch.poll_interval_s, patch.cloudlink_enabled);
+            Ok(Json(full_device_json(&s, &d)))
+        }
         None => Err(ApiError::unknown_device(&uuid)),
     }
 }
@@ -391,12 +491,124 @@ pub async fn delete(
     let registry = s.registry.clone();
     let u = uuid.clone();
     match blocking(move || registry.delete(&u)).await? {
-        Some(_) => {
+        Some(d) => {
             s.path.revoke(&uuid);
+            s.status.removed(d.id);
             s.metrics.devices_registered.set(s.registry.count());
             tracing::info!(device = %uuid, "device deleted");
             Ok(StatusCode::NO_CONTENT)
         }
         None => Err(ApiError::unknown_device(&uuid)),
     }
+}
+
+fn parse_poll_interval(v: &Value) -> Result<u32, ApiError> {
+    match v.as_u64() {
+        Some(n) if (1..=MAX_POLL_INTERVAL_S).contains(&n) => Ok(n as u32),
+        _ => Err(ApiError::bad_field(
+            "poll_interval_s",
+            format!("poll_interval_s must be a whole number of seconds from 1 to {MAX_POLL_INTERVAL_S}"),
+        )),
+    }
+}
+
+fn heartbeat_json(s: &SharedState, d: &Device) -> Value {
+    let mut m = Map::new();
+    m.insert("uuid".into(), json!(d.uuid));
+    status_fields(s, d, &mut m);
+    m.insert(
+        "cloudlink".into(),
+        json!({"connected": s.path.sessions.by_uuid(&d.uuid).is_some_and(|x| x.is_connected())}),
+    );
+    Value::Object(m)
+}
+
+/// `POST /v1/devices/{uuid}/heartbeat`, optional body `{"poll_interval_s": N}`
+/// (which becomes the device's poll interval).
+pub async fn heartbeat(
+    State(s): State<SharedState>,
+    Path(uuid): Path<String>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    check_path_uuid(&uuid)?;
+    let mut interval = None;
+    if !body.iter().all(u8::is_ascii_whitespace) {
+        let obj = json_object(&body)?;
+        for k in obj.keys() {
+            if k != "poll_interval_s" {
+                return Err(ApiError::bad_field(
+                    k.clone(),
+                    format!("unknown field {k:?}; a heartbeat takes poll_interval_s"),
+                ));
+            }
+        }
+        if let Some(v) = obj.get("poll_interval_s") {
+            interval = Some(parse_poll_interval(v)?);
+        }
+    }
+    let registry = s.registry.clone();
+    let u = uuid.clone();
+    let device = match interval {
+        // The interval is a setting: stored before the answer.
+        Some(i) => {
+            blocking(move || {
+                registry.update(
+                    &u,
+                    &DevicePatch {
+                        poll_interval_s: Some(Some(i)),
+                        ..Default::default()
+                    },
+                )
+            })
+            .await?
+        }
+        None => blocking(move || registry.get(&u)).await?,
+    };
+    let Some(d) = device else {
+        return Err(ApiError::unknown_device(&uuid));
+    };
+    s.status.heartbeat(d.id, &d.uuid, interval);
+    Ok(Json(heartbeat_json(&s, &d)))
+}
+
+/// `POST /v1/heartbeats` `{"uuids": [...]}`: heartbeats forwarded in bulk.
+/// Unknown uuids are reported back; the others are applied.
+pub async fn heartbeats(State(s): State<SharedState>, body: Bytes) -> Result<Json<Value>, ApiError> {
+    let mut obj = json_object(&body)?;
+    if let Some(k) = obj.keys().find(|k| k.as_str() != "uuids") {
+        return Err(ApiError::bad_field(k.clone(), format!("unknown field {k:?}; a batch takes uuids")));
+    }
+    let uuids: Vec<String> = match obj.remove("uuids") {
+        Some(Value::Array(a)) => {
+            if a.len() > MAX_BATCH {
+                return Err(ApiError::bad_field(
+                    "uuids",
+                    format!("a batch holds at most {MAX_BATCH} uuids, got {}", a.len()),
+                ));
+            }
+            a.into_iter()
+                .enumerate()
+                .map(|(i, v)| match v {
+                    Value::String(u) => Ok(u),
+                    _ => Err(ApiError::bad_field(format!("uuids[{i}]"), "each uuid must be a string")),
+                })
+                .collect::<Result<_, _>>()?
+        }
+        Some(_) => return Err(ApiError::bad_field("uuids", "uuids must be an array of strings")),
+        None => return Err(ApiError::bad_field("uuids", "uuids is required")),
+    };
+    let registry = s.registry.clone();
+    let (uuids, ids) = blocking(move || registry.ids(&uuids).map(|ids| (uuids, ids))).await?;
+    let mut applied = 0usize;
+    let mut unknown = Vec::new();
+    for (uuid, id) in uuids.into_iter().zip(ids) {
+        match id {
+            Some(id) => {
+                s.status.heartbeat(id, &uuid, None);
+                applied += 1;
+            }
+            None => unknown.push(uuid),
+        }
+    }
+    Ok(Json(json!({"applied": applied, "unknown": unknown})))
 }

@@ -32,6 +32,7 @@ pub struct ApiState {
     pub registry: Arc<Registry>,
     pub events: Arc<EventHub>,
     pub metrics: Arc<Metrics>,
+    pub status: Arc<crate::device_status::DeviceStatus>,
     pub token: String,
     /// `host:port` written into device configs.
     pub endpoint: String,
@@ -44,6 +45,8 @@ pub fn router(state: SharedState) -> Router {
     let v1 = Router::new()
         .route("/devices", get(devices::list).post(devices::register))
         .route("/devices/batch", post(devices::register_batch))
+        .route("/devices/{uuid}/heartbeat", post(devices::heartbeat))
+        .route("/heartbeats", post(devices::heartbeats))
         .route(
             "/devices/{uuid}",
             get(devices::get_one)

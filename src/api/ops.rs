@@ -26,6 +26,18 @@ pub async fn readyz(State(s): State<SharedState>) -> Result<impl IntoResponse, A
 
 pub async fn metrics(State(s): State<SharedState>) -> impl IntoResponse {
     s.metrics.devices_registered.set(s.registry.count());
+    let counts = s.status.counts();
+    let mut by_name = [0i64; 4];
+    for (status, n) in crate::status::Status::ALL.iter().zip(counts) {
+        let i = crate::status::Status::NAMES
+            .iter()
+            .position(|name| *name == status.name())
+            .unwrap();
+        by_name[i] += n as i64;
+    }
+    for (gauge, n) in s.metrics.devices_by_status.iter().zip(by_name) {
+        gauge.set(n);
+    }
     (
         [(
             header::CONTENT_TYPE,

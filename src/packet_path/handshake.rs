@@ -142,6 +142,7 @@ impl PacketPath {
         );
         let session = Arc::new(Session {
             index,
+            device_id: identity.id,
             uuid: identity.uuid,
             public_key: key,
             address: identity.address,

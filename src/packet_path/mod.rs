@@ -58,6 +58,13 @@ pub trait TunnelSink: Send + Sync + 'static {
     fn deliver(&self, session: &Arc<Session>, packet: &[u8]);
 }
 
+/// Told when a device's link goes up or down (device status builds on it).
+/// Called with the session's lock held: it must not block or call back into
+/// the packet path.
+pub trait LinkObserver: Send + Sync + 'static {
+    fn link_changed(&self, session: &Session, up: bool);
+}
+
 /// Settings of the packet path.
 #[derive(Debug, Clone)]
 pub struct PacketPathConfig {
@@ -85,6 +92,7 @@ pub struct PacketPath {
     pub metrics: Arc<Metrics>,
     pub(crate) config: PacketPathConfig,
     pub(crate) sink: OnceLock<Arc<dyn TunnelSink>>,
+    pub(crate) observer: OnceLock<Arc<dyn LinkObserver>>,
     /// The socket `send` uses for packets that do not answer a datagram.
     pub(crate) egress: OnceLock<Arc<std::net::UdpSocket>>,
 }
@@ -111,6 +119,7 @@ impl PacketPath {
             metrics,
             config,
             sink: OnceLock::new(),
+            observer: OnceLock::new(),
             egress: OnceLock::new(),
         }
     }
@@ -127,6 +136,11 @@ impl PacketPath {
         self.sink.set(sink)
     }
 
+    /// Plugs in the observer of link changes. Once.
+    pub fn set_link_observer(&self, observer: Arc<dyn LinkObserver>) {
+        let _ = self.observer.set(observer);
+    }
+
     /// Sets the socket used by [`send`](Self::send_ip). Once.
     pub fn set_egress(&self, socket: Arc<std::net::UdpSocket>) {
         let _ = self.egress.set(socket);
@@ -140,11 +154,17 @@ impl PacketPath {
                 self.metrics.sessions.inc();
                 tracing::info!(device = %session.uuid, %endpoint, "link up");
                 self.publish(session, "link.up", endpoint, "handshake", None);
+                if let Some(o) = self.observer.get() {
+                    o.link_changed(session, true);
+                }
             }
             LinkTransition::Down { endpoint, reason } => {
                 self.metrics.sessions.dec();
                 tracing::info!(device = %session.uuid, %endpoint, reason = reason.as_str(), "link down");
                 self.publish(session, "link.down", endpoint, reason.as_str(), None);
+                if let Some(o) = self.observer.get() {
+                    o.link_changed(session, false);
+                }
             }
             LinkTransition::Roamed { from, to } => {
                 tracing::info!(device = %session.uuid, %from, %to, "link roamed");

@@ -1,0 +1,234 @@
+//! The I/O shell around [`status::StatusTracker`](crate::status): it feeds
+//! the tracker wall-clock time, publishes `status.changed` events, wakes up
+//! at the tracker's next deadline, and persists heartbeat times.
+//!
+//! Why one mutex around the tracker: its inputs are heartbeats (about 1,100
+//! a second for 1,000,000 devices polling every 15 minutes) and link
+//! transitions, never packets, and each input costs about a microsecond
+//! under the lock. The lock is never held across `.await`.
+//!
+//! Persistence: heartbeat times and "cloudlink was ever up" are written in
+//! one transaction per second (not one fsync per heartbeat); a crash loses
+//! at most the last second of them, which only makes those heartbeats look
+//! a second older. Poll intervals and `cloudlink_enabled` are written by the
+//! API before it answers.
+
+use parking_lot::Mutex;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::events::EventHub;
+use crate::registry::Registry;
+use crate::status::{Status, StatusChange, StatusTracker, Stored, View};
+
+pub struct DeviceStatus {
+    tracker: Mutex<StatusTracker>,
+    events: Arc<EventHub>,
+    registry: Arc<Registry>,
+    wake: tokio::sync::Notify,
+}
+
+/// Unix time in milliseconds: the tracker's clock.
+pub fn now_ms() -> u64 {
+    crate::registry::now_ms() as u64
+}
+
+impl DeviceStatus {
+    /// Loads every device's status inputs from the registry.
+    pub fn load(
+        registry: Arc<Registry>,
+        events: Arc<EventHub>,
+        default_poll_interval: Duration,
+        grace: Duration,
+    ) -> Result<Self, crate::registry::RegistryError> {
+        let mut tracker = StatusTracker::new(
+            default_poll_interval.as_secs().clamp(1, u32::MAX as u64) as u32,
+            grace.as_millis() as u64,
+        );
+        let now = now_ms();
+        registry.for_each_status(|id, stored| tracker.insert(id, stored, now))?;
+        Ok(DeviceStatus {
+            tracker: Mutex::new(tracker),
+            events,
+            registry,
+            wake: tokio::sync::Notify::new(),
+        })
+    }
+
+    pub fn view(&self, id: u32) -> Option<View> {
+        self.tracker.lock().view(id)
+    }
+
+    pub fn counts(&self) -> [u64; 6] {
+        self.tracker.lock().counts()
+    }
+
+    /// A device was registered.
+    pub fn registered(&self, id: u32) {
+        self.tracker.lock().insert(
+            id,
+            Stored {
+                cloudlink_enabled: true,
+                ..Default::default()
+            },
+            now_ms(),
+        );
+    }
+
+    /// A device was deleted.
+    pub fn removed(&self, id: u32) {
+        self.tracker.lock().remove(id);
+    }
+
+    pub fn heartbeat(&self, id: u32, uuid: &str, poll_interval_s: Option<u32>) -> Option<View> {
+        let mut t = self.tracker.lock();
+        let change = t.heartbeat(id, now_ms(), poll_interval_s);
+        self.publish(&t, uuid, change);
+        drop(t);
+        self.wake.notify_one();
+        self.view(id)
+    }
+
+    /// Settings changed through the API (already stored in the registry).
+    pub fn settings(&self, id: u32, uuid: &str, poll_interval_s: Option<Option<u32>>, cloudlink_enabled: Option<bool>) {
+        let mut t = self.tracker.lock();
+        let now = now_ms();
+        if let Some(i) = poll_interval_s {
+            let c = t.set_poll_interval(id, now, i);
+            self.publish(&t, uuid, c);
+        }
+        if let Some(e) = cloudlink_enabled {
+            let c = t.set_cloudlink_enabled(id, now, e);
+            self.publish(&t, uuid, c);
+        }
+        drop(t);
+        self.wake.notify_one();
+    }
+
+    /// The device's link went up or down (called by the packet path, after
+    /// the link event was published).
+    pub fn link(&self, id: u32, uuid: &str, up: bool) {
+        let mut t = self.tracker.lock();
+        let change = t.set_link(id, now_ms(), up);
+        self.publish(&t, uuid, change);
+    }
+
+    fn publish(&self, t: &StatusTracker, uuid: &str, change: Option<StatusChange>) {
+        if let Some(c) = change {
+            publish_change(&self.events, t, uuid, c);
+        }
+    }
+
+    /// Runs until `stop`: publishes heartbeat expiries at their moment and
+    /// persists heartbeat times once a second.
+    pub async fn run(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
+        let mut due = Vec::new();
+        let mut dirty = Vec::new();
+        let mut next_flush = tokio::time::Instant::now() + Duration::from_secs(1);
+        loop {
+            let next_deadline = self.tracker.lock().next_deadline();
+            let wake_at = match next_deadline {
+                Some(ms) => {
+                    let in_ms = ms.saturating_sub(now_ms());
+                    (tokio::time::Instant::now() + Duration::from_millis(in_ms)).min(next_flush)
+                }
+                None => next_flush,
+            };
+            tokio::select! {
+                _ = tokio::time::sleep_until(wake_at) => {}
+                _ = self.wake.notified() => {}
+                _ = stop.changed() => {
+                    self.flush(&mut dirty).await;
+                    return;
+                }
+            }
+            self.expire(now_ms(), &mut due).await;
+            if tokio::time::Instant::now() >= next_flush {
+                self.flush(&mut dirty).await;
+                next_flush = tokio::time::Instant::now() + Duration::from_secs(1);
+            }
+        }
+    }
+
+    /// Applies the transitions due by `now` and publishes them. The tracker
+    /// keeps ids, not uuids (memory), so the uuids of the devices due are
+    /// looked up first, off the lock; then the transitions are applied and
+    /// published under one lock, so they stay in order with concurrent
+    /// heartbeats. Nothing becomes due by `now` meanwhile: a deadline is
+    /// always set after the moment of the input that sets it.
+    async fn expire(&self, now: u64, due: &mut Vec<StatusChange>) {
+        let mut ids = Vec::new();
+        self.tracker.lock().due(now, &mut ids);
+        if ids.is_empty() {
+            return;
+        }
+        let registry = self.registry.clone();
+        let uuids: std::collections::HashMap<u32, String> = tokio::task::spawn_blocking(move || {
+            ids.iter()
+                .filter_map(|id| registry.uuid_of(*id).ok().flatten().map(|u| (*id, u)))
+                .collect()
+        })
+        .await
+        .unwrap_or_default();
+        let mut t = self.tracker.lock();
+        due.clear();
+        t.poll(now, due);
+        for c in due.iter() {
+            if let Some(uuid) = uuids.get(&c.id) {
+                publish_change(&self.events, &t, uuid, *c);
+            }
+        }
+    }
+
+    async fn flush(&self, dirty: &mut Vec<(u32, Stored)>) {
+        dirty.clear();
+        self.tracker.lock().take_dirty(dirty);
+        if dirty.is_empty() {
+            return;
+        }
+        let rows = std::mem::take(dirty);
+        let registry = self.registry.clone();
+        match tokio::task::spawn_blocking(move || registry.save_status(&rows).map(|_| rows)).await {
+            Ok(Ok(rows)) => *dirty = rows,
+            Ok(Err(e)) => tracing::error!(error = %e, "could not persist heartbeat times"),
+            Err(e) => tracing::error!(error = %e, "heartbeat persistence task failed"),
+        }
+    }
+}
+
+impl crate::packet_path::LinkObserver for DeviceStatus {
+    fn link_changed(&self, session: &crate::session_table::Session, up: bool) {
+        self.link(session.device_id, &session.uuid, up);
+    }
+}
+
+fn publish_change(events: &EventHub, t: &StatusTracker, uuid: &str, c: StatusChange) {
+    #[derive(serde::Serialize)]
+    struct S {
+        status: &'static str,
+        detail: Option<&'static str>,
+    }
+    #[derive(serde::Serialize)]
+    struct Fields {
+        from: S,
+        to: S,
+        heartbeat: &'static str,
+        cloudlink: bool,
+    }
+    let s = |x: Status| S {
+        status: x.name(),
+        detail: x.detail(),
+    };
+    let view = t.view(c.id);
+    tracing::info!(device = %uuid, from = ?c.from, to = ?c.to, "status changed");
+    events.publish(
+        "status.changed",
+        uuid,
+        Fields {
+            from: s(c.from),
+            to: s(c.to),
+            heartbeat: view.map(|v| v.heartbeat.as_str()).unwrap_or("unknown"),
+            cloudlink: view.is_some_and(|v| v.link_up),
+        },
+    );
+}
