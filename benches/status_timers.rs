@@ -101,7 +101,11 @@ fn main() {
     let expiries = 2.0 * n as f64;
     let expiry_ns = (first + second).as_nanos() as f64 / expiries;
     assert_eq!(t.next_deadline(), None, "every timer fired");
-    assert_eq!(out.len() as u32, n, "one status change per device (to disconnected)");
+    assert_eq!(
+        out.len() as u32,
+        n,
+        "one status change per device (to disconnected)"
+    );
 
     println!("status_timers: {n} devices, poll interval {interval_s} s");
     println!(

@@ -176,7 +176,10 @@ impl ServeArgs {
                 .handshake_rate_limit
                 .or(file.handshake_rate_limit)
                 .unwrap_or(d.handshake_rate_limit),
-            poll_interval: self.poll_interval.or(file.poll_interval).unwrap_or(d.poll_interval),
+            poll_interval: self
+                .poll_interval
+                .or(file.poll_interval)
+                .unwrap_or(d.poll_interval),
             heartbeat_grace: self
                 .heartbeat_grace
                 .or(file.heartbeat_grace)

@@ -90,7 +90,13 @@ impl DeviceStatus {
     }
 
     /// Settings changed through the API (already stored in the registry).
-    pub fn settings(&self, id: u32, uuid: &str, poll_interval_s: Option<Option<u32>>, cloudlink_enabled: Option<bool>) {
+    pub fn settings(
+        &self,
+        id: u32,
+        uuid: &str,
+        poll_interval_s: Option<Option<u32>>,
+        cloudlink_enabled: Option<bool>,
+    ) {
         let mut t = self.tracker.lock();
         let now = now_ms();
         if let Some(i) = poll_interval_s {
@@ -163,13 +169,14 @@ impl DeviceStatus {
             return;
         }
         let registry = self.registry.clone();
-        let uuids: std::collections::HashMap<u32, String> = tokio::task::spawn_blocking(move || {
-            ids.iter()
-                .filter_map(|id| registry.uuid_of(*id).ok().flatten().map(|u| (*id, u)))
-                .collect()
-        })
-        .await
-        .unwrap_or_default();
+        let uuids: std::collections::HashMap<u32, String> =
+            tokio::task::spawn_blocking(move || {
+                ids.iter()
+                    .filter_map(|id| registry.uuid_of(*id).ok().flatten().map(|u| (*id, u)))
+                    .collect()
+            })
+            .await
+            .unwrap_or_default();
         let mut t = self.tracker.lock();
         due.clear();
         t.poll(now, due);

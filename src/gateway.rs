@@ -98,9 +98,11 @@ impl Gateway {
         let status = {
             let (registry, events) = (registry.clone(), events.clone());
             let (interval, grace) = (config.poll_interval, config.heartbeat_grace);
-            tokio::task::spawn_blocking(move || DeviceStatus::load(registry, events, interval, grace))
-                .await
-                .map_err(|e| Error::Config(format!("status load task failed: {e}")))??
+            tokio::task::spawn_blocking(move || {
+                DeviceStatus::load(registry, events, interval, grace)
+            })
+            .await
+            .map_err(|e| Error::Config(format!("status load task failed: {e}")))??
         };
         let status = Arc::new(status);
         path.set_link_observer(status.clone());

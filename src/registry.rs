@@ -400,7 +400,11 @@ impl Registry {
     }
 
     /// Sets or clears a device's name. `None` if the device does not exist.
-    pub fn set_name(&self, uuid: &str, name: Option<&str>) -> Result<Option<Device>, RegistryError> {
+    pub fn set_name(
+        &self,
+        uuid: &str,
+        name: Option<&str>,
+    ) -> Result<Option<Device>, RegistryError> {
         self.update(
             uuid,
             &DevicePatch {
@@ -416,12 +420,17 @@ impl Registry {
         let mut w = self.writer.lock();
         let tx = w.conn.transaction()?;
         let dev = {
-            let mut get = tx.prepare_cached(&format!("SELECT {DEVICE_COLUMNS} FROM devices WHERE uuid = ?1"))?;
+            let mut get = tx.prepare_cached(&format!(
+                "SELECT {DEVICE_COLUMNS} FROM devices WHERE uuid = ?1"
+            ))?;
             if get.query_row([uuid], row_to_device).optional()?.is_none() {
                 return Ok(None);
             }
             if let Some(name) = &patch.name {
-                tx.execute("UPDATE devices SET name = ?2 WHERE uuid = ?1", params![uuid, name])?;
+                tx.execute(
+                    "UPDATE devices SET name = ?2 WHERE uuid = ?1",
+                    params![uuid, name],
+                )?;
             }
             if let Some(interval) = patch.poll_interval_s {
                 tx.execute(
@@ -454,7 +463,11 @@ impl Registry {
                 "UPDATE devices SET last_heartbeat_ms = ?2, ever_linked = ?3 WHERE id = ?1",
             )?;
             for (id, s) in rows {
-                st.execute(params![*id as i64, s.last_heartbeat_ms.map(|v| v as i64), s.ever_linked])?;
+                st.execute(params![
+                    *id as i64,
+                    s.last_heartbeat_ms.map(|v| v as i64),
+                    s.ever_linked
+                ])?;
             }
         }
         tx.commit()?;
@@ -462,7 +475,10 @@ impl Registry {
     }
 
     /// Calls `f` with the id and status inputs of every device (at start).
-    pub fn for_each_status(&self, mut f: impl FnMut(u32, crate::status::Stored)) -> Result<(), RegistryError> {
+    pub fn for_each_status(
+        &self,
+        mut f: impl FnMut(u32, crate::status::Stored),
+    ) -> Result<(), RegistryError> {
         let r = self.reader.lock();
         let mut st = r.prepare(
             "SELECT id, last_heartbeat_ms, poll_interval_s, cloudlink_enabled, ever_linked FROM devices",
@@ -488,7 +504,12 @@ impl Registry {
         let mut st = r.prepare_cached("SELECT id FROM devices WHERE uuid = ?1")?;
         uuids
             .iter()
-            .map(|u| Ok(st.query_row([u], |r| r.get::<_, i64>(0)).optional()?.map(|v| v as u32)))
+            .map(|u| {
+                Ok(st
+                    .query_row([u], |r| r.get::<_, i64>(0))
+                    .optional()?
+                    .map(|v| v as u32))
+            })
             .collect()
     }
 

@@ -127,7 +127,12 @@ impl Status {
 }
 
 /// The rules above, as one pure function.
-pub fn derive(heartbeat: Heartbeat, link_up: bool, ever_linked: bool, cloudlink_enabled: bool) -> Status {
+pub fn derive(
+    heartbeat: Heartbeat,
+    link_up: bool,
+    ever_linked: bool,
+    cloudlink_enabled: bool,
+) -> Status {
     if !cloudlink_enabled {
         return match heartbeat {
             Heartbeat::Online => Status::Operational,
@@ -277,7 +282,12 @@ impl StatusTracker {
 
     /// Brings a slot to `now`: heartbeat state, deadline, status and counts.
     /// Returns the status change, if any.
-    fn settle(&mut self, id: u32, before: Option<(Slot, Status)>, now: u64) -> Option<StatusChange> {
+    fn settle(
+        &mut self,
+        id: u32,
+        before: Option<(Slot, Status)>,
+        now: u64,
+    ) -> Option<StatusChange> {
         let mut s = self.slots[id as usize];
         if let Some((old, _)) = before {
             if let Some(d) = self.deadline(&old) {
@@ -285,7 +295,12 @@ impl StatusTracker {
             }
         }
         s.set_heartbeat(self.heartbeat_at(&s, now));
-        let status = derive(s.heartbeat(), s.has(LINK_UP), s.has(EVER_LINKED), s.has(ENABLED));
+        let status = derive(
+            s.heartbeat(),
+            s.has(LINK_UP),
+            s.has(EVER_LINKED),
+            s.has(ENABLED),
+        );
         s.status = status.code();
         if let Some(d) = self.deadline(&s) {
             self.deadlines.insert((d, id));
@@ -295,7 +310,11 @@ impl StatusTracker {
         match before {
             Some((_, from)) => {
                 self.counts[from.code() as usize] -= 1;
-                (from != status).then_some(StatusChange { id, from, to: status })
+                (from != status).then_some(StatusChange {
+                    id,
+                    from,
+                    to: status,
+                })
             }
             None => None,
         }
@@ -356,7 +375,12 @@ impl StatusTracker {
     }
 
     /// A heartbeat arrived (optionally announcing a new poll interval).
-    pub fn heartbeat(&mut self, id: u32, now: u64, poll_interval_s: Option<u32>) -> Option<StatusChange> {
+    pub fn heartbeat(
+        &mut self,
+        id: u32,
+        now: u64,
+        poll_interval_s: Option<u32>,
+    ) -> Option<StatusChange> {
         let change = self.update(id, now, |s| {
             s.last_hb_ms = now.max(1);
             if let Some(i) = poll_interval_s {
@@ -368,11 +392,21 @@ impl StatusTracker {
     }
 
     /// Sets (or, with `None`, resets to the default) the poll interval.
-    pub fn set_poll_interval(&mut self, id: u32, now: u64, poll_interval_s: Option<u32>) -> Option<StatusChange> {
+    pub fn set_poll_interval(
+        &mut self,
+        id: u32,
+        now: u64,
+        poll_interval_s: Option<u32>,
+    ) -> Option<StatusChange> {
         self.update(id, now, |s| s.interval_s = poll_interval_s.unwrap_or(0))
     }
 
-    pub fn set_cloudlink_enabled(&mut self, id: u32, now: u64, enabled: bool) -> Option<StatusChange> {
+    pub fn set_cloudlink_enabled(
+        &mut self,
+        id: u32,
+        now: u64,
+        enabled: bool,
+    ) -> Option<StatusChange> {
         self.update(id, now, |s| s.set(ENABLED, enabled))
     }
 
@@ -515,7 +549,11 @@ mod tests {
             (Unknown, false, true, false, Disconnected),
         ];
         for (hb, up, ever, en, want) in rows {
-            assert_eq!(derive(hb, up, ever, en), want, "{hb:?} up={up} ever={ever} enabled={en}");
+            assert_eq!(
+                derive(hb, up, ever, en),
+                want,
+                "{hb:?} up={up} ever={ever} enabled={en}"
+            );
         }
         assert_eq!(HeartbeatOnly.name(), "reduced-functionality");
         assert_eq!(HeartbeatOnly.detail(), Some("heartbeat-only"));
@@ -567,7 +605,10 @@ mod tests {
         // Power back: cloudlink first, then the heartbeat.
         let back = timeout_at + 10 * MIN;
         let c = t.set_link(1, back, true).unwrap();
-        assert_eq!((c.from, c.to), (Status::Disconnected, Status::CloudlinkOnly));
+        assert_eq!(
+            (c.from, c.to),
+            (Status::Disconnected, Status::CloudlinkOnly)
+        );
         let c = t.heartbeat(1, back + 5000, None).unwrap();
         assert_eq!((c.from, c.to), (Status::CloudlinkOnly, Status::Operational));
     }
@@ -593,7 +634,10 @@ mod tests {
         assert!(t.set_cloudlink_enabled(2, 0, false).is_none()); // still configuring
         let c = t.heartbeat(2, 1000, None).unwrap();
         assert_eq!(c.to, Status::Operational);
-        assert_eq!(drain(&mut t, 1000 + 90_000), vec![(Status::Operational, Status::HeartbeatTimeout)]);
+        assert_eq!(
+            drain(&mut t, 1000 + 90_000),
+            vec![(Status::Operational, Status::HeartbeatTimeout)]
+        );
         assert_eq!(
             drain(&mut t, 1000 + 90_000 + GRACE),
             vec![(Status::HeartbeatTimeout, Status::Disconnected)]
@@ -657,9 +701,25 @@ mod tests {
         assert_eq!(t.next_deadline(), None);
         // Reloading what was stored gives the same status, not configuring.
         let mut t2 = StatusTracker::new(900, GRACE);
-        t2.insert(4, Stored { ever_linked: true, cloudlink_enabled: true, ..Default::default() }, 10);
+        t2.insert(
+            4,
+            Stored {
+                ever_linked: true,
+                cloudlink_enabled: true,
+                ..Default::default()
+            },
+            10,
+        );
         assert_eq!(t2.status(4), Some(Status::Disconnected));
-        t2.insert(7, Stored { last_heartbeat_ms: Some(5), cloudlink_enabled: true, ..Default::default() }, 10);
+        t2.insert(
+            7,
+            Stored {
+                last_heartbeat_ms: Some(5),
+                cloudlink_enabled: true,
+                ..Default::default()
+            },
+            10,
+        );
         assert_eq!(t2.status(7), Some(Status::HeartbeatOnly));
     }
 }

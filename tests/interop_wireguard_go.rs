@@ -179,7 +179,10 @@ impl WgGoDevice {
         let sock = format!("/run/wireguard/{iface}.sock");
         let deadline = Instant::now() + Duration::from_secs(10);
         while !std::path::Path::new(&sock).exists() {
-            assert!(Instant::now() < deadline, "wireguard-go did not create {sock}");
+            assert!(
+                Instant::now() < deadline,
+                "wireguard-go did not create {sock}"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         let conf_path = tempfile::NamedTempFile::new().unwrap();
@@ -187,18 +190,39 @@ impl WgGoDevice {
         ns.exec(&["wg", "setconf", &iface, conf_path.path().to_str().unwrap()]);
         ns.exec(&["ip", "addr", "add", &format!("{address}/32"), "dev", &iface]);
         ns.exec(&["ip", "link", "set", &iface, "up"]);
-        ns.exec(&["ip", "route", "add", &format!("{gw_addr}/32"), "dev", &iface]);
-        let listen_port = ns.exec(&["wg", "show", &iface, "listen-port"]).trim().to_owned();
+        ns.exec(&[
+            "ip",
+            "route",
+            "add",
+            &format!("{gw_addr}/32"),
+            "dev",
+            &iface,
+        ]);
+        let listen_port = ns
+            .exec(&["wg", "show", &iface, "listen-port"])
+            .trim()
+            .to_owned();
         let endpoint = format!("{}:{listen_port}", ns.ns_ip);
-        WgGoDevice { ns, iface, endpoint }
+        WgGoDevice {
+            ns,
+            iface,
+            endpoint,
+        }
     }
 
     /// Waits until `wg show` reports a completed handshake.
     fn wait_handshake(&self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            let hs = self.ns.exec(&["wg", "show", &self.iface, "latest-handshakes"]);
-            let t: u64 = hs.split_whitespace().nth(1).unwrap_or("0").parse().unwrap_or(0);
+            let hs = self
+                .ns
+                .exec(&["wg", "show", &self.iface, "latest-handshakes"]);
+            let t: u64 = hs
+                .split_whitespace()
+                .nth(1)
+                .unwrap_or("0")
+                .parse()
+                .unwrap_or(0);
             if t > 0 {
                 return;
             }
@@ -232,7 +256,9 @@ async fn wireguard_go_device_connects_and_disconnects() {
     // The handshake completes: wg reports it in the namespace...
     dev.wait_handshake();
     // ...link.up arrives on the event stream...
-    let up = events.wait_for(Duration::from_secs(20), |e| e["type"] == "link.up").await;
+    let up = events
+        .wait_for(Duration::from_secs(20), |e| e["type"] == "link.up")
+        .await;
     assert_eq!(up.data["device"], "wggo-1");
     assert_eq!(up.data["endpoint"], dev.endpoint);
     // ...and the gateway reports the device connected at that endpoint.
@@ -242,7 +268,9 @@ async fn wireguard_go_device_connects_and_disconnects() {
 
     // The device stops: link.down follows after the link timeout.
     dev.stop();
-    let down = events.wait_for(Duration::from_secs(20), |e| e["type"] == "link.down").await;
+    let down = events
+        .wait_for(Duration::from_secs(20), |e| e["type"] == "link.down")
+        .await;
     assert_eq!(down.data["device"], "wggo-1");
     assert_eq!(down.data["reason"], "timeout");
     assert_eq!(g.device("wggo-1").await["cloudlink"]["connected"], false);
@@ -273,9 +301,14 @@ async fn wireguard_go_device_status_follows_both_links() {
 
     let mut dev = WgGoDevice::start(&g, "wggo-status", &tag, subnet).await;
     // Cloudlink up, heartbeat unknown: reachable, but no heartbeat yet.
-    let m = events.wait_for(Duration::from_secs(20), status_change).await;
+    let m = events
+        .wait_for(Duration::from_secs(20), status_change)
+        .await;
     assert_eq!(pair(&m.data, "from"), s("configuring", None));
-    assert_eq!(pair(&m.data, "to"), s("reduced-functionality", Some("cloudlink-only")));
+    assert_eq!(
+        pair(&m.data, "to"),
+        s("reduced-functionality", Some("cloudlink-only"))
+    );
     assert_eq!(m.data["device"], "wggo-status");
 
     // The first heartbeat, announcing a 4 s poll interval: operational.
@@ -288,24 +321,36 @@ async fn wireguard_go_device_status_follows_both_links() {
         .await;
     assert_eq!(st, 200, "{hb}");
     assert_eq!(hb["status"], "operational");
-    let m = events.wait_for(Duration::from_secs(10), status_change).await;
+    let m = events
+        .wait_for(Duration::from_secs(10), status_change)
+        .await;
     assert_eq!(pair(&m.data, "to"), s("operational", None));
     let heartbeat_at = Instant::now();
 
     // Power off. Cloudlink goes down after the 3 s link timeout while the
     // heartbeat still counts as online: heartbeat-only.
     dev.stop();
-    let m = events.wait_for(Duration::from_secs(20), status_change).await;
+    let m = events
+        .wait_for(Duration::from_secs(20), status_change)
+        .await;
     assert_eq!(pair(&m.data, "from"), s("operational", None));
-    assert_eq!(pair(&m.data, "to"), s("reduced-functionality", Some("heartbeat-only")));
+    assert_eq!(
+        pair(&m.data, "to"),
+        s("reduced-functionality", Some("heartbeat-only"))
+    );
     assert_eq!(m.data["cloudlink"], false);
     let d = g.device("wggo-status").await;
     assert_eq!(d["heartbeat"]["state"], "online", "{d}");
 
     // 1.5 x 4 s after the heartbeat it turns timeout (no status change),
     // and 2 s later offline: only then disconnected.
-    let m = events.wait_for(Duration::from_secs(20), status_change).await;
-    assert_eq!(pair(&m.data, "from"), s("reduced-functionality", Some("heartbeat-only")));
+    let m = events
+        .wait_for(Duration::from_secs(20), status_change)
+        .await;
+    assert_eq!(
+        pair(&m.data, "from"),
+        s("reduced-functionality", Some("heartbeat-only"))
+    );
     assert_eq!(pair(&m.data, "to"), s("disconnected", None));
     assert_eq!(m.data["heartbeat"], "offline");
     assert!(

@@ -384,7 +384,10 @@ async fn resume_with_last_event_id_and_resync() {
     let m1 = r.next(WAIT).await;
     let m2 = r.next(WAIT).await;
     assert_eq!(m1.data["id"], last - 1);
-    assert_eq!(m1.id.as_deref(), Some(format!("{epoch}-{}", last - 1).as_str()));
+    assert_eq!(
+        m1.id.as_deref(),
+        Some(format!("{epoch}-{}", last - 1).as_str())
+    );
     assert_eq!(m2.data["id"], last);
     assert!(r.drain_for(Duration::from_millis(300)).await.is_empty());
     // Then live events follow on the same stream.
@@ -406,7 +409,10 @@ async fn resume_with_last_event_id_and_resync() {
     assert_eq!(m.data["type"], "resync");
     assert_eq!(m.data["reason"], "too_old");
     assert_eq!(m.data["as_of"], format!("{epoch}-{now_last}"));
-    assert_eq!(m.id.as_deref(), Some(format!("{epoch}-{now_last}").as_str()));
+    assert_eq!(
+        m.id.as_deref(),
+        Some(format!("{epoch}-{now_last}").as_str())
+    );
 
     // Another boot's id: resync as well.
     let mut r = g.events(Some("0123456789abcdef-3")).await;

@@ -40,7 +40,11 @@ async fn heartbeat_endpoint_and_its_errors() {
     assert_eq!(b["cloudlink"]["connected"], false);
 
     let (st, b) = g
-        .call("POST", "/v1/devices/hb-1/heartbeat", Some(json!({"poll_interval_s": 60})))
+        .call(
+            "POST",
+            "/v1/devices/hb-1/heartbeat",
+            Some(json!({"poll_interval_s": 60})),
+        )
         .await;
     assert_eq!(st, 200);
     assert_eq!(b["heartbeat"]["poll_interval_s"], 60);
@@ -48,11 +52,24 @@ async fn heartbeat_endpoint_and_its_errors() {
 
     let (st, e) = g.call("POST", "/v1/devices/nobody/heartbeat", None).await;
     assert_error(st, &e, 404, "device_not_found", "uuid");
-    for bad in [json!({"poll_interval_s": 0}), json!({"poll_interval_s": -5}), json!({"poll_interval_s": "60"}), json!({"poll_interval_s": 1e12})] {
-        let (st, e) = g.call("POST", "/v1/devices/hb-1/heartbeat", Some(bad)).await;
+    for bad in [
+        json!({"poll_interval_s": 0}),
+        json!({"poll_interval_s": -5}),
+        json!({"poll_interval_s": "60"}),
+        json!({"poll_interval_s": 1e12}),
+    ] {
+        let (st, e) = g
+            .call("POST", "/v1/devices/hb-1/heartbeat", Some(bad))
+            .await;
         assert_error(st, &e, 400, "invalid_field", "poll_interval_s");
     }
-    let (st, e) = g.call("POST", "/v1/devices/hb-1/heartbeat", Some(json!({"interval": 5}))).await;
+    let (st, e) = g
+        .call(
+            "POST",
+            "/v1/devices/hb-1/heartbeat",
+            Some(json!({"interval": 5})),
+        )
+        .await;
     assert_error(st, &e, 400, "invalid_field", "interval");
     // Refused requests changed nothing.
     assert_eq!(g.device("hb-1").await["heartbeat"]["poll_interval_s"], 60);
@@ -66,7 +83,11 @@ async fn batch_heartbeats_report_unknown_uuids() {
     register(&g, "b-2").await;
     register(&g, "b-3").await;
     let (st, b) = g
-        .call("POST", "/v1/heartbeats", Some(json!({"uuids": ["b-1", "ghost", "b-3", "NOT-VALID"]})))
+        .call(
+            "POST",
+            "/v1/heartbeats",
+            Some(json!({"uuids": ["b-1", "ghost", "b-3", "NOT-VALID"]})),
+        )
         .await;
     assert_eq!(st, 200, "{b}");
     assert_eq!(b["applied"], 2);
@@ -77,14 +98,26 @@ async fn batch_heartbeats_report_unknown_uuids() {
 
     let (st, e) = g.call("POST", "/v1/heartbeats", Some(json!({}))).await;
     assert_error(st, &e, 400, "invalid_field", "uuids");
-    let (st, e) = g.call("POST", "/v1/heartbeats", Some(json!({"uuids": "b-1"}))).await;
+    let (st, e) = g
+        .call("POST", "/v1/heartbeats", Some(json!({"uuids": "b-1"})))
+        .await;
     assert_error(st, &e, 400, "invalid_field", "uuids");
-    let (st, e) = g.call("POST", "/v1/heartbeats", Some(json!({"uuids": ["b-1", 7]}))).await;
+    let (st, e) = g
+        .call("POST", "/v1/heartbeats", Some(json!({"uuids": ["b-1", 7]})))
+        .await;
     assert_error(st, &e, 400, "invalid_field", "uuids[1]");
     let many: Vec<String> = (0..10_001).map(|i| format!("x{i}")).collect();
-    let (st, e) = g.call("POST", "/v1/heartbeats", Some(json!({"uuids": many}))).await;
+    let (st, e) = g
+        .call("POST", "/v1/heartbeats", Some(json!({"uuids": many})))
+        .await;
     assert_error(st, &e, 400, "invalid_field", "uuids");
-    let (st, e) = g.call("POST", "/v1/heartbeats", Some(json!({"uuids": [], "extra": 1}))).await;
+    let (st, e) = g
+        .call(
+            "POST",
+            "/v1/heartbeats",
+            Some(json!({"uuids": [], "extra": 1})),
+        )
+        .await;
     assert_error(st, &e, 400, "invalid_field", "extra");
     g.stop().await;
 }
@@ -96,7 +129,9 @@ async fn listing_filters_by_status() {
         register(&g, &format!("f{i:02}")).await;
     }
     let beating: Vec<String> = (0..30).step_by(3).map(|i| format!("f{i:02}")).collect();
-    let (st, _) = g.call("POST", "/v1/heartbeats", Some(json!({"uuids": beating}))).await;
+    let (st, _) = g
+        .call("POST", "/v1/heartbeats", Some(json!({"uuids": beating})))
+        .await;
     assert_eq!(st, 200);
 
     // Page through the filtered listing 4 at a time.
@@ -120,9 +155,13 @@ async fn listing_filters_by_status() {
         }
     }
     assert_eq!(got, beating);
-    let (_, page) = g.call("GET", "/v1/devices?status=configuring&limit=1000", None).await;
+    let (_, page) = g
+        .call("GET", "/v1/devices?status=configuring&limit=1000", None)
+        .await;
     assert_eq!(page["devices"].as_array().unwrap().len(), 20);
-    let (_, page) = g.call("GET", "/v1/devices?status_detail=heartbeat-only", None).await;
+    let (_, page) = g
+        .call("GET", "/v1/devices?status_detail=heartbeat-only", None)
+        .await;
     assert_eq!(page["devices"].as_array().unwrap().len(), 10);
     let (_, page) = g.call("GET", "/v1/devices?status=operational", None).await;
     assert_eq!(page["devices"], json!([]));
@@ -130,13 +169,31 @@ async fn listing_filters_by_status() {
 
     let (st, e) = g.call("GET", "/v1/devices?status=online", None).await;
     assert_error(st, &e, 400, "invalid_field", "status");
-    let (st, e) = g.call("GET", "/v1/devices?status_detail=sleepy", None).await;
+    let (st, e) = g
+        .call("GET", "/v1/devices?status_detail=sleepy", None)
+        .await;
     assert_error(st, &e, 400, "invalid_field", "status_detail");
 
-    assert_eq!(g.metric("cloudlink_devices_by_status{status=\"configuring\"}").await, 20.0);
-    assert_eq!(g.metric("cloudlink_devices_by_status{status=\"reduced-functionality\"}").await, 10.0);
-    assert_eq!(g.metric("cloudlink_devices_by_status{status=\"operational\"}").await, 0.0);
-    assert_eq!(g.metric("cloudlink_devices_by_status{status=\"disconnected\"}").await, 0.0);
+    assert_eq!(
+        g.metric("cloudlink_devices_by_status{status=\"configuring\"}")
+            .await,
+        20.0
+    );
+    assert_eq!(
+        g.metric("cloudlink_devices_by_status{status=\"reduced-functionality\"}")
+            .await,
+        10.0
+    );
+    assert_eq!(
+        g.metric("cloudlink_devices_by_status{status=\"operational\"}")
+            .await,
+        0.0
+    );
+    assert_eq!(
+        g.metric("cloudlink_devices_by_status{status=\"disconnected\"}")
+            .await,
+        0.0
+    );
     g.stop().await;
 }
 
@@ -146,7 +203,11 @@ async fn patch_status_settings_and_errors() {
     register(&g, "p-1").await;
     let mut events = g.events(None).await;
     let (st, d) = g
-        .call("PATCH", "/v1/devices/p-1", Some(json!({"cloudlink_enabled": false, "poll_interval_s": 120})))
+        .call(
+            "PATCH",
+            "/v1/devices/p-1",
+            Some(json!({"cloudlink_enabled": false, "poll_interval_s": 120})),
+        )
         .await;
     assert_eq!(st, 200, "{d}");
     assert_eq!(d["cloudlink_enabled"], false);
@@ -155,25 +216,64 @@ async fn patch_status_settings_and_errors() {
     // With cloudlink off, a heartbeat alone makes the device operational.
     let (_, b) = g.call("POST", "/v1/devices/p-1/heartbeat", None).await;
     assert_eq!(b["status"], "operational");
-    let m = events.wait_for(Duration::from_secs(5), |e| e["type"] == "status.changed").await;
-    assert_eq!(m.data["from"], json!({"status": "configuring", "detail": null}));
-    assert_eq!(m.data["to"], json!({"status": "operational", "detail": null}));
+    let m = events
+        .wait_for(Duration::from_secs(5), |e| e["type"] == "status.changed")
+        .await;
+    assert_eq!(
+        m.data["from"],
+        json!({"status": "configuring", "detail": null})
+    );
+    assert_eq!(
+        m.data["to"],
+        json!({"status": "operational", "detail": null})
+    );
     assert_eq!(m.data["device"], "p-1");
     assert_eq!(m.data["gateway"], "test-gw");
     // Turning cloudlink back on: the link is down, so heartbeat-only.
-    let (_, d) = g.call("PATCH", "/v1/devices/p-1", Some(json!({"cloudlink_enabled": true}))).await;
+    let (_, d) = g
+        .call(
+            "PATCH",
+            "/v1/devices/p-1",
+            Some(json!({"cloudlink_enabled": true})),
+        )
+        .await;
     assert_eq!(d["status_detail"], "heartbeat-only");
-    let m = events.wait_for(Duration::from_secs(5), |e| e["type"] == "status.changed").await;
-    assert_eq!(m.data["to"], json!({"status": "reduced-functionality", "detail": "heartbeat-only"}));
+    let m = events
+        .wait_for(Duration::from_secs(5), |e| e["type"] == "status.changed")
+        .await;
+    assert_eq!(
+        m.data["to"],
+        json!({"status": "reduced-functionality", "detail": "heartbeat-only"})
+    );
     // Back to the gateway's default interval.
-    let (_, d) = g.call("PATCH", "/v1/devices/p-1", Some(json!({"poll_interval_s": null}))).await;
+    let (_, d) = g
+        .call(
+            "PATCH",
+            "/v1/devices/p-1",
+            Some(json!({"poll_interval_s": null})),
+        )
+        .await;
     assert_eq!(d["heartbeat"]["poll_interval_s"], 900);
 
-    let (st, e) = g.call("PATCH", "/v1/devices/p-1", Some(json!({"cloudlink_enabled": "no"}))).await;
+    let (st, e) = g
+        .call(
+            "PATCH",
+            "/v1/devices/p-1",
+            Some(json!({"cloudlink_enabled": "no"})),
+        )
+        .await;
     assert_error(st, &e, 400, "invalid_field", "cloudlink_enabled");
-    let (st, e) = g.call("PATCH", "/v1/devices/p-1", Some(json!({"poll_interval_s": 0}))).await;
+    let (st, e) = g
+        .call(
+            "PATCH",
+            "/v1/devices/p-1",
+            Some(json!({"poll_interval_s": 0})),
+        )
+        .await;
     assert_error(st, &e, 400, "invalid_field", "poll_interval_s");
-    let (st, e) = g.call("PATCH", "/v1/devices/p-1", Some(json!({"heartbeat": {}}))).await;
+    let (st, e) = g
+        .call("PATCH", "/v1/devices/p-1", Some(json!({"heartbeat": {}})))
+        .await;
     assert_error(st, &e, 400, "invalid_field", "heartbeat");
     assert_eq!(g.device("p-1").await["cloudlink_enabled"], true);
     g.stop().await;
@@ -187,15 +287,28 @@ async fn status_inputs_survive_a_restart() {
     register(&g, "keep-1").await;
     register(&g, "keep-2").await;
     let (_, b) = g
-        .call("POST", "/v1/devices/keep-1/heartbeat", Some(json!({"poll_interval_s": 3600})))
+        .call(
+            "POST",
+            "/v1/devices/keep-1/heartbeat",
+            Some(json!({"poll_interval_s": 3600})),
+        )
         .await;
     let last_at = b["heartbeat"]["last_at"].clone();
-    let (_, _) = g.call("PATCH", "/v1/devices/keep-2", Some(json!({"cloudlink_enabled": false}))).await;
+    let (_, _) = g
+        .call(
+            "PATCH",
+            "/v1/devices/keep-2",
+            Some(json!({"cloudlink_enabled": false})),
+        )
+        .await;
     g.stop().await;
     let dir = std::mem::replace(&mut g.dir, tempfile::tempdir().unwrap());
     let mut g = TestGateway::start_in(dir, c, "127.0.0.1:0").await;
     let d = g.device("keep-1").await;
-    assert_eq!(d["status"], "reduced-functionality", "not back to configuring: {d}");
+    assert_eq!(
+        d["status"], "reduced-functionality",
+        "not back to configuring: {d}"
+    );
     assert_eq!(d["heartbeat"]["state"], "online");
     assert_eq!(d["heartbeat"]["last_at"], last_at);
     assert_eq!(d["heartbeat"]["poll_interval_s"], 3600);

@@ -365,7 +365,9 @@ pub async fn list(
             return false;
         };
         status.as_deref().is_none_or(|st| v.status.name() == st)
-            && detail.as_deref().is_none_or(|dt| v.status.detail() == Some(dt))
+            && detail
+                .as_deref()
+                .is_none_or(|dt| v.status.detail() == Some(dt))
     };
     // A filtered listing scans the registry in uuid order and keeps what
     // matches. One request looks at SCAN_BUDGET rows at most: when the
@@ -377,7 +379,11 @@ pub async fn list(
     let mut scanned = 0usize;
     let mut exhausted = false;
     while page.len() < limit && scanned < SCAN_BUDGET {
-        let chunk = if filtered { MAX_PAGE } else { limit - page.len() };
+        let chunk = if filtered {
+            MAX_PAGE
+        } else {
+            limit - page.len()
+        };
         let registry = s.registry.clone();
         let from = after.clone();
         let rows = blocking(move || registry.list(from.as_deref(), chunk)).await?;
@@ -407,9 +413,10 @@ pub async fn list(
             Value::Object(m)
         })
         .collect();
-    Ok(Json(json!({"devices": devices, "next": next, "as_of": as_of})))
+    Ok(Json(
+        json!({"devices": devices, "next": next, "as_of": as_of}),
+    ))
 }
-
 
 fn check_path_uuid(uuid: &str) -> Result<(), ApiError> {
     validate_uuid(uuid).map_err(|m| ApiError::bad_field("uuid", m))
@@ -443,7 +450,9 @@ pub async fn patch(
             let hint = if matches!(k.as_str(), "uuid" | "public_key" | "address") {
                 format!("{k} cannot be changed; delete the device and register it again")
             } else {
-                format!("unknown field {k:?}; PATCH takes name, poll_interval_s and cloudlink_enabled")
+                format!(
+                    "unknown field {k:?}; PATCH takes name, poll_interval_s and cloudlink_enabled"
+                )
             };
             return Err(ApiError::bad_field(k.clone(), hint));
         }
@@ -473,8 +482,12 @@ pub async fn patch(
     let p = patch.clone();
     match blocking(move || registry.update(&u, &p)).await? {
         Some(d) => {
-            s.status
-                .settings(d.id, &d.uuid, patch.poll_interval_s, patch.cloudlink_enabled);
+            s.status.settings(
+                d.id,
+                &d.uuid,
+                patch.poll_interval_s,
+                patch.cloudlink_enabled,
+            );
             Ok(Json(full_device_json(&s, &d)))
         }
         None => Err(ApiError::unknown_device(&uuid)),
@@ -507,7 +520,9 @@ fn parse_poll_interval(v: &Value) -> Result<u32, ApiError> {
         Some(n) if (1..=MAX_POLL_INTERVAL_S).contains(&n) => Ok(n as u32),
         _ => Err(ApiError::bad_field(
             "poll_interval_s",
-            format!("poll_interval_s must be a whole number of seconds from 1 to {MAX_POLL_INTERVAL_S}"),
+            format!(
+                "poll_interval_s must be a whole number of seconds from 1 to {MAX_POLL_INTERVAL_S}"
+            ),
         )),
     }
 }
@@ -573,10 +588,16 @@ pub async fn heartbeat(
 
 /// `POST /v1/heartbeats` `{"uuids": [...]}`: heartbeats forwarded in bulk.
 /// Unknown uuids are reported back; the others are applied.
-pub async fn heartbeats(State(s): State<SharedState>, body: Bytes) -> Result<Json<Value>, ApiError> {
+pub async fn heartbeats(
+    State(s): State<SharedState>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
     let mut obj = json_object(&body)?;
     if let Some(k) = obj.keys().find(|k| k.as_str() != "uuids") {
-        return Err(ApiError::bad_field(k.clone(), format!("unknown field {k:?}; a batch takes uuids")));
+        return Err(ApiError::bad_field(
+            k.clone(),
+            format!("unknown field {k:?}; a batch takes uuids"),
+        ));
     }
     let uuids: Vec<String> = match obj.remove("uuids") {
         Some(Value::Array(a)) => {
@@ -590,11 +611,19 @@ pub async fn heartbeats(State(s): State<SharedState>, body: Bytes) -> Result<Jso
                 .enumerate()
                 .map(|(i, v)| match v {
                     Value::String(u) => Ok(u),
-                    _ => Err(ApiError::bad_field(format!("uuids[{i}]"), "each uuid must be a string")),
+                    _ => Err(ApiError::bad_field(
+                        format!("uuids[{i}]"),
+                        "each uuid must be a string",
+                    )),
                 })
                 .collect::<Result<_, _>>()?
         }
-        Some(_) => return Err(ApiError::bad_field("uuids", "uuids must be an array of strings")),
+        Some(_) => {
+            return Err(ApiError::bad_field(
+                "uuids",
+                "uuids must be an array of strings",
+            ))
+        }
         None => return Err(ApiError::bad_field("uuids", "uuids is required")),
     };
     let registry = s.registry.clone();
