@@ -173,6 +173,8 @@ impl Gateway {
                 &udp,
                 "--log",
                 "warn",
+                "--proxy",
+                "127.0.0.1:0",
             ])
             .arg("--data-dir")
             .arg(dir)

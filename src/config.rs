@@ -80,6 +80,16 @@ pub struct ServeArgs {
     /// Handshake initiations per second above which cookie replies are demanded [default: 2000]
     #[arg(long, env = "CLOUDLINK_HANDSHAKE_RATE_LIMIT")]
     pub handshake_rate_limit: Option<u64>,
+    /// HTTP CONNECT proxy to devices' TCP ports [default: 127.0.0.1:3128]
+    #[arg(long, env = "CLOUDLINK_PROXY")]
+    pub proxy: Option<SocketAddr>,
+    /// Device ports the proxy may reach, comma-separated [default: 22,22222,48484]
+    #[arg(long, env = "CLOUDLINK_ALLOW_PORTS", value_delimiter = ',')]
+    pub allow_ports: Option<Vec<u16>>,
+    /// How long the proxy waits for a device to accept a connection [default: 10s]
+    #[arg(long, env = "CLOUDLINK_CONNECT_TIMEOUT", value_parser = humantime::parse_duration)]
+    #[serde(default, with = "opt_duration")]
+    pub connect_timeout: Option<Duration>,
     /// Default heartbeat poll interval of devices (settable per device) [default: 900s]
     #[arg(long, env = "CLOUDLINK_POLL_INTERVAL", value_parser = humantime::parse_duration)]
     #[serde(default, with = "opt_duration")]
@@ -119,6 +129,9 @@ pub struct GatewayConfig {
     pub handshake_rate_limit: u64,
     pub poll_interval: Duration,
     pub heartbeat_grace: Duration,
+    pub proxy: SocketAddr,
+    pub allow_ports: Vec<u16>,
+    pub connect_timeout: Duration,
     pub log: String,
 }
 
@@ -138,6 +151,9 @@ impl Default for GatewayConfig {
             handshake_rate_limit: 2_000,
             poll_interval: Duration::from_secs(900),
             heartbeat_grace: Duration::from_secs(15),
+            proxy: "127.0.0.1:3128".parse().unwrap(),
+            allow_ports: vec![22, 22222, 48484],
+            connect_timeout: Duration::from_secs(10),
             log: "info".into(),
         }
     }
@@ -184,6 +200,15 @@ impl ServeArgs {
                 .heartbeat_grace
                 .or(file.heartbeat_grace)
                 .unwrap_or(d.heartbeat_grace),
+            proxy: self.proxy.or(file.proxy).unwrap_or(d.proxy),
+            allow_ports: self
+                .allow_ports
+                .or(file.allow_ports)
+                .unwrap_or(d.allow_ports),
+            connect_timeout: self
+                .connect_timeout
+                .or(file.connect_timeout)
+                .unwrap_or(d.connect_timeout),
             log: self.log.or(file.log).unwrap_or(d.log),
         };
         c.validate()?;

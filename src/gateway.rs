@@ -29,6 +29,9 @@ pub struct Gateway {
     udp_addr: std::net::SocketAddr,
     stop_api: Option<tokio::sync::oneshot::Sender<()>>,
     stop_status: tokio::sync::watch::Sender<bool>,
+    stop_proxy: tokio::sync::watch::Sender<bool>,
+    proxy_addr: std::net::SocketAddr,
+    pub relay: Arc<crate::relay::Relay>,
     status_task: Option<tokio::task::JoinHandle<()>>,
     api_task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -105,7 +108,26 @@ impl Gateway {
             .map_err(|e| Error::Config(format!("status load task failed: {e}")))??
         };
         let status = Arc::new(status);
-        path.set_link_observer(status.clone());
+        let relay = crate::relay::Relay::new(
+            path.clone(),
+            registry.clone(),
+            metrics.clone(),
+            config.connect_timeout,
+        );
+        let _ = path.set_sink(relay.clone());
+        path.set_link_observer(Arc::new(crate::packet_path::Observers(vec![
+            relay.clone(),
+            status.clone(),
+        ])));
+        let proxy = tokio::net::TcpListener::bind(config.proxy)
+            .await
+            .map_err(|e| {
+                Error::Config(format!(
+                    "binding the CONNECT proxy on {}: {e}",
+                    config.proxy
+                ))
+            })?;
+        let proxy_addr = proxy.local_addr().map_err(Error::Socket)?;
         let (stop_status, stop_status_rx) = tokio::sync::watch::channel(false);
         let status_task = tokio::spawn(status.clone().run(stop_status_rx));
         let reader = registry.reader()?;
@@ -121,6 +143,17 @@ impl Gateway {
             endpoint,
             ready: false.into(),
         });
+        let (stop_proxy, stop_proxy_rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(crate::relay::proxy::serve(
+            proxy,
+            relay.clone(),
+            api_state.metrics.clone(),
+            Arc::new(crate::relay::proxy::ProxyConfig {
+                token: api_state.token.clone(),
+                allow_ports: config.allow_ports.clone(),
+            }),
+            stop_proxy_rx,
+        ));
         let app = api::router(api_state.clone());
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let api_task = tokio::spawn(async move {
@@ -135,6 +168,7 @@ impl Gateway {
         tracing::info!(
             udp = %udp_addr,
             api = %api_addr,
+            proxy = %proxy_addr,
             gateway = %gateway_id,
             public_key = %encode_key(path.public_key().as_bytes()),
             address = %plan.gateway(),
@@ -149,6 +183,9 @@ impl Gateway {
             udp_addr,
             stop_api: Some(stop_tx),
             stop_status,
+            stop_proxy,
+            proxy_addr,
+            relay,
             status_task: Some(status_task),
             api_task: Some(api_task),
         })
@@ -160,6 +197,9 @@ impl Gateway {
     pub fn udp_addr(&self) -> std::net::SocketAddr {
         self.udp_addr
     }
+    pub fn proxy_addr(&self) -> std::net::SocketAddr {
+        self.proxy_addr
+    }
     pub fn token(&self) -> &str {
         &self.api_state.token
     }
@@ -169,6 +209,7 @@ impl Gateway {
     /// stopped.
     pub async fn shutdown(mut self) {
         self.api_state.ready.store(false, Ordering::Release);
+        let _ = self.stop_proxy.send(true);
         if let Some(t) = self.threads.take() {
             let _ = tokio::task::spawn_blocking(move || t.stop()).await;
         }

@@ -17,6 +17,7 @@ pub mod link_state;
 pub mod metrics;
 pub mod packet_path;
 pub mod registry;
+pub mod relay;
 pub mod session_table;
 pub mod status;
 pub mod wg_config;

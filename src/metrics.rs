@@ -29,10 +29,12 @@ pub enum DropReason {
     NotForGateway,
     /// A decrypted packet the gateway does not handle (IPv6 so far).
     Unsupported,
+    /// A TCP segment for a relay stream that no longer exists.
+    NoStream,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 10] = [
+    pub const ALL: [DropReason; 11] = [
         DropReason::Malformed,
         DropReason::InvalidMac,
         DropReason::HandshakeFailed,
@@ -43,6 +45,7 @@ impl DropReason {
         DropReason::SpoofedSource,
         DropReason::NotForGateway,
         DropReason::Unsupported,
+        DropReason::NoStream,
     ];
     pub fn as_str(self) -> &'static str {
         match self {
@@ -56,6 +59,7 @@ impl DropReason {
             DropReason::SpoofedSource => "spoofed_source",
             DropReason::NotForGateway => "not_for_gateway",
             DropReason::Unsupported => "unsupported",
+            DropReason::NoStream => "no_stream",
         }
     }
 }
@@ -94,6 +98,18 @@ impl HandshakeResult {
     }
 }
 
+/// Results of relay stream requests (CONNECT answers).
+pub const RELAY_RESULTS: [&str; 8] = [
+    "ok",
+    "bad_request",
+    "unauthorized",
+    "forbidden",
+    "unknown_device",
+    "unavailable",
+    "refused",
+    "timeout",
+];
+
 pub const LINK_EVENT_TYPES: [&str; 3] = ["link.up", "link.down", "link.roamed"];
 
 pub struct Metrics {
@@ -106,6 +122,11 @@ pub struct Metrics {
     pub tx_bytes: IntCounter,
     pub rx_packets: IntCounter,
     pub tx_packets: IntCounter,
+    /// Relay streams open now.
+    pub relay_streams: IntGauge,
+    pub relay_bytes_to_device: IntCounter,
+    pub relay_bytes_from_device: IntCounter,
+    relay_results: Vec<IntCounter>,
     handshakes: Vec<IntCounter>,
     dropped: Vec<IntCounter>,
     link_events: Vec<IntCounter>,
@@ -149,7 +170,27 @@ impl Metrics {
         registry
             .register(Box::new(by_status.clone()))
             .expect("unique metric");
+        let relay_bytes = prometheus::IntCounterVec::new(
+            Opts::new(
+                "cloudlink_relay_bytes_total",
+                "Bytes relayed between clients and devices, by direction.",
+            ),
+            &["direction"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(relay_bytes.clone()))
+            .expect("unique metric");
         Metrics {
+            relay_streams: gauge("cloudlink_relay_streams", "Relay streams open now."),
+            relay_bytes_to_device: relay_bytes.with_label_values(&["to_device"]),
+            relay_bytes_from_device: relay_bytes.with_label_values(&["from_device"]),
+            relay_results: vec(
+                "cloudlink_relay_streams_total",
+                "Relay stream requests, by result.",
+                "result",
+                &RELAY_RESULTS,
+            ),
             devices_by_status: crate::status::Status::NAMES
                 .iter()
                 .map(|n| by_status.with_label_values(&[n]))
@@ -214,6 +255,12 @@ impl Metrics {
             .unwrap()]
         .get()
     }
+    pub fn relay_result(&self, result: &str) {
+        if let Some(i) = RELAY_RESULTS.iter().position(|r| *r == result) {
+            self.relay_results[i].inc();
+        }
+    }
+
     pub fn link_event(&self, kind: &str) {
         if let Some(i) = LINK_EVENT_TYPES.iter().position(|t| *t == kind) {
             self.link_events[i].inc();

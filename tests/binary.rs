@@ -37,6 +37,7 @@ fn serve(dir: &std::path::Path, extra_env: &[(&str, &str)]) -> Served {
     cmd.arg("serve")
         .env("CLOUDLINK_LISTEN", format!("127.0.0.1:{}", free_udp_port()))
         .env("CLOUDLINK_API", &api)
+        .env("CLOUDLINK_PROXY", "127.0.0.1:0")
         .env("CLOUDLINK_DATA_DIR", dir)
         .env_remove("CLOUDLINK_TOKEN")
         .stderr(Stdio::piped())

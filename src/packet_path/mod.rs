@@ -65,6 +65,17 @@ pub trait LinkObserver: Send + Sync + 'static {
     fn link_changed(&self, session: &Session, up: bool);
 }
 
+/// Several observers, told in order.
+pub struct Observers(pub Vec<Arc<dyn LinkObserver>>);
+
+impl LinkObserver for Observers {
+    fn link_changed(&self, session: &Session, up: bool) {
+        for o in &self.0 {
+            o.link_changed(session, up);
+        }
+    }
+}
+
 /// Settings of the packet path.
 #[derive(Debug, Clone)]
 pub struct PacketPathConfig {

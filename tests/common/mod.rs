@@ -29,6 +29,7 @@ pub fn config(dir: &std::path::Path) -> GatewayConfig {
         endpoint: Some("127.0.0.1:51820".into()),
         link_timeout: Duration::from_secs(2),
         gateway_id: Some("test-gw".into()),
+        proxy: "127.0.0.1:0".parse().unwrap(),
         ..Default::default()
     }
 }

@@ -1,0 +1,312 @@
+//! The HTTP CONNECT proxy: `CONNECT <uuid>:<port> HTTP/1.1` (also
+//! `<uuid>.balena:<port>` and `<uuid>.cloudlink:<port>`, for clients built for
+//! balena's proxy), authenticated with the API token as
+//! `Proxy-Authorization: Bearer <token>` or as the password of `Basic`.
+//!
+//! Checks, in order: a well-formed request (400), the token (407), a
+//! well-formed target (400), the port allow-list (403), the device (404), its
+//! cloudlink (503), the connection (502 refused, 504 no answer within
+//! `--connect-timeout`). Every error answer carries the gateway's JSON error
+//! shape. After `200` the bytes flow both ways with half-close carried.
+
+use base64::Engine as _;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use super::{ConnectError, Relay};
+use crate::api::token_matches;
+use crate::metrics::Metrics;
+
+/// Longest request head accepted.
+const MAX_HEAD: usize = 8 * 1024;
+/// Time a client gets to send its request head.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct ProxyConfig {
+    pub token: String,
+    pub allow_ports: Vec<u16>,
+}
+
+/// Serves CONNECT requests on `listener` until `stop` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    relay: Arc<Relay>,
+    metrics: Arc<Metrics>,
+    config: Arc<ProxyConfig>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        let (conn, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "proxy accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stop.changed() => return,
+        };
+        let (relay, metrics, config) = (relay.clone(), metrics.clone(), config.clone());
+        let stop = stop.clone();
+        tokio::spawn(tracing::Instrument::instrument(
+            handle(conn, relay, metrics, config, stop),
+            tracing::debug_span!("proxy", %peer),
+        ));
+    }
+}
+
+struct Reject {
+    status: u16,
+    reason: &'static str,
+    error: &'static str,
+    message: String,
+    result: &'static str,
+}
+
+fn reject(
+    status: u16,
+    reason: &'static str,
+    error: &'static str,
+    result: &'static str,
+    message: impl Into<String>,
+) -> Reject {
+    Reject {
+        status,
+        reason,
+        error,
+        message: message.into(),
+        result,
+    }
+}
+
+async fn write_reject(conn: &mut TcpStream, r: &Reject) {
+    let body = serde_json::json!({"error": r.error, "message": r.message}).to_string();
+    let extra = if r.status == 407 {
+        "Proxy-Authenticate: Basic realm=\"cloudlink\"\r\nProxy-Authenticate: Bearer\r\n"
+    } else {
+        ""
+    };
+    let head = format!(
+        "HTTP/1.1 {} {}\r\n{extra}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        r.status,
+        r.reason,
+        body.len()
+    );
+    let _ = conn.write_all(head.as_bytes()).await;
+    let _ = conn.write_all(body.as_bytes()).await;
+    let _ = conn.shutdown().await;
+}
+
+/// Reads the request head; returns it and whatever followed it.
+async fn read_head(conn: &mut TcpStream) -> Result<(String, Vec<u8>), Reject> {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    let bad = |m: &str| {
+        reject(
+            400,
+            "Bad Request",
+            "bad_request",
+            "bad_request",
+            m.to_owned(),
+        )
+    };
+    let read = async {
+        loop {
+            if let Some(end) = find_head_end(&buf) {
+                let rest = buf.split_off(end);
+                let head =
+                    String::from_utf8(buf).map_err(|_| bad("the request head is not UTF-8"))?;
+                return Ok((head, rest));
+            }
+            if buf.len() > MAX_HEAD {
+                return Err(bad("the request head is larger than 8 KiB"));
+            }
+            match conn.read(&mut chunk).await {
+                Ok(0) | Err(_) => {
+                    return Err(bad("the connection closed before a complete request head"))
+                }
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    };
+    match tokio::time::timeout(HEAD_TIMEOUT, read).await {
+        Ok(r) => r,
+        Err(_) => Err(bad("no complete request head within 10 s")),
+    }
+}
+
+fn find_head_end(buf: &[u8]) -> Option<usize> {
+    buf.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4)
+}
+
+/// The target of a CONNECT: device uuid and port.
+fn parse_target(target: &str) -> Result<(String, u16), String> {
+    let (host, port) = target
+        .rsplit_once(':')
+        .ok_or_else(|| format!("the target {target:?} is not <device uuid>:<port>"))?;
+    let port: u16 = port
+        .parse()
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| format!("the port in {target:?} is not a number from 1 to 65535"))?;
+    let host = host.to_ascii_lowercase();
+    let uuid = host
+        .strip_suffix(".balena")
+        .or_else(|| host.strip_suffix(".cloudlink"))
+        .unwrap_or(&host);
+    crate::registry::validate_uuid(uuid)
+        .map_err(|m| format!("the target host {host:?} is not a device: {m}"))?;
+    Ok((uuid.to_owned(), port))
+}
+
+fn authorized(head: &str, token: &str) -> bool {
+    head.lines().skip(1).any(|line| {
+        let Some((name, value)) = line.split_once(':') else {
+            return false;
+        };
+        if !name.trim().eq_ignore_ascii_case("proxy-authorization") {
+            return false;
+        }
+        let value = value.trim();
+        if let Some(t) = value
+            .strip_prefix("Bearer ")
+            .or_else(|| value.strip_prefix("bearer "))
+        {
+            return token_matches(t.trim(), token);
+        }
+        if let Some(b) = value
+            .strip_prefix("Basic ")
+            .or_else(|| value.strip_prefix("basic "))
+        {
+            if let Ok(raw) = base64::engine::general_purpose::STANDARD.decode(b.trim()) {
+                if let Ok(text) = String::from_utf8(raw) {
+                    if let Some((_, password)) = text.split_once(':') {
+                        return token_matches(password, token);
+                    }
+                }
+            }
+        }
+        false
+    })
+}
+
+async fn handle(
+    mut conn: TcpStream,
+    relay: Arc<Relay>,
+    metrics: Arc<Metrics>,
+    config: Arc<ProxyConfig>,
+    _stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let (head, rest) = match read_head(&mut conn).await {
+        Ok(h) => h,
+        Err(r) => {
+            metrics.relay_result(r.result);
+            return write_reject(&mut conn, &r).await;
+        }
+    };
+    let outcome = async {
+        let request_line = head.lines().next().unwrap_or_default();
+        let mut parts = request_line.split_whitespace();
+        let (method, target, version) = (parts.next(), parts.next(), parts.next());
+        let (Some(method), Some(target), Some(version)) = (method, target, version) else {
+            return Err(reject(400, "Bad Request", "bad_request", "bad_request", "the request line is not `CONNECT <device uuid>:<port> HTTP/1.1`"));
+        };
+        if !version.starts_with("HTTP/1.") || parts.next().is_some() {
+            return Err(reject(400, "Bad Request", "bad_request", "bad_request", "the request line is not `CONNECT <device uuid>:<port> HTTP/1.1`"));
+        }
+        if method != "CONNECT" {
+            return Err(reject(400, "Bad Request", "bad_request", "bad_request", format!("this is a CONNECT proxy; {method} is not supported")));
+        }
+        if !authorized(&head, &config.token) {
+            return Err(reject(407, "Proxy Authentication Required", "unauthorized", "unauthorized", "send the gateway's API token as `Proxy-Authorization: Bearer <token>` or as the password of Basic auth"));
+        }
+        let (uuid, port) = parse_target(target).map_err(|m| reject(400, "Bad Request", "bad_request", "bad_request", m))?;
+        if !config.allow_ports.contains(&port) {
+            return Err(reject(403, "Forbidden", "port_not_allowed", "forbidden", format!(
+                "port {port} is not open through the proxy; allowed ports: {}",
+                config.allow_ports.iter().map(u16::to_string).collect::<Vec<_>>().join(", ")
+            )));
+        }
+        match relay.connect(&uuid, port).await {
+            Ok(s) => Ok((s, uuid, port)),
+            Err(ConnectError::UnknownDevice) => Err(reject(404, "Not Found", "device_not_found", "unknown_device", format!("no device with uuid {uuid:?} is registered"))),
+            Err(ConnectError::LinkDown) => Err(reject(503, "Service Unavailable", "cloudlink_unavailable", "unavailable", format!("device {uuid}'s cloudlink is down, so SSH and immediate actions are unavailable; it can still poll for updates over its heartbeat"))),
+            Err(ConnectError::Refused) => Err(reject(502, "Bad Gateway", "device_refused", "refused", format!("device {uuid} refused the connection to port {port}: nothing listens there"))),
+            Err(ConnectError::Timeout) => Err(reject(504, "Gateway Timeout", "device_timeout", "timeout", format!("device {uuid} did not answer on port {port} within {} s", relay.connect_timeout.as_secs_f32()))),
+            Err(ConnectError::Internal(m)) => Err(reject(502, "Bad Gateway", "relay_failed", "refused", m)),
+        }
+    }
+    .await;
+    let (stream, uuid, port) = match outcome {
+        Ok(s) => s,
+        Err(r) => {
+            metrics.relay_result(r.result);
+            return write_reject(&mut conn, &r).await;
+        }
+    };
+    metrics.relay_result("ok");
+    if conn
+        .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        .await
+        .is_err()
+    {
+        return;
+    }
+    if !rest.is_empty() {
+        stream
+            .stack
+            .with(|s| s.tcp(stream.handle).send_slice(&rest).ok());
+        relay.count_bytes(true, rest.len() as u64);
+    }
+    tracing::info!(device = %uuid, port, "relay stream open");
+    let r = relay.clone();
+    let moved = super::stream::relay(&stream.stack, stream.handle, conn, &move |up, n| {
+        r.count_bytes(up, n)
+    })
+    .await;
+    tracing::info!(device = %uuid, port, up = moved.up, down = moved.down, "relay stream closed");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets() {
+        assert_eq!(parse_target("dev-1:22").unwrap(), ("dev-1".into(), 22));
+        assert_eq!(
+            parse_target("dev-1.balena:22222").unwrap(),
+            ("dev-1".into(), 22222)
+        );
+        assert_eq!(
+            parse_target("DEV-1.cloudlink:48484").unwrap(),
+            ("dev-1".into(), 48484)
+        );
+        assert!(parse_target("dev-1").is_err());
+        assert!(parse_target("dev-1:0").is_err());
+        assert!(parse_target("dev-1:99999").is_err());
+        assert!(parse_target("bad_host:22").is_err());
+    }
+
+    #[test]
+    fn auth_forms() {
+        let token = "secret-token-0123456789";
+        let basic = base64::engine::general_purpose::STANDARD.encode(format!("user:{token}"));
+        assert!(authorized(
+            &format!("CONNECT a:22 HTTP/1.1\r\nProxy-Authorization: Bearer {token}\r\n"),
+            token
+        ));
+        assert!(authorized(
+            &format!("CONNECT a:22 HTTP/1.1\r\nproxy-authorization: Basic {basic}\r\n"),
+            token
+        ));
+        assert!(!authorized(
+            "CONNECT a:22 HTTP/1.1\r\nProxy-Authorization: Bearer nope\r\n",
+            token
+        ));
+        assert!(!authorized("CONNECT a:22 HTTP/1.1\r\n", token));
+    }
+}

@@ -1,0 +1,277 @@
+//! A [`NetStack`] shared between the packet path (which feeds it packets)
+//! and the tasks that relay its TCP streams to kernel sockets, and the
+//! relay loop itself.
+//!
+//! Why a mutex per stack: smoltcp needs `&mut` for every operation. One
+//! stack serves one peer, so the lock serialises one device's streams only,
+//! and it is held for one smoltcp call (never across `.await`).
+//!
+//! Backpressure, both ways: a client is read only when its socket has room
+//! in the stack's send buffer; the stack's receive buffer is drained only as
+//! fast as the client accepts the bytes, so the advertised window closes
+//! when the client is slow. Half-close is carried: a client EOF becomes a
+//! FIN to the device, a FIN from the device becomes `shutdown(Write)`.
+
+use parking_lot::Mutex;
+use smoltcp::iface::SocketHandle;
+use smoltcp::socket::tcp;
+use std::future::poll_fn;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::netstack::{Egress, NetStack};
+
+/// Bytes a relay task copies per lock.
+const CHUNK: usize = 64 * 1024;
+
+pub struct SharedStack {
+    stack: Mutex<NetStack>,
+    egress: Arc<dyn Egress>,
+    timer: tokio::sync::Notify,
+    /// Handles whose relay ended; removed once their TCP state allows.
+    released: Mutex<Vec<SocketHandle>>,
+    dead: AtomicBool,
+    /// Streams open on this stack (for idle cleanup).
+    pub open_streams: AtomicU64,
+}
+
+impl SharedStack {
+    pub fn new(stack: NetStack, egress: Arc<dyn Egress>) -> Arc<Self> {
+        Arc::new(SharedStack {
+            stack: Mutex::new(stack),
+            egress,
+            timer: tokio::sync::Notify::new(),
+            released: Mutex::new(Vec::new()),
+            dead: AtomicBool::new(false),
+            open_streams: AtomicU64::new(0),
+        })
+    }
+
+    /// One inbound packet from the tunnel.
+    pub fn input(&self, packet: &[u8]) {
+        self.stack
+            .lock()
+            .input(Instant::now(), packet, &*self.egress);
+        self.timer.notify_one();
+    }
+
+    /// Runs `f` on the stack, then egress.
+    pub fn with<R>(&self, f: impl FnOnce(&mut NetStack) -> R) -> R {
+        let mut s = self.stack.lock();
+        let r = f(&mut s);
+        s.poll(Instant::now(), &*self.egress);
+        drop(s);
+        self.timer.notify_one();
+        r
+    }
+
+    /// Marks the stack dead (its peer's link went down or it was deleted):
+    /// every stream ends. Safe to call from any thread: it takes no lock,
+    /// the timer task does the work.
+    pub fn kill(&self) {
+        self.dead.store(true, Ordering::Release);
+        self.timer.notify_one();
+    }
+
+    pub fn is_dead(&self) -> bool {
+        self.dead.load(Ordering::Acquire)
+    }
+
+    /// Drives smoltcp's timers (retransmissions, delayed ACKs, keepalives)
+    /// and removes finished sockets. Ends when no stream is open and either
+    /// the stack is dead, or it holds no socket and `try_exit` agrees (the
+    /// owner unregisters the stack there).
+    pub async fn run_timers(self: Arc<Self>, try_exit: impl Fn() -> bool) {
+        loop {
+            let delay = {
+                let mut s = self.stack.lock();
+                if self.is_dead() {
+                    for h in s.sockets.iter().map(|(h, _)| h).collect::<Vec<_>>() {
+                        s.tcp(h).abort();
+                    }
+                }
+                s.poll(Instant::now(), &*self.egress);
+                let mut released = self.released.lock();
+                released.retain(|h| {
+                    let st = s.tcp(*h).state();
+                    if matches!(st, tcp::State::Closed | tcp::State::TimeWait) {
+                        s.remove(*h);
+                        false
+                    } else {
+                        true
+                    }
+                });
+                (s.poll_delay(Instant::now()), s.is_empty())
+            };
+            let (delay, empty) = delay;
+            if self.open_streams.load(Ordering::Acquire) == 0
+                && (self.is_dead() || (empty && try_exit()))
+            {
+                return;
+            }
+            let delay = delay
+                .unwrap_or(Duration::from_secs(1))
+                .min(Duration::from_secs(1));
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = self.timer.notified() => {}
+            }
+        }
+    }
+
+    /// Waits until the socket is established (`Ok`), refused or reset
+    /// (`Err(true)`), or closed otherwise (`Err(false)`).
+    pub async fn established(&self, h: SocketHandle) -> Result<(), bool> {
+        poll_fn(|cx| {
+            let mut s = self.stack.lock();
+            let sock = s.tcp(h);
+            match sock.state() {
+                tcp::State::Established => Poll::Ready(Ok(())),
+                tcp::State::SynSent | tcp::State::SynReceived | tcp::State::Listen => {
+                    sock.register_send_waker(cx.waker());
+                    sock.register_recv_waker(cx.waker());
+                    Poll::Pending
+                }
+                tcp::State::Closed => Poll::Ready(Err(true)),
+                _ => Poll::Ready(Err(false)),
+            }
+        })
+        .await
+    }
+
+    /// Gives a finished stream's socket back for removal.
+    pub fn release(&self, h: SocketHandle) {
+        {
+            let mut s = self.stack.lock();
+            let sock = s.tcp(h);
+            if sock.is_open() {
+                sock.close();
+            }
+            s.poll(Instant::now(), &*self.egress);
+        }
+        self.released.lock().push(h);
+        self.timer.notify_one();
+    }
+}
+
+/// Bytes moved by one relay, per direction.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Moved {
+    /// Client to device.
+    pub up: u64,
+    /// Device to client.
+    pub down: u64,
+}
+
+/// Relays between an established stack socket and a kernel TCP stream until
+/// both directions are finished. `on_bytes(up, n)` is called per chunk.
+pub async fn relay(
+    stack: &SharedStack,
+    h: SocketHandle,
+    client: tokio::net::TcpStream,
+    on_bytes: &(dyn Fn(bool, u64) + Sync),
+) -> Moved {
+    let _ = client.set_nodelay(true);
+    let (mut rd, mut wr) = client.into_split();
+    let up = async {
+        let mut buf = vec![0u8; CHUNK];
+        let mut total = 0u64;
+        loop {
+            // Read the client only when the stack has room for the bytes.
+            let room = poll_fn(|cx| {
+                let mut s = stack.stack.lock();
+                let sock = s.tcp(h);
+                if !sock.may_send() {
+                    return Poll::Ready(0);
+                }
+                let free = sock.send_capacity() - sock.send_queue();
+                if free > 0 {
+                    Poll::Ready(free)
+                } else {
+                    sock.register_send_waker(cx.waker());
+                    Poll::Pending
+                }
+            })
+            .await;
+            if room == 0 {
+                break;
+            }
+            let want = room.min(CHUNK);
+            // Wait for the client, but give up as soon as the stream is torn
+            // down on the device's side (link down, deletion, reset).
+            let closed = poll_fn(|cx| {
+                let mut s = stack.stack.lock();
+                let sock = s.tcp(h);
+                if sock.may_send() {
+                    sock.register_send_waker(cx.waker());
+                    Poll::Pending
+                } else {
+                    Poll::Ready(())
+                }
+            });
+            let read = tokio::select! {
+                r = rd.read(&mut buf[..want]) => r,
+                _ = closed => break,
+            };
+            match read {
+                Ok(0) | Err(_) => {
+                    // Client EOF: FIN to the device (half-close).
+                    stack.with(|s| s.tcp(h).close());
+                    break;
+                }
+                Ok(n) => {
+                    let sent = stack.with(|s| s.tcp(h).send_slice(&buf[..n]).unwrap_or(0));
+                    total += sent as u64;
+                    on_bytes(true, sent as u64);
+                    if sent < n {
+                        break; // the socket closed under us
+                    }
+                }
+            }
+        }
+        total
+    };
+    let down = async {
+        let mut buf = vec![0u8; CHUNK];
+        let mut total = 0u64;
+        loop {
+            let got = poll_fn(|cx| {
+                let mut s = stack.stack.lock();
+                let sock = s.tcp(h);
+                if sock.can_recv() {
+                    let n = sock.recv_slice(&mut buf).unwrap_or(0);
+                    // The window opened: let the device know now.
+                    s.poll(Instant::now(), &*stack.egress);
+                    Poll::Ready(Some(n))
+                } else if !sock.may_recv() {
+                    Poll::Ready(None)
+                } else {
+                    sock.register_recv_waker(cx.waker());
+                    Poll::Pending
+                }
+            })
+            .await;
+            match got {
+                Some(n) => {
+                    if wr.write_all(&buf[..n]).await.is_err() {
+                        stack.with(|s| s.tcp(h).abort());
+                        break;
+                    }
+                    total += n as u64;
+                    on_bytes(false, n as u64);
+                }
+                None => {
+                    // FIN (or reset) from the device: half-close the client.
+                    let _ = wr.shutdown().await;
+                    break;
+                }
+            }
+        }
+        total
+    };
+    let (up, down) = tokio::join!(up, down);
+    Moved { up, down }
+}
