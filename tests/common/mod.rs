@@ -2,6 +2,9 @@
 //! an SSE reader and a boringtun device.
 #![allow(dead_code)]
 
+pub mod netns;
+pub mod ssh;
+
 use boringtun::noise::{Tunn, TunnResult};
 use cloudlink::keys::{encode_key, generate_private_key, public_key, KeyBytes};
 use cloudlink::{Gateway, GatewayConfig};

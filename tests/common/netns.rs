@@ -1,0 +1,225 @@
+//! Network namespaces and wireguard-go devices for interop tests. Needs
+//! root, `ip`, `wireguard-go` and `wg` (installed by `tests/run.sh`).
+#![allow(dead_code)]
+
+use super::TestGateway;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn run(cmd: &str, args: &[&str]) -> String {
+    let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| {
+        panic!("{cmd} could not run ({e}); install it with `bash tests/run.sh`")
+    });
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn run_stdin(cmd: &str, args: &[&str], input: &str) -> String {
+    use std::io::Write;
+    let mut child = Command::new(cmd)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// A namespace with a veth link to the root namespace; removed on drop,
+/// with the processes started in it.
+pub struct Netns {
+    pub name: String,
+    pub host_if: String,
+    pub host_ip: String,
+    pub ns_ip: String,
+    pub children: Vec<Child>,
+}
+
+impl Netns {
+    pub fn create(tag: &str, subnet: u8) -> Self {
+        let name = format!("cl-{tag}");
+        let host_if = format!("clh-{tag}");
+        let ns_if = format!("cld-{tag}");
+        let host_ip = format!("198.18.{subnet}.1");
+        let ns_ip = format!("198.18.{subnet}.2");
+        // Leftovers of an interrupted run.
+        let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        let _ = Command::new("ip").args(["link", "del", &host_if]).output();
+        run("ip", &["netns", "add", &name]);
+        let ns = Netns {
+            name: name.clone(),
+            host_if: host_if.clone(),
+            host_ip: host_ip.clone(),
+            ns_ip: ns_ip.clone(),
+            children: Vec::new(),
+        };
+        run(
+            "ip",
+            &[
+                "link", "add", &host_if, "type", "veth", "peer", "name", &ns_if,
+            ],
+        );
+        run("ip", &["link", "set", &ns_if, "netns", &name]);
+        run(
+            "ip",
+            &["addr", "add", &format!("{host_ip}/24"), "dev", &host_if],
+        );
+        run("ip", &["link", "set", &host_if, "up"]);
+        ns.exec(&["ip", "addr", "add", &format!("{ns_ip}/24"), "dev", &ns_if]);
+        ns.exec(&["ip", "link", "set", &ns_if, "up"]);
+        ns.exec(&["ip", "link", "set", "lo", "up"]);
+        ns
+    }
+
+    pub fn exec(&self, args: &[&str]) -> String {
+        let mut full = vec!["netns", "exec", &self.name];
+        full.extend_from_slice(args);
+        run("ip", &full)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.host_if])
+            .output();
+    }
+}
+
+/// The `[Interface]`/`[Peer]` text `wg setconf` takes: the placeholder
+/// replaced by the device's key, wg-quick-only keys (Address) left out.
+pub fn setconf_text(wg_quick: &str, private_key: &str) -> String {
+    wg_quick
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.starts_with("Address"))
+        .map(|l| l.replace(cloudlink::wg_config::PRIVATE_KEY_PLACEHOLDER, private_key))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// A wireguard-go device in its own namespace, registered with the gateway
+/// and configured from the `wg_quick` text the API returned.
+pub struct WgGoDevice {
+    pub ns: Netns,
+    pub iface: String,
+    pub endpoint: String,
+    /// The device's tunnel address.
+    pub address: String,
+}
+
+impl WgGoDevice {
+    pub async fn start(g: &TestGateway, uuid: &str, tag: &str, subnet: u8) -> Self {
+        let mut ns = Netns::create(tag, subnet);
+        // Device configs name the address the namespace can reach (what
+        // --endpoint says in production; the test gateway has a placeholder).
+        let endpoint = format!("{}:{}", ns.host_ip, g.udp.port());
+        let private = run("wg", &["genkey"]);
+        let public = run_stdin("wg", &["pubkey"], &private);
+        let (st, reg) = g
+            .call(
+                "POST",
+                "/v1/devices",
+                Some(serde_json::json!({"uuid": uuid, "public_key": public.trim()})),
+            )
+            .await;
+        assert_eq!(st, 201, "{reg}");
+        let address = reg["address"].as_str().unwrap().to_owned();
+        let gw_addr = reg["gateway"]["address"].as_str().unwrap().to_owned();
+        let wg_quick = reg["wg_quick"]
+            .as_str()
+            .unwrap()
+            .replace(reg["gateway"]["endpoint"].as_str().unwrap(), &endpoint);
+
+        let iface = format!("clwg{tag}");
+        let child = Command::new("ip")
+            .args(["netns", "exec", &ns.name, "wireguard-go", "-f", &iface])
+            .env("WG_PROCESS_FOREGROUND", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("wireguard-go could not start; install it with `bash tests/run.sh`");
+        ns.children.push(child);
+        let sock = format!("/run/wireguard/{iface}.sock");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !std::path::Path::new(&sock).exists() {
+            assert!(
+                Instant::now() < deadline,
+                "wireguard-go did not create {sock}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let conf_path = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(conf_path.path(), setconf_text(&wg_quick, private.trim())).unwrap();
+        ns.exec(&["wg", "setconf", &iface, conf_path.path().to_str().unwrap()]);
+        ns.exec(&["ip", "addr", "add", &format!("{address}/32"), "dev", &iface]);
+        ns.exec(&["ip", "link", "set", &iface, "up"]);
+        ns.exec(&[
+            "ip",
+            "route",
+            "add",
+            &format!("{gw_addr}/32"),
+            "dev",
+            &iface,
+        ]);
+        let listen_port = ns
+            .exec(&["wg", "show", &iface, "listen-port"])
+            .trim()
+            .to_owned();
+        let endpoint = format!("{}:{listen_port}", ns.ns_ip);
+        WgGoDevice {
+            ns,
+            iface,
+            endpoint,
+            address,
+        }
+    }
+
+    /// Waits until `wg show` reports a completed handshake.
+    pub fn wait_handshake(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let hs = self
+                .ns
+                .exec(&["wg", "show", &self.iface, "latest-handshakes"]);
+            let t: u64 = hs
+                .split_whitespace()
+                .nth(1)
+                .unwrap_or("0")
+                .parse()
+                .unwrap_or(0);
+            if t > 0 {
+                return;
+            }
+            assert!(Instant::now() < deadline, "no handshake: {hs}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Stops wireguard-go, as a device that powers off.
+    pub fn stop(&mut self) {
+        for c in &mut self.ns.children {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+        self.ns.children.clear();
+    }
+}
