@@ -31,6 +31,8 @@ pub struct Cli {
 pub enum Command {
     /// Run the gateway.
     Serve(ServeArgs),
+    /// Run on a device: dial the gateway and forward ports to local services.
+    Agent(AgentArgs),
     /// Print a new private key (like `wg genkey`).
     Genkey,
     /// Read a private key on stdin, print its public key (like `wg pubkey`).
@@ -101,6 +103,63 @@ pub struct ServeArgs {
     /// Log filter (tracing's EnvFilter syntax) [default: info]
     #[arg(long, env = "CLOUDLINK_LOG")]
     pub log: Option<String>,
+}
+
+/// `cloudlink agent` flags; environment variables are `CLOUDLINK_AGENT_*`.
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// The wg-quick configuration the gateway handed out for this device
+    #[arg(long, env = "CLOUDLINK_AGENT_CONFIG")]
+    pub config: PathBuf,
+    /// File with the device's private key (when the config holds the placeholder)
+    #[arg(long, env = "CLOUDLINK_AGENT_PRIVATE_KEY_FILE")]
+    pub private_key_file: Option<PathBuf>,
+    /// Forward a tunnel port to a local service: PORT=HOST:PORT (repeatable; comma-separated in the environment)
+    #[arg(
+        long = "forward",
+        env = "CLOUDLINK_AGENT_FORWARD",
+        value_delimiter = ','
+    )]
+    pub forward: Vec<crate::agent::Forward>,
+    /// How often the agent checks that the gateway still answers
+    #[arg(long, env = "CLOUDLINK_AGENT_LIVENESS_INTERVAL", value_parser = humantime::parse_duration, default_value = "10s")]
+    pub liveness_interval: Duration,
+    /// Log filter (tracing's EnvFilter syntax)
+    #[arg(long, env = "CLOUDLINK_AGENT_LOG", default_value = "info")]
+    pub log: String,
+}
+
+impl AgentArgs {
+    pub fn resolve(&self) -> Result<crate::agent::AgentConfig, Error> {
+        let text = std::fs::read_to_string(&self.config).map_err(|e| Error::io(&self.config, e))?;
+        let wg = crate::agent::wg_quick::parse(&text)
+            .map_err(|e| Error::Config(format!("{}: {e}", self.config.display())))?;
+        let private_key = match (&self.private_key_file, wg.private_key) {
+            (Some(path), _) => {
+                let t = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+                crate::keys::decode_key(&t)
+                    .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?
+            }
+            (None, Some(k)) => k,
+            (None, None) => {
+                return Err(Error::Config(format!(
+                    "{} holds no private key: fill it in or give --private-key-file",
+                    self.config.display()
+                )))
+            }
+        };
+        if self.liveness_interval < Duration::from_millis(100) {
+            return Err(Error::Config(
+                "--liveness-interval must be at least 100ms".into(),
+            ));
+        }
+        Ok(crate::agent::AgentConfig {
+            private_key,
+            wg,
+            forwards: self.forward.clone(),
+            liveness_interval: self.liveness_interval,
+        })
+    }
 }
 
 mod opt_duration {

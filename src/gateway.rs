@@ -210,6 +210,7 @@ impl Gateway {
     pub async fn shutdown(mut self) {
         self.api_state.ready.store(false, Ordering::Release);
         let _ = self.stop_proxy.send(true);
+        self.relay.shutdown();
         if let Some(t) = self.threads.take() {
             let _ = tokio::task::spawn_blocking(move || t.stop()).await;
         }

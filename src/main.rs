@@ -23,6 +23,24 @@ fn main() -> anyhow::Result<()> {
             writeln!(out, "{}", keys::encode_key(&keys::public_key(&private)))?;
             Ok(())
         }
+        Command::Agent(args) => {
+            let config = args.resolve()?;
+            init_tracing(&args.log);
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .thread_name("cloudlink-agent")
+                .build()?;
+            runtime.block_on(async {
+                let (tx, rx) = tokio::sync::watch::channel(false);
+                tokio::spawn(async move {
+                    shutdown_signal().await;
+                    let _ = tx.send(true);
+                });
+                cloudlink::agent::run(config, rx).await;
+            });
+            Ok(())
+        }
         Command::Serve(args) => {
             let config = args.resolve()?;
             init_tracing(&config.log);

@@ -14,7 +14,10 @@ async fn ssh_and_a_20_mb_file_through_wireguard_go() {
     let tag = format!("r{}", std::process::id() % 10_000);
     let subnet = (std::process::id() % 10 + 170) as u8;
     let dir = tempfile::tempdir().unwrap();
-    let c = config(dir.path());
+    let mut c = config(dir.path());
+    // wireguard-go sends keepalives every 25 s: a shorter link timeout would
+    // (rightly) take the link down between two ssh runs.
+    c.link_timeout = std::time::Duration::from_secs(60);
     let mut g = TestGateway::start_in(dir, c, "0.0.0.0:0").await;
     let mut events = g.events(None).await;
     let mut dev = WgGoDevice::start(&g, "wg-ssh", &tag, subnet).await;

@@ -105,7 +105,9 @@ pub struct PacketPath {
     pub(crate) sink: OnceLock<Arc<dyn TunnelSink>>,
     pub(crate) observer: OnceLock<Arc<dyn LinkObserver>>,
     /// The socket `send` uses for packets that do not answer a datagram.
-    pub(crate) egress: OnceLock<Arc<std::net::UdpSocket>>,
+    /// Weak: the packet threads own the socket, so stopping them closes it
+    /// even while other parts (relay stacks) still hold the packet path.
+    pub(crate) egress: OnceLock<std::sync::Weak<std::net::UdpSocket>>,
 }
 
 impl PacketPath {
@@ -153,8 +155,8 @@ impl PacketPath {
     }
 
     /// Sets the socket used by [`send`](Self::send_ip). Once.
-    pub fn set_egress(&self, socket: Arc<std::net::UdpSocket>) {
-        let _ = self.egress.set(socket);
+    pub fn set_egress(&self, socket: &Arc<std::net::UdpSocket>) {
+        let _ = self.egress.set(Arc::downgrade(socket));
     }
 
     /// Publishes a link transition of `session` (its state already changed:

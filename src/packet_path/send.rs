@@ -19,7 +19,7 @@ pub enum SendError {
     NoSession,
     #[error("packet of {0} bytes is larger than a WireGuard datagram can carry")]
     TooLarge(usize),
-    #[error("the gateway has no UDP socket yet")]
+    #[error("the gateway has no UDP socket (starting or stopped)")]
     NoSocket,
     #[error("the tunnel refused the packet: {0}")]
     Tunnel(String),
@@ -82,10 +82,14 @@ impl PacketPath {
         session: &Arc<Session>,
         packet: &[u8],
     ) -> Result<(), SendError> {
-        let socket = self.egress.get().ok_or(SendError::NoSocket)?;
+        let socket = self
+            .egress
+            .get()
+            .and_then(|w| w.upgrade())
+            .ok_or(SendError::NoSocket)?;
         SEND_BUF.with(|buf| {
             let mut buf = buf.borrow_mut();
-            self.send_ip_with(session, packet, &mut buf, &mut SocketTx(socket))
+            self.send_ip_with(session, packet, &mut buf, &mut SocketTx(&socket))
         })
     }
 }

@@ -33,7 +33,7 @@ impl PacketThreads {
     ) -> std::io::Result<Self> {
         // The timeout only bounds how long a stop request waits.
         socket.set_read_timeout(Some(Duration::from_millis(100)))?;
-        path.set_egress(socket.clone());
+        path.set_egress(&socket);
         let stop = Arc::new(AtomicBool::new(false));
         let mut handles = Vec::new();
         {

@@ -125,12 +125,16 @@ impl Relay {
         };
         let stack = self.stack_for(&session);
         self.metrics.relay_streams.inc();
-        let handle = match stack.with(|s| s.connect((device.address, port))) {
-            Ok(h) => h,
-            Err(e) => {
+        let handle = match stack.with(|s| Some(s.connect((device.address, port)))) {
+            Some(Ok(h)) => h,
+            other => {
                 stack.open_streams.fetch_sub(1, Ordering::AcqRel);
                 self.metrics.relay_streams.dec();
-                return Err(ConnectError::Internal(format!("connect: {e}")));
+                let why = match other {
+                    Some(Err(e)) => format!("connect: {e}"),
+                    _ => "the device's stack failed".to_owned(),
+                };
+                return Err(ConnectError::Internal(why));
             }
         };
         let open = OpenStream {
@@ -181,6 +185,16 @@ impl Relay {
             }));
         }
         stack
+    }
+
+    /// Ends every stream (gateway shutdown).
+    pub fn shutdown(&self) {
+        let ids: Vec<u32> = self.stacks.iter().map(|e| *e.key()).collect();
+        for id in ids {
+            if let Some((_, stack)) = self.stacks.remove(&id) {
+                stack.kill();
+            }
+        }
     }
 
     /// Number of device stacks alive (for tests and metrics).

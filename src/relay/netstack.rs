@@ -141,7 +141,7 @@ impl NetStack {
         };
         let origin = now;
         let mut iface = Interface::new(config, &mut dev, smoltcp::time::Instant::from_micros(0));
-        let addr = Ipv4Address::from(local);
+        let addr: Ipv4Address = local;
         iface.update_ip_addrs(|a| {
             let _ = a.push(IpCidr::new(IpAddress::Ipv4(addr), 32));
         });
@@ -213,6 +213,19 @@ impl NetStack {
         // Interactive streams (SSH) want no Nagle delay; bulk streams fill
         // whole segments anyway.
         s.set_nagle_enabled(false);
+        // No delayed ACKs. Besides a quicker ACK clock, this avoids a smoltcp
+        // 0.12 panic ("attempt to subtract sequence numbers with
+        // underflow" in `last_scaled_window`): with window scaling, the
+        // advertised right edge can move back by a few bytes through
+        // rounding, the peer may fill the older edge, and while that data is
+        // unacknowledged `poll_at`/`dispatch` compute a negative window. With
+        // immediate ACKs the data is acknowledged in the same locked `input`
+        // call, before anything asks for the window.
+        s.set_ack_delay(None);
+        // Without congestion control smoltcp sends a full window at once;
+        // a WireGuard peer's queues (wireguard-go, veth, TUN) drop part of
+        // such bursts, and smoltcp then waits for retransmission timeouts.
+        s.set_congestion_control(tcp::CongestionControl::Cubic);
         s.set_keep_alive(Some(smoltcp::time::Duration::from_secs(30)));
         s.set_timeout(Some(smoltcp::time::Duration::from_secs(120)));
         s
@@ -224,7 +237,7 @@ impl NetStack {
         let port = self.take_port();
         s.connect(
             self.iface.context(),
-            IpEndpoint::new(IpAddress::Ipv4(Ipv4Address::from(remote.0)), remote.1),
+            IpEndpoint::new(IpAddress::Ipv4(remote.0), remote.1),
             port,
         )?;
         Ok(self.sockets.add(s))
@@ -239,7 +252,7 @@ impl NetStack {
 
     fn take_port(&mut self) -> u16 {
         let p = self.next_port;
-        self.next_port = if self.next_port >= 65535 {
+        self.next_port = if self.next_port == u16::MAX {
             49152
         } else {
             self.next_port + 1

@@ -52,20 +52,38 @@ impl SharedStack {
 
     /// One inbound packet from the tunnel.
     pub fn input(&self, packet: &[u8]) {
-        self.stack
-            .lock()
-            .input(Instant::now(), packet, &*self.egress);
+        let mut s = self.stack.lock();
+        self.guard(|| s.input(Instant::now(), packet, &*self.egress));
+        drop(s);
         self.timer.notify_one();
     }
 
     /// Runs `f` on the stack, then egress.
-    pub fn with<R>(&self, f: impl FnOnce(&mut NetStack) -> R) -> R {
+    pub fn with<R: Default>(&self, f: impl FnOnce(&mut NetStack) -> R) -> R {
         let mut s = self.stack.lock();
-        let r = f(&mut s);
-        s.poll(Instant::now(), &*self.egress);
+        let r = self.guard(|| {
+            let r = f(&mut s);
+            s.poll(Instant::now(), &*self.egress);
+            r
+        });
         drop(s);
         self.timer.notify_one();
         r
+    }
+
+    /// A panic inside smoltcp must not take the packet thread (or a relay
+    /// task) down with it: the stack is killed, its streams end, the rest of
+    /// the gateway goes on. (parking_lot's mutex is not poisoned; a dead
+    /// stack is only aborted and dropped afterwards.)
+    fn guard<R: Default>(&self, f: impl FnOnce() -> R) -> R {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+            Ok(r) => r,
+            Err(_) => {
+                tracing::error!("the userspace TCP/IP stack panicked; its streams are ended");
+                self.dead.store(true, Ordering::Release);
+                R::default()
+            }
+        }
     }
 
     /// Marks the stack dead (its peer's link went down or it was deleted):
@@ -87,13 +105,14 @@ impl SharedStack {
     pub async fn run_timers(self: Arc<Self>, try_exit: impl Fn() -> bool) {
         loop {
             let delay = {
-                let mut s = self.stack.lock();
+                let mut guard = self.stack.lock();
+                let s = &mut *guard;
                 if self.is_dead() {
                     for h in s.sockets.iter().map(|(h, _)| h).collect::<Vec<_>>() {
                         s.tcp(h).abort();
                     }
                 }
-                s.poll(Instant::now(), &*self.egress);
+                self.guard(|| s.poll(Instant::now(), &*self.egress));
                 let mut released = self.released.lock();
                 released.retain(|h| {
                     let st = s.tcp(*h).state();
@@ -104,7 +123,7 @@ impl SharedStack {
                         true
                     }
                 });
-                (s.poll_delay(Instant::now()), s.is_empty())
+                (self.guard(|| s.poll_delay(Instant::now())), s.is_empty())
             };
             let (delay, empty) = delay;
             if self.open_streams.load(Ordering::Acquire) == 0

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod netns;
+pub mod proxy;
 pub mod ssh;
 
 use boringtun::noise::{Tunn, TunnResult};

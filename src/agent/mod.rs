@@ -1,0 +1,388 @@
+//! `cloudlink agent`: the device side, for devices without kernel WireGuard
+//! or root. It dials the gateway with boringtun over UDP, runs a userspace
+//! TCP/IP stack on its tunnel address, and forwards incoming TCP connections
+//! on configured ports to local services (`--forward 22222=127.0.0.1:22`).
+//!
+//! Liveness: WireGuard keepalives are never answered, so an idle device
+//! cannot tell that the gateway restarted. The agent pings the gateway's
+//! tunnel address (the gateway answers ICMP echo) every
+//! `--liveness-interval`; after three intervals without an authenticated
+//! packet it drops the session and dials again. Failed attempts back off
+//! exponentially from 1 s to 60 s with ±50 % jitter, so a fleet does not
+//! stampede a gateway that comes back.
+
+pub mod wg_quick;
+
+use boringtun::noise::{Tunn, TunnResult};
+use parking_lot::Mutex;
+use std::cell::RefCell;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::net::UdpSocket;
+use x25519_dalek::{PublicKey, StaticSecret};
+
+use crate::keys::KeyBytes;
+use crate::relay::netstack::{Egress, NetStack};
+use crate::relay::stream::{relay, SharedStack};
+
+/// One forwarded port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Forward {
+    pub port: u16,
+    pub target: String,
+}
+
+impl std::str::FromStr for Forward {
+    type Err = String;
+    /// `PORT=HOST:PORT`
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (port, target) = s
+            .split_once('=')
+            .ok_or_else(|| format!("--forward {s:?} is not PORT=HOST:PORT"))?;
+        let port: u16 = port
+            .trim()
+            .parse()
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| format!("--forward {s:?}: {port:?} is not a port"))?;
+        let target = target.trim();
+        if !target
+            .rsplit_once(':')
+            .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
+        {
+            return Err(format!("--forward {s:?}: {target:?} is not HOST:PORT"));
+        }
+        Ok(Forward {
+            port,
+            target: target.to_owned(),
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub private_key: KeyBytes,
+    pub wg: wg_quick::WgQuick,
+    pub forwards: Vec<Forward>,
+    pub liveness_interval: Duration,
+}
+
+/// Listening sockets kept per forwarded port (smoltcp accepts one
+/// connection per listening socket).
+const BACKLOG: usize = 4;
+const BACKOFF_MIN: Duration = Duration::from_secs(1);
+const BACKOFF_MAX: Duration = Duration::from_secs(60);
+/// A handshake that has not completed by then counts as a failed attempt.
+const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Jittered exponential backoff: 1 s doubling to 60 s, each wait ±50 %.
+#[derive(Debug)]
+pub struct Backoff {
+    next: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff { next: BACKOFF_MIN }
+    }
+}
+
+impl Backoff {
+    /// The wait before the next attempt, given a random `u` in [0, 1).
+    pub fn next_wait(&mut self, u: f64) -> Duration {
+        let base = self.next;
+        self.next = (self.next * 2).min(BACKOFF_MAX);
+        base.mul_f64(0.5 + u)
+    }
+    pub fn reset(&mut self) {
+        self.next = BACKOFF_MIN;
+    }
+}
+
+fn random_unit() -> f64 {
+    let mut b = [0u8; 8];
+    rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut b);
+    (u64::from_le_bytes(b) >> 11) as f64 / (1u64 << 53) as f64
+}
+
+enum End {
+    Stop,
+    Lost(&'static str, bool),
+}
+
+/// Runs the agent until `stop` turns true.
+pub async fn run(config: AgentConfig, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let mut backoff = Backoff::default();
+    loop {
+        match session(&config, &mut stop).await {
+            End::Stop => return,
+            End::Lost(why, was_up) => {
+                if was_up {
+                    backoff.reset();
+                }
+                let wait = backoff.next_wait(random_unit());
+                tracing::warn!(reason = why, retry_in = ?wait, "cloudlink lost; dialing again");
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = stop.changed() => return,
+                }
+            }
+        }
+    }
+}
+
+struct AgentEgress {
+    tunn: Arc<Mutex<Tunn>>,
+    socket: Arc<UdpSocket>,
+}
+
+thread_local! {
+    static ENCAP: RefCell<Vec<u8>> = RefCell::new(vec![0u8; 65_600]);
+}
+
+impl Egress for AgentEgress {
+    fn send(&self, packet: &[u8]) {
+        ENCAP.with(|b| {
+            let mut b = b.borrow_mut();
+            if let TunnResult::WriteToNetwork(d) = self.tunn.lock().encapsulate(packet, &mut b) {
+                let _ = self.socket.try_send(d);
+            }
+        });
+    }
+}
+
+async fn session(cfg: &AgentConfig, stop: &mut tokio::sync::watch::Receiver<bool>) -> End {
+    let endpoint: SocketAddr = match tokio::net::lookup_host(&cfg.wg.endpoint)
+        .await
+        .map(|mut a| a.next())
+    {
+        Ok(Some(a)) => a,
+        _ => return End::Lost("the gateway's endpoint does not resolve", false),
+    };
+    let bind = if endpoint.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    };
+    let socket = match UdpSocket::bind(bind).await {
+        Ok(s) => s,
+        Err(_) => return End::Lost("no UDP socket", false),
+    };
+    if socket.connect(endpoint).await.is_err() {
+        return End::Lost("the gateway's endpoint is unreachable", false);
+    }
+    let socket = Arc::new(socket);
+    let mut idx = [0u8; 4];
+    rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut idx);
+    let tunn = Arc::new(Mutex::new(Tunn::new(
+        StaticSecret::from(cfg.private_key),
+        PublicKey::from(cfg.wg.peer_public_key),
+        None,
+        cfg.wg.persistent_keepalive,
+        u32::from_le_bytes(idx) >> 8,
+        None,
+    )));
+    let mut buf = vec![0u8; 65_600];
+    let mut out = vec![0u8; 65_600];
+    if let TunnResult::WriteToNetwork(p) = tunn.lock().format_handshake_initiation(&mut out, false)
+    {
+        let _ = socket.try_send(p);
+    }
+    let stack = SharedStack::new(
+        NetStack::new(cfg.wg.address, Instant::now()),
+        Arc::new(AgentEgress {
+            tunn: tunn.clone(),
+            socket: socket.clone(),
+        }),
+    );
+    tokio::spawn(stack.clone().run_timers(|| false));
+    let mut tasks = Vec::new();
+    for f in &cfg.forwards {
+        for _ in 0..BACKLOG {
+            tasks.push(tokio::spawn(accept_loop(stack.clone(), f.clone())));
+        }
+    }
+    let started = Instant::now();
+    let mut last_auth: Option<Instant> = None;
+    let mut was_up = false;
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let mut next_ping = Instant::now();
+    let mut ping_seq: u16 = 0;
+    let end = loop {
+        tokio::select! {
+            r = socket.recv(&mut buf) => {
+                let Ok(n) = r else { continue };
+                let out_start = out.as_ptr() as usize;
+                let mut t = tunn.lock();
+                match t.decapsulate(None, &buf[..n], &mut out) {
+                    TunnResult::WriteToNetwork(p) => {
+                        let _ = socket.try_send(p);
+                        while let TunnResult::WriteToNetwork(p) = t.decapsulate(None, &[], &mut out) {
+                            let _ = socket.try_send(p);
+                        }
+                        last_auth = Some(Instant::now());
+                    }
+                    TunnResult::WriteToTunnelV4(p, src) => {
+                        last_auth = Some(Instant::now());
+                        // boringtun hands back a sub-slice of `out`.
+                        let start = p.as_ptr() as usize - out_start;
+                        let range = start..start + p.len();
+                        drop(t);
+                        let packet = &out[range];
+                        if src == cfg.wg.gateway_address && packet.len() >= 20 && packet[9] == 6 {
+                            stack.input(packet);
+                        }
+                    }
+                    TunnResult::Done => last_auth = Some(Instant::now()),
+                    _ => {}
+                }
+            }
+            _ = tick.tick() => {
+                let now = Instant::now();
+                let up = {
+                    let mut t = tunn.lock();
+                    match t.update_timers(&mut out) {
+                        TunnResult::WriteToNetwork(p) => { let _ = socket.try_send(p); }
+                        TunnResult::Err(boringtun::noise::errors::WireGuardError::ConnectionExpired) => {
+                            break End::Lost("the WireGuard session expired", was_up);
+                        }
+                        _ => {}
+                    }
+                    t.time_since_last_handshake().is_some()
+                };
+                if up && !was_up {
+                    was_up = true;
+                    tracing::info!(gateway = %endpoint, address = %cfg.wg.address, "cloudlink up");
+                }
+                if !was_up && now.duration_since(started) > HANDSHAKE_DEADLINE {
+                    break End::Lost("no handshake answer", false);
+                }
+                if was_up {
+                    let silent = now.duration_since(last_auth.unwrap_or(started));
+                    if silent > cfg.liveness_interval * 3 {
+                        break End::Lost("the gateway stopped answering", true);
+                    }
+                    if now >= next_ping {
+                        ping_seq = ping_seq.wrapping_add(1);
+                        let ping = echo_request(cfg.wg.address, cfg.wg.gateway_address, ping_seq);
+                        if let TunnResult::WriteToNetwork(p) = tunn.lock().encapsulate(&ping, &mut out) {
+                            let _ = socket.try_send(p);
+                        }
+                        next_ping = now + cfg.liveness_interval;
+                    }
+                }
+            }
+            _ = stop.changed() => break End::Stop,
+        }
+    };
+    stack.kill();
+    for t in tasks {
+        t.abort();
+    }
+    end
+}
+
+async fn accept_loop(stack: Arc<SharedStack>, f: Forward) {
+    loop {
+        if stack.is_dead() {
+            return;
+        }
+        let Some(h) = stack.with(|s| s.listen(f.port).ok()) else {
+            return;
+        };
+        match stack.established(h).await {
+            Ok(()) => {
+                stack.open_streams.fetch_add(1, Ordering::AcqRel);
+                let stack = stack.clone();
+                let target = f.target.clone();
+                tokio::spawn(async move {
+                    match tokio::net::TcpStream::connect(&target).await {
+                        Ok(tcp) => {
+                            relay(&stack, h, tcp, &|_, _| {}).await;
+                        }
+                        Err(e) => {
+                            tracing::warn!(%target, error = %e, "forward target refused");
+                            stack.with(|s| s.tcp(h).abort());
+                        }
+                    }
+                    stack.release(h);
+                    stack.open_streams.fetch_sub(1, Ordering::AcqRel);
+                });
+            }
+            Err(_) => {
+                stack.release(h);
+            }
+        }
+    }
+}
+
+/// An ICMP echo request from `src` to `dst`.
+fn echo_request(src: Ipv4Addr, dst: Ipv4Addr, seq: u16) -> [u8; 36] {
+    let mut p = [0u8; 36];
+    p[0] = 0x45;
+    p[2..4].copy_from_slice(&36u16.to_be_bytes());
+    p[8] = 64;
+    p[9] = 1;
+    p[12..16].copy_from_slice(&src.octets());
+    p[16..20].copy_from_slice(&dst.octets());
+    let c = crate::relay::icmp::checksum(&p[..20]);
+    p[10..12].copy_from_slice(&c.to_be_bytes());
+    p[20] = 8;
+    p[24..26].copy_from_slice(&0x636cu16.to_be_bytes());
+    p[26..28].copy_from_slice(&seq.to_be_bytes());
+    p[28..36].copy_from_slice(b"cloudlnk");
+    let c = crate::relay::icmp::checksum(&p[20..]);
+    p[22..24].copy_from_slice(&c.to_be_bytes());
+    p
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_a_minute_with_jitter() {
+        let mut b = Backoff::default();
+        let waits: Vec<Duration> = (0..9).map(|_| b.next_wait(0.5)).collect();
+        assert_eq!(waits[0], Duration::from_secs(1));
+        assert_eq!(waits[1], Duration::from_secs(2));
+        assert_eq!(waits[5], Duration::from_secs(32));
+        assert_eq!(waits[6], Duration::from_secs(60));
+        assert_eq!(waits[8], Duration::from_secs(60));
+        let mut b = Backoff::default();
+        assert_eq!(b.next_wait(0.0), Duration::from_millis(500));
+        assert_eq!(
+            b.next_wait(0.999_999),
+            Duration::from_secs(2).mul_f64(1.499_999)
+        );
+        b.reset();
+        assert_eq!(b.next_wait(0.5), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn forwards_parse() {
+        assert_eq!(
+            "22222=127.0.0.1:22".parse::<Forward>().unwrap(),
+            Forward {
+                port: 22222,
+                target: "127.0.0.1:22".into()
+            }
+        );
+        assert!("22222".parse::<Forward>().is_err());
+        assert!("0=127.0.0.1:22".parse::<Forward>().is_err());
+        assert!("22=localhost".parse::<Forward>().is_err());
+    }
+
+    #[test]
+    fn ping_is_answered_by_the_gateway_code() {
+        let req = echo_request(
+            "10.240.0.2".parse().unwrap(),
+            "10.240.0.1".parse().unwrap(),
+            3,
+        );
+        let mut out = [0u8; 1500];
+        assert!(crate::relay::icmp::echo_reply(&req, &mut out).is_some());
+    }
+}

@@ -1,0 +1,357 @@
+//! The relay end to end with `cloudlink agent` on the device side: the real
+//! ssh client to a real sshd through the CONNECT proxy, half-close in each
+//! direction, every error answer, deletion ending a stream, and the agent
+//! coming back by itself after the gateway restarts.
+
+mod common;
+
+use common::proxy::*;
+use common::ssh::*;
+use common::*;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+async fn gateway() -> TestGateway {
+    TestGateway::start_with(|c| {
+        c.link_timeout = Duration::from_secs(30);
+        c.allow_ports = vec![22222, 7001, 7002, 9];
+        c.connect_timeout = Duration::from_secs(2);
+    })
+    .await
+}
+
+/// A local service: reads until EOF, then answers the byte count and closes.
+async fn count_until_eof_server() -> u16 {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = l.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 65536];
+                let mut total = 0usize;
+                loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => total += n,
+                    }
+                }
+                let _ = s.write_all(format!("got {total}").as_bytes()).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    port
+}
+
+/// A local service: greets, closes its sending side at once, then reads
+/// until EOF and reports what it received on `tx`.
+async fn greet_then_listen_server(tx: tokio::sync::mpsc::UnboundedSender<usize>) -> u16 {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let (s, _) = l.accept().await.unwrap();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let (mut rd, mut wr) = s.into_split();
+                wr.write_all(b"hello, then FIN").await.unwrap();
+                wr.shutdown().await.unwrap();
+                let mut buf = vec![0u8; 65536];
+                let mut total = 0usize;
+                loop {
+                    match rd.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => total += n,
+                    }
+                }
+                let _ = tx.send(total);
+            });
+        }
+    });
+    port
+}
+
+async fn wait_up(events: &mut SseReader, uuid: &str) {
+    events
+        .wait_for(WAIT, |e| e["type"] == "link.up" && e["device"] == uuid)
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ssh_through_the_agent_and_a_20_mb_file() {
+    let mut g = gateway().await;
+    let mut events = g.events(None).await;
+    let ssh = SshFixture::new();
+    let sshd_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut sshd = ssh.start_sshd(&[], &format!("127.0.0.1:{sshd_port}"));
+    let _agent = Agent::start(&g, "agent-ssh", &[format!("22222=127.0.0.1:{sshd_port}")]).await;
+    wait_up(&mut events, "agent-ssh").await;
+    wait_until(Duration::from_secs(10), || {
+        std::net::TcpStream::connect(("127.0.0.1", sshd_port)).is_ok()
+    });
+    let proxy_port = g.gw().proxy_addr().port();
+
+    let o = tokio::task::block_in_place(|| {
+        ssh.ssh(
+            proxy_port,
+            TOKEN,
+            "agent-ssh.balena",
+            22222,
+            "echo through-the-agent",
+            None,
+        )
+    });
+    assert!(
+        o.status.success(),
+        "ssh failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "through-the-agent\n");
+
+    let (file, sum) = random_file(ssh.dir.path(), 20 * 1024 * 1024);
+    let remote = ssh.dir.path().join("received.bin");
+    let t = Instant::now();
+    let o = tokio::task::block_in_place(|| {
+        ssh.ssh(
+            proxy_port,
+            TOKEN,
+            "agent-ssh",
+            22222,
+            &format!("cat > {0} && sha256sum {0}", remote.display()),
+            Some(&file),
+        )
+    });
+    assert!(
+        o.status.success(),
+        "ssh failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let got = String::from_utf8_lossy(&o.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    assert_eq!(got, sum, "20 MB arrived byte-identical");
+    eprintln!(
+        "20 MiB through ssh + relay + agent in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    let _ = sshd.kill();
+    let _ = sshd.wait();
+    g.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_close_is_carried_in_each_direction() {
+    let mut g = gateway().await;
+    let mut events = g.events(None).await;
+    let count_port = count_until_eof_server().await;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let greet_port = greet_then_listen_server(tx).await;
+    let _agent = Agent::start(
+        &g,
+        "agent-half",
+        &[
+            format!("7001=127.0.0.1:{count_port}"),
+            format!("7002=127.0.0.1:{greet_port}"),
+        ],
+    )
+    .await;
+    wait_up(&mut events, "agent-half").await;
+    let proxy = g.gw().proxy_addr();
+
+    // Client → device: the client sends, closes its side, and still reads
+    // the device's answer (given only after the device saw EOF).
+    let (st, _, mut s) = connect(proxy, TOKEN, "agent-half:7001").await;
+    assert_eq!(st, 200);
+    s.write_all(&vec![7u8; 300_000]).await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut answer = String::new();
+    tokio::time::timeout(WAIT, s.read_to_string(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(answer, "got 300000");
+
+    // Device → client: the device greets and closes its side; the client
+    // sees EOF, then still sends, and the device receives all of it.
+    let (st, _, s) = connect(proxy, TOKEN, "agent-half.cloudlink:7002").await;
+    assert_eq!(st, 200);
+    let (mut rd, mut wr) = s.into_split();
+    let mut greeting = String::new();
+    tokio::time::timeout(WAIT, rd.read_to_string(&mut greeting))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(greeting, "hello, then FIN");
+    wr.write_all(&vec![1u8; 200_000]).await.unwrap();
+    wr.shutdown().await.unwrap();
+    assert_eq!(
+        tokio::time::timeout(WAIT, rx.recv()).await.unwrap(),
+        Some(200_000)
+    );
+    g.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_proxy_error_answer() {
+    let mut g = gateway().await;
+    let mut events = g.events(None).await;
+    let count_port = count_until_eof_server().await;
+    let _agent = Agent::start(&g, "agent-err", &[format!("7001=127.0.0.1:{count_port}")]).await;
+    wait_up(&mut events, "agent-err").await;
+    g.register(
+        "offline-dev",
+        &cloudlink::keys::public_key(&cloudlink::keys::generate_private_key()),
+    )
+    .await;
+    let proxy = g.gw().proxy_addr();
+
+    let check = |st: u16, body: &serde_json::Value, want: u16, code: &str| {
+        assert_eq!(st, want, "{body}");
+        assert_eq!(body["error"], code, "{body}");
+        assert!(body["message"].as_str().unwrap().len() > 20, "{body}");
+    };
+    // 400: malformed requests.
+    let (st, b, _) = raw_connect(proxy, "GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    check(st, &b, 400, "bad_request");
+    let (st, b, _) = raw_connect(proxy, "CONNECT\r\n\r\n").await;
+    check(st, &b, 400, "bad_request");
+    let (st, b, _) = connect(proxy, TOKEN, "agent-err").await;
+    check(st, &b, 400, "bad_request");
+    let (st, b, _) = connect(proxy, TOKEN, "Not_A_Device:7001").await;
+    check(st, &b, 400, "bad_request");
+    // 407: no token, wrong token; Basic with the token as password works.
+    let (st, b, _) = raw_connect(proxy, "CONNECT agent-err:7001 HTTP/1.1\r\n\r\n").await;
+    check(st, &b, 407, "unauthorized");
+    let (st, b, _) = connect(proxy, "not-the-token-at-all", "agent-err:7001").await;
+    check(st, &b, 407, "unauthorized");
+    let basic = base64_basic(TOKEN);
+    let (st, _, _) = raw_connect(
+        proxy,
+        &format!("CONNECT agent-err:7001 HTTP/1.1\r\nProxy-Authorization: Basic {basic}\r\n\r\n"),
+    )
+    .await;
+    assert_eq!(st, 200);
+    // 403: a port outside --allow-ports.
+    let (st, b, _) = connect(proxy, TOKEN, "agent-err:23").await;
+    check(st, &b, 403, "port_not_allowed");
+    // 404: unknown device.
+    let (st, b, _) = connect(proxy, TOKEN, "ghost:7001").await;
+    check(st, &b, 404, "device_not_found");
+    // 503: registered, but its cloudlink is down.
+    let (st, b, _) = connect(proxy, TOKEN, "offline-dev:7001").await;
+    check(st, &b, 503, "cloudlink_unavailable");
+    assert!(b["message"]
+        .as_str()
+        .unwrap()
+        .contains("SSH and immediate actions are unavailable"));
+    // 502: nothing listens on port 9 of the device.
+    let (st, b, _) = connect(proxy, TOKEN, "agent-err:9").await;
+    check(st, &b, 502, "device_refused");
+    assert!(
+        g.metric("cloudlink_relay_streams_total{result=\"refused\"}")
+            .await
+            >= 1.0
+    );
+    g.stop().await;
+}
+
+fn base64_basic(token: &str) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(format!("user:{token}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_that_does_not_answer_gets_504() {
+    let mut g = gateway().await;
+    let mut events = g.events(None).await;
+    // A WireGuard device whose link is up but which never answers TCP.
+    let key = cloudlink::keys::generate_private_key();
+    let reg = g.register("mute", &cloudlink::keys::public_key(&key)).await;
+    let gw_pub =
+        cloudlink::keys::decode_key(reg["gateway"]["public_key"].as_str().unwrap()).unwrap();
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    let mut dev = TestDevice::with_key(g.udp, &gw_pub, 5, socket, key);
+    dev.connect();
+    wait_up(&mut events, "mute").await;
+    let t = Instant::now();
+    let (st, b, _) = connect(g.gw().proxy_addr(), TOKEN, "mute:7001").await;
+    assert_eq!(st, 504, "{b}");
+    assert_eq!(b["error"], "device_timeout");
+    assert!(
+        t.elapsed() >= Duration::from_secs(2),
+        "after --connect-timeout"
+    );
+    g.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_the_device_ends_its_streams() {
+    let mut g = gateway().await;
+    let mut events = g.events(None).await;
+    let count_port = count_until_eof_server().await;
+    let _agent = Agent::start(&g, "agent-del", &[format!("7001=127.0.0.1:{count_port}")]).await;
+    wait_up(&mut events, "agent-del").await;
+    let (st, _, mut s) = connect(g.gw().proxy_addr(), TOKEN, "agent-del:7001").await;
+    assert_eq!(st, 200);
+    s.write_all(b"some bytes").await.unwrap();
+    assert_eq!(g.metric("cloudlink_relay_streams").await, 1.0);
+    let (st, _) = g.call("DELETE", "/v1/devices/agent-del", None).await;
+    assert_eq!(st, 204);
+    // The stream ends: the client reads EOF (or a reset), promptly.
+    let mut buf = [0u8; 64];
+    let r = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+        .await
+        .expect("stream ended");
+    assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
+    assert!(
+        eventually(WAIT, async || g.metric("cloudlink_relay_streams").await
+            == 0.0)
+        .await
+    );
+    g.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_comes_back_after_a_gateway_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(dir.path());
+    c.allow_ports = vec![7001];
+    let mut g = TestGateway::start_in(dir, c.clone(), "127.0.0.1:0").await;
+    let udp = g.udp;
+    let mut events = g.events(None).await;
+    let count_port = count_until_eof_server().await;
+    let _agent = Agent::start(&g, "agent-back", &[format!("7001=127.0.0.1:{count_port}")]).await;
+    wait_up(&mut events, "agent-back").await;
+    g.stop().await;
+
+    // Same data directory, same UDP address, new process state.
+    let dir = std::mem::replace(&mut g.dir, tempfile::tempdir().unwrap());
+    let mut g = TestGateway::start_in(dir, c, &udp.to_string()).await;
+    let mut events = g.events(None).await;
+    let t = Instant::now();
+    wait_up(&mut events, "agent-back").await;
+    eprintln!(
+        "agent back {:.1} s after the restart",
+        t.elapsed().as_secs_f64()
+    );
+    let (st, _, mut s) = connect(g.gw().proxy_addr(), TOKEN, "agent-back:7001").await;
+    assert_eq!(st, 200);
+    s.write_all(b"12345").await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).await.unwrap();
+    assert_eq!(answer, "got 5");
+    g.stop().await;
+}
