@@ -193,10 +193,11 @@ async fn half_close_is_carried_in_each_direction() {
     assert_eq!(greeting, "hello, then FIN");
     wr.write_all(&vec![1u8; 200_000]).await.unwrap();
     wr.shutdown().await.unwrap();
-    assert_eq!(
-        tokio::time::timeout(WAIT, rx.recv()).await.unwrap(),
-        Some(200_000)
-    );
+    let got = tokio::time::timeout(WAIT, rx.recv()).await;
+    if got.is_err() {
+        eprintln!("gateway sockets: {:?}", g.gw().relay.socket_states());
+    }
+    assert_eq!(got.unwrap(), Some(200_000));
     g.stop().await;
 }
 

@@ -31,6 +31,7 @@ impl PacketThreads {
         socket: Arc<UdpSocket>,
         reader: RegistryReader,
     ) -> std::io::Result<Self> {
+        size_socket_buffers(std::os::fd::AsRawFd::as_raw_fd(&*socket), 4 << 20);
         // The timeout only bounds how long a stop request waits.
         socket.set_read_timeout(Some(Duration::from_millis(100)))?;
         path.set_egress(&socket);
@@ -113,6 +114,53 @@ fn timer_loop(path: &PacketPath, socket: &UdpSocket, stop: &AtomicBool) {
         std::thread::sleep(
             next.saturating_duration_since(Instant::now())
                 .min(Duration::from_millis(50)),
+        );
+    }
+}
+
+/// Asks for `bytes` of kernel receive and send buffer on a UDP socket:
+/// bursts (a relay stream's window, a reconnect storm) must not overflow the
+/// default ~200 KiB. `SO_*BUFFORCE` (root or CAP_NET_ADMIN) goes past
+/// `net.core.rmem_max`/`wmem_max`; without it the kernel caps the request
+/// at those sysctls, and a warning says so.
+pub fn size_socket_buffers(fd: std::os::fd::RawFd, bytes: usize) {
+    let set = |opt: libc::c_int| -> bool {
+        let v = bytes as libc::c_int;
+        // SAFETY: setsockopt reads an int of the given size from &v.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                opt,
+                (&v as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            ) == 0
+        }
+    };
+    let rcv = set(libc::SO_RCVBUFFORCE) || set(libc::SO_RCVBUF);
+    let snd = set(libc::SO_SNDBUFFORCE) || set(libc::SO_SNDBUF);
+    let get = |opt: libc::c_int| -> usize {
+        let mut v: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt writes at most `len` bytes into &v.
+        unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                opt,
+                (&mut v as *mut libc::c_int).cast(),
+                &mut len,
+            );
+        }
+        v as usize
+    };
+    // The kernel reports twice the usable size.
+    let got = get(libc::SO_RCVBUF) / 2;
+    if !rcv || !snd || got < bytes {
+        tracing::warn!(
+            wanted = bytes,
+            got,
+            "UDP socket buffers are smaller than wanted; raise the net.core.rmem_max and net.core.wmem_max sysctls (or run with CAP_NET_ADMIN)"
         );
     }
 }

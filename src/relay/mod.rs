@@ -197,6 +197,14 @@ impl Relay {
         }
     }
 
+    /// TCP states of every stream socket, per device id (diagnostics).
+    pub fn socket_states(&self) -> Vec<(u32, Vec<String>)> {
+        self.stacks
+            .iter()
+            .map(|e| (*e.key(), e.value().socket_states()))
+            .collect()
+    }
+
     /// Number of device stacks alive (for tests and metrics).
     pub fn stacks(&self) -> usize {
         self.stacks.len()

@@ -86,6 +86,23 @@ impl SharedStack {
         }
     }
 
+    /// TCP state and queue lengths of every socket (diagnostics).
+    pub fn socket_states(&self) -> Vec<String> {
+        let mut s = self.stack.lock();
+        let hs: Vec<SocketHandle> = s.sockets.iter().map(|(h, _)| h).collect();
+        hs.into_iter()
+            .map(|h| {
+                let t = s.tcp(h);
+                format!(
+                    "{} send_q={} recv_q={}",
+                    t.state(),
+                    t.send_queue(),
+                    t.recv_queue()
+                )
+            })
+            .collect()
+    }
+
     /// Marks the stack dead (its peer's link went down or it was deleted):
     /// every stream ends. Safe to call from any thread: it takes no lock,
     /// the timer task does the work.
