@@ -3,8 +3,9 @@
 # and what .ci/run calls.
 #
 # System packages (Debian): wireguard-go and wireguard-tools (the interop
-# test's WireGuard peer), iproute2 (network namespaces), prometheus (for
-# promtool). The interop test needs root for `ip netns`.
+# tests' WireGuard peer), iproute2 (network namespaces), prometheus (for
+# promtool), openssh-server, openssh-client and socat (the relay tests' real
+# ssh, sshd and ProxyCommand). The interop tests need root for `ip netns`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,6 +17,9 @@ command -v wireguard-go >/dev/null 2>&1 || need+=(wireguard-go)
 command -v wg >/dev/null 2>&1 || need+=(wireguard-tools)
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
+[ -x /usr/sbin/sshd ] || need+=(openssh-server)
+command -v ssh >/dev/null 2>&1 || need+=(openssh-client)
+command -v socat >/dev/null 2>&1 || need+=(socat)
 if [ ${#need[@]} -gt 0 ]; then
     echo "tests/run.sh: installing ${need[*]}"
     $SUDO apt-get update -qq

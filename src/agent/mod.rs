@@ -69,9 +69,6 @@ pub struct AgentConfig {
     pub liveness_interval: Duration,
 }
 
-/// Listening sockets kept per forwarded port (smoltcp accepts one
-/// connection per listening socket).
-const BACKLOG: usize = 4;
 const BACKOFF_MIN: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(60);
 /// A handshake that has not completed by then counts as a failed attempt.
@@ -202,12 +199,15 @@ async fn session(cfg: &AgentConfig, stop: &mut tokio::sync::watch::Receiver<bool
         }),
     );
     tokio::spawn(stack.clone().run_timers(|| false));
-    let mut tasks = Vec::new();
     for f in &cfg.forwards {
-        for _ in 0..BACKLOG {
-            tasks.push(tokio::spawn(accept_loop(stack.clone(), f.clone())));
+        if let Err(e) = stack.with(|s| Some(s.serve(f.port))).unwrap_or(Ok(())) {
+            tracing::error!(port = f.port, error = %e, "cannot serve a forwarded port");
         }
     }
+    let tasks = vec![tokio::spawn(accept_loop(
+        stack.clone(),
+        cfg.forwards.clone(),
+    ))];
     let started = Instant::now();
     let mut last_auth: Option<Instant> = None;
     let mut was_up = false;
@@ -288,36 +288,38 @@ async fn session(cfg: &AgentConfig, stop: &mut tokio::sync::watch::Receiver<bool
     end
 }
 
-async fn accept_loop(stack: Arc<SharedStack>, f: Forward) {
+/// Hands every connection the gateway opens on a forwarded port to a relay
+/// task that connects it to the local service.
+async fn accept_loop(stack: Arc<SharedStack>, forwards: Vec<Forward>) {
     loop {
-        if stack.is_dead() {
-            return;
+        let accepted = stack.accepted().await;
+        if accepted.is_empty() {
+            return; // the stack is dead
         }
-        let Some(h) = stack.with(|s| s.listen(f.port).ok()) else {
-            return;
-        };
-        match stack.established(h).await {
-            Ok(()) => {
-                stack.open_streams.fetch_add(1, Ordering::AcqRel);
-                let stack = stack.clone();
-                let target = f.target.clone();
-                tokio::spawn(async move {
-                    match tokio::net::TcpStream::connect(&target).await {
-                        Ok(tcp) => {
-                            relay(&stack, h, tcp, &|_, _| {}).await;
-                        }
-                        Err(e) => {
-                            tracing::warn!(%target, error = %e, "forward target refused");
-                            stack.with(|s| s.tcp(h).abort());
-                        }
-                    }
-                    stack.release(h);
-                    stack.open_streams.fetch_sub(1, Ordering::AcqRel);
-                });
-            }
-            Err(_) => {
+        for (port, h) in accepted {
+            let Some(target) = forwards
+                .iter()
+                .find(|f| f.port == port)
+                .map(|f| f.target.clone())
+            else {
                 stack.release(h);
-            }
+                continue;
+            };
+            stack.open_streams.fetch_add(1, Ordering::AcqRel);
+            let stack = stack.clone();
+            tokio::spawn(async move {
+                match tokio::net::TcpStream::connect(&target).await {
+                    Ok(tcp) => {
+                        relay(&stack, h, tcp, &|_, _| {}).await;
+                    }
+                    Err(e) => {
+                        tracing::warn!(%target, error = %e, "forward target refused");
+                        stack.with(|s| s.tcp(h).abort());
+                    }
+                }
+                stack.release(h);
+                stack.open_streams.fetch_sub(1, Ordering::AcqRel);
+            });
         }
     }
 }

@@ -40,6 +40,11 @@ pub struct NetStack {
     scratch: Vec<u8>,
     origin: Instant,
     next_port: u16,
+    /// One socket in LISTEN per served port (smoltcp accepts one connection
+    /// per listening socket).
+    listeners: Vec<(u16, SocketHandle)>,
+    /// Sockets that left LISTEN and were not handed out yet.
+    pending: Vec<(u16, SocketHandle)>,
 }
 
 struct RxTok<'a>(&'a [u8]);
@@ -153,6 +158,8 @@ impl NetStack {
             scratch,
             origin,
             next_port: 49152 + (u16::from_le_bytes([seed[0], seed[1]]) % 16000),
+            listeners: Vec::new(),
+            pending: Vec::new(),
         }
     }
 
@@ -173,7 +180,54 @@ impl NetStack {
             emitted: 0,
         };
         self.iface.poll(ts, &mut dev, &mut self.sockets);
+        // A listener that took a SYN is replaced before the next packet, so
+        // a burst of connections finds a listening socket for each.
+        self.refresh_listeners();
         self.flush_with(ts, egress);
+    }
+
+    /// Serves connections on `port` (see [`take_accepted`](Self::take_accepted)).
+    pub fn serve(&mut self, port: u16) -> Result<(), tcp::ListenError> {
+        let h = self.listen(port)?;
+        self.listeners.push((port, h));
+        Ok(())
+    }
+
+    fn refresh_listeners(&mut self) {
+        for i in 0..self.listeners.len() {
+            let (port, h) = self.listeners[i];
+            if self.tcp(h).state() != tcp::State::Listen {
+                self.pending.push((port, h));
+                if let Ok(n) = self.listen(port) {
+                    self.listeners[i] = (port, n);
+                }
+            }
+        }
+    }
+
+    /// True while connections are on their way in.
+    pub fn has_pending(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
+    /// Established connections on served ports, handed out once each
+    /// (connections that failed before establishing are dropped).
+    pub fn take_accepted(&mut self, out: &mut Vec<(u16, SocketHandle)>) {
+        let mut i = 0;
+        while i < self.pending.len() {
+            let (port, h) = self.pending[i];
+            match self.tcp(h).state() {
+                tcp::State::SynReceived => i += 1,
+                tcp::State::Closed | tcp::State::TimeWait => {
+                    self.sockets.remove(h);
+                    self.pending.swap_remove(i);
+                }
+                _ => {
+                    out.push((port, h));
+                    self.pending.swap_remove(i);
+                }
+            }
+        }
     }
 
     /// Runs timers and egress until the stack emits nothing more.

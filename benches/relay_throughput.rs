@@ -1,0 +1,292 @@
+//! Relay throughput: bytes per second through one relayed stream in each
+//! direction and through 100 concurrent streams, gateway and agent on
+//! loopback, beside plain loopback TCP measured in the same run.
+//!
+//! Run: `cargo bench --bench relay_throughput` (release). The gateway and
+//! the agent are the real binary; the client, the sink and the source are
+//! in this process. Each figure moves a fixed number of bytes and is
+//! bounded in time.
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const BIN: &str = env!("CARGO_BIN_EXE_cloudlink");
+const TOKEN: &str = "bench-token-0123456789abcdef";
+const SINGLE: usize = 256 << 20;
+const PER_STREAM: usize = 4 << 20;
+const STREAMS: usize = 100;
+const TARGET_MBIT: f64 = 300.0;
+const LIMIT: Duration = Duration::from_secs(120);
+
+struct Proc(Child);
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Accepts connections; reads each to EOF, then answers "ok".
+async fn sink() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let a = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = l.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 256 << 10];
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                }
+                let _ = s.write_all(b"ok").await;
+            });
+        }
+    });
+    a
+}
+
+/// Accepts connections; reads an 8-byte length, writes that many bytes, closes.
+async fn source() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let a = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = l.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut len = [0u8; 8];
+                if s.read_exact(&mut len).await.is_err() {
+                    return;
+                }
+                let mut left = u64::from_le_bytes(len) as usize;
+                let buf = vec![0x5au8; 256 << 10];
+                while left > 0 {
+                    let n = left.min(buf.len());
+                    if s.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                    left -= n;
+                }
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    a
+}
+
+async fn open(proxy: Option<SocketAddr>, direct: SocketAddr, target: &str) -> TcpStream {
+    match proxy {
+        None => TcpStream::connect(direct).await.unwrap(),
+        Some(p) => {
+            let mut s = TcpStream::connect(p).await.unwrap();
+            s.write_all(
+                format!("CONNECT {target} HTTP/1.1\r\nProxy-Authorization: Bearer {TOKEN}\r\n\r\n")
+                    .as_bytes(),
+            )
+            .await
+            .unwrap();
+            let mut head = Vec::new();
+            let mut b = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") {
+                assert_eq!(s.read(&mut b).await.unwrap(), 1, "proxy closed");
+                head.push(b[0]);
+            }
+            assert!(
+                head.starts_with(b"HTTP/1.1 200"),
+                "{}",
+                String::from_utf8_lossy(&head)
+            );
+            s
+        }
+    }
+}
+
+async fn upload(proxy: Option<SocketAddr>, sink: SocketAddr, bytes: usize) {
+    let mut s = open(proxy, sink, "bench-dev:7001").await;
+    let _ = s.set_nodelay(true);
+    let buf = vec![0xa5u8; 256 << 10];
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(buf.len());
+        s.write_all(&buf[..n]).await.unwrap();
+        left -= n;
+    }
+    s.shutdown().await.unwrap();
+    let mut ok = Vec::new();
+    s.read_to_end(&mut ok).await.unwrap();
+    assert_eq!(ok, b"ok");
+}
+
+async fn download(proxy: Option<SocketAddr>, source: SocketAddr, bytes: usize) {
+    let mut s = open(proxy, source, "bench-dev:7002").await;
+    s.write_all(&(bytes as u64).to_le_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 256 << 10];
+    let mut got = 0usize;
+    loop {
+        let n = s.read(&mut buf).await.unwrap();
+        if n == 0 {
+            break;
+        }
+        got += n;
+    }
+    assert_eq!(got, bytes);
+}
+
+async fn measure<F: std::future::Future<Output = ()>>(bytes: usize, f: F) -> f64 {
+    let t = Instant::now();
+    tokio::time::timeout(LIMIT, f)
+        .await
+        .expect("bounded in time");
+    bytes as f64 * 8.0 / t.elapsed().as_secs_f64() / 1e6
+}
+
+async fn run_set(proxy: Option<SocketAddr>, sink: SocketAddr, source: SocketAddr) -> [f64; 4] {
+    let up1 = measure(SINGLE, upload(proxy, sink, SINGLE)).await;
+    let down1 = measure(SINGLE, download(proxy, source, SINGLE)).await;
+    let total = PER_STREAM * STREAMS;
+    let upn = measure(total, async {
+        let hs: Vec<_> = (0..STREAMS)
+            .map(|_| tokio::spawn(upload(proxy, sink, PER_STREAM)))
+            .collect();
+        for h in hs {
+            h.await.unwrap();
+        }
+    })
+    .await;
+    let downn = measure(total, async {
+        let hs: Vec<_> = (0..STREAMS)
+            .map(|_| tokio::spawn(download(proxy, source, PER_STREAM)))
+            .collect();
+        for h in hs {
+            h.await.unwrap();
+        }
+    })
+    .await;
+    [up1, down1, upn, downn]
+}
+
+fn main() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let sink = sink().await;
+        let source = source().await;
+        let dir = tempfile::tempdir().unwrap();
+        let udp = format!("127.0.0.1:{}", std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port());
+        let api = format!("127.0.0.1:{}", free_port());
+        let proxy: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let _gw = Proc(
+            Command::new(BIN)
+                .args(["serve", "--listen", &udp, "--api", &api, "--endpoint", &udp, "--log", "warn"])
+                .arg("--proxy")
+                .arg(proxy.to_string())
+                .args(["--allow-ports", "7001,7002"])
+                .arg("--data-dir")
+                .arg(dir.path())
+                .env("CLOUDLINK_TOKEN", TOKEN)
+                .stdout(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        // Register the device.
+        let key = cloudlink::keys::generate_private_key();
+        let body = format!(
+            "{{\"uuid\":\"bench-dev\",\"public_key\":\"{}\"}}",
+            cloudlink::keys::encode_key(&cloudlink::keys::public_key(&key))
+        );
+        let reg = loop {
+            if let Ok(r) = http(&api, "POST", "/v1/devices", &body).await {
+                break r;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let reg: serde_json::Value = serde_json::from_str(&reg).unwrap();
+        std::fs::write(dir.path().join("wg0.conf"), reg["wg_quick"].as_str().unwrap()).unwrap();
+        std::fs::write(dir.path().join("device.key"), cloudlink::keys::encode_key(&key)).unwrap();
+        let _agent = Proc(
+            Command::new(BIN)
+                .arg("agent")
+                .arg("--config")
+                .arg(dir.path().join("wg0.conf"))
+                .arg("--private-key-file")
+                .arg(dir.path().join("device.key"))
+                .arg("--forward")
+                .arg(format!("7001={sink}"))
+                .arg("--forward")
+                .arg(format!("7002={source}"))
+                .args(["--log", "warn"])
+                .spawn()
+                .unwrap(),
+        );
+        // Wait for the link.
+        let t = Instant::now();
+        loop {
+            let d = http(&api, "GET", "/v1/devices/bench-dev", "").await.unwrap_or_default();
+            if d.contains("\"connected\":true") {
+                break;
+            }
+            assert!(t.elapsed() < Duration::from_secs(30), "agent never connected");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let plain = run_set(None, sink, source).await;
+        let relay = run_set(Some(proxy), sink, source).await;
+        let names = [
+            "one stream, client to device",
+            "one stream, device to client",
+            "100 streams, client to device",
+            "100 streams, device to client",
+        ];
+        println!("relay_throughput (Mbit/s; gateway and agent on loopback; plain loopback TCP beside)");
+        for i in 0..4 {
+            println!(
+                "  {:<32} relay {:>8.0}   plain {:>8.0}   ratio {:.3}",
+                names[i],
+                relay[i],
+                plain[i],
+                relay[i] / plain[i]
+            );
+        }
+        println!(
+            "  single-stream target {TARGET_MBIT} Mbit/s: client to device {:.2}x, device to client {:.2}x",
+            relay[0] / TARGET_MBIT,
+            relay[1] / TARGET_MBIT
+        );
+        println!(
+            "{{\"relay_up_mbit\":{:.0},\"relay_down_mbit\":{:.0},\"relay_up_100_mbit\":{:.0},\"relay_down_100_mbit\":{:.0},\"plain_up_mbit\":{:.0},\"plain_down_mbit\":{:.0},\"plain_up_100_mbit\":{:.0},\"plain_down_100_mbit\":{:.0}}}",
+            relay[0], relay[1], relay[2], relay[3], plain[0], plain[1], plain[2], plain[3]
+        );
+    });
+}
+
+async fn http(addr: &str, method: &str, path: &str, body: &str) -> std::io::Result<String> {
+    let mut s = TcpStream::connect(addr).await?;
+    s.write_all(
+        format!(
+            "{method} {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).await?;
+    Ok(out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default())
+}
