@@ -14,6 +14,7 @@
 pub mod wg_quick;
 
 use boringtun::noise::{Tunn, TunnResult};
+use dashmap::DashMap;
 use parking_lot::Mutex;
 use std::cell::RefCell;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -191,23 +192,19 @@ async fn session(cfg: &AgentConfig, stop: &mut tokio::sync::watch::Receiver<bool
     {
         let _ = socket.try_send(p);
     }
-    let stack = SharedStack::new(
-        NetStack::new(cfg.wg.address, Instant::now()),
-        Arc::new(AgentEgress {
-            tunn: tunn.clone(),
-            socket: socket.clone(),
-        }),
-    );
-    tokio::spawn(stack.clone().run_timers(|| false));
-    for f in &cfg.forwards {
-        if let Err(e) = stack.with(|s| Some(s.serve(f.port))).unwrap_or(Ok(())) {
-            tracing::error!(port = f.port, error = %e, "cannot serve a forwarded port");
-        }
-    }
-    let tasks = vec![tokio::spawn(accept_loop(
-        stack.clone(),
-        cfg.forwards.clone(),
-    ))];
+    let egress: Arc<dyn Egress> = Arc::new(AgentEgress {
+        tunn: tunn.clone(),
+        socket: socket.clone(),
+    });
+    let conns = Connections {
+        address: cfg.wg.address,
+        egress: egress.clone(),
+        forwards: cfg.forwards.clone(),
+        by_port: Arc::new(DashMap::new()),
+        // A stack with no socket: smoltcp answers a segment for no stream
+        // with RST, so the gateway sees "refused" for a port not forwarded.
+        reject: SharedStack::new(NetStack::new(cfg.wg.address, Instant::now()), egress),
+    };
     let started = Instant::now();
     let mut last_auth: Option<Instant> = None;
     let mut was_up = false;
@@ -236,7 +233,7 @@ async fn session(cfg: &AgentConfig, stop: &mut tokio::sync::watch::Receiver<bool
                         drop(t);
                         let packet = &out[range];
                         if src == cfg.wg.gateway_address && packet.len() >= 20 && packet[9] == 6 {
-                            stack.input(packet);
+                            conns.input(packet);
                         }
                     }
                     TunnResult::Done => last_auth = Some(Instant::now()),
@@ -281,33 +278,67 @@ async fn session(cfg: &AgentConfig, stop: &mut tokio::sync::watch::Receiver<bool
             _ = stop.changed() => break End::Stop,
         }
     };
-    stack.kill();
-    for t in tasks {
-        t.abort();
-    }
+    conns.kill_all();
     end
 }
 
-/// Hands every connection the gateway opens on a forwarded port to a relay
-/// task that connects it to the local service.
-async fn accept_loop(stack: Arc<SharedStack>, forwards: Vec<Forward>) {
-    loop {
-        let accepted = stack.accepted().await;
-        if accepted.is_empty() {
-            return; // the stack is dead
+/// The agent's TCP connections, one small stack each, found by the
+/// gateway's port (unique per device on the gateway's side), so a segment
+/// costs the same however many connections are open.
+struct Connections {
+    address: Ipv4Addr,
+    egress: Arc<dyn Egress>,
+    forwards: Vec<Forward>,
+    by_port: Arc<DashMap<u16, Arc<SharedStack>>>,
+    reject: Arc<SharedStack>,
+}
+
+impl Connections {
+    fn input(&self, packet: &[u8]) {
+        let ihl = ((packet[0] & 0x0f) as usize) * 4;
+        let Some(tcp) = packet.get(ihl..ihl + 14) else {
+            return;
+        };
+        let (src_port, dst_port) = (
+            u16::from_be_bytes([tcp[0], tcp[1]]),
+            u16::from_be_bytes([tcp[2], tcp[3]]),
+        );
+        let (syn, ack) = (tcp[13] & 0x02 != 0, tcp[13] & 0x10 != 0);
+        if let Some(stack) = self.by_port.get(&src_port).map(|s| s.clone()) {
+            return stack.input(packet);
         }
-        for (port, h) in accepted {
-            let Some(target) = forwards
-                .iter()
-                .find(|f| f.port == port)
-                .map(|f| f.target.clone())
-            else {
-                stack.release(h);
-                continue;
-            };
-            stack.open_streams.fetch_add(1, Ordering::AcqRel);
-            let stack = stack.clone();
-            tokio::spawn(async move {
+        let target = self
+            .forwards
+            .iter()
+            .find(|f| f.port == dst_port)
+            .map(|f| f.target.clone());
+        match target {
+            Some(target) if syn && !ack => self.accept(src_port, dst_port, target, packet),
+            _ => self.reject.input(packet),
+        }
+    }
+
+    /// A new connection from the gateway: its own stack, a listening socket
+    /// that takes this SYN, and a task relaying it to the local service.
+    fn accept(&self, key: u16, port: u16, target: String, syn: &[u8]) {
+        let stack = SharedStack::new(
+            NetStack::new(self.address, Instant::now()),
+            self.egress.clone(),
+        );
+        let Some(h) = stack.with(|s| s.listen(port).ok()) else {
+            return;
+        };
+        stack.open_streams.store(1, Ordering::Release);
+        self.by_port.insert(key, stack.clone());
+        stack.input(syn);
+        let by_port = self.by_port.clone();
+        let me = stack.clone();
+        tokio::spawn(stack.clone().run_timers(move || {
+            by_port.remove_if(&key, |_, s| Arc::ptr_eq(s, &me));
+            true
+        }));
+        tokio::spawn(async move {
+            if stack.established(h).await.is_ok() {
                 match tokio::net::TcpStream::connect(&target).await {
                     Ok(tcp) => {
                         relay(&stack, h, tcp, &|_, _| {}).await;
@@ -317,10 +348,16 @@ async fn accept_loop(stack: Arc<SharedStack>, forwards: Vec<Forward>) {
                         stack.with(|s| s.tcp(h).abort());
                     }
                 }
-                stack.release(h);
-                stack.open_streams.fetch_sub(1, Ordering::AcqRel);
-            });
-        }
+            }
+            stack.release(h);
+            stack.open_streams.fetch_sub(1, Ordering::AcqRel);
+        });
+    }
+
+    fn kill_all(&self) {
+        self.by_port.iter().for_each(|s| s.kill());
+        self.by_port.clear();
+        self.reject.kill();
     }
 }
 

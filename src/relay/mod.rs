@@ -6,10 +6,10 @@
 //! - [`proxy`]: the HTTP CONNECT proxy in front of it;
 //! - [`icmp`]: echo replies on the gateway's tunnel address.
 //!
-//! The gateway keeps one stack per device that has streams (created on the
-//! first stream, dropped when the last one ends), fed by the packet path
-//! through [`TunnelSink`]. When a device's link goes down or the device is
-//! deleted, its stack is killed and every stream on it ends.
+//! The gateway keeps one small stack per stream (created with the stream,
+//! dropped when it ends), found from an inbound segment by device and port,
+//! fed by the packet path through [`TunnelSink`]. When a device's link goes
+//! down or the device is deleted, its stacks are killed and its streams end.
 
 pub mod icmp;
 pub mod netstack;
@@ -19,7 +19,7 @@ pub mod stream;
 use dashmap::DashMap;
 use smoltcp::iface::SocketHandle;
 use std::net::Ipv4Addr;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -61,13 +61,22 @@ pub struct Relay {
     path: Arc<PacketPath>,
     registry: Arc<Registry>,
     metrics: Arc<Metrics>,
-    /// Stacks by device id. Entries are added by `connect` and removed by
-    /// the stack's own timer task (when idle) or a link-down (when dead),
-    /// both under the map entry's lock, so a stack is never in use without
-    /// being reachable by inbound packets.
-    stacks: DashMap<u32, Arc<SharedStack>>,
+    /// Streams by device id, then by the gateway's local port.
+    devices: DashMap<u32, Arc<DeviceStreams>>,
     pub connect_timeout: Duration,
 }
+
+/// The streams of one device: one stack each, keyed by the gateway's local
+/// port (the destination port of the device's segments), so an inbound
+/// segment finds its stack in O(1).
+#[derive(Default)]
+struct DeviceStreams {
+    streams: DashMap<u16, Arc<SharedStack>>,
+    next_port: AtomicU16,
+}
+
+/// Local ports the gateway uses towards a device.
+const PORTS: std::ops::RangeInclusive<u16> = 49152..=65535;
 
 /// One open stream: keeps its stack alive and gives the socket back when
 /// dropped.
@@ -97,7 +106,7 @@ impl Relay {
             path,
             registry,
             metrics,
-            stacks: DashMap::new(),
+            devices: DashMap::new(),
             connect_timeout,
         })
     }
@@ -123,16 +132,63 @@ impl Relay {
         let Some(session) = session else {
             return Err(ConnectError::LinkDown);
         };
-        let stack = self.stack_for(&session);
+        let streams = self
+            .devices
+            .entry(session.device_id)
+            .or_insert_with(|| {
+                let d = DeviceStreams::default();
+                let mut seed = [0u8; 2];
+                rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut seed);
+                d.next_port
+                    .store(u16::from_le_bytes(seed), Ordering::Relaxed);
+                Arc::new(d)
+            })
+            .clone();
+        let stack = SharedStack::new(
+            NetStack::new(self.path.gateway_address(), Instant::now()),
+            Arc::new(SessionEgress {
+                path: self.path.clone(),
+                address: session.address,
+            }),
+        );
+        stack.open_streams.store(1, Ordering::Release);
+        // Registered before the SYN leaves, so the SYN-ACK finds it.
+        let local_port = (0..=(PORTS.end() - PORTS.start()))
+            .find_map(|_| {
+                let n = streams.next_port.fetch_add(1, Ordering::Relaxed);
+                let p = PORTS.start() + n % (PORTS.end() - PORTS.start() + 1);
+                match streams.streams.entry(p) {
+                    dashmap::Entry::Vacant(v) => {
+                        v.insert(stack.clone());
+                        Some(p)
+                    }
+                    dashmap::Entry::Occupied(_) => None,
+                }
+            })
+            .ok_or_else(|| {
+                ConnectError::Internal("no free local port towards the device".into())
+            })?;
         self.metrics.relay_streams.inc();
-        let handle = match stack.with(|s| Some(s.connect((device.address, port)))) {
+        {
+            let streams = streams.clone();
+            let me = stack.clone();
+            tokio::spawn(stack.clone().run_timers(move || {
+                streams
+                    .streams
+                    .remove_if(&local_port, |_, s| Arc::ptr_eq(s, &me));
+                true
+            }));
+        }
+        let handle = match stack.with(|s| Some(s.connect_from(local_port, (device.address, port))))
+        {
             Some(Ok(h)) => h,
             other => {
+                stack.kill();
                 stack.open_streams.fetch_sub(1, Ordering::AcqRel);
                 self.metrics.relay_streams.dec();
                 let why = match other {
                     Some(Err(e)) => format!("connect: {e}"),
-                    _ => "the device's stack failed".to_owned(),
+                    _ => "the stream's stack failed".to_owned(),
                 };
                 return Err(ConnectError::Internal(why));
             }
@@ -143,6 +199,10 @@ impl Relay {
             metrics: self.metrics.clone(),
             device: uuid.to_owned(),
         };
+        // A link-down between the check above and the insert: kill now.
+        if !session.is_connected() || self.devices.get(&session.device_id).is_none() {
+            stack.kill();
+        }
         match tokio::time::timeout(self.connect_timeout, stack.established(handle)).await {
             Ok(Ok(())) => Ok(open),
             Ok(Err(_)) if stack.is_dead() => Err(ConnectError::LinkDown),
@@ -151,63 +211,35 @@ impl Relay {
         }
     }
 
-    /// The device's stack, created if needed, with one more open stream
-    /// counted (under the map entry's lock: see `stacks`).
-    fn stack_for(self: &Arc<Self>, session: &Arc<Session>) -> Arc<SharedStack> {
-        let id = session.device_id;
-        let mut created = false;
-        let stack = {
-            let entry = self.stacks.entry(id).or_insert_with(|| {
-                created = true;
-                SharedStack::new(
-                    NetStack::new(self.path.gateway_address(), Instant::now()),
-                    Arc::new(SessionEgress {
-                        path: self.path.clone(),
-                        address: session.address,
-                    }),
-                )
-            });
-            entry.open_streams.fetch_add(1, Ordering::AcqRel);
-            entry.clone()
-        };
-        if created {
-            let relay = Arc::downgrade(self);
-            let me = stack.clone();
-            tokio::spawn(stack.clone().run_timers(move || {
-                // Idle: no stream and no socket left. Leave the map only if
-                // nobody took a stream meanwhile (checked under the lock).
-                relay.upgrade().is_none_or(|r| {
-                    r.stacks.remove_if(&id, |_, x| {
-                        Arc::ptr_eq(x, &me) && x.open_streams.load(Ordering::Acquire) == 0
-                    });
-                    !r.stacks.get(&id).is_some_and(|x| Arc::ptr_eq(&x, &me))
-                })
-            }));
-        }
-        stack
-    }
-
     /// Ends every stream (gateway shutdown).
     pub fn shutdown(&self) {
-        let ids: Vec<u32> = self.stacks.iter().map(|e| *e.key()).collect();
+        let ids: Vec<u32> = self.devices.iter().map(|e| *e.key()).collect();
         for id in ids {
-            if let Some((_, stack)) = self.stacks.remove(&id) {
-                stack.kill();
+            if let Some((_, d)) = self.devices.remove(&id) {
+                d.streams.iter().for_each(|s| s.kill());
             }
         }
     }
 
     /// TCP states of every stream socket, per device id (diagnostics).
     pub fn socket_states(&self) -> Vec<(u32, Vec<String>)> {
-        self.stacks
+        self.devices
             .iter()
-            .map(|e| (*e.key(), e.value().socket_states()))
+            .map(|e| {
+                let states = e
+                    .value()
+                    .streams
+                    .iter()
+                    .flat_map(|s| s.socket_states())
+                    .collect();
+                (*e.key(), states)
+            })
             .collect()
     }
 
-    /// Number of device stacks alive (for tests and metrics).
+    /// Number of stream stacks alive (for tests and diagnostics).
     pub fn stacks(&self) -> usize {
-        self.stacks.len()
+        self.devices.iter().map(|d| d.streams.len()).sum()
     }
 
     pub fn count_bytes(&self, to_device: bool, n: u64) {
@@ -217,6 +249,13 @@ impl Relay {
             self.metrics.relay_bytes_from_device.inc_by(n);
         }
     }
+}
+
+/// The destination port of a TCP segment in an IPv4 packet.
+fn tcp_dst_port(packet: &[u8]) -> Option<u16> {
+    let ihl = ((packet.first()? & 0x0f) as usize) * 4;
+    let p = packet.get(ihl + 2..ihl + 4)?;
+    Some(u16::from_be_bytes([p[0], p[1]]))
 }
 
 impl TunnelSink for Relay {
@@ -235,13 +274,18 @@ impl TunnelSink for Relay {
                     None => self.metrics.dropped(DropReason::Unsupported),
                 }
             }
-            6 => match self.stacks.get(&session.device_id).map(|s| s.clone()) {
-                Some(stack) => stack.input(packet),
-                // A segment for a stream we do not have (it ended): smoltcp
-                // is not there to answer; the device times out or its RST
-                // is lost, like a closed port behind a firewall.
-                None => self.metrics.dropped(DropReason::NoStream),
-            },
+            6 => {
+                let stack = tcp_dst_port(packet).and_then(|port| {
+                    let d = self.devices.get(&session.device_id)?;
+                    let s = d.streams.get(&port)?;
+                    Some(s.clone())
+                });
+                match stack {
+                    Some(stack) => stack.input(packet),
+                    // A segment for a stream that no longer exists.
+                    None => self.metrics.dropped(DropReason::NoStream),
+                }
+            }
             _ => self.metrics.dropped(DropReason::Unsupported),
         }
     }
@@ -250,11 +294,11 @@ impl TunnelSink for Relay {
 impl LinkObserver for Relay {
     fn link_changed(&self, session: &Session, up: bool) {
         if !up {
-            // Called with the session lock held: only flag the stack; its
-            // timer task aborts the streams (stack → session is the lock
+            // Called with the session lock held: only flag the stacks; their
+            // timer tasks abort the streams (stack → session is the lock
             // order everywhere else).
-            if let Some((_, stack)) = self.stacks.remove(&session.device_id) {
-                stack.kill();
+            if let Some((_, d)) = self.devices.remove(&session.device_id) {
+                d.streams.iter().for_each(|s| s.kill());
             }
         }
     }

@@ -1,8 +1,8 @@
-//! A userspace TCP/IP stack (smoltcp) for one tunnel peer: the gateway runs
-//! one per device it has streams to, the agent one for its own tunnel
-//! address. Sharding by peer keeps `Interface::poll` (which walks every
-//! socket of its interface) proportional to that peer's streams, never to
-//! all streams of the gateway.
+//! A userspace TCP/IP stack (smoltcp). The relay runs one per TCP stream
+//! (on the gateway and on the agent), and routes each inbound segment to its
+//! stream's stack by port: smoltcp's `Interface::poll` walks every socket of
+//! its interface, so one socket per interface makes handling a packet cost
+//! the same whatever the number of open streams.
 //!
 //! The stack is sans-IO: packets come in through [`NetStack::input`] and
 //! leave through an [`Egress`] (the caller's WireGuard session); the caller
@@ -29,6 +29,9 @@ pub const MTU: usize = 1420;
 /// round trip (312,500 bytes in flight), with room to spare.
 pub const STREAM_BUFFER: usize = 384 * 1024;
 
+/// Send buffer of one stream: the most it can have in flight.
+pub const SEND_BUFFER: usize = STREAM_BUFFER;
+
 /// Where the stack's outgoing IP packets go.
 pub trait Egress: Send + Sync {
     fn send(&self, packet: &[u8]);
@@ -40,11 +43,9 @@ pub struct NetStack {
     scratch: Vec<u8>,
     origin: Instant,
     next_port: u16,
-    /// One socket in LISTEN per served port (smoltcp accepts one connection
-    /// per listening socket).
-    listeners: Vec<(u16, SocketHandle)>,
-    /// Sockets that left LISTEN and were not handed out yet.
-    pending: Vec<(u16, SocketHandle)>,
+    pacer: Pacer,
+    /// The last egress ran out of budget with more to send.
+    throttled: bool,
 }
 
 struct RxTok<'a>(&'a [u8]);
@@ -52,6 +53,7 @@ struct TxTok<'a> {
     scratch: &'a mut Vec<u8>,
     egress: &'a dyn Egress,
     emitted: &'a mut usize,
+    budget: &'a mut u32,
 }
 
 impl smoltcp::phy::RxToken for RxTok<'_> {
@@ -68,6 +70,7 @@ impl smoltcp::phy::TxToken for TxTok<'_> {
         let r = f(&mut self.scratch[..len]);
         self.egress.send(&self.scratch[..len]);
         *self.emitted += 1;
+        *self.budget = self.budget.saturating_sub(1);
         r
     }
 }
@@ -79,6 +82,35 @@ struct Dev<'a> {
     scratch: &'a mut Vec<u8>,
     egress: &'a dyn Egress,
     emitted: usize,
+    /// Packets this call may still send (see [`Pacer`]).
+    budget: &'a mut u32,
+    throttled: bool,
+}
+
+/// Bounds the bursts a stream sends into the tunnel: at most `BURST`
+/// packets at once, refilled at `PER_MS` a millisecond (about 490 Mbit/s of
+/// full segments: what a wireguard-go peer takes on this class of machine). smoltcp otherwise sends a whole window back to back, and
+/// after a loss resends everything from the lost segment; a peer such as
+/// wireguard-go with the kernel's default 208 KiB UDP receive buffer drops
+/// the tail of such bursts, and the stream crawls from retransmission timeout
+/// to retransmission timeout.
+struct Pacer {
+    tokens: u32,
+    last: Instant,
+}
+
+const BURST: u32 = 44;
+const PER_MS: u64 = 44;
+
+impl Pacer {
+    fn refill(&mut self, now: Instant) {
+        let us = now.saturating_duration_since(self.last).as_micros() as u64;
+        let add = us * PER_MS / 1000;
+        if add > 0 {
+            self.tokens = (self.tokens as u64 + add).min(BURST as u64) as u32;
+            self.last = now;
+        }
+    }
 }
 
 impl Device for Dev<'_> {
@@ -99,15 +131,21 @@ impl Device for Dev<'_> {
                 scratch: self.scratch,
                 egress: self.egress,
                 emitted: &mut self.emitted,
+                budget: self.budget,
             },
         ))
     }
 
     fn transmit(&mut self, _: smoltcp::time::Instant) -> Option<TxTok<'_>> {
+        if *self.budget == 0 {
+            self.throttled = true;
+            return None;
+        }
         Some(TxTok {
             scratch: self.scratch,
             egress: self.egress,
             emitted: &mut self.emitted,
+            budget: self.budget,
         })
     }
 
@@ -138,11 +176,14 @@ impl NetStack {
         let mut config = Config::new(HardwareAddress::Ip);
         config.random_seed = u64::from_le_bytes(seed);
         let mut scratch = vec![0u8; MTU];
+        let mut budget = 0;
         let mut dev = Dev {
             rx: None,
             scratch: &mut scratch,
             egress: &NoEgress,
             emitted: 0,
+            budget: &mut budget,
+            throttled: false,
         };
         let origin = now;
         let mut iface = Interface::new(config, &mut dev, smoltcp::time::Instant::from_micros(0));
@@ -158,8 +199,11 @@ impl NetStack {
             scratch,
             origin,
             next_port: 49152 + (u16::from_le_bytes([seed[0], seed[1]]) % 16000),
-            listeners: Vec::new(),
-            pending: Vec::new(),
+            pacer: Pacer {
+                tokens: BURST,
+                last: now,
+            },
+            throttled: false,
         }
     }
 
@@ -173,79 +217,46 @@ impl NetStack {
     /// to send.
     pub fn input(&mut self, now: Instant, packet: &[u8], egress: &dyn Egress) {
         let ts = self.ts(now);
+        self.pacer.refill(now);
         let mut dev = Dev {
             rx: Some(packet),
             scratch: &mut self.scratch,
             egress,
             emitted: 0,
+            budget: &mut self.pacer.tokens,
+            throttled: false,
         };
         self.iface.poll(ts, &mut dev, &mut self.sockets);
-        // A listener that took a SYN is replaced before the next packet, so
-        // a burst of connections finds a listening socket for each.
-        self.refresh_listeners();
-        self.flush_with(ts, egress);
+        self.throttled = dev.throttled;
+        self.flush_with(now, ts, egress);
     }
 
-    /// Serves connections on `port` (see [`take_accepted`](Self::take_accepted)).
-    pub fn serve(&mut self, port: u16) -> Result<(), tcp::ListenError> {
-        let h = self.listen(port)?;
-        self.listeners.push((port, h));
-        Ok(())
-    }
-
-    fn refresh_listeners(&mut self) {
-        for i in 0..self.listeners.len() {
-            let (port, h) = self.listeners[i];
-            if self.tcp(h).state() != tcp::State::Listen {
-                self.pending.push((port, h));
-                if let Ok(n) = self.listen(port) {
-                    self.listeners[i] = (port, n);
-                }
-            }
-        }
-    }
-
-    /// True while connections are on their way in.
-    pub fn has_pending(&self) -> bool {
-        !self.pending.is_empty()
-    }
-
-    /// Established connections on served ports, handed out once each
-    /// (connections that failed before establishing are dropped).
-    pub fn take_accepted(&mut self, out: &mut Vec<(u16, SocketHandle)>) {
-        let mut i = 0;
-        while i < self.pending.len() {
-            let (port, h) = self.pending[i];
-            match self.tcp(h).state() {
-                tcp::State::SynReceived => i += 1,
-                tcp::State::Closed | tcp::State::TimeWait => {
-                    self.sockets.remove(h);
-                    self.pending.swap_remove(i);
-                }
-                _ => {
-                    out.push((port, h));
-                    self.pending.swap_remove(i);
-                }
-            }
-        }
+    /// True when the last egress stopped for the pacer with more to send:
+    /// poll again in about a millisecond.
+    pub fn throttled(&self) -> bool {
+        self.throttled
     }
 
     /// Runs timers and egress until the stack emits nothing more.
     pub fn poll(&mut self, now: Instant, egress: &dyn Egress) {
         let ts = self.ts(now);
-        self.flush_with(ts, egress);
+        self.flush_with(now, ts, egress);
     }
 
-    fn flush_with(&mut self, ts: smoltcp::time::Instant, egress: &dyn Egress) {
+    fn flush_with(&mut self, now: Instant, ts: smoltcp::time::Instant, egress: &dyn Egress) {
+        self.pacer.refill(now);
         loop {
             let mut dev = Dev {
                 rx: None,
                 scratch: &mut self.scratch,
                 egress,
                 emitted: 0,
+                budget: &mut self.pacer.tokens,
+                throttled: false,
             };
             self.iface.poll_egress(ts, &mut dev, &mut self.sockets);
-            if dev.emitted == 0 {
+            self.throttled = dev.throttled;
+            if dev.emitted == 0 || dev.throttled {
                 break;
             }
         }
@@ -262,7 +273,7 @@ impl NetStack {
     fn new_socket() -> tcp::Socket<'static> {
         let mut s = tcp::Socket::new(
             tcp::SocketBuffer::new(vec![0u8; STREAM_BUFFER]),
-            tcp::SocketBuffer::new(vec![0u8; STREAM_BUFFER]),
+            tcp::SocketBuffer::new(vec![0u8; SEND_BUFFER]),
         );
         // Interactive streams (SSH) want no Nagle delay; bulk streams fill
         // whole segments anyway.
@@ -287,8 +298,17 @@ impl NetStack {
 
     /// Opens a TCP connection to `remote`; returns its socket.
     pub fn connect(&mut self, remote: (Ipv4Addr, u16)) -> Result<SocketHandle, tcp::ConnectError> {
-        let mut s = Self::new_socket();
         let port = self.take_port();
+        self.connect_from(port, remote)
+    }
+
+    /// Opens a TCP connection from local port `port` to `remote`.
+    pub fn connect_from(
+        &mut self,
+        port: u16,
+        remote: (Ipv4Addr, u16),
+    ) -> Result<SocketHandle, tcp::ConnectError> {
+        let mut s = Self::new_socket();
         s.connect(
             self.iface.context(),
             IpEndpoint::new(IpAddress::Ipv4(remote.0), remote.1),

@@ -31,8 +31,6 @@ pub struct SharedStack {
     stack: Mutex<NetStack>,
     egress: Arc<dyn Egress>,
     timer: tokio::sync::Notify,
-    /// Woken when connections arrive on served ports.
-    pub accept: tokio::sync::Notify,
     /// Handles whose relay ended; removed once their TCP state allows.
     released: Mutex<Vec<SocketHandle>>,
     dead: AtomicBool,
@@ -46,7 +44,6 @@ impl SharedStack {
             stack: Mutex::new(stack),
             egress,
             timer: tokio::sync::Notify::new(),
-            accept: tokio::sync::Notify::new(),
             released: Mutex::new(Vec::new()),
             dead: AtomicBool::new(false),
             open_streams: AtomicU64::new(0),
@@ -57,11 +54,7 @@ impl SharedStack {
     pub fn input(&self, packet: &[u8]) {
         let mut s = self.stack.lock();
         self.guard(|| s.input(Instant::now(), packet, &*self.egress));
-        let pending = s.has_pending();
         drop(s);
-        if pending {
-            self.accept.notify_one();
-        }
         self.timer.notify_one();
     }
 
@@ -110,28 +103,12 @@ impl SharedStack {
             .collect()
     }
 
-    /// Waits for connections on served ports; empty once the stack is dead.
-    pub async fn accepted(&self) -> Vec<(u16, SocketHandle)> {
-        let mut out = Vec::new();
-        loop {
-            self.with(|s| s.take_accepted(&mut out));
-            if !out.is_empty() || self.is_dead() {
-                return out;
-            }
-            tokio::select! {
-                _ = self.accept.notified() => {}
-                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-            }
-        }
-    }
-
     /// Marks the stack dead (its peer's link went down or it was deleted):
     /// every stream ends. Safe to call from any thread: it takes no lock,
     /// the timer task does the work.
     pub fn kill(&self) {
         self.dead.store(true, Ordering::Release);
         self.timer.notify_one();
-        self.accept.notify_one();
     }
 
     pub fn is_dead(&self) -> bool {
@@ -163,7 +140,14 @@ impl SharedStack {
                         true
                     }
                 });
-                (self.guard(|| s.poll_delay(Instant::now())), s.is_empty())
+                let delay = self.guard(|| s.poll_delay(Instant::now()));
+                // Paced: come back when the bucket has refilled a little.
+                let delay = if s.throttled() {
+                    Some(Duration::from_millis(1))
+                } else {
+                    delay
+                };
+                (delay, s.is_empty())
             };
             let (delay, empty) = delay;
             if self.open_streams.load(Ordering::Acquire) == 0
