@@ -8,6 +8,7 @@ use cloudlink::config::{Cli, Command};
 use cloudlink::keys;
 
 fn main() -> anyhow::Result<()> {
+    cloudlink::relay::netstack::lazy_stream_buffers();
     let cli = Cli::parse();
     match cli.command {
         Command::Genkey => {

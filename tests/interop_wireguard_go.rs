@@ -50,6 +50,11 @@ async fn wireguard_go_device_connects_and_disconnects() {
     let d = g.device("wggo-1").await;
     assert_eq!(d["cloudlink"]["connected"], true, "{d}");
     assert_eq!(d["cloudlink"]["endpoint"], dev.endpoint);
+    // `ping` from the device checks cloudlink: the gateway answers ICMP echo
+    // on its tunnel address.
+    let gw_addr = d["gateway"]["address"].as_str().unwrap().to_owned();
+    let out = dev.ns.exec(&["ping", "-c", "2", "-W", "2", &gw_addr]);
+    assert!(out.contains("2 received"), "{out}");
 
     // The device stops: link.down follows after the link timeout.
     dev.stop();

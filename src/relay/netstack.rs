@@ -32,6 +32,21 @@ pub const STREAM_BUFFER: usize = 384 * 1024;
 /// Send buffer of one stream: the most it can have in flight.
 pub const SEND_BUFFER: usize = STREAM_BUFFER;
 
+/// Makes large allocations (stream buffers) come straight from `mmap`, for
+/// the life of the process. glibc otherwise raises its mmap threshold after
+/// the first large free and serves later buffers from the heap, where
+/// `calloc` must clear them and so touches every page. From `mmap` they are
+/// zero pages the kernel commits only when written: a stream costs the
+/// memory its traffic touched, not its full window, and its buffers go back
+/// to the system when it ends. Call once, early, from the binary.
+pub fn lazy_stream_buffers() {
+    // SAFETY: mallopt only changes allocator tuning; M_MMAP_THRESHOLD with a
+    // fixed value also disables glibc's dynamic adjustment.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+    }
+}
+
 /// Where the stack's outgoing IP packets go.
 pub trait Egress: Send + Sync {
     fn send(&self, packet: &[u8]);
