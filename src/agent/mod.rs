@@ -196,6 +196,7 @@ async fn session(cfg: &AgentConfig, stop: &mut tokio::sync::watch::Receiver<bool
         tunn: tunn.clone(),
         socket: socket.clone(),
     });
+    let pacer = crate::relay::netstack::new_pacer(Instant::now());
     let conns = Connections {
         address: cfg.wg.address,
         egress: egress.clone(),
@@ -203,7 +204,11 @@ async fn session(cfg: &AgentConfig, stop: &mut tokio::sync::watch::Receiver<bool
         by_port: Arc::new(DashMap::new()),
         // A stack with no socket: smoltcp answers a segment for no stream
         // with RST, so the gateway sees "refused" for a port not forwarded.
-        reject: SharedStack::new(NetStack::new(cfg.wg.address, Instant::now()), egress),
+        reject: SharedStack::new(
+            NetStack::new(cfg.wg.address, Instant::now(), pacer.clone()),
+            egress,
+        ),
+        pacer,
     };
     let started = Instant::now();
     let mut last_auth: Option<Instant> = None;
@@ -291,6 +296,8 @@ struct Connections {
     forwards: Vec<Forward>,
     by_port: Arc<DashMap<u16, Arc<SharedStack>>>,
     reject: Arc<SharedStack>,
+    /// Paces all connections towards the gateway together.
+    pacer: crate::relay::netstack::SharedPacer,
 }
 
 impl Connections {
@@ -322,7 +329,7 @@ impl Connections {
     /// that takes this SYN, and a task relaying it to the local service.
     fn accept(&self, key: u16, port: u16, target: String, syn: &[u8]) {
         let stack = SharedStack::new(
-            NetStack::new(self.address, Instant::now()),
+            NetStack::new(self.address, Instant::now(), self.pacer.clone()),
             self.egress.clone(),
         );
         let Some(h) = stack.with(|s| s.listen(port).ok()) else {

@@ -69,10 +69,21 @@ pub struct Relay {
 /// The streams of one device: one stack each, keyed by the gateway's local
 /// port (the destination port of the device's segments), so an inbound
 /// segment finds its stack in O(1).
-#[derive(Default)]
 struct DeviceStreams {
     streams: DashMap<u16, Arc<SharedStack>>,
     next_port: AtomicU16,
+    /// Paces all of the device's streams together (see `netstack::Pacer`).
+    pacer: netstack::SharedPacer,
+}
+
+impl Default for DeviceStreams {
+    fn default() -> Self {
+        DeviceStreams {
+            streams: DashMap::new(),
+            next_port: AtomicU16::new(0),
+            pacer: netstack::new_pacer(Instant::now()),
+        }
+    }
 }
 
 /// Local ports the gateway uses towards a device.
@@ -145,7 +156,11 @@ impl Relay {
             })
             .clone();
         let stack = SharedStack::new(
-            NetStack::new(self.path.gateway_address(), Instant::now()),
+            NetStack::new(
+                self.path.gateway_address(),
+                Instant::now(),
+                streams.pacer.clone(),
+            ),
             Arc::new(SessionEgress {
                 path: self.path.clone(),
                 address: session.address,

@@ -47,6 +47,25 @@ pub fn lazy_stream_buffers() {
     }
 }
 
+/// Gives the whole pages inside `buf` back to the system. Their bytes read
+/// as zero afterwards: callers pass only bytes nobody will read again (data
+/// just consumed, or an empty send buffer), handed out by smoltcp itself as a
+/// `&mut [u8]`.
+pub fn release_pages(buf: &mut [u8]) {
+    const PAGE: usize = 4096;
+    let start = (buf.as_mut_ptr() as usize).div_ceil(PAGE) * PAGE;
+    let end = (buf.as_mut_ptr() as usize + buf.len()) / PAGE * PAGE;
+    if end > start {
+        // SAFETY: [start, end) lies inside `buf`, which we borrow mutably.
+        // On private anonymous memory (heap or mmap) MADV_DONTNEED replaces
+        // the pages with zero-fill-on-demand ones: in effect, writing zeros
+        // through our exclusive borrow.
+        unsafe {
+            libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED);
+        }
+    }
+}
+
 /// Where the stack's outgoing IP packets go.
 pub trait Egress: Send + Sync {
     fn send(&self, packet: &[u8]);
@@ -58,9 +77,12 @@ pub struct NetStack {
     scratch: Vec<u8>,
     origin: Instant,
     next_port: u16,
-    pacer: Pacer,
+    pacer: SharedPacer,
     /// The last egress ran out of budget with more to send.
     throttled: bool,
+    /// When data was last queued, if the send buffers were not released
+    /// since.
+    tx_dirty: Option<Instant>,
 }
 
 struct RxTok<'a>(&'a [u8]);
@@ -102,16 +124,27 @@ struct Dev<'a> {
     throttled: bool,
 }
 
-/// Bounds the bursts a stream sends into the tunnel: at most `BURST`
+/// Bounds the bursts sent into the tunnel towards one peer: at most `BURST`
 /// packets at once, refilled at `PER_MS` a millisecond (about 490 Mbit/s of
 /// full segments: what a wireguard-go peer takes on this class of machine). smoltcp otherwise sends a whole window back to back, and
 /// after a loss resends everything from the lost segment; a peer such as
 /// wireguard-go with the kernel's default 208 KiB UDP receive buffer drops
 /// the tail of such bursts, and the stream crawls from retransmission timeout
 /// to retransmission timeout.
-struct Pacer {
+pub struct Pacer {
     tokens: u32,
     last: Instant,
+}
+
+/// A pacer shared by every stream towards one peer: the bound is on what
+/// the peer receives, whatever the number of streams.
+pub type SharedPacer = std::sync::Arc<parking_lot::Mutex<Pacer>>;
+
+pub fn new_pacer(now: Instant) -> SharedPacer {
+    std::sync::Arc::new(parking_lot::Mutex::new(Pacer {
+        tokens: BURST,
+        last: now,
+    }))
 }
 
 const BURST: u32 = 44;
@@ -185,7 +218,7 @@ impl Egress for NoEgress {
 
 impl NetStack {
     /// A stack answering on `local`, reaching everything through the tunnel.
-    pub fn new(local: Ipv4Addr, now: Instant) -> Self {
+    pub fn new(local: Ipv4Addr, now: Instant, pacer: SharedPacer) -> Self {
         let mut seed = [0u8; 8];
         rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut seed);
         let mut config = Config::new(HardwareAddress::Ip);
@@ -214,11 +247,9 @@ impl NetStack {
             scratch,
             origin,
             next_port: 49152 + (u16::from_le_bytes([seed[0], seed[1]]) % 16000),
-            pacer: Pacer {
-                tokens: BURST,
-                last: now,
-            },
+            pacer,
             throttled: false,
+            tx_dirty: None,
         }
     }
 
@@ -232,18 +263,33 @@ impl NetStack {
     /// to send.
     pub fn input(&mut self, now: Instant, packet: &[u8], egress: &dyn Egress) {
         let ts = self.ts(now);
-        self.pacer.refill(now);
+        // Whatever the pacer says, the segment that acknowledges this input
+        // goes out now (every segment carries the current ACK): a pending
+        // ACK is what smoltcp's `poll_at` must never see (see `new_socket`).
+        let mut budget = self.take_budget(now).max(1);
         let mut dev = Dev {
             rx: Some(packet),
             scratch: &mut self.scratch,
             egress,
             emitted: 0,
-            budget: &mut self.pacer.tokens,
+            budget: &mut budget,
             throttled: false,
         };
         self.iface.poll(ts, &mut dev, &mut self.sockets);
         self.throttled = dev.throttled;
+        self.give_back(budget);
         self.flush_with(now, ts, egress);
+    }
+
+    fn take_budget(&self, now: Instant) -> u32 {
+        let mut p = self.pacer.lock();
+        p.refill(now);
+        std::mem::take(&mut p.tokens)
+    }
+
+    fn give_back(&self, budget: u32) {
+        let mut p = self.pacer.lock();
+        p.tokens = (p.tokens + budget).min(BURST);
     }
 
     /// True when the last egress stopped for the pacer with more to send:
@@ -259,14 +305,14 @@ impl NetStack {
     }
 
     fn flush_with(&mut self, now: Instant, ts: smoltcp::time::Instant, egress: &dyn Egress) {
-        self.pacer.refill(now);
+        let mut budget = self.take_budget(now);
         loop {
             let mut dev = Dev {
                 rx: None,
                 scratch: &mut self.scratch,
                 egress,
                 emitted: 0,
-                budget: &mut self.pacer.tokens,
+                budget: &mut budget,
                 throttled: false,
             };
             self.iface.poll_egress(ts, &mut dev, &mut self.sockets);
@@ -275,6 +321,7 @@ impl NetStack {
                 break;
             }
         }
+        self.give_back(budget);
     }
 
     /// How long until the stack needs [`poll`](Self::poll) again.
@@ -347,6 +394,42 @@ impl NetStack {
             self.next_port + 1
         };
         p
+    }
+
+    /// Queues `data` on a stream; returns how much fit.
+    pub fn send(&mut self, h: SocketHandle, data: &[u8]) -> usize {
+        self.tx_dirty = Some(Instant::now());
+        self.tcp(h).send_slice(data).unwrap_or(0)
+    }
+
+    /// Once the send buffers that held data are empty again (all of it
+    /// acknowledged), gives their pages back, once: an idle stream keeps no
+    /// send window's worth of memory. (A syscall per release, and a TLB
+    /// flush across threads, so not per packet: the timer calls this.)
+    pub fn release_idle_send_buffers(&mut self, now: Instant) {
+        // Only after a second without new data: a busy stream refills its
+        // buffer at once, and each release costs page faults to refill.
+        match self.tx_dirty {
+            Some(t) if now.saturating_duration_since(t) >= std::time::Duration::from_secs(1) => {}
+            _ => return,
+        }
+        let mut all_empty = true;
+        for (_, socket) in self.sockets.iter_mut() {
+            let smoltcp::socket::Socket::Tcp(s) = socket;
+            if s.send_queue() != 0 {
+                all_empty = false;
+            } else if s.may_send() {
+                // When empty, smoltcp rewinds the ring and hands out the
+                // whole storage.
+                let _ = s.send(|free| {
+                    release_pages(free);
+                    (0, ())
+                });
+            }
+        }
+        if all_empty {
+            self.tx_dirty = None;
+        }
     }
 
     pub fn tcp(&mut self, h: SocketHandle) -> &mut tcp::Socket<'static> {

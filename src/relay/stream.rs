@@ -20,12 +20,54 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 use super::netstack::{Egress, NetStack};
 
 /// Bytes a relay task copies per lock.
 const CHUNK: usize = 64 * 1024;
+/// A stream without traffic for this long gives back its copy buffers.
+const IDLE: Duration = Duration::from_secs(1);
+
+/// Waits until the stream has bytes from the device and copies them into
+/// `buf` (allocated on demand); `None` once the device sent FIN or the
+/// stream is gone.
+async fn recv_into(stack: &SharedStack, h: SocketHandle, buf: &mut Vec<u8>) -> Option<usize> {
+    poll_fn(|cx| {
+        let mut s = stack.stack.lock();
+        let sock = s.tcp(h);
+        if sock.can_recv() {
+            if buf.is_empty() {
+                *buf = vec![0u8; CHUNK];
+            }
+            let n = sock.recv_slice(buf).unwrap_or(0);
+            // The window opened: let the device know now.
+            s.poll(Instant::now(), &*stack.egress);
+            Poll::Ready(Some(n))
+        } else if !sock.may_recv() {
+            Poll::Ready(None)
+        } else {
+            sock.register_recv_waker(cx.waker());
+            Poll::Pending
+        }
+    })
+    .await
+}
+
+/// Waits until the client has bytes; after [`IDLE`] of waiting, gives the
+/// copy buffer back first.
+async fn readable_or_shed(
+    rd: &tokio::net::tcp::OwnedReadHalf,
+    buf: &mut Vec<u8>,
+) -> std::io::Result<()> {
+    if !buf.is_empty() {
+        match tokio::time::timeout(IDLE, rd.readable()).await {
+            Ok(r) => return r,
+            Err(_) => *buf = Vec::new(),
+        }
+    }
+    rd.readable().await
+}
 
 pub struct SharedStack {
     stack: Mutex<NetStack>,
@@ -130,6 +172,7 @@ impl SharedStack {
                     }
                 }
                 self.guard(|| s.poll(Instant::now(), &*self.egress));
+                self.guard(|| s.release_idle_send_buffers(Instant::now()));
                 let mut released = self.released.lock();
                 released.retain(|h| {
                     let st = s.tcp(*h).state();
@@ -140,7 +183,12 @@ impl SharedStack {
                         true
                     }
                 });
-                let delay = self.guard(|| s.poll_delay(Instant::now()));
+                // `poll_delay` only reads state; should smoltcp panic in it,
+                // poll again soon rather than killing the stream.
+                let delay = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    s.poll_delay(Instant::now())
+                }))
+                .unwrap_or(Some(Duration::from_millis(1)));
                 // Paced: come back when the bucket has refilled a little.
                 let delay = if s.throttled() {
                     Some(Duration::from_millis(1))
@@ -218,9 +266,10 @@ pub async fn relay(
     on_bytes: &(dyn Fn(bool, u64) + Sync),
 ) -> Moved {
     let _ = client.set_nodelay(true);
-    let (mut rd, mut wr) = client.into_split();
+    let (rd, mut wr) = client.into_split();
+    // Copy buffers exist only while bytes flow: an idle stream holds none.
     let up = async {
-        let mut buf = vec![0u8; CHUNK];
+        let mut buf: Vec<u8> = Vec::new();
         let mut total = 0u64;
         loop {
             // Read the client only when the stack has room for the bytes.
@@ -255,9 +304,16 @@ pub async fn relay(
                     Poll::Ready(())
                 }
             });
-            let read = tokio::select! {
-                r = rd.read(&mut buf[..want]) => r,
+            tokio::select! {
+                r = readable_or_shed(&rd, &mut buf) => if r.is_err() { stack.with(|s| s.tcp(h).close()); break },
                 _ = closed => break,
+            };
+            if buf.is_empty() {
+                buf = vec![0u8; CHUNK];
+            }
+            let read = match rd.try_read(&mut buf[..want]) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                r => r,
             };
             match read {
                 Ok(0) | Err(_) => {
@@ -266,7 +322,7 @@ pub async fn relay(
                     break;
                 }
                 Ok(n) => {
-                    let sent = stack.with(|s| s.tcp(h).send_slice(&buf[..n]).unwrap_or(0));
+                    let sent = stack.with(|s| s.send(h, &buf[..n]));
                     total += sent as u64;
                     on_bytes(true, sent as u64);
                     if sent < n {
@@ -278,25 +334,18 @@ pub async fn relay(
         total
     };
     let down = async {
-        let mut buf = vec![0u8; CHUNK];
+        let mut buf: Vec<u8> = Vec::new();
         let mut total = 0u64;
         loop {
-            let got = poll_fn(|cx| {
-                let mut s = stack.stack.lock();
-                let sock = s.tcp(h);
-                if sock.can_recv() {
-                    let n = sock.recv_slice(&mut buf).unwrap_or(0);
-                    // The window opened: let the device know now.
-                    s.poll(Instant::now(), &*stack.egress);
-                    Poll::Ready(Some(n))
-                } else if !sock.may_recv() {
-                    Poll::Ready(None)
-                } else {
-                    sock.register_recv_waker(cx.waker());
-                    Poll::Pending
+            // Keep the copy buffer through short pauses; after a second
+            // without data it goes, and comes back with the next bytes.
+            let got = match tokio::time::timeout(IDLE, recv_into(stack, h, &mut buf)).await {
+                Ok(got) => got,
+                Err(_) => {
+                    buf = Vec::new();
+                    recv_into(stack, h, &mut buf).await
                 }
-            })
-            .await;
+            };
             match got {
                 Some(n) => {
                     if wr.write_all(&buf[..n]).await.is_err() {
