@@ -353,7 +353,12 @@ impl NetStack {
         // a WireGuard peer's queues (wireguard-go, veth, TUN) drop part of
         // such bursts, and smoltcp then waits for retransmission timeouts.
         s.set_congestion_control(tcp::CongestionControl::Cubic);
-        s.set_keep_alive(Some(smoltcp::time::Duration::from_secs(30)));
+        // Also smoltcp 0.12's only persist timer: it sends no zero-window
+        // probes, so a stream whose window update was lost would stall
+        // until something else is sent. A keepalive goes out after 5 s of
+        // silence and its answer carries the peer's window (measured: 100
+        // concurrent downloads stalled ~30 s with the usual 30 s).
+        s.set_keep_alive(Some(smoltcp::time::Duration::from_secs(5)));
         s.set_timeout(Some(smoltcp::time::Duration::from_secs(120)));
         s
     }
