@@ -23,6 +23,8 @@ use crate::status::{Status, StatusChange, StatusTracker, Stored, View};
 
 pub struct DeviceStatus {
     tracker: Mutex<StatusTracker>,
+    /// For the `endpoint` of events (weak: the packet path holds us).
+    path: std::sync::Weak<crate::packet_path::PacketPath>,
     events: Arc<EventHub>,
     registry: Arc<Registry>,
     wake: tokio::sync::Notify,
@@ -38,6 +40,7 @@ impl DeviceStatus {
     pub fn load(
         registry: Arc<Registry>,
         events: Arc<EventHub>,
+        path: std::sync::Weak<crate::packet_path::PacketPath>,
         default_poll_interval: Duration,
         grace: Duration,
     ) -> Result<Self, crate::registry::RegistryError> {
@@ -49,6 +52,7 @@ impl DeviceStatus {
         registry.for_each_status(|id, stored| tracker.insert(id, stored, now))?;
         Ok(DeviceStatus {
             tracker: Mutex::new(tracker),
+            path,
             events,
             registry,
             wake: tokio::sync::Notify::new(),
@@ -80,10 +84,20 @@ impl DeviceStatus {
         self.tracker.lock().remove(id);
     }
 
+    /// The device's current endpoint, if it has a session. Never called
+    /// with the tracker locked (lock order: session → tracker).
+    fn endpoint_of(&self, uuid: &str) -> Option<String> {
+        let path = self.path.upgrade()?;
+        let session = path.sessions.by_uuid(uuid)?;
+        let endpoint = session.snapshot().endpoint;
+        Some(endpoint.to_string())
+    }
+
     pub fn heartbeat(&self, id: u32, uuid: &str, poll_interval_s: Option<u32>) -> Option<View> {
+        let endpoint = self.endpoint_of(uuid);
         let mut t = self.tracker.lock();
         let change = t.heartbeat(id, now_ms(), poll_interval_s);
-        self.publish(&t, uuid, change);
+        self.publish(&t, uuid, change, "heartbeat", endpoint.as_deref());
         drop(t);
         self.wake.notify_one();
         self.view(id)
@@ -97,15 +111,22 @@ impl DeviceStatus {
         poll_interval_s: Option<Option<u32>>,
         cloudlink_enabled: Option<bool>,
     ) {
+        let endpoint = self.endpoint_of(uuid);
         let mut t = self.tracker.lock();
         let now = now_ms();
         if let Some(i) = poll_interval_s {
             let c = t.set_poll_interval(id, now, i);
-            self.publish(&t, uuid, c);
+            self.publish(&t, uuid, c, "poll_interval_changed", endpoint.as_deref());
         }
         if let Some(e) = cloudlink_enabled {
             let c = t.set_cloudlink_enabled(id, now, e);
-            self.publish(&t, uuid, c);
+            self.publish(
+                &t,
+                uuid,
+                c,
+                "cloudlink_enabled_changed",
+                endpoint.as_deref(),
+            );
         }
         drop(t);
         self.wake.notify_one();
@@ -113,15 +134,23 @@ impl DeviceStatus {
 
     /// The device's link went up or down (called by the packet path, after
     /// the link event was published).
-    pub fn link(&self, id: u32, uuid: &str, up: bool) {
+    pub fn link(&self, id: u32, uuid: &str, up: bool, endpoint: std::net::SocketAddr) {
         let mut t = self.tracker.lock();
         let change = t.set_link(id, now_ms(), up);
-        self.publish(&t, uuid, change);
+        let reason = if up { "link.up" } else { "link.down" };
+        self.publish(&t, uuid, change, reason, Some(&endpoint.to_string()));
     }
 
-    fn publish(&self, t: &StatusTracker, uuid: &str, change: Option<StatusChange>) {
+    fn publish(
+        &self,
+        t: &StatusTracker,
+        uuid: &str,
+        change: Option<StatusChange>,
+        reason: &str,
+        endpoint: Option<&str>,
+    ) {
         if let Some(c) = change {
-            publish_change(&self.events, t, uuid, c);
+            publish_change(&self.events, t, uuid, c, reason, endpoint);
         }
     }
 
@@ -177,12 +206,21 @@ impl DeviceStatus {
             })
             .await
             .unwrap_or_default();
+        let endpoints: std::collections::HashMap<u32, String> = uuids
+            .iter()
+            .filter_map(|(id, u)| self.endpoint_of(u).map(|e| (*id, e)))
+            .collect();
         let mut t = self.tracker.lock();
         due.clear();
         t.poll(now, due);
         for c in due.iter() {
             if let Some(uuid) = uuids.get(&c.id) {
-                publish_change(&self.events, &t, uuid, *c);
+                let reason = match t.view(c.id).map(|v| v.heartbeat) {
+                    Some(crate::status::Heartbeat::Offline) => "heartbeat_offline",
+                    _ => "heartbeat_timeout",
+                };
+                let endpoint = endpoints.get(&c.id).map(String::as_str);
+                publish_change(&self.events, &t, uuid, *c, reason, endpoint);
             }
         }
     }
@@ -204,19 +242,35 @@ impl DeviceStatus {
 }
 
 impl crate::packet_path::LinkObserver for DeviceStatus {
-    fn link_changed(&self, session: &crate::session_table::Session, up: bool) {
-        self.link(session.device_id, &session.uuid, up);
+    fn link_changed(
+        &self,
+        session: &crate::session_table::Session,
+        up: bool,
+        endpoint: std::net::SocketAddr,
+    ) {
+        self.link(session.device_id, &session.uuid, up, endpoint);
     }
 }
 
-fn publish_change(events: &EventHub, t: &StatusTracker, uuid: &str, c: StatusChange) {
+fn publish_change(
+    events: &EventHub,
+    t: &StatusTracker,
+    uuid: &str,
+    c: StatusChange,
+    reason: &str,
+    endpoint: Option<&str>,
+) {
     #[derive(serde::Serialize)]
     struct S {
         status: &'static str,
         detail: Option<&'static str>,
     }
     #[derive(serde::Serialize)]
-    struct Fields {
+    struct Fields<'a> {
+        /// The device's current endpoint (`null` without a session).
+        endpoint: Option<&'a str>,
+        /// What caused the change.
+        reason: &'a str,
         from: S,
         to: S,
         heartbeat: &'static str,
@@ -232,6 +286,8 @@ fn publish_change(events: &EventHub, t: &StatusTracker, uuid: &str, c: StatusCha
         "status.changed",
         uuid,
         Fields {
+            endpoint,
+            reason,
             from: s(c.from),
             to: s(c.to),
             heartbeat: view.map(|v| v.heartbeat.as_str()).unwrap_or("unknown"),

@@ -101,8 +101,9 @@ impl Gateway {
         let status = {
             let (registry, events) = (registry.clone(), events.clone());
             let (interval, grace) = (config.poll_interval, config.heartbeat_grace);
+            let weak = Arc::downgrade(&path);
             tokio::task::spawn_blocking(move || {
-                DeviceStatus::load(registry, events, interval, grace)
+                DeviceStatus::load(registry, events, weak, interval, grace)
             })
             .await
             .map_err(|e| Error::Config(format!("status load task failed: {e}")))??

@@ -100,6 +100,8 @@ async fn wireguard_go_device_status_follows_both_links() {
         s("reduced-functionality", Some("cloudlink-only"))
     );
     assert_eq!(m.data["device"], "wggo-status");
+    assert_eq!(m.data["reason"], "link.up");
+    assert_eq!(m.data["endpoint"], dev.endpoint);
 
     // The first heartbeat, announcing a 4 s poll interval: operational.
     let (st, hb) = g
@@ -143,6 +145,7 @@ async fn wireguard_go_device_status_follows_both_links() {
     );
     assert_eq!(pair(&m.data, "to"), s("disconnected", None));
     assert_eq!(m.data["heartbeat"], "offline");
+    assert_eq!(m.data["reason"], "heartbeat_offline");
     assert!(
         heartbeat_at.elapsed() >= Duration::from_secs(7),
         "disconnected only after 1.5 x poll interval + grace"

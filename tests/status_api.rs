@@ -229,6 +229,14 @@ async fn patch_status_settings_and_errors() {
     );
     assert_eq!(m.data["device"], "p-1");
     assert_eq!(m.data["gateway"], "test-gw");
+    // The common fields of every event, status.changed included.
+    assert_eq!(m.data["reason"], "heartbeat");
+    assert_eq!(
+        m.data["endpoint"],
+        serde_json::Value::Null,
+        "no session, no endpoint"
+    );
+    assert!(m.data["id"].is_u64() && m.data["epoch"].is_string() && m.data["at"].is_string());
     // Turning cloudlink back on: the link is down, so heartbeat-only.
     let (_, d) = g
         .call(

@@ -62,16 +62,16 @@ pub trait TunnelSink: Send + Sync + 'static {
 /// Called with the session's lock held: it must not block or call back into
 /// the packet path.
 pub trait LinkObserver: Send + Sync + 'static {
-    fn link_changed(&self, session: &Session, up: bool);
+    fn link_changed(&self, session: &Session, up: bool, endpoint: SocketAddr);
 }
 
 /// Several observers, told in order.
 pub struct Observers(pub Vec<Arc<dyn LinkObserver>>);
 
 impl LinkObserver for Observers {
-    fn link_changed(&self, session: &Session, up: bool) {
+    fn link_changed(&self, session: &Session, up: bool, endpoint: SocketAddr) {
         for o in &self.0 {
-            o.link_changed(session, up);
+            o.link_changed(session, up, endpoint);
         }
     }
 }
@@ -168,7 +168,7 @@ impl PacketPath {
                 tracing::info!(device = %session.uuid, %endpoint, "link up");
                 self.publish(session, "link.up", endpoint, "handshake", None);
                 if let Some(o) = self.observer.get() {
-                    o.link_changed(session, true);
+                    o.link_changed(session, true, endpoint);
                 }
             }
             LinkTransition::Down { endpoint, reason } => {
@@ -176,7 +176,7 @@ impl PacketPath {
                 tracing::info!(device = %session.uuid, %endpoint, reason = reason.as_str(), "link down");
                 self.publish(session, "link.down", endpoint, reason.as_str(), None);
                 if let Some(o) = self.observer.get() {
-                    o.link_changed(session, false);
+                    o.link_changed(session, false, endpoint);
                 }
             }
             LinkTransition::Roamed { from, to } => {

@@ -307,7 +307,7 @@ impl TunnelSink for Relay {
 }
 
 impl LinkObserver for Relay {
-    fn link_changed(&self, session: &Session, up: bool) {
+    fn link_changed(&self, session: &Session, up: bool, _endpoint: std::net::SocketAddr) {
         if !up {
             // Called with the session lock held: only flag the stacks; their
             // timer tasks abort the streams (stack → session is the lock
