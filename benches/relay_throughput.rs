@@ -7,35 +7,19 @@
 //! in this process. Each figure moves a fixed number of bytes and is
 //! bounded in time.
 
+mod common;
+
+use common::*;
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-const BIN: &str = env!("CARGO_BIN_EXE_cloudlink");
-const TOKEN: &str = "bench-token-0123456789abcdef";
 const SINGLE: usize = 256 << 20;
 const PER_STREAM: usize = 4 << 20;
 const STREAMS: usize = 100;
 const TARGET_MBIT: f64 = 300.0;
 const LIMIT: Duration = Duration::from_secs(120);
-
-struct Proc(Child);
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// Accepts connections; reads each to EOF, then answers "ok".
 async fn sink() -> SocketAddr {
@@ -89,27 +73,7 @@ async fn source() -> SocketAddr {
 async fn open(proxy: Option<SocketAddr>, direct: SocketAddr, target: &str) -> TcpStream {
     match proxy {
         None => TcpStream::connect(direct).await.unwrap(),
-        Some(p) => {
-            let mut s = TcpStream::connect(p).await.unwrap();
-            s.write_all(
-                format!("CONNECT {target} HTTP/1.1\r\nProxy-Authorization: Bearer {TOKEN}\r\n\r\n")
-                    .as_bytes(),
-            )
-            .await
-            .unwrap();
-            let mut head = Vec::new();
-            let mut b = [0u8; 1];
-            while !head.ends_with(b"\r\n\r\n") {
-                assert_eq!(s.read(&mut b).await.unwrap(), 1, "proxy closed");
-                head.push(b[0]);
-            }
-            assert!(
-                head.starts_with(b"HTTP/1.1 200"),
-                "{}",
-                String::from_utf8_lossy(&head)
-            );
-            s
-        }
+        Some(p) => connect(p, target).await,
     }
 }
 
@@ -186,63 +150,13 @@ fn main() {
     rt.block_on(async {
         let sink = sink().await;
         let source = source().await;
-        let dir = tempfile::tempdir().unwrap();
-        let udp = format!("127.0.0.1:{}", std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port());
-        let api = format!("127.0.0.1:{}", free_port());
-        let proxy: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let _gw = Proc(
-            Command::new(BIN)
-                .args(["serve", "--listen", &udp, "--api", &api, "--endpoint", &udp, "--log", "warn"])
-                .arg("--proxy")
-                .arg(proxy.to_string())
-                .args(["--allow-ports", "7001,7002"])
-                .arg("--data-dir")
-                .arg(dir.path())
-                .env("CLOUDLINK_TOKEN", TOKEN)
-                .stdout(Stdio::null())
-                .spawn()
-                .unwrap(),
-        );
-        // Register the device.
-        let key = cloudlink::keys::generate_private_key();
-        let body = format!(
-            "{{\"uuid\":\"bench-dev\",\"public_key\":\"{}\"}}",
-            cloudlink::keys::encode_key(&cloudlink::keys::public_key(&key))
-        );
-        let reg = loop {
-            if let Ok(r) = http(&api, "POST", "/v1/devices", &body).await {
-                break r;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        };
-        let reg: serde_json::Value = serde_json::from_str(&reg).unwrap();
-        std::fs::write(dir.path().join("wg0.conf"), reg["wg_quick"].as_str().unwrap()).unwrap();
-        std::fs::write(dir.path().join("device.key"), cloudlink::keys::encode_key(&key)).unwrap();
-        let _agent = Proc(
-            Command::new(BIN)
-                .arg("agent")
-                .arg("--config")
-                .arg(dir.path().join("wg0.conf"))
-                .arg("--private-key-file")
-                .arg(dir.path().join("device.key"))
-                .arg("--forward")
-                .arg(format!("7001={sink}"))
-                .arg("--forward")
-                .arg(format!("7002={source}"))
-                .args(["--log", "warn"])
-                .spawn()
-                .unwrap(),
-        );
-        // Wait for the link.
-        let t = Instant::now();
-        loop {
-            let d = http(&api, "GET", "/v1/devices/bench-dev", "").await.unwrap_or_default();
-            if d.contains("\"connected\":true") {
-                break;
-            }
-            assert!(t.elapsed() < Duration::from_secs(30), "agent never connected");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let fleet = Fleet::start(
+            "bench-dev",
+            &[format!("7001={sink}"), format!("7002={source}")],
+            "7001,7002",
+        )
+        .await;
+        let proxy = fleet.proxy;
         let plain = run_set(None, sink, source).await;
         let relay = run_set(Some(proxy), sink, source).await;
         let names = [
@@ -271,22 +185,4 @@ fn main() {
             relay[0], relay[1], relay[2], relay[3], plain[0], plain[1], plain[2], plain[3]
         );
     });
-}
-
-async fn http(addr: &str, method: &str, path: &str, body: &str) -> std::io::Result<String> {
-    let mut s = TcpStream::connect(addr).await?;
-    s.write_all(
-        format!(
-            "{method} {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        )
-        .as_bytes(),
-    )
-    .await?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).await?;
-    Ok(out
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default())
 }
