@@ -23,7 +23,11 @@ impl Drop for Proc {
 }
 
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Resident memory of a process, in bytes.
@@ -48,7 +52,10 @@ pub async fn http(addr: &str, method: &str, path: &str, body: &str) -> std::io::
     .await?;
     let mut out = String::new();
     s.read_to_string(&mut out).await?;
-    Ok(out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default())
+    Ok(out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default())
 }
 
 /// A gateway and one agent-backed device, `uuid`, whose agent forwards
@@ -66,13 +73,27 @@ impl Fleet {
         let dir = tempfile::tempdir().unwrap();
         let udp = format!(
             "127.0.0.1:{}",
-            std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+            std::net::UdpSocket::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port()
         );
         let api = format!("127.0.0.1:{}", free_port());
         let proxy: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let gateway = Proc(
             Command::new(BIN)
-                .args(["serve", "--listen", &udp, "--api", &api, "--endpoint", &udp, "--log", "warn"])
+                .args([
+                    "serve",
+                    "--listen",
+                    &udp,
+                    "--api",
+                    &api,
+                    "--endpoint",
+                    &udp,
+                    "--log",
+                    "warn",
+                ])
                 .arg("--proxy")
                 .arg(proxy.to_string())
                 .args(["--allow-ports", allow_ports])
@@ -110,11 +131,16 @@ impl Fleet {
         let agent = Proc(agent.spawn().unwrap());
         let t = Instant::now();
         loop {
-            let d = http(&api, "GET", &format!("/v1/devices/{uuid}"), "").await.unwrap_or_default();
+            let d = http(&api, "GET", &format!("/v1/devices/{uuid}"), "")
+                .await
+                .unwrap_or_default();
             if d.contains("\"connected\":true") {
                 break;
             }
-            assert!(t.elapsed() < Duration::from_secs(30), "the agent never connected");
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "the agent never connected"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         Fleet {
@@ -134,15 +160,22 @@ fn write(dir: &Path, name: &str, text: &str) {
 /// `CONNECT target` through the proxy; the stream after `200`.
 pub async fn connect(proxy: SocketAddr, target: &str) -> TcpStream {
     let mut s = TcpStream::connect(proxy).await.unwrap();
-    s.write_all(format!("CONNECT {target} HTTP/1.1\r\nProxy-Authorization: Bearer {TOKEN}\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
+    s.write_all(
+        format!("CONNECT {target} HTTP/1.1\r\nProxy-Authorization: Bearer {TOKEN}\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
     let mut head = Vec::new();
     let mut b = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
         assert_eq!(s.read(&mut b).await.unwrap(), 1, "proxy closed");
         head.push(b[0]);
     }
-    assert!(head.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&head));
+    assert!(
+        head.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
     s
 }

@@ -453,3 +453,132 @@ impl NetStack {
         self.len() == 0
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Two stacks wired back to back in memory: the relay's TCP logic
+    //! without sockets, WireGuard or a runtime.
+    use super::*;
+    use parking_lot::Mutex;
+
+    #[derive(Default)]
+    struct Wire(Mutex<Vec<Vec<u8>>>);
+    impl Egress for Wire {
+        fn send(&self, packet: &[u8]) {
+            self.0.lock().push(packet.to_vec());
+        }
+    }
+
+    /// Moves packets between the two stacks until both are quiet.
+    fn settle(a: &mut NetStack, a_out: &Wire, b: &mut NetStack, b_out: &Wire, now: Instant) {
+        for _ in 0..10_000 {
+            let to_b: Vec<Vec<u8>> = std::mem::take(&mut *a_out.0.lock());
+            let to_a: Vec<Vec<u8>> = std::mem::take(&mut *b_out.0.lock());
+            if to_a.is_empty() && to_b.is_empty() {
+                return;
+            }
+            for p in to_b {
+                b.input(now, &p, b_out);
+            }
+            for p in to_a {
+                a.input(now, &p, a_out);
+            }
+        }
+        panic!("the stacks never went quiet");
+    }
+
+    #[test]
+    fn connect_transfer_and_half_close_without_sockets() {
+        let now = Instant::now();
+        let gw_ip: Ipv4Addr = "10.240.0.1".parse().unwrap();
+        let dev_ip: Ipv4Addr = "10.240.0.2".parse().unwrap();
+        let (gw_out, dev_out) = (Wire::default(), Wire::default());
+        // Unlimited pacing for the test: one bucket each, refilled by time.
+        let mut gw = NetStack::new(gw_ip, now, new_pacer(now));
+        let mut dev = NetStack::new(dev_ip, now, new_pacer(now));
+        let listener = dev.listen(22).unwrap();
+        let conn = gw.connect_from(50000, (dev_ip, 22)).unwrap();
+        gw.poll(now, &gw_out);
+        settle(&mut gw, &gw_out, &mut dev, &dev_out, now);
+        assert_eq!(gw.tcp(conn).state(), tcp::State::Established);
+        assert_eq!(dev.tcp(listener).state(), tcp::State::Established);
+
+        // 100 KiB gateway -> device, in steps (the pacer refills with time).
+        let data: Vec<u8> = (0..100 * 1024).map(|i| (i % 251) as u8).collect();
+        let mut sent = 0;
+        let mut got = Vec::new();
+        let mut t = now;
+        while got.len() < data.len() {
+            t += std::time::Duration::from_millis(2);
+            sent += gw.send(conn, &data[sent..]);
+            gw.poll(t, &gw_out);
+            settle(&mut gw, &gw_out, &mut dev, &dev_out, t);
+            let mut buf = vec![0u8; 64 * 1024];
+            while let Ok(n) = dev.tcp(listener).recv_slice(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                got.extend_from_slice(&buf[..n]);
+            }
+            dev.poll(t, &dev_out);
+            settle(&mut gw, &gw_out, &mut dev, &dev_out, t);
+        }
+        assert_eq!(got, data);
+
+        // Half-close: the gateway side closes its sending half; the device
+        // sees EOF but can still answer, and the answer arrives.
+        t += std::time::Duration::from_millis(2);
+        gw.tcp(conn).close();
+        gw.poll(t, &gw_out);
+        settle(&mut gw, &gw_out, &mut dev, &dev_out, t);
+        assert!(!dev.tcp(listener).may_recv(), "the device saw FIN");
+        assert!(dev.tcp(listener).may_send(), "and may still send");
+        t += std::time::Duration::from_millis(2);
+        dev.send(listener, b"still here");
+        dev.poll(t, &dev_out);
+        settle(&mut gw, &gw_out, &mut dev, &dev_out, t);
+        let mut buf = [0u8; 32];
+        let n = gw.tcp(conn).recv_slice(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"still here");
+        t += std::time::Duration::from_millis(2);
+        dev.tcp(listener).close();
+        dev.poll(t, &dev_out);
+        settle(&mut gw, &gw_out, &mut dev, &dev_out, t);
+        assert!(matches!(
+            gw.tcp(conn).state(),
+            tcp::State::TimeWait | tcp::State::Closed
+        ));
+    }
+
+    #[test]
+    fn a_closed_port_answers_with_reset() {
+        let now = Instant::now();
+        let (gw_out, dev_out) = (Wire::default(), Wire::default());
+        let dev_ip: Ipv4Addr = "10.240.0.2".parse().unwrap();
+        let mut gw = NetStack::new("10.240.0.1".parse().unwrap(), now, new_pacer(now));
+        let mut dev = NetStack::new(dev_ip, now, new_pacer(now));
+        let conn = gw.connect_from(50001, (dev_ip, 9)).unwrap();
+        gw.poll(now, &gw_out);
+        settle(&mut gw, &gw_out, &mut dev, &dev_out, now);
+        assert_eq!(gw.tcp(conn).state(), tcp::State::Closed, "refused");
+    }
+
+    #[test]
+    fn pacing_bounds_a_burst() {
+        let now = Instant::now();
+        let (gw_out, dev_out) = (Wire::default(), Wire::default());
+        let dev_ip: Ipv4Addr = "10.240.0.2".parse().unwrap();
+        let mut gw = NetStack::new("10.240.0.1".parse().unwrap(), now, new_pacer(now));
+        let mut dev = NetStack::new(dev_ip, now, new_pacer(now));
+        let _l = dev.listen(22).unwrap();
+        let conn = gw.connect_from(50002, (dev_ip, 22)).unwrap();
+        gw.poll(now, &gw_out);
+        settle(&mut gw, &gw_out, &mut dev, &dev_out, now);
+        // A full send buffer at one instant: no more than a burst leaves.
+        gw.send(conn, &vec![1u8; STREAM_BUFFER]);
+        gw.poll(now, &gw_out);
+        let sent = gw_out.0.lock().len();
+        assert!(sent as u32 <= BURST, "{sent} packets in one burst");
+        assert!(gw.throttled());
+    }
+}
