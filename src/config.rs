@@ -92,6 +92,10 @@ pub struct ServeArgs {
     #[arg(long, env = "CLOUDLINK_CONNECT_TIMEOUT", value_parser = humantime::parse_duration)]
     #[serde(default, with = "opt_duration")]
     pub connect_timeout: Option<Duration>,
+    /// How long an immediate action waits for the device's answer [default: 30s]
+    #[arg(long, env = "CLOUDLINK_ACTION_TIMEOUT", value_parser = humantime::parse_duration)]
+    #[serde(default, with = "opt_duration")]
+    pub action_timeout: Option<Duration>,
     /// Default heartbeat poll interval of devices (settable per device) [default: 900s]
     #[arg(long, env = "CLOUDLINK_POLL_INTERVAL", value_parser = humantime::parse_duration)]
     #[serde(default, with = "opt_duration")]
@@ -191,6 +195,7 @@ pub struct GatewayConfig {
     pub proxy: SocketAddr,
     pub allow_ports: Vec<u16>,
     pub connect_timeout: Duration,
+    pub action_timeout: Duration,
     pub log: String,
 }
 
@@ -213,6 +218,7 @@ impl Default for GatewayConfig {
             proxy: "127.0.0.1:3128".parse().unwrap(),
             allow_ports: vec![22, 22222, 48484],
             connect_timeout: Duration::from_secs(10),
+            action_timeout: Duration::from_secs(30),
             log: "info".into(),
         }
     }
@@ -268,6 +274,10 @@ impl ServeArgs {
                 .connect_timeout
                 .or(file.connect_timeout)
                 .unwrap_or(d.connect_timeout),
+            action_timeout: self
+                .action_timeout
+                .or(file.action_timeout)
+                .unwrap_or(d.action_timeout),
             log: self.log.or(file.log).unwrap_or(d.log),
         };
         c.validate()?;

@@ -140,6 +140,8 @@ impl Gateway {
             events: events.clone(),
             metrics,
             status,
+            relay: relay.clone(),
+            action_timeout: config.action_timeout,
             token,
             endpoint,
             ready: false.into(),

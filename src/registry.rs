@@ -51,6 +51,11 @@ pub struct Device {
     pub created_at_ms: i64,
     /// Status inputs kept across restarts.
     pub status: crate::status::Stored,
+    /// Default application id for actions (`purge`, `restart`, ...).
+    pub app_id: Option<u32>,
+    /// Whether a supervisor API key is stored (the key itself is never
+    /// read into this struct, so it cannot end up in a log or an answer).
+    pub has_device_api_key: bool,
 }
 
 /// Changes to a device's mutable fields (`None`: leave as is).
@@ -60,6 +65,9 @@ pub struct DevicePatch {
     /// `Some(None)` resets to the gateway's default.
     pub poll_interval_s: Option<Option<u32>>,
     pub cloudlink_enabled: Option<bool>,
+    /// `Some(None)` clears it.
+    pub device_api_key: Option<Option<String>>,
+    pub app_id: Option<Option<u32>>,
 }
 
 /// What the handshake path needs to know of a device.
@@ -212,6 +220,8 @@ const ADDED_COLUMNS: &[(&str, &str)] = &[
     ("poll_interval_s", "INTEGER"),
     ("cloudlink_enabled", "INTEGER NOT NULL DEFAULT 1"),
     ("ever_linked", "INTEGER NOT NULL DEFAULT 0"),
+    ("device_api_key", "TEXT"),
+    ("app_id", "INTEGER"),
 ];
 
 fn migrate(conn: &Connection) -> Result<(), RegistryError> {
@@ -243,10 +253,12 @@ fn row_to_device(row: &rusqlite::Row<'_>) -> rusqlite::Result<Device> {
             cloudlink_enabled: row.get(8)?,
             ever_linked: row.get(9)?,
         },
+        app_id: row.get::<_, Option<i64>>(10)?.map(|v| v as u32),
+        has_device_api_key: row.get(11)?,
     })
 }
 
-const DEVICE_COLUMNS: &str = "id, uuid, public_key, address, name, created_at, last_heartbeat_ms, poll_interval_s, cloudlink_enabled, ever_linked";
+const DEVICE_COLUMNS: &str = "id, uuid, public_key, address, name, created_at, last_heartbeat_ms, poll_interval_s, cloudlink_enabled, ever_linked, app_id, device_api_key IS NOT NULL";
 
 impl Registry {
     /// Opens (or creates) the registry in `dir/registry.sqlite3`.
@@ -382,6 +394,8 @@ impl Registry {
                         cloudlink_enabled: true,
                         ..Default::default()
                     },
+                    app_id: None,
+                    has_device_api_key: false,
                     uuid: dev.uuid,
                     public_key: dev.public_key,
                     address,
@@ -442,6 +456,18 @@ impl Registry {
                 tx.execute(
                     "UPDATE devices SET cloudlink_enabled = ?2 WHERE uuid = ?1",
                     params![uuid, enabled],
+                )?;
+            }
+            if let Some(key) = &patch.device_api_key {
+                tx.execute(
+                    "UPDATE devices SET device_api_key = ?2 WHERE uuid = ?1",
+                    params![uuid, key],
+                )?;
+            }
+            if let Some(app) = patch.app_id {
+                tx.execute(
+                    "UPDATE devices SET app_id = ?2 WHERE uuid = ?1",
+                    params![uuid, app.map(|v| v as i64)],
                 )?;
             }
             get.query_row([uuid], row_to_device)?
@@ -511,6 +537,28 @@ impl Registry {
                     .map(|v| v as u32))
             })
             .collect()
+    }
+}
+
+/// A device's stored supervisor API key and default application id.
+pub type ActionDefaults = (Option<String>, Option<u32>);
+
+impl Registry {
+    /// The stored supervisor API key and default application id of a
+    /// device (`None` if it does not exist). Only the action path reads the
+    /// key.
+    pub fn action_defaults(&self, uuid: &str) -> Result<Option<ActionDefaults>, RegistryError> {
+        let r = self.reader.lock();
+        let mut st =
+            r.prepare_cached("SELECT device_api_key, app_id FROM devices WHERE uuid = ?1")?;
+        Ok(st
+            .query_row([uuid], |r| {
+                Ok((
+                    r.get::<_, Option<String>>(0)?,
+                    r.get::<_, Option<i64>>(1)?.map(|v| v as u32),
+                ))
+            })
+            .optional()?)
     }
 
     /// The uuid of a device id.

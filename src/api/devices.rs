@@ -131,6 +131,8 @@ fn registration_json(d: &Device) -> Map<String, Value> {
     m.insert("public_key".into(), json!(encode_key(&d.public_key)));
     m.insert("address".into(), json!(d.address.to_string()));
     m.insert("name".into(), json!(d.name));
+    m.insert("app_id".into(), json!(d.app_id));
+    m.insert("has_device_api_key".into(), json!(d.has_device_api_key));
     m.insert(
         "created_at".into(),
         json!(rfc3339(
@@ -446,12 +448,15 @@ pub async fn patch(
     check_path_uuid(&uuid)?;
     let obj = json_object(&body)?;
     for k in obj.keys() {
-        if !matches!(k.as_str(), "name" | "poll_interval_s" | "cloudlink_enabled") {
+        if !matches!(
+            k.as_str(),
+            "name" | "poll_interval_s" | "cloudlink_enabled" | "device_api_key" | "app_id"
+        ) {
             let hint = if matches!(k.as_str(), "uuid" | "public_key" | "address") {
                 format!("{k} cannot be changed; delete the device and register it again")
             } else {
                 format!(
-                    "unknown field {k:?}; PATCH takes name, poll_interval_s and cloudlink_enabled"
+                    "unknown field {k:?}; PATCH takes name, poll_interval_s, cloudlink_enabled, device_api_key and app_id"
                 )
             };
             return Err(ApiError::bad_field(k.clone(), hint));
@@ -476,6 +481,34 @@ pub async fn patch(
                 "cloudlink_enabled must be true or false",
             ))
         }
+    }
+    match obj.get("device_api_key") {
+        None => {}
+        Some(Value::Null) => patch.device_api_key = Some(None),
+        Some(Value::String(k))
+            if !k.is_empty() && k.len() <= 256 && k.bytes().all(|b| b.is_ascii_graphic()) =>
+        {
+            patch.device_api_key = Some(Some(k.clone()))
+        }
+        Some(_) => {
+            return Err(ApiError::bad_field(
+                "device_api_key",
+                "device_api_key must be 1 to 256 printable characters, or null to clear it",
+            ))
+        }
+    }
+    match obj.get("app_id") {
+        None => {}
+        Some(Value::Null) => patch.app_id = Some(None),
+        Some(v) => match v.as_u64().filter(|n| *n >= 1 && *n <= u32::MAX as u64) {
+            Some(n) => patch.app_id = Some(Some(n as u32)),
+            None => {
+                return Err(ApiError::bad_field(
+                    "app_id",
+                    "app_id must be a positive whole number, or null",
+                ))
+            }
+        },
     }
     let registry = s.registry.clone();
     let u = uuid.clone();

@@ -7,6 +7,7 @@
 //! ([`ApiError`]). Everything under `/v1` needs `Authorization: Bearer
 //! <token>`; `/healthz`, `/readyz` and `/metrics` do not.
 
+mod actions;
 mod devices;
 mod events_sse;
 mod ops;
@@ -33,6 +34,9 @@ pub struct ApiState {
     pub events: Arc<EventHub>,
     pub metrics: Arc<Metrics>,
     pub status: Arc<crate::device_status::DeviceStatus>,
+    pub relay: Arc<crate::relay::Relay>,
+    /// How long an action waits for the device's answer.
+    pub action_timeout: std::time::Duration,
     pub token: String,
     /// `host:port` written into device configs.
     pub endpoint: String,
@@ -47,6 +51,7 @@ pub fn router(state: SharedState) -> Router {
         .route("/devices/batch", post(devices::register_batch))
         .route("/devices/{uuid}/heartbeat", post(devices::heartbeat))
         .route("/heartbeats", post(devices::heartbeats))
+        .route("/devices/{uuid}/actions/{action}", post(actions::action))
         .route(
             "/devices/{uuid}",
             get(devices::get_one)

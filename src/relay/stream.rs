@@ -367,3 +367,49 @@ pub async fn relay(
     let (up, down) = tokio::join!(up, down);
     Moved { up, down }
 }
+
+/// Sends `request` on an established stream, then reads the answer until
+/// `complete` says it is whole or the device closes its side. At most
+/// `limit` bytes are read. `None` if the stream broke first.
+pub async fn exchange(
+    stack: &SharedStack,
+    h: SocketHandle,
+    request: &[u8],
+    limit: usize,
+    complete: impl Fn(&[u8]) -> bool,
+) -> Option<Vec<u8>> {
+    let mut sent = 0;
+    while sent < request.len() {
+        let room = poll_fn(|cx| {
+            let mut s = stack.stack.lock();
+            let sock = s.tcp(h);
+            if !sock.may_send() {
+                return Poll::Ready(0);
+            }
+            let free = sock.send_capacity() - sock.send_queue();
+            if free > 0 {
+                Poll::Ready(free)
+            } else {
+                sock.register_send_waker(cx.waker());
+                Poll::Pending
+            }
+        })
+        .await;
+        if room == 0 {
+            return None;
+        }
+        sent += stack.with(|s| s.send(h, &request[sent..]));
+    }
+    let mut out = Vec::new();
+    let mut buf = Vec::new();
+    while let Some(n) = recv_into(stack, h, &mut buf).await {
+        out.extend_from_slice(&buf[..n]);
+        if out.len() > limit {
+            return None;
+        }
+        if complete(&out) {
+            return Some(out);
+        }
+    }
+    Some(out)
+}

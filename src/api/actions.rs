@@ -1,0 +1,151 @@
+//! `POST /v1/devices/{uuid}/actions/{action}`: immediate actions delivered
+//! now over cloudlink (see `crate::actions`).
+//!
+//! Every answer says who gave it: `X-Cloudlink-Source: device` when the
+//! device's supervisor answered (its status code, and
+//! `{"device_status", "device_body"}`), `X-Cloudlink-Source: gateway` when
+//! the gateway answers itself (the JSON error shape).
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::{json, Value};
+
+use super::{blocking, json_object, ApiError, SharedState};
+use crate::actions::{deliver, supervisor_call, Action, DeliveryError, Params};
+
+fn gateway(e: ApiError) -> Response {
+    let mut r = e.into_response();
+    r.headers_mut()
+        .insert("x-cloudlink-source", HeaderValue::from_static("gateway"));
+    r
+}
+
+pub async fn action(
+    State(s): State<SharedState>,
+    Path((uuid, action)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    match run(&s, &uuid, &action, &headers, &body).await {
+        Ok(r) => r,
+        Err(e) => gateway(e),
+    }
+}
+
+async fn run(
+    s: &SharedState,
+    uuid: &str,
+    action: &str,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<Response, ApiError> {
+    crate::registry::validate_uuid(uuid).map_err(|m| ApiError::bad_field("uuid", m))?;
+    let action = Action::parse(action).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "unknown_action",
+            format!(
+                "{action:?} is not an action; actions are {}",
+                Action::NAMES.join(", ")
+            ),
+        )
+        .field("action")
+    })?;
+    let mut params = Params::default();
+    let mut app_given = None;
+    if !body.iter().all(u8::is_ascii_whitespace) {
+        let obj = json_object(body)?;
+        for (k, v) in &obj {
+            match (k.as_str(), v) {
+                ("force", Value::Bool(b)) => params.force = *b,
+                ("force", Value::Null) => {}
+                ("force", _) => {
+                    return Err(ApiError::bad_field("force", "force must be true or false"))
+                }
+                ("app_id", Value::Null) => {}
+                ("app_id", v) => {
+                    app_given = Some(
+                        v.as_u64()
+                            .filter(|n| *n >= 1 && *n <= u32::MAX as u64)
+                            .ok_or_else(|| {
+                                ApiError::bad_field(
+                                    "app_id",
+                                    "app_id must be a positive whole number",
+                                )
+                            })? as u32,
+                    )
+                }
+                ("service_name", Value::String(n)) if !n.is_empty() && n.len() <= 128 => {
+                    params.service_name = Some(n.clone())
+                }
+                ("service_name", Value::Null) => {}
+                ("service_name", _) => {
+                    return Err(ApiError::bad_field(
+                        "service_name",
+                        "service_name must be a string of 1 to 128 characters",
+                    ))
+                }
+                (k, _) => {
+                    return Err(ApiError::bad_field(
+                        k.to_owned(),
+                        format!(
+                            "unknown field {k:?}; an action takes force, app_id and service_name"
+                        ),
+                    ))
+                }
+            }
+        }
+    }
+    let registry = s.registry.clone();
+    let u = uuid.to_owned();
+    let Some((stored_key, stored_app)) = blocking(move || registry.action_defaults(&u)).await?
+    else {
+        return Err(ApiError::unknown_device(uuid));
+    };
+    params.app_id = app_given.or(stored_app);
+    let (path, call) = supervisor_call(action, &params)
+        .map_err(|(field, message)| ApiError::bad_field(field, message))?;
+    let key = headers
+        .get("x-device-api-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .or(stored_key);
+    tracing::info!(device = %uuid, action = action.name(), "delivering an action");
+    match deliver(&s.relay, uuid, &path, &call, key.as_deref(), s.action_timeout).await {
+        Ok(answer) => {
+            let status = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::BAD_GATEWAY);
+            let mut r = (
+                status,
+                Json(json!({"device_status": answer.status, "device_body": answer.body})),
+            )
+                .into_response();
+            r.headers_mut()
+                .insert("x-cloudlink-source", HeaderValue::from_static("device"));
+            Ok(r)
+        }
+        Err(DeliveryError::UnknownDevice) => Err(ApiError::unknown_device(uuid)),
+        Err(DeliveryError::Unavailable) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "cloudlink_unavailable",
+            format!("device {uuid}'s cloudlink is down: immediate actions need cloudlink and cannot be delivered now"),
+        )),
+        Err(DeliveryError::Unreachable) => Err(ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "device_unreachable",
+            format!("device {uuid} refused the connection to its supervisor API (port {})", crate::actions::SUPERVISOR_PORT),
+        )),
+        Err(DeliveryError::Timeout) => Err(ApiError::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "device_timeout",
+            format!("device {uuid} did not answer the action within {} s", s.action_timeout.as_secs_f32()),
+        )),
+        Err(DeliveryError::BadAnswer(what)) => Err(ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "device_bad_answer",
+            format!("device {uuid} answered something that is not HTTP: {what}"),
+        )),
+    }
+}

@@ -1,0 +1,306 @@
+//! Immediate actions over cloudlink, delivered by the gateway to a
+//! supervisor behind `cloudlink agent`: every answer, with who gave it.
+
+mod common;
+
+use common::proxy::Agent;
+use common::*;
+use serde_json::{json, Value};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+#[derive(Debug, Clone)]
+struct Seen {
+    path: String,
+    auth: Option<String>,
+    body: Value,
+}
+
+/// A stand-in for balena's supervisor API: records each request and answers
+/// as real supervisors do (202 JSON for reboot/shutdown, plain `OK` for the
+/// others, 423 for a locked shutdown without force).
+async fn supervisor(seen: Arc<Mutex<Vec<Seen>>>) -> u16 {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = l.accept().await.unwrap();
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                let (head, body) = loop {
+                    let n = s.read(&mut chunk).await.unwrap();
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                        let len: usize = head
+                            .lines()
+                            .find_map(|l| {
+                                l.to_ascii_lowercase()
+                                    .strip_prefix("content-length:")
+                                    .map(|v| v.trim().parse().unwrap())
+                            })
+                            .unwrap_or(0);
+                        while buf.len() < end + 4 + len {
+                            let n = s.read(&mut chunk).await.unwrap();
+                            buf.extend_from_slice(&chunk[..n]);
+                        }
+                        break (head, buf[end + 4..end + 4 + len].to_vec());
+                    }
+                };
+                let path = head.split_whitespace().nth(1).unwrap().to_owned();
+                let auth = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("Authorization: ").map(str::to_owned));
+                let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                let (status, answer) = match path.as_str() {
+                    "/v1/shutdown" if body["force"] != true => (
+                        "423 Locked",
+                        r#"{"status":"failed","message":"Updates are locked"}"#,
+                    ),
+                    "/v1/reboot" | "/v1/shutdown" => {
+                        ("202 Accepted", r#"{"Data":"OK","Error":null}"#)
+                    }
+                    _ => ("200 OK", "OK"),
+                };
+                seen.lock().unwrap().push(Seen { path, auth, body });
+                let _ = s
+                    .write_all(format!("HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{answer}", answer.len()).as_bytes())
+                    .await;
+            });
+        }
+    });
+    port
+}
+
+async fn act(
+    g: &TestGateway,
+    uuid: &str,
+    action: &str,
+    body: Option<Value>,
+    key: Option<&str>,
+) -> (u16, String, Value) {
+    let mut rb = g
+        .http
+        .post(g.url(&format!("/v1/devices/{uuid}/actions/{action}")))
+        .bearer_auth(TOKEN);
+    if let Some(b) = body {
+        rb = rb.json(&b);
+    }
+    if let Some(k) = key {
+        rb = rb.header("X-Device-Api-Key", k);
+    }
+    let r = rb.send().await.unwrap();
+    let st = r.status().as_u16();
+    let source = r
+        .headers()
+        .get("x-cloudlink-source")
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default();
+    (st, source, r.json().await.unwrap_or(Value::Null))
+}
+
+async fn gateway() -> TestGateway {
+    TestGateway::start_with(|c| {
+        c.link_timeout = Duration::from_secs(30);
+        c.action_timeout = Duration::from_secs(2);
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn actions_reach_the_supervisor_and_its_answers_come_back() {
+    let mut g = gateway().await;
+    let mut events = g.events(None).await;
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let port = supervisor(seen.clone()).await;
+    let _agent = Agent::start(&g, "act-1", &[format!("48484=127.0.0.1:{port}")]).await;
+    events.wait_for(WAIT, |e| e["type"] == "link.up").await;
+
+    let (st, src, b) = act(&g, "act-1", "reboot", None, None).await;
+    assert_eq!((st, src.as_str()), (202, "device"), "{b}");
+    assert_eq!(
+        b,
+        json!({"device_status": 202, "device_body": {"Data": "OK", "Error": null}})
+    );
+    let s = seen.lock().unwrap().last().cloned().unwrap();
+    assert_eq!(
+        (s.path.as_str(), s.auth.clone(), s.body.clone()),
+        ("/v1/reboot", None, json!({"force": false}))
+    );
+
+    // A stored key and app id; the key is never shown again.
+    let (st, d) = g
+        .call(
+            "PATCH",
+            "/v1/devices/act-1",
+            Some(json!({"device_api_key": "secret-key-123", "app_id": 7})),
+        )
+        .await;
+    assert_eq!(st, 200, "{d}");
+    assert_eq!(d["app_id"], 7);
+    assert_eq!(d["has_device_api_key"], true);
+    assert!(!d.to_string().contains("secret-key-123"));
+    let (_, list) = g.call("GET", "/v1/devices", None).await;
+    assert!(!list.to_string().contains("secret-key-123"));
+
+    let (st, src, b) = act(&g, "act-1", "purge", Some(json!({"force": true})), None).await;
+    assert_eq!((st, src.as_str()), (200, "device"));
+    assert_eq!(
+        b["device_body"], "OK",
+        "plain text answers come back as a string"
+    );
+    let s = seen.lock().unwrap().last().cloned().unwrap();
+    assert_eq!(s.path, "/v1/purge");
+    assert_eq!(s.auth.as_deref(), Some("Bearer secret-key-123"));
+    assert_eq!(s.body, json!({"appId": 7, "force": true}));
+
+    // The caller's key wins over the stored one.
+    let (st, _, _) = act(
+        &g,
+        "act-1",
+        "restart",
+        Some(json!({"app_id": 9})),
+        Some("caller-key"),
+    )
+    .await;
+    assert_eq!(st, 200);
+    let s = seen.lock().unwrap().last().cloned().unwrap();
+    assert_eq!(
+        (s.path.as_str(), s.auth.as_deref()),
+        ("/v1/restart", Some("Bearer caller-key"))
+    );
+    assert_eq!(s.body, json!({"appId": 9, "force": false}));
+
+    let (st, _, _) = act(
+        &g,
+        "act-1",
+        "restart-service",
+        Some(json!({"service_name": "web", "force": true})),
+        None,
+    )
+    .await;
+    assert_eq!(st, 200);
+    let s = seen.lock().unwrap().last().cloned().unwrap();
+    assert_eq!(s.path, "/v2/applications/7/restart-service");
+    assert_eq!(s.body, json!({"serviceName": "web", "force": true}));
+
+    // An update lock: the device's 423 comes through as the device's answer.
+    let (st, src, b) = act(&g, "act-1", "shutdown", None, None).await;
+    assert_eq!((st, src.as_str()), (423, "device"));
+    assert_eq!(b["device_status"], 423);
+    let (st, _, _) = act(&g, "act-1", "shutdown", Some(json!({"force": true})), None).await;
+    assert_eq!(st, 202);
+    g.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_answers_what_it_must() {
+    let mut g = gateway().await;
+    let mut events = g.events(None).await;
+    let check = |r: (u16, String, Value), st: u16, code: &str, field: Option<&str>| {
+        assert_eq!(r.0, st, "{}", r.2);
+        assert_eq!(r.1, "gateway");
+        assert_eq!(r.2["error"], code, "{}", r.2);
+        assert!(r.2["message"].as_str().unwrap().len() > 20);
+        if let Some(f) = field {
+            assert_eq!(r.2["field"], f);
+        }
+    };
+    // A device whose agent forwards nothing on 48484.
+    let _agent = Agent::start(&g, "no-supervisor", &[]).await;
+    events.wait_for(WAIT, |e| e["type"] == "link.up").await;
+    g.register(
+        "offline",
+        &cloudlink::keys::public_key(&cloudlink::keys::generate_private_key()),
+    )
+    .await;
+
+    check(
+        act(&g, "ghost", "reboot", None, None).await,
+        404,
+        "device_not_found",
+        Some("uuid"),
+    );
+    check(
+        act(&g, "offline", "dance", None, None).await,
+        400,
+        "unknown_action",
+        Some("action"),
+    );
+    check(
+        act(&g, "offline", "purge", None, None).await,
+        400,
+        "invalid_field",
+        Some("app_id"),
+    );
+    check(
+        act(
+            &g,
+            "offline",
+            "restart-service",
+            Some(json!({"app_id": 3})),
+            None,
+        )
+        .await,
+        400,
+        "invalid_field",
+        Some("service_name"),
+    );
+    check(
+        act(&g, "offline", "reboot", Some(json!({"force": "yes"})), None).await,
+        400,
+        "invalid_field",
+        Some("force"),
+    );
+    check(
+        act(&g, "offline", "reboot", Some(json!({"colour": 1})), None).await,
+        400,
+        "invalid_field",
+        Some("colour"),
+    );
+    let r = act(&g, "offline", "reboot", None, None).await;
+    check(r.clone(), 503, "cloudlink_unavailable", None);
+    assert!(r.2["message"]
+        .as_str()
+        .unwrap()
+        .contains("immediate actions need cloudlink"));
+    check(
+        act(&g, "no-supervisor", "reboot", None, None).await,
+        502,
+        "device_unreachable",
+        None,
+    );
+
+    // A device whose link is up but which never answers: 504 after
+    // --action-timeout (2 s here).
+    let key = cloudlink::keys::generate_private_key();
+    let reg = g.register("mute", &cloudlink::keys::public_key(&key)).await;
+    let gw_pub =
+        cloudlink::keys::decode_key(reg["gateway"]["public_key"].as_str().unwrap()).unwrap();
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    let mut dev = TestDevice::with_key(g.udp, &gw_pub, 5, socket, key);
+    dev.connect();
+    events
+        .wait_for(WAIT, |e| e["type"] == "link.up" && e["device"] == "mute")
+        .await;
+    let t = Instant::now();
+    check(
+        act(&g, "mute", "reboot", None, None).await,
+        504,
+        "device_timeout",
+        None,
+    );
+    assert!(t.elapsed() >= Duration::from_secs(2));
+    g.stop().await;
+}
