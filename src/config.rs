@@ -125,6 +125,16 @@ pub struct AgentArgs {
         value_delimiter = ','
     )]
     pub forward: Vec<crate::agent::Forward>,
+    /// Run COMMAND (with `sh -c`) for an immediate action: ACTION=COMMAND, ACTION one of reboot, shutdown, purge, restart, restart-service (repeatable; comma-separated in the environment)
+    #[arg(long = "hook", env = "CLOUDLINK_AGENT_HOOK", value_delimiter = ',')]
+    pub hook: Vec<crate::agent::supervisor::Hook>,
+    /// API key the agent's supervisor endpoint demands as `Authorization: Bearer`
+    #[arg(
+        long,
+        env = "CLOUDLINK_AGENT_SUPERVISOR_API_KEY",
+        hide_env_values = true
+    )]
+    pub supervisor_api_key: Option<String>,
     /// How often the agent checks that the gateway still answers
     #[arg(long, env = "CLOUDLINK_AGENT_LIVENESS_INTERVAL", value_parser = humantime::parse_duration, default_value = "10s")]
     pub liveness_interval: Duration,
@@ -162,6 +172,8 @@ impl AgentArgs {
             wg,
             forwards: self.forward.clone(),
             liveness_interval: self.liveness_interval,
+            hooks: self.hook.clone(),
+            supervisor_api_key: self.supervisor_api_key.clone(),
         })
     }
 }

@@ -304,3 +304,64 @@ async fn the_gateway_answers_what_it_must() {
     assert!(t.elapsed() >= Duration::from_secs(2));
     g.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_runs_the_action_hook() {
+    let mut g = gateway().await;
+    let mut events = g.events(None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("rebooted");
+    let svc = dir.path().join("service");
+    let _agent = Agent::start_with(
+        &g,
+        "hooked",
+        &[],
+        &[
+            "--hook".into(),
+            format!("reboot=echo force=$CLOUDLINK_FORCE > {}", marker.display()),
+            "--hook".into(),
+            format!(
+                "restart-service=echo $CLOUDLINK_APP_ID/$CLOUDLINK_SERVICE_NAME > {}",
+                svc.display()
+            ),
+            "--supervisor-api-key".into(),
+            "agent-key-0001".into(),
+        ],
+    )
+    .await;
+    events.wait_for(WAIT, |e| e["type"] == "link.up").await;
+
+    // Without the key the agent's supervisor refuses, as a real one would.
+    let (st, src, b) = act(&g, "hooked", "reboot", None, None).await;
+    assert_eq!((st, src.as_str()), (401, "device"), "{b}");
+    assert!(!marker.exists());
+
+    let (st, _) = g
+        .call(
+            "PATCH",
+            "/v1/devices/hooked",
+            Some(json!({"device_api_key": "agent-key-0001"})),
+        )
+        .await;
+    assert_eq!(st, 200);
+    let (st, src, b) = act(&g, "hooked", "reboot", Some(json!({"force": true})), None).await;
+    assert_eq!((st, src.as_str()), (202, "device"), "{b}");
+    assert_eq!(b["device_body"], json!({"Data": "OK", "Error": null}));
+    assert_eq!(std::fs::read_to_string(&marker).unwrap(), "force=true\n");
+
+    let (st, _, _) = act(
+        &g,
+        "hooked",
+        "restart-service",
+        Some(json!({"app_id": 12, "service_name": "web"})),
+        None,
+    )
+    .await;
+    assert_eq!(st, 200);
+    assert_eq!(std::fs::read_to_string(&svc).unwrap(), "12/web\n");
+
+    // An action without a hook: the device says so.
+    let (st, src, _) = act(&g, "hooked", "shutdown", None, None).await;
+    assert_eq!((st, src.as_str()), (404, "device"));
+    g.stop().await;
+}

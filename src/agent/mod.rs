@@ -11,6 +11,7 @@
 //! exponentially from 1 s to 60 s with ±50 % jitter, so a fleet does not
 //! stampede a gateway that comes back.
 
+pub mod supervisor;
 pub mod wg_quick;
 
 use boringtun::noise::{Tunn, TunnResult};
@@ -68,6 +69,11 @@ pub struct AgentConfig {
     pub wg: wg_quick::WgQuick,
     pub forwards: Vec<Forward>,
     pub liveness_interval: Duration,
+    /// Hooks of the agent's own supervisor API (served on tunnel port
+    /// 48484 unless a forward takes that port).
+    pub hooks: Vec<supervisor::Hook>,
+    /// The key the agent's supervisor API demands, if any.
+    pub supervisor_api_key: Option<String>,
 }
 
 const BACKOFF_MIN: Duration = Duration::from_secs(1);
@@ -111,7 +117,17 @@ enum End {
 }
 
 /// Runs the agent until `stop` turns true.
-pub async fn run(config: AgentConfig, mut stop: tokio::sync::watch::Receiver<bool>) {
+pub async fn run(mut config: AgentConfig, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let port = crate::actions::SUPERVISOR_PORT;
+    if !config.hooks.is_empty() && !config.forwards.iter().any(|f| f.port == port) {
+        match supervisor::start(config.hooks.clone(), config.supervisor_api_key.clone()).await {
+            Ok(local) => config.forwards.push(Forward {
+                port,
+                target: format!("127.0.0.1:{local}"),
+            }),
+            Err(e) => tracing::error!(error = %e, "cannot start the agent's supervisor API"),
+        }
+    }
     let mut backoff = Backoff::default();
     loop {
         match session(&config, &mut stop).await {

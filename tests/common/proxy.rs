@@ -73,6 +73,16 @@ impl Agent {
     /// Registers `uuid` and starts an agent for it with `forwards`
     /// (`PORT=HOST:PORT`), pointed at the test gateway's UDP address.
     pub async fn start(g: &TestGateway, uuid: &str, forwards: &[String]) -> Agent {
+        Self::start_with(g, uuid, forwards, &[]).await
+    }
+
+    /// Like `start`, with more agent flags.
+    pub async fn start_with(
+        g: &TestGateway,
+        uuid: &str,
+        forwards: &[String],
+        extra: &[String],
+    ) -> Agent {
         let dir = tempfile::tempdir().unwrap();
         let key = cloudlink::keys::generate_private_key();
         let reg = g.register(uuid, &cloudlink::keys::public_key(&key)).await;
@@ -86,10 +96,14 @@ impl Agent {
             cloudlink::keys::encode_key(&key),
         )
         .unwrap();
-        Self::spawn(dir, forwards)
+        Self::spawn_with(dir, forwards, extra)
     }
 
     pub fn spawn(dir: tempfile::TempDir, forwards: &[String]) -> Agent {
+        Self::spawn_with(dir, forwards, &[])
+    }
+
+    pub fn spawn_with(dir: tempfile::TempDir, forwards: &[String], extra: &[String]) -> Agent {
         let mut c = Command::new(env!("CARGO_BIN_EXE_cloudlink"));
         c.arg("agent")
             .arg("--config")
@@ -100,6 +114,7 @@ impl Agent {
         for f in forwards {
             c.arg("--forward").arg(f);
         }
+        c.args(extra);
         c.stdout(Stdio::null()).stderr(Stdio::inherit());
         Agent {
             child: c.spawn().unwrap(),
