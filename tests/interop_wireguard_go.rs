@@ -155,3 +155,96 @@ async fn wireguard_go_device_status_follows_both_links() {
     assert_eq!(d["heartbeat"]["state"], "offline");
     g.stop().await;
 }
+
+/// An immediate action reaches a plain HTTP server on port 48484 of the
+/// tunnel address inside the wireguard-go namespace, in the supervisor's
+/// dialect (a kernel TCP stack and an HTTP server the gateway did not write).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_action_reaches_a_supervisor_behind_wireguard_go() {
+    let tag = format!("a{}", std::process::id() % 10_000);
+    let subnet = (std::process::id() % 9 + 240) as u8;
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(dir.path());
+    c.link_timeout = Duration::from_secs(60);
+    let mut g = TestGateway::start_in(dir, c, "0.0.0.0:0").await;
+    let mut events = g.events(None).await;
+    let mut dev = WgGoDevice::start(&g, "wggo-act", &tag, subnet).await;
+    dev.wait_handshake();
+    events
+        .wait_for(Duration::from_secs(20), |e| e["type"] == "link.up")
+        .await;
+
+    let out = tempfile::tempdir().unwrap();
+    let log = out.path().join("request.json");
+    let server = format!(
+        r#"
+import http.server, json
+class H(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        n = int(self.headers.get("Content-Length", 0))
+        body = self.rfile.read(n).decode()
+        open("{log}", "w").write(json.dumps({{"path": self.path, "auth": self.headers.get("Authorization"), "body": json.loads(body)}}))
+        out = b'{{"Data":"OK","Error":null}}'
+        self.send_response(202)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(out)))
+        self.end_headers()
+        self.wfile.write(out)
+    def log_message(self, *a):
+        pass
+http.server.HTTPServer(("{addr}", 48484), H).serve_forever()
+"#,
+        log = log.display(),
+        addr = dev.address
+    );
+    let child = std::process::Command::new("ip")
+        .args(["netns", "exec", &dev.ns.name, "python3", "-c", &server])
+        .spawn()
+        .expect("python3 could not run; install it with `bash tests/run.sh`");
+    dev.ns.children.push(child);
+    let ns = dev.ns.name.clone();
+    let addr = dev.address.clone();
+    common::ssh::wait_until(Duration::from_secs(10), || {
+        std::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &ns,
+                "sh",
+                "-c",
+                &format!("ss -ltn | grep -q '{addr}:48484 '"),
+            ])
+            .status()
+            .is_ok_and(|s| s.success())
+    });
+
+    let (st, d) = g
+        .call(
+            "PATCH",
+            "/v1/devices/wggo-act",
+            Some(serde_json::json!({"device_api_key": "sv-key-42", "app_id": 3})),
+        )
+        .await;
+    assert_eq!(st, 200, "{d}");
+    let r = g
+        .http
+        .post(g.url("/v1/devices/wggo-act/actions/restart"))
+        .bearer_auth(TOKEN)
+        .json(&serde_json::json!({"force": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    assert_eq!(r.headers()["x-cloudlink-source"], "device");
+    let b: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(
+        b["device_body"],
+        serde_json::json!({"Data": "OK", "Error": null})
+    );
+    let seen: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&log).unwrap()).unwrap();
+    assert_eq!(seen["path"], "/v1/restart");
+    assert_eq!(seen["auth"], "Bearer sv-key-42");
+    assert_eq!(seen["body"], serde_json::json!({"appId": 3, "force": true}));
+    g.stop().await;
+}

@@ -5,7 +5,8 @@
 # System packages (Debian): wireguard-go and wireguard-tools (the interop
 # tests' WireGuard peer), iproute2 (network namespaces), prometheus (for
 # promtool), openssh-server, openssh-client and socat (the relay tests' real
-# ssh, sshd and ProxyCommand), iputils-ping. The interop tests need root
+# ssh, sshd and ProxyCommand), iputils-ping, python3 (a plain HTTP server
+# standing in for a device's supervisor). The interop tests need root
 # for `ip netns`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,6 +23,7 @@ command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 command -v ssh >/dev/null 2>&1 || need+=(openssh-client)
 command -v socat >/dev/null 2>&1 || need+=(socat)
 command -v ping >/dev/null 2>&1 || need+=(iputils-ping)
+command -v python3 >/dev/null 2>&1 || need+=(python3)
 if [ ${#need[@]} -gt 0 ]; then
     echo "tests/run.sh: installing ${need[*]}"
     $SUDO apt-get update -qq
