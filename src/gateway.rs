@@ -116,9 +116,25 @@ impl Gateway {
             config.connect_timeout,
         );
         let _ = path.set_sink(relay.clone());
+        let action_queue = {
+            let (registry, events, weak) =
+                (registry.clone(), events.clone(), Arc::downgrade(&relay));
+            let timeout = config.action_timeout;
+            Arc::new(
+                tokio::task::spawn_blocking(move || {
+                    crate::action_queue::ActionQueue::open(&registry, events, weak, timeout)
+                })
+                .await
+                .map_err(|e| Error::Config(format!("action queue open task failed: {e}")))??,
+            )
+        };
         path.set_link_observer(Arc::new(crate::packet_path::Observers(vec![
             relay.clone(),
             status.clone(),
+            Arc::new(crate::action_queue::QueueObserver {
+                queue: action_queue.clone(),
+                runtime: tokio::runtime::Handle::current(),
+            }),
         ])));
         let proxy = tokio::net::TcpListener::bind(config.proxy)
             .await
@@ -131,6 +147,7 @@ impl Gateway {
         let proxy_addr = proxy.local_addr().map_err(Error::Socket)?;
         let (stop_status, stop_status_rx) = tokio::sync::watch::channel(false);
         let status_task = tokio::spawn(status.clone().run(stop_status_rx));
+        tokio::spawn(action_queue.clone().run_expiry(stop_status.subscribe()));
         let reader = registry.reader()?;
         let threads =
             PacketThreads::start(path.clone(), Arc::new(udp), reader).map_err(Error::Socket)?;
@@ -141,6 +158,7 @@ impl Gateway {
             metrics,
             status,
             relay: relay.clone(),
+            action_queue: action_queue.clone(),
             action_timeout: config.action_timeout,
             token,
             endpoint,

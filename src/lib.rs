@@ -6,6 +6,7 @@
 //! link is up or down, [`events`] publishes that, [`registry`] persists who
 //! may connect, [`api`] exposes it all over HTTP, [`gateway`] wires it up.
 
+pub mod action_queue;
 pub mod actions;
 pub mod agent;
 pub mod api;

@@ -194,7 +194,7 @@ CREATE TABLE IF NOT EXISTS meta (
 );
 ";
 
-fn open_conn(path: &Path, read_only: bool) -> Result<Connection, RegistryError> {
+pub(crate) fn open_conn(path: &Path, read_only: bool) -> Result<Connection, RegistryError> {
     let flags = if read_only {
         OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX
     } else {
@@ -310,6 +310,11 @@ impl Registry {
             count: AtomicI64::new(count),
             deletions: AtomicU64::new(0),
         })
+    }
+
+    /// The SQLite file (other stores of the gateway keep their tables there).
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 
     pub fn plan(&self) -> AddressPlan {

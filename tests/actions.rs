@@ -365,3 +365,125 @@ async fn the_agent_runs_the_action_hook() {
     assert_eq!((st, src.as_str()), (404, "device"));
     g.stop().await;
 }
+
+async fn act_with(
+    g: &TestGateway,
+    uuid: &str,
+    action: &str,
+    query: &str,
+    idempotency: Option<&str>,
+) -> (u16, String, Value) {
+    let mut rb = g
+        .http
+        .post(g.url(&format!("/v1/devices/{uuid}/actions/{action}{query}")))
+        .bearer_auth(TOKEN);
+    if let Some(k) = idempotency {
+        rb = rb.header("Idempotency-Key", k);
+    }
+    let r = rb.send().await.unwrap();
+    let st = r.status().as_u16();
+    let source = r
+        .headers()
+        .get("x-cloudlink-source")
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default();
+    (st, source, r.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_actions_wait_for_link_up_survive_a_restart_and_expire() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(dir.path());
+    c.link_timeout = Duration::from_secs(30);
+    c.action_timeout = Duration::from_secs(5);
+    let mut g = TestGateway::start_in(dir, c.clone(), "127.0.0.1:0").await;
+    let udp = g.udp;
+    let mut events = g.events(None).await;
+    let key = cloudlink::keys::generate_private_key();
+    g.register("later", &cloudlink::keys::public_key(&key))
+        .await;
+
+    // Offline: queued (the gateway answers 202 with the action's id).
+    let (st, src, b) = act_with(&g, "later", "reboot", "?queue_ttl=300", Some("retry-1")).await;
+    assert_eq!((st, src.as_str()), (202, "gateway"), "{b}");
+    assert_eq!(b["state"], "queued");
+    let id = b["id"].as_str().unwrap().to_owned();
+    // The same Idempotency-Key: the same action, not a second one.
+    let (st, _, b2) = act_with(&g, "later", "reboot", "?queue_ttl=300", Some("retry-1")).await;
+    assert_eq!(st, 202);
+    assert_eq!(b2["id"], id.as_str());
+    // Another one that will expire first.
+    let (_, _, short) = act_with(&g, "later", "shutdown", "?queue_ttl=1", None).await;
+    let short_id = short["id"].as_str().unwrap().to_owned();
+    let m = events
+        .wait_for(WAIT, |e| e["type"] == "action.expired")
+        .await;
+    assert_eq!(m.data["action_id"], short_id.as_str());
+    assert_eq!(m.data["state"], "expired");
+    assert_eq!(m.data["device"], "later");
+    let (_, a) = g
+        .call("GET", &format!("/v1/actions/{short_id}"), None)
+        .await;
+    assert_eq!(a["state"], "expired");
+
+    // The gateway restarts with the reboot still queued.
+    g.stop().await;
+    let dir = std::mem::replace(&mut g.dir, tempfile::tempdir().unwrap());
+    let mut g = TestGateway::start_in(dir, c, &udp.to_string()).await;
+    let mut events = g.events(None).await;
+    let (_, a) = g.call("GET", &format!("/v1/actions/{id}"), None).await;
+    assert_eq!(a["state"], "queued", "{a}");
+    assert_eq!(a["action"], "reboot");
+    assert_eq!(a["device"], "later");
+
+    // The device comes online: the action is delivered at link-up.
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let port = supervisor(seen.clone()).await;
+    let adir = tempfile::tempdir().unwrap();
+    let (_, d) = g.call("GET", "/v1/devices/later", None).await;
+    let wg = d["wg_quick"].as_str().unwrap().replace(
+        d["gateway"]["endpoint"].as_str().unwrap(),
+        &g.udp.to_string(),
+    );
+    std::fs::write(adir.path().join("wg0.conf"), wg).unwrap();
+    std::fs::write(
+        adir.path().join("device.key"),
+        cloudlink::keys::encode_key(&key),
+    )
+    .unwrap();
+    let _agent = Agent::spawn(adir, &[format!("48484=127.0.0.1:{port}")]);
+    let m = events
+        .wait_for(WAIT, |e| e["type"] == "action.completed")
+        .await;
+    assert_eq!(m.data["action_id"], id.as_str());
+    assert_eq!(m.data["action"], "reboot");
+    assert_eq!(m.data["state"], "completed");
+    assert_eq!(m.data["device_status"], 202);
+    let (_, a) = g.call("GET", &format!("/v1/actions/{id}"), None).await;
+    assert_eq!(a["state"], "completed");
+    assert_eq!(a["device_body"], json!({"Data": "OK", "Error": null}));
+    assert_eq!(seen.lock().unwrap().len(), 1, "delivered once");
+
+    // Online: queue_ttl changes nothing, the action is delivered now; a
+    // retried request with the same key is answered from memory.
+    let (st, src, b) = act_with(&g, "later", "reboot", "?queue_ttl=300", Some("now-1")).await;
+    assert_eq!((st, src.as_str()), (202, "device"), "{b}");
+    let (st, src, _) = act_with(&g, "later", "reboot", "", Some("now-1")).await;
+    assert_eq!((st, src.as_str()), (202, "device"));
+    assert_eq!(
+        seen.lock().unwrap().len(),
+        2,
+        "the retry did not deliver again"
+    );
+
+    // Errors.
+    let (st, _, e) = act_with(&g, "later", "reboot", "?queue_ttl=0", None).await;
+    assert_eq!((st, e["field"].as_str()), (400, Some("queue_ttl")));
+    let (st, e) = g.call("GET", "/v1/actions/not-an-id", None).await;
+    assert_eq!((st, e["field"].as_str()), (400, Some("id")));
+    let (st, e) = g
+        .call("GET", "/v1/actions/0123456789abcdef01234567", None)
+        .await;
+    assert_eq!((st, e["error"].as_str()), (404, Some("action_not_found")));
+    g.stop().await;
+}

@@ -7,7 +7,7 @@
 //! the gateway answers itself (the JSON error shape).
 
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -23,25 +23,106 @@ fn gateway(e: ApiError) -> Response {
     r
 }
 
+/// Longest `queue_ttl`: a week.
+const MAX_QUEUE_TTL_S: u64 = 7 * 24 * 3600;
+
 pub async fn action(
     State(s): State<SharedState>,
     Path((uuid, action)): Path<(String, String)>,
+    Query(q): Query<std::collections::HashMap<String, String>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    match run(&s, &uuid, &action, &headers, &body).await {
+    match run(&s, &uuid, &action, &q, &headers, &body).await {
         Ok(r) => r,
         Err(e) => gateway(e),
     }
+}
+
+/// `GET /v1/actions/{id}`: a queued (or remembered) action and its outcome.
+pub async fn get_action(
+    State(s): State<SharedState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    if id.len() != 24 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(ApiError::bad_field(
+            "id",
+            "an action id is 24 hexadecimal characters",
+        ));
+    }
+    let q = s.action_queue.clone();
+    match blocking(move || q.get(&id)).await? {
+        Some(a) => Ok(Json(a.to_json())),
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "action_not_found",
+            "no action with that id",
+        )
+        .field("id")),
+    }
+}
+
+fn device_answer(status: u16, body: &Value) -> Response {
+    let code = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
+    let mut r = (
+        code,
+        Json(json!({"device_status": status, "device_body": body})),
+    )
+        .into_response();
+    r.headers_mut()
+        .insert("x-cloudlink-source", HeaderValue::from_static("device"));
+    r
+}
+
+fn accepted(a: &crate::action_queue::StoredAction) -> Response {
+    let mut r = (
+        StatusCode::ACCEPTED,
+        Json(json!({"id": a.id, "state": a.state})),
+    )
+        .into_response();
+    r.headers_mut()
+        .insert("x-cloudlink-source", HeaderValue::from_static("gateway"));
+    r
 }
 
 async fn run(
     s: &SharedState,
     uuid: &str,
     action: &str,
+    query: &std::collections::HashMap<String, String>,
     headers: &HeaderMap,
     body: &[u8],
 ) -> Result<Response, ApiError> {
+    for k in query.keys() {
+        if k != "queue_ttl" {
+            return Err(ApiError::bad_field(
+                k.clone(),
+                format!("unknown query parameter {k:?}; an action takes queue_ttl"),
+            ));
+        }
+    }
+    let queue_ttl = match query.get("queue_ttl") {
+        None => None,
+        Some(v) => match v.parse::<u64>() {
+            Ok(n) if (1..=MAX_QUEUE_TTL_S).contains(&n) => Some(std::time::Duration::from_secs(n)),
+            _ => {
+                return Err(ApiError::bad_field(
+                    "queue_ttl",
+                    format!("queue_ttl is a whole number of seconds from 1 to {MAX_QUEUE_TTL_S}"),
+                ))
+            }
+        },
+    };
+    let idempotency = match headers.get("idempotency-key").map(|v| v.to_str()) {
+        None => None,
+        Some(Ok(k)) if !k.is_empty() && k.len() <= 255 => Some(k.to_owned()),
+        Some(_) => {
+            return Err(ApiError::bad_field(
+                "Idempotency-Key",
+                "Idempotency-Key must be 1 to 255 visible ASCII characters",
+            ))
+        }
+    };
     crate::registry::validate_uuid(uuid).map_err(|m| ApiError::bad_field("uuid", m))?;
     let action = Action::parse(action).ok_or_else(|| {
         ApiError::new(
@@ -113,18 +194,63 @@ async fn run(
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned)
         .or(stored_key);
+    // A retried request gets the first one's action, never a second delivery.
+    if let Some(k) = &idempotency {
+        let (q, u, k) = (s.action_queue.clone(), uuid.to_owned(), k.clone());
+        if let Some(first) = blocking(move || q.by_idempotency_key(&u, &k)).await? {
+            return Ok(
+                match (
+                    first.state.as_str(),
+                    first.device_status,
+                    &first.device_body,
+                ) {
+                    ("completed", Some(st), Some(b)) => device_answer(st, b),
+                    _ => accepted(&first),
+                },
+            );
+        }
+    }
+    let online = s
+        .path
+        .sessions
+        .by_uuid(uuid)
+        .is_some_and(|x| x.is_connected());
+    if let (Some(ttl), false) = (queue_ttl, online) {
+        let (q, u, p, k, i) = (
+            s.action_queue.clone(),
+            uuid.to_owned(),
+            params.clone(),
+            key.clone(),
+            idempotency.clone(),
+        );
+        let stored = blocking(move || {
+            q.insert(
+                &u,
+                action,
+                &p,
+                k.as_deref(),
+                "queued",
+                ttl,
+                i.as_deref(),
+                None,
+            )
+        })
+        .await?;
+        tracing::info!(device = %uuid, action = action.name(), id = %stored.id, "action queued");
+        return Ok(accepted(&stored));
+    }
     tracing::info!(device = %uuid, action = action.name(), "delivering an action");
     match deliver(&s.relay, uuid, &path, &call, key.as_deref(), s.action_timeout).await {
         Ok(answer) => {
-            let status = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::BAD_GATEWAY);
-            let mut r = (
-                status,
-                Json(json!({"device_status": answer.status, "device_body": answer.body})),
-            )
-                .into_response();
-            r.headers_mut()
-                .insert("x-cloudlink-source", HeaderValue::from_static("device"));
-            Ok(r)
+            if let Some(i) = idempotency {
+                let (q, u, p, b) = (s.action_queue.clone(), uuid.to_owned(), params.clone(), answer.body.clone());
+                let status = answer.status;
+                blocking(move || {
+                    q.insert(&u, action, &p, None, "completed", std::time::Duration::ZERO, Some(&i), Some((status, &b)))
+                })
+                .await?;
+            }
+            Ok(device_answer(answer.status, &answer.body))
         }
         Err(DeliveryError::UnknownDevice) => Err(ApiError::unknown_device(uuid)),
         Err(DeliveryError::Unavailable) => Err(ApiError::new(

@@ -35,6 +35,7 @@ pub struct ApiState {
     pub metrics: Arc<Metrics>,
     pub status: Arc<crate::device_status::DeviceStatus>,
     pub relay: Arc<crate::relay::Relay>,
+    pub action_queue: Arc<crate::action_queue::ActionQueue>,
     /// How long an action waits for the device's answer.
     pub action_timeout: std::time::Duration,
     pub token: String,
@@ -52,6 +53,7 @@ pub fn router(state: SharedState) -> Router {
         .route("/devices/{uuid}/heartbeat", post(devices::heartbeat))
         .route("/heartbeats", post(devices::heartbeats))
         .route("/devices/{uuid}/actions/{action}", post(actions::action))
+        .route("/actions/{id}", get(actions::get_action))
         .route(
             "/devices/{uuid}",
             get(devices::get_one)

@@ -1,0 +1,343 @@
+//! Queued actions: an action for an offline device, accepted with
+//! `?queue_ttl=<seconds>`, kept in SQLite (so it survives a restart),
+//! delivered at the device's next link-up within its TTL, and announced as
+//! `action.completed`, `action.failed` or `action.expired`. Also the memory
+//! of `Idempotency-Key`s (per device, 24 h), for immediate actions too.
+//!
+//! States: `queued` → `delivering` → `completed` (the device answered, with
+//! whatever status) or `failed` (delivery failed: refused, timed out, not
+//! HTTP); `queued` → `expired` once its TTL passed. A delivery cut short by
+//! the link going down again goes back to `queued`.
+
+use parking_lot::Mutex;
+use rusqlite::{params, Connection, OptionalExtension};
+use serde_json::{json, Value};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use crate::actions::{deliver, supervisor_call, Action, DeliveryError, Params};
+use crate::events::EventHub;
+use crate::registry::{now_ms, Registry, RegistryError};
+use crate::relay::Relay;
+
+/// How long an `Idempotency-Key` is remembered.
+pub const IDEMPOTENCY_WINDOW: Duration = Duration::from_secs(24 * 3600);
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS actions (
+    id              TEXT PRIMARY KEY,
+    device          TEXT    NOT NULL,
+    action          TEXT    NOT NULL,
+    force           INTEGER NOT NULL,
+    app_id          INTEGER,
+    service_name    TEXT,
+    api_key         TEXT,
+    state           TEXT    NOT NULL,
+    created_at      INTEGER NOT NULL,
+    expires_at      INTEGER NOT NULL,
+    device_status   INTEGER,
+    device_body     TEXT,
+    idempotency_key TEXT
+);
+CREATE INDEX IF NOT EXISTS actions_queued ON actions (device, state, created_at);
+CREATE INDEX IF NOT EXISTS actions_expiry ON actions (state, expires_at);
+CREATE UNIQUE INDEX IF NOT EXISTS actions_idempotency ON actions (device, idempotency_key);
+";
+
+/// One action as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredAction {
+    pub id: String,
+    pub device: String,
+    pub action: String,
+    pub params: Params,
+    pub state: String,
+    pub created_at_ms: i64,
+    pub expires_at_ms: i64,
+    pub device_status: Option<u16>,
+    pub device_body: Option<Value>,
+}
+
+impl StoredAction {
+    pub fn to_json(&self) -> Value {
+        let t =
+            |ms: i64| crate::api::rfc3339(std::time::UNIX_EPOCH + Duration::from_millis(ms as u64));
+        json!({
+            "id": self.id,
+            "device": self.device,
+            "action": self.action,
+            "state": self.state,
+            "device_status": self.device_status,
+            "device_body": self.device_body,
+            "created_at": t(self.created_at_ms),
+            "expires_at": t(self.expires_at_ms),
+        })
+    }
+}
+
+pub struct ActionQueue {
+    conn: Mutex<Connection>,
+    events: Arc<EventHub>,
+    relay: Weak<Relay>,
+    timeout: Duration,
+}
+
+const COLUMNS: &str = "id, device, action, force, app_id, service_name, state, created_at, expires_at, device_status, device_body";
+
+fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredAction> {
+    Ok(StoredAction {
+        id: r.get(0)?,
+        device: r.get(1)?,
+        action: r.get(2)?,
+        params: Params {
+            force: r.get(3)?,
+            app_id: r.get::<_, Option<i64>>(4)?.map(|v| v as u32),
+            service_name: r.get(5)?,
+        },
+        state: r.get(6)?,
+        created_at_ms: r.get(7)?,
+        expires_at_ms: r.get(8)?,
+        device_status: r.get::<_, Option<i64>>(9)?.map(|v| v as u16),
+        device_body: r
+            .get::<_, Option<String>>(10)?
+            .map(|s| serde_json::from_str(&s).unwrap_or(Value::String(s))),
+    })
+}
+
+fn new_id() -> String {
+    let mut b = [0u8; 12];
+    rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut b);
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+impl ActionQueue {
+    pub fn open(
+        registry: &Registry,
+        events: Arc<EventHub>,
+        relay: Weak<Relay>,
+        timeout: Duration,
+    ) -> Result<Self, RegistryError> {
+        let conn = crate::registry::open_conn(registry.path(), false)?;
+        conn.execute_batch(SCHEMA)?;
+        // A delivery cut short by a stop is tried again at the next link-up.
+        conn.execute(
+            "UPDATE actions SET state = 'queued' WHERE state = 'delivering'",
+            [],
+        )?;
+        Ok(ActionQueue {
+            conn: Mutex::new(conn),
+            events,
+            relay,
+            timeout,
+        })
+    }
+
+    /// The action a device already got under this idempotency key (within
+    /// 24 h), if any.
+    pub fn by_idempotency_key(
+        &self,
+        device: &str,
+        key: &str,
+    ) -> Result<Option<StoredAction>, RegistryError> {
+        let since = now_ms() - IDEMPOTENCY_WINDOW.as_millis() as i64;
+        let c = self.conn.lock();
+        let mut st = c.prepare_cached(&format!(
+            "SELECT {COLUMNS} FROM actions WHERE device = ?1 AND idempotency_key = ?2 AND created_at >= ?3"
+        ))?;
+        Ok(st.query_row(params![device, key, since], row).optional()?)
+    }
+
+    pub fn get(&self, id: &str) -> Result<Option<StoredAction>, RegistryError> {
+        let c = self.conn.lock();
+        let mut st = c.prepare_cached(&format!("SELECT {COLUMNS} FROM actions WHERE id = ?1"))?;
+        Ok(st.query_row([id], row).optional()?)
+    }
+
+    /// Stores an action in `state` (`queued`, or `completed`/`failed` for an
+    /// immediate one remembered for its idempotency key). Committed before
+    /// it returns.
+    #[allow(clippy::too_many_arguments)]
+    pub fn insert(
+        &self,
+        device: &str,
+        action: Action,
+        p: &Params,
+        api_key: Option<&str>,
+        state: &str,
+        ttl: Duration,
+        idempotency_key: Option<&str>,
+        answer: Option<(u16, &Value)>,
+    ) -> Result<StoredAction, RegistryError> {
+        let id = new_id();
+        let now = now_ms();
+        let expires = now + ttl.as_millis() as i64;
+        let c = self.conn.lock();
+        // An old use of the same key (past the window) gives way.
+        if let Some(k) = idempotency_key {
+            c.execute(
+                "UPDATE actions SET idempotency_key = NULL WHERE device = ?1 AND idempotency_key = ?2",
+                params![device, k],
+            )?;
+        }
+        c.execute(
+            "INSERT INTO actions (id, device, action, force, app_id, service_name, api_key, state, created_at, expires_at, device_status, device_body, idempotency_key)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+            params![
+                id,
+                device,
+                action.name(),
+                p.force,
+                p.app_id.map(|v| v as i64),
+                p.service_name,
+                api_key,
+                state,
+                now,
+                expires,
+                answer.map(|a| a.0 as i64),
+                answer.map(|a| a.1.to_string()),
+                idempotency_key
+            ],
+        )?;
+        drop(c);
+        Ok(self.get(&id)?.expect("just inserted"))
+    }
+
+    fn set_state(
+        &self,
+        id: &str,
+        state: &str,
+        answer: Option<(u16, &Value)>,
+    ) -> Result<(), RegistryError> {
+        self.conn.lock().execute(
+            "UPDATE actions SET state = ?2, device_status = ?3, device_body = ?4 WHERE id = ?1",
+            params![
+                id,
+                state,
+                answer.map(|a| a.0 as i64),
+                answer.map(|a| a.1.to_string())
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn queued_for(
+        &self,
+        device: &str,
+    ) -> Result<Vec<(StoredAction, Option<String>)>, RegistryError> {
+        let c = self.conn.lock();
+        let mut st = c.prepare_cached(&format!(
+            "SELECT {COLUMNS}, api_key FROM actions WHERE device = ?1 AND state = 'queued' ORDER BY created_at"
+        ))?;
+        let rows = st.query_map([device], |r| Ok((row(r)?, r.get::<_, Option<String>>(11)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn publish(&self, a: &StoredAction, kind: &str, reason: &str) {
+        self.events.publish(
+            kind,
+            &a.device,
+            json!({
+                "endpoint": Value::Null,
+                "reason": reason,
+                "action_id": a.id,
+                "action": a.action,
+                "state": a.state,
+                "device_status": a.device_status,
+            }),
+        );
+    }
+
+    /// Delivers the device's queued actions, oldest first (at link-up).
+    pub async fn deliver_queued(self: Arc<Self>, device: String) {
+        let Some(relay) = self.relay.upgrade() else {
+            return;
+        };
+        let q = self.clone();
+        let d = device.clone();
+        let pending = match tokio::task::spawn_blocking(move || q.queued_for(&d)).await {
+            Ok(Ok(p)) => p,
+            _ => return,
+        };
+        for (a, key) in pending {
+            if a.expires_at_ms <= now_ms() {
+                continue; // the expiry task announces it
+            }
+            let Some(action) = Action::parse(&a.action) else {
+                continue;
+            };
+            let Ok((path, body)) = supervisor_call(action, &a.params) else {
+                continue;
+            };
+            let _ = self.set_state(&a.id, "delivering", None);
+            let result = deliver(&relay, &device, &path, &body, key.as_deref(), self.timeout).await;
+            let mut done = a.clone();
+            match result {
+                Ok(answer) => {
+                    let _ = self.set_state(&a.id, "completed", Some((answer.status, &answer.body)));
+                    done.state = "completed".into();
+                    done.device_status = Some(answer.status);
+                    self.publish(&done, "action.completed", "delivered");
+                }
+                Err(DeliveryError::Unavailable) => {
+                    // The link went down again: wait for the next link-up.
+                    let _ = self.set_state(&a.id, "queued", None);
+                    return;
+                }
+                Err(e) => {
+                    let _ = self.set_state(&a.id, "failed", None);
+                    done.state = "failed".into();
+                    tracing::warn!(device = %device, action = %a.action, error = %e, "queued action failed");
+                    self.publish(&done, "action.failed", &e.to_string());
+                }
+            }
+        }
+    }
+
+    /// Marks queued actions whose TTL passed as expired, announcing each;
+    /// runs every second until `stop`.
+    pub async fn run_expiry(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = stop.changed() => return,
+            }
+            let q = self.clone();
+            let expired = tokio::task::spawn_blocking(move || -> Result<Vec<StoredAction>, RegistryError> {
+                let c = q.conn.lock();
+                let mut st = c.prepare_cached(&format!(
+                    "UPDATE actions SET state = 'expired' WHERE state = 'queued' AND expires_at <= ?1 RETURNING {COLUMNS}"
+                ))?;
+                let rows = st.query_map([now_ms()], row)?;
+                Ok(rows.collect::<Result<_, _>>()?)
+            })
+            .await;
+            if let Ok(Ok(list)) = expired {
+                for a in list {
+                    self.publish(&a, "action.expired", "ttl_passed");
+                }
+            }
+        }
+    }
+}
+
+/// Starts delivering a device's queued actions when its link comes up.
+pub struct QueueObserver {
+    pub queue: Arc<ActionQueue>,
+    /// The packet path calls observers from its own threads.
+    pub runtime: tokio::runtime::Handle,
+}
+
+impl crate::packet_path::LinkObserver for QueueObserver {
+    fn link_changed(
+        &self,
+        session: &crate::session_table::Session,
+        up: bool,
+        _endpoint: std::net::SocketAddr,
+    ) {
+        if up {
+            // Called with the session locked: only hand the work off.
+            self.runtime
+                .spawn(self.queue.clone().deliver_queued(session.uuid.to_string()));
+        }
+    }
+}
