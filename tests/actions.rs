@@ -487,3 +487,39 @@ async fn queued_actions_wait_for_link_up_survive_a_restart_and_expire() {
     assert_eq!((st, e["error"].as_str()), (404, Some("action_not_found")));
     g.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queued_action_that_cannot_be_delivered_fails() {
+    let mut g = gateway().await;
+    let mut events = g.events(None).await;
+    let key = cloudlink::keys::generate_private_key();
+    g.register("no-sup", &cloudlink::keys::public_key(&key))
+        .await;
+    let (st, _, b) = act_with(&g, "no-sup", "reboot", "?queue_ttl=60", None).await;
+    assert_eq!(st, 202);
+    let id = b["id"].as_str().unwrap().to_owned();
+    // The device comes up, but nothing answers on its port 48484.
+    let adir = tempfile::tempdir().unwrap();
+    let (_, d) = g.call("GET", "/v1/devices/no-sup", None).await;
+    let wg = d["wg_quick"].as_str().unwrap().replace(
+        d["gateway"]["endpoint"].as_str().unwrap(),
+        &g.udp.to_string(),
+    );
+    std::fs::write(adir.path().join("wg0.conf"), wg).unwrap();
+    std::fs::write(
+        adir.path().join("device.key"),
+        cloudlink::keys::encode_key(&key),
+    )
+    .unwrap();
+    let _agent = Agent::spawn(adir, &[]);
+    let m = events
+        .wait_for(WAIT, |e| e["type"] == "action.failed")
+        .await;
+    assert_eq!(m.data["action_id"], id.as_str());
+    assert_eq!(m.data["state"], "failed");
+    assert_eq!(m.data["device_status"], Value::Null);
+    assert!(m.data["reason"].as_str().unwrap().contains("refused"));
+    let (_, a) = g.call("GET", &format!("/v1/actions/{id}"), None).await;
+    assert_eq!(a["state"], "failed");
+    g.stop().await;
+}

@@ -179,3 +179,107 @@ pub async fn connect(proxy: SocketAddr, target: &str) -> TcpStream {
     );
     s
 }
+
+/// A gateway binary on loopback, with its API and proxy addresses.
+pub struct GatewayProc {
+    pub proc: Proc,
+    pub api: String,
+    pub udp: String,
+    pub proxy: SocketAddr,
+    pub dir: tempfile::TempDir,
+}
+
+impl GatewayProc {
+    pub async fn start(extra: &[&str]) -> GatewayProc {
+        let dir = tempfile::tempdir().unwrap();
+        let udp = format!(
+            "127.0.0.1:{}",
+            std::net::UdpSocket::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port()
+        );
+        let api = format!("127.0.0.1:{}", free_port());
+        let proxy: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let proc = Proc(
+            Command::new(BIN)
+                .args([
+                    "serve",
+                    "--listen",
+                    &udp,
+                    "--api",
+                    &api,
+                    "--endpoint",
+                    &udp,
+                    "--log",
+                    "warn",
+                ])
+                .arg("--proxy")
+                .arg(proxy.to_string())
+                .args(extra)
+                .arg("--data-dir")
+                .arg(dir.path())
+                .env("CLOUDLINK_TOKEN", TOKEN)
+                .stdout(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        let t = Instant::now();
+        while http(&api, "GET", "/readyz", "").await.is_err() {
+            assert!(t.elapsed() < Duration::from_secs(30), "gateway never ready");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        GatewayProc {
+            proc,
+            api,
+            udp,
+            proxy,
+            dir,
+        }
+    }
+
+    /// Registers `uuid` and starts its agent with `forwards`.
+    pub async fn agent(&self, uuid: &str, forwards: &[String]) -> Proc {
+        let key = cloudlink::keys::generate_private_key();
+        let body = format!(
+            "{{\"uuid\":\"{uuid}\",\"public_key\":\"{}\"}}",
+            cloudlink::keys::encode_key(&cloudlink::keys::public_key(&key))
+        );
+        let reg: serde_json::Value =
+            serde_json::from_str(&http(&self.api, "POST", "/v1/devices", &body).await.unwrap())
+                .unwrap();
+        let d = self.dir.path().join(uuid);
+        std::fs::create_dir_all(&d).unwrap();
+        write(&d, "wg0.conf", reg["wg_quick"].as_str().unwrap());
+        write(&d, "device.key", &cloudlink::keys::encode_key(&key));
+        let mut agent = Command::new(BIN);
+        agent
+            .args(["agent", "--log", "warn"])
+            .arg("--config")
+            .arg(d.join("wg0.conf"))
+            .arg("--private-key-file")
+            .arg(d.join("device.key"));
+        for f in forwards {
+            agent.arg("--forward").arg(f);
+        }
+        Proc(agent.spawn().unwrap())
+    }
+
+    pub async fn wait_connected(&self, uuid: &str) {
+        let t = Instant::now();
+        loop {
+            let d = http(&self.api, "GET", &format!("/v1/devices/{uuid}"), "")
+                .await
+                .unwrap_or_default();
+            if d.contains("\"connected\":true") {
+                return;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(60),
+                "{uuid} never connected"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
