@@ -77,6 +77,7 @@ impl StoredAction {
 
 pub struct ActionQueue {
     conn: Mutex<Connection>,
+    metrics: Arc<crate::metrics::Metrics>,
     events: Arc<EventHub>,
     relay: Weak<Relay>,
     timeout: Duration,
@@ -114,6 +115,7 @@ impl ActionQueue {
     pub fn open(
         registry: &Registry,
         events: Arc<EventHub>,
+        metrics: Arc<crate::metrics::Metrics>,
         relay: Weak<Relay>,
         timeout: Duration,
     ) -> Result<Self, RegistryError> {
@@ -126,6 +128,7 @@ impl ActionQueue {
         )?;
         Ok(ActionQueue {
             conn: Mutex::new(conn),
+            metrics,
             events,
             relay,
             timeout,
@@ -269,13 +272,18 @@ impl ActionQueue {
                 continue;
             };
             let _ = self.set_state(&a.id, "delivering", None);
+            let started = std::time::Instant::now();
             let result = deliver(&relay, &device, &path, &body, key.as_deref(), self.timeout).await;
+            self.metrics
+                .action_duration
+                .observe(started.elapsed().as_secs_f64());
             let mut done = a.clone();
             match result {
                 Ok(answer) => {
                     let _ = self.set_state(&a.id, "completed", Some((answer.status, &answer.body)));
                     done.state = "completed".into();
                     done.device_status = Some(answer.status);
+                    self.metrics.action(&a.action, "device_answered");
                     self.publish(&done, "action.completed", "delivered");
                 }
                 Err(DeliveryError::Unavailable) => {
@@ -286,6 +294,7 @@ impl ActionQueue {
                 Err(e) => {
                     let _ = self.set_state(&a.id, "failed", None);
                     done.state = "failed".into();
+                    self.metrics.action(&a.action, "failed");
                     tracing::warn!(device = %device, action = %a.action, error = %e, "queued action failed");
                     self.publish(&done, "action.failed", &e.to_string());
                 }
@@ -313,6 +322,7 @@ impl ActionQueue {
             .await;
             if let Ok(Ok(list)) = expired {
                 for a in list {
+                    self.metrics.action(&a.action, "expired");
                     self.publish(&a, "action.expired", "ttl_passed");
                 }
             }

@@ -153,7 +153,12 @@ pub async fn deliver(
             |b| parse_answer(b).is_some(),
         )
         .await
-        .ok_or_else(|| DeliveryError::BadAnswer("the stream broke".into()))?;
+        .unwrap_or_default();
+        // Closed or reset before a byte of answer: nothing serves the
+        // supervisor port there (an agent whose local supervisor refused).
+        if raw.is_empty() {
+            return Err(DeliveryError::Unreachable);
+        }
         parse_answer(&raw).ok_or_else(|| {
             DeliveryError::BadAnswer(
                 String::from_utf8_lossy(&raw[..raw.len().min(80)]).into_owned(),

@@ -126,8 +126,15 @@ pub struct AgentArgs {
     )]
     pub forward: Vec<crate::agent::Forward>,
     /// Run COMMAND (with `sh -c`) for an immediate action: ACTION=COMMAND, ACTION one of reboot, shutdown, purge, restart, restart-service (repeatable; comma-separated in the environment)
-    #[arg(long = "hook", env = "CLOUDLINK_AGENT_HOOK", value_delimiter = ',')]
-    pub hook: Vec<crate::agent::supervisor::Hook>,
+    #[arg(
+        long = "on-action",
+        env = "CLOUDLINK_AGENT_ON_ACTION",
+        value_delimiter = ','
+    )]
+    pub on_action: Vec<crate::agent::supervisor::Hook>,
+    /// How long a hook (other than reboot and shutdown) may run
+    #[arg(long, env = "CLOUDLINK_AGENT_HOOK_TIMEOUT", value_parser = humantime::parse_duration, default_value = "30s")]
+    pub hook_timeout: Duration,
     /// API key the agent's supervisor endpoint demands as `Authorization: Bearer`
     #[arg(
         long,
@@ -172,8 +179,11 @@ impl AgentArgs {
             wg,
             forwards: self.forward.clone(),
             liveness_interval: self.liveness_interval,
-            hooks: self.hook.clone(),
-            supervisor_api_key: self.supervisor_api_key.clone(),
+            supervisor: crate::agent::supervisor::SupervisorConfig {
+                hooks: self.on_action.clone(),
+                api_key: self.supervisor_api_key.clone(),
+                hook_timeout: self.hook_timeout,
+            },
         })
     }
 }

@@ -120,9 +120,10 @@ impl Gateway {
             let (registry, events, weak) =
                 (registry.clone(), events.clone(), Arc::downgrade(&relay));
             let timeout = config.action_timeout;
+            let m = metrics.clone();
             Arc::new(
                 tokio::task::spawn_blocking(move || {
-                    crate::action_queue::ActionQueue::open(&registry, events, weak, timeout)
+                    crate::action_queue::ActionQueue::open(&registry, events, m, weak, timeout)
                 })
                 .await
                 .map_err(|e| Error::Config(format!("action queue open task failed: {e}")))??,

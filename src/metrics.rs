@@ -122,6 +122,10 @@ pub struct Metrics {
     pub tx_bytes: IntCounter,
     pub rx_packets: IntCounter,
     pub tx_packets: IntCounter,
+    /// Immediate actions by action and result.
+    pub actions: IntCounterVec,
+    /// Time to deliver an action and get the device's answer.
+    pub action_duration: prometheus::Histogram,
     /// Relay streams open now.
     pub relay_streams: IntGauge,
     pub relay_bytes_to_device: IntCounter,
@@ -181,7 +185,33 @@ impl Metrics {
         registry
             .register(Box::new(relay_bytes.clone()))
             .expect("unique metric");
+        let actions = IntCounterVec::new(
+            Opts::new(
+                "cloudlink_actions_total",
+                "Immediate actions, by action and result (device_answered, queued, cloudlink_unavailable, device_unreachable, device_timeout, device_bad_answer, failed, expired).",
+            ),
+            &["action", "result"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(actions.clone()))
+            .expect("unique metric");
+        let action_duration = prometheus::Histogram::with_opts(
+            prometheus::HistogramOpts::new(
+                "cloudlink_action_duration_seconds",
+                "Time from starting an action's delivery to the device's answer.",
+            )
+            .buckets(vec![
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            ]),
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(action_duration.clone()))
+            .expect("unique metric");
         Metrics {
+            actions,
+            action_duration,
             relay_streams: gauge("cloudlink_relay_streams", "Relay streams open now."),
             relay_bytes_to_device: relay_bytes.with_label_values(&["to_device"]),
             relay_bytes_from_device: relay_bytes.with_label_values(&["from_device"]),
@@ -259,6 +289,10 @@ impl Metrics {
         if let Some(i) = RELAY_RESULTS.iter().position(|r| *r == result) {
             self.relay_results[i].inc();
         }
+    }
+
+    pub fn action(&self, action: &str, result: &str) {
+        self.actions.with_label_values(&[action, result]).inc();
     }
 
     pub fn link_event(&self, kind: &str) {

@@ -198,6 +198,21 @@ async fn actions_reach_the_supervisor_and_its_answers_come_back() {
     assert_eq!(b["device_status"], 423);
     let (st, _, _) = act(&g, "act-1", "shutdown", Some(json!({"force": true})), None).await;
     assert_eq!(st, 202);
+
+    assert_eq!(
+        g.metric("cloudlink_actions_total{action=\"reboot\",result=\"device_answered\"}")
+            .await,
+        1.0
+    );
+    assert_eq!(
+        g.metric("cloudlink_actions_total{action=\"shutdown\",result=\"device_answered\"}")
+            .await,
+        2.0
+    );
+    assert_eq!(
+        g.metric("cloudlink_action_duration_seconds_count").await,
+        6.0
+    );
     g.stop().await;
 }
 
@@ -215,7 +230,9 @@ async fn the_gateway_answers_what_it_must() {
         }
     };
     // A device whose agent forwards nothing on 48484.
-    let _agent = Agent::start(&g, "no-supervisor", &[]).await;
+    // A device whose supervisor port leads nowhere (nothing listens on the
+    // agent's local target).
+    let _agent = Agent::start(&g, "no-supervisor", &["48484=127.0.0.1:1".into()]).await;
     events.wait_for(WAIT, |e| e["type"] == "link.up").await;
     g.register(
         "offline",
@@ -317,13 +334,15 @@ async fn the_agent_runs_the_action_hook() {
         "hooked",
         &[],
         &[
-            "--hook".into(),
+            "--on-action".into(),
             format!("reboot=echo force=$CLOUDLINK_FORCE > {}", marker.display()),
-            "--hook".into(),
+            "--on-action".into(),
             format!(
                 "restart-service=echo $CLOUDLINK_APP_ID/$CLOUDLINK_SERVICE_NAME > {}",
                 svc.display()
             ),
+            "--on-action".into(),
+            "purge=echo the disk is read-only >&2; exit 3".into(),
             "--supervisor-api-key".into(),
             "agent-key-0001".into(),
         ],
@@ -347,9 +366,11 @@ async fn the_agent_runs_the_action_hook() {
     let (st, src, b) = act(&g, "hooked", "reboot", Some(json!({"force": true})), None).await;
     assert_eq!((st, src.as_str()), (202, "device"), "{b}");
     assert_eq!(b["device_body"], json!({"Data": "OK", "Error": null}));
+    // reboot answers first and runs its hook just after.
+    assert!(eventually(WAIT, async || marker.exists()).await);
     assert_eq!(std::fs::read_to_string(&marker).unwrap(), "force=true\n");
 
-    let (st, _, _) = act(
+    let (st, _, b) = act(
         &g,
         "hooked",
         "restart-service",
@@ -358,11 +379,27 @@ async fn the_agent_runs_the_action_hook() {
     )
     .await;
     assert_eq!(st, 200);
+    assert_eq!(b["device_body"], json!({"Data": "OK", "Error": null}));
     assert_eq!(std::fs::read_to_string(&svc).unwrap(), "12/web\n");
 
-    // An action without a hook: the device says so.
-    let (st, src, _) = act(&g, "hooked", "shutdown", None, None).await;
-    assert_eq!((st, src.as_str()), (404, "device"));
+    // A failing hook: 500 with the tail of its stderr.
+    let (st, src, b) = act(&g, "hooked", "purge", Some(json!({"app_id": 1})), None).await;
+    assert_eq!((st, src.as_str()), (500, "device"), "{b}");
+    assert!(
+        b["device_body"]["Error"]
+            .as_str()
+            .unwrap()
+            .contains("the disk is read-only"),
+        "{b}"
+    );
+
+    // An action without a hook: 501, saying so.
+    let (st, src, b) = act(&g, "hooked", "shutdown", None, None).await;
+    assert_eq!((st, src.as_str()), (501, "device"));
+    assert!(b["device_body"]["Error"]
+        .as_str()
+        .unwrap()
+        .contains("--on-action shutdown"));
     g.stop().await;
 }
 
@@ -511,7 +548,7 @@ async fn a_queued_action_that_cannot_be_delivered_fails() {
         cloudlink::keys::encode_key(&key),
     )
     .unwrap();
-    let _agent = Agent::spawn(adir, &[]);
+    let _agent = Agent::spawn(adir, &["48484=127.0.0.1:1".into()]);
     let m = events
         .wait_for(WAIT, |e| e["type"] == "action.failed")
         .await;

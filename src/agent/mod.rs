@@ -69,11 +69,9 @@ pub struct AgentConfig {
     pub wg: wg_quick::WgQuick,
     pub forwards: Vec<Forward>,
     pub liveness_interval: Duration,
-    /// Hooks of the agent's own supervisor API (served on tunnel port
-    /// 48484 unless a forward takes that port).
-    pub hooks: Vec<supervisor::Hook>,
-    /// The key the agent's supervisor API demands, if any.
-    pub supervisor_api_key: Option<String>,
+    /// The agent's own supervisor API (served on tunnel port 48484 unless
+    /// a forward takes that port).
+    pub supervisor: supervisor::SupervisorConfig,
 }
 
 const BACKOFF_MIN: Duration = Duration::from_secs(1);
@@ -117,17 +115,7 @@ enum End {
 }
 
 /// Runs the agent until `stop` turns true.
-pub async fn run(mut config: AgentConfig, mut stop: tokio::sync::watch::Receiver<bool>) {
-    let port = crate::actions::SUPERVISOR_PORT;
-    if !config.hooks.is_empty() && !config.forwards.iter().any(|f| f.port == port) {
-        match supervisor::start(config.hooks.clone(), config.supervisor_api_key.clone()).await {
-            Ok(local) => config.forwards.push(Forward {
-                port,
-                target: format!("127.0.0.1:{local}"),
-            }),
-            Err(e) => tracing::error!(error = %e, "cannot start the agent's supervisor API"),
-        }
-    }
+pub async fn run(config: AgentConfig, mut stop: tokio::sync::watch::Receiver<bool>) {
     let mut backoff = Backoff::default();
     loop {
         match session(&config, &mut stop).await {
@@ -225,6 +213,7 @@ async fn session(cfg: &AgentConfig, stop: &mut tokio::sync::watch::Receiver<bool
             egress,
         ),
         pacer,
+        supervisor: Arc::new(cfg.supervisor.clone()),
     };
     let started = Instant::now();
     let mut last_auth: Option<Instant> = None;
@@ -314,6 +303,13 @@ struct Connections {
     reject: Arc<SharedStack>,
     /// Paces all connections towards the gateway together.
     pacer: crate::relay::netstack::SharedPacer,
+    supervisor: Arc<supervisor::SupervisorConfig>,
+}
+
+/// Where an accepted connection goes.
+enum Target {
+    Forward(String),
+    Supervisor,
 }
 
 impl Connections {
@@ -330,11 +326,11 @@ impl Connections {
         if let Some(stack) = self.by_port.get(&src_port).map(|s| s.clone()) {
             return stack.input(packet);
         }
-        let target = self
-            .forwards
-            .iter()
-            .find(|f| f.port == dst_port)
-            .map(|f| f.target.clone());
+        let target = match self.forwards.iter().find(|f| f.port == dst_port) {
+            Some(f) => Some(Target::Forward(f.target.clone())),
+            None if dst_port == crate::actions::SUPERVISOR_PORT => Some(Target::Supervisor),
+            None => None,
+        };
         match target {
             Some(target) if syn && !ack => self.accept(src_port, dst_port, target, packet),
             _ => self.reject.input(packet),
@@ -343,7 +339,7 @@ impl Connections {
 
     /// A new connection from the gateway: its own stack, a listening socket
     /// that takes this SYN, and a task relaying it to the local service.
-    fn accept(&self, key: u16, port: u16, target: String, syn: &[u8]) {
+    fn accept(&self, key: u16, port: u16, target: Target, syn: &[u8]) {
         let stack = SharedStack::new(
             NetStack::new(self.address, Instant::now(), self.pacer.clone()),
             self.egress.clone(),
@@ -360,15 +356,21 @@ impl Connections {
             by_port.remove_if(&key, |_, s| Arc::ptr_eq(s, &me));
             true
         }));
+        let supervisor = self.supervisor.clone();
         tokio::spawn(async move {
             if stack.established(h).await.is_ok() {
-                match tokio::net::TcpStream::connect(&target).await {
-                    Ok(tcp) => {
-                        relay(&stack, h, tcp, &|_, _| {}).await;
-                    }
-                    Err(e) => {
-                        tracing::warn!(%target, error = %e, "forward target refused");
-                        stack.with(|s| s.tcp(h).abort());
+                match target {
+                    Target::Supervisor => supervisor::serve(stack.clone(), h, supervisor).await,
+                    Target::Forward(target) => {
+                        match tokio::net::TcpStream::connect(&target).await {
+                            Ok(tcp) => {
+                                relay(&stack, h, tcp, &|_, _| {}).await;
+                            }
+                            Err(e) => {
+                                tracing::warn!(%target, error = %e, "forward target refused");
+                                stack.with(|s| s.tcp(h).abort());
+                            }
+                        }
                     }
                 }
             }

@@ -1,23 +1,28 @@
-//! The agent's own supervisor API, for devices without balena's supervisor:
-//! it answers the gateway's immediate actions (the same dialect) on the
-//! tunnel's port 48484 by running the hook configured for each action
-//! (`--hook reboot='systemctl reboot'`).
+//! The agent's own supervisor API: it answers the gateway's immediate
+//! actions (balena supervisor's dialect) on the tunnel's port 48484, unless
+//! `--forward 48484=...` points to a real supervisor, by running the hook
+//! configured for each action (`--on-action reboot='systemctl reboot'`).
 //!
-//! It listens on a loopback port of its own; the agent forwards tunnel port
-//! 48484 there like any other forward. The hook runs with `sh -c`, with
-//! `CLOUDLINK_ACTION`, `CLOUDLINK_FORCE`, `CLOUDLINK_APP_ID` and
-//! `CLOUDLINK_SERVICE_NAME` in its environment. Answers: `202
-//! {"Data":"OK","Error":null}` for reboot and shutdown, `200 OK` for the
-//! others (as balena's supervisor), `500` if the hook failed, `404` for an
-//! action without a hook, `401` without the configured API key.
+//! It is served straight on the tunnel stream, never on a local socket, so
+//! only the gateway's tunnel address can reach it. A hook runs with `sh -c`,
+//! with `CLOUDLINK_ACTION`, `CLOUDLINK_FORCE`, `CLOUDLINK_APP_ID` and
+//! `CLOUDLINK_SERVICE_NAME` in its environment. As balena's supervisor
+//! does, `reboot` and `shutdown` answer `202` first and run their hook just
+//! after (a reboot cannot report its own success); other hooks run within
+//! `--hook-timeout`: exit status 0 answers `200 {"Data": "OK", "Error":
+//! null}`, anything else `500` with the tail of the hook's stderr. An action
+//! without a hook answers `501`; a wrong or missing key (when
+//! `--supervisor-api-key` is set) `401`.
 
-use serde_json::Value;
+use serde_json::{json, Value};
+use smoltcp::iface::SocketHandle;
+use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
 
-/// How long a hook may run before it counts as failed.
-const HOOK_TIMEOUT: Duration = Duration::from_secs(20);
+use crate::relay::stream::{recv_into, SharedStack};
+
+/// Largest request accepted.
+const MAX_REQUEST: usize = 64 * 1024;
 
 /// One action's hook: `ACTION=COMMAND`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,10 +36,10 @@ impl std::str::FromStr for Hook {
     fn from_str(s: &str) -> Result<Self, String> {
         let (action, command) = s
             .split_once('=')
-            .ok_or_else(|| format!("--hook {s:?} is not ACTION=COMMAND"))?;
+            .ok_or_else(|| format!("--on-action {s:?} is not ACTION=COMMAND"))?;
         if crate::actions::Action::parse(action.trim()).is_none() {
             return Err(format!(
-                "--hook {s:?}: {action:?} is not one of {}",
+                "--on-action {s:?}: {action:?} is not one of {}",
                 crate::actions::Action::NAMES.join(", ")
             ));
         }
@@ -45,22 +50,15 @@ impl std::str::FromStr for Hook {
     }
 }
 
-/// Starts the endpoint on a loopback port; returns the port.
-pub async fn start(hooks: Vec<Hook>, api_key: Option<String>) -> std::io::Result<u16> {
-    let l = TcpListener::bind("127.0.0.1:0").await?;
-    let port = l.local_addr()?.port();
-    tokio::spawn(async move {
-        while let Ok((s, _)) = l.accept().await {
-            let (hooks, key) = (hooks.clone(), api_key.clone());
-            tokio::spawn(async move {
-                let _ = serve_one(s, &hooks, key.as_deref()).await;
-            });
-        }
-    });
-    Ok(port)
+/// How the agent's supervisor API behaves.
+#[derive(Debug, Clone, Default)]
+pub struct SupervisorConfig {
+    pub hooks: Vec<Hook>,
+    pub api_key: Option<String>,
+    pub hook_timeout: Duration,
 }
 
-/// Which action a supervisor path names, and its parameters from the body.
+/// Which action a supervisor path names, and the hook's environment.
 fn route(path: &str, body: &Value) -> Option<(&'static str, Vec<(&'static str, String)>)> {
     let force = body["force"].as_bool().unwrap_or(false).to_string();
     let app = body["appId"]
@@ -93,52 +91,72 @@ fn route(path: &str, body: &Value) -> Option<(&'static str, Vec<(&'static str, S
     ))
 }
 
-async fn serve_one(mut s: TcpStream, hooks: &[Hook], api_key: Option<&str>) -> std::io::Result<()> {
+/// A complete request: (head, body), once all of it arrived.
+fn parse_request(raw: &[u8]) -> Option<(String, Vec<u8>)> {
+    let end = raw.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let head = String::from_utf8_lossy(&raw[..end]).into_owned();
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length:")
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0);
+    (raw.len() >= end + 4 + len).then(|| (head, raw[end + 4..end + 4 + len].to_vec()))
+}
+
+fn response(status: &str, body: &Value) -> Vec<u8> {
+    let body = body.to_string();
+    format!(
+        "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+fn error(status: &str, message: &str) -> Vec<u8> {
+    response(status, &json!({"Data": null, "Error": message}))
+}
+
+/// Serves one request on an accepted tunnel stream.
+pub async fn serve(stack: Arc<SharedStack>, h: SocketHandle, config: Arc<SupervisorConfig>) {
+    let mut raw = Vec::new();
     let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    let (head, body) = loop {
-        let n = s.read(&mut chunk).await?;
-        if n == 0 {
-            return Ok(());
-        }
-        buf.extend_from_slice(&chunk[..n]);
-        if buf.len() > 64 * 1024 {
-            return answer(
-                &mut s,
-                "413 Payload Too Large",
-                r#"{"Data":null,"Error":"request too large"}"#,
-            )
-            .await;
-        }
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&buf[..end]).into_owned();
-            let len: usize = head
-                .lines()
-                .find_map(|l| {
-                    l.to_ascii_lowercase()
-                        .strip_prefix("content-length:")
-                        .and_then(|v| v.trim().parse().ok())
-                })
-                .unwrap_or(0);
-            if len > 64 * 1024 {
-                return answer(
-                    &mut s,
-                    "413 Payload Too Large",
-                    r#"{"Data":null,"Error":"request too large"}"#,
-                )
-                .await;
-            }
-            while buf.len() < end + 4 + len {
-                let n = s.read(&mut chunk).await?;
-                if n == 0 {
-                    return Ok(());
+    let request = loop {
+        match tokio::time::timeout(Duration::from_secs(10), recv_into(&stack, h, &mut buf)).await {
+            Ok(Some(n)) => {
+                raw.extend_from_slice(&buf[..n]);
+                if let Some(r) = parse_request(&raw) {
+                    break Some(r);
                 }
-                buf.extend_from_slice(&chunk[..n]);
+                if raw.len() > MAX_REQUEST {
+                    break None;
+                }
             }
-            break (head, buf[end + 4..end + 4 + len].to_vec());
+            _ => break None,
         }
     };
-    if let Some(key) = api_key {
+    let (answer, after) = match request {
+        None => (
+            error("400 Bad Request", "incomplete or oversized request"),
+            None,
+        ),
+        Some((head, body)) => handle(&head, &body, &config).await,
+    };
+    stack.with(|s| s.send(h, &answer));
+    stack.with(|s| s.tcp(h).close());
+    // reboot and shutdown: the answer is out, now the hook.
+    if let Some((command, action, env)) = after {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let _ = run_hook(&command, action, &env, config.hook_timeout).await;
+    }
+}
+
+type Deferred = (String, &'static str, Vec<(&'static str, String)>);
+
+async fn handle(head: &str, body: &[u8], config: &SupervisorConfig) -> (Vec<u8>, Option<Deferred>) {
+    if let Some(key) = &config.api_key {
         let ok = head.lines().any(|l| {
             l.split_once(':').is_some_and(|(k, v)| {
                 k.eq_ignore_ascii_case("authorization")
@@ -149,74 +167,78 @@ async fn serve_one(mut s: TcpStream, hooks: &[Hook], api_key: Option<&str>) -> s
             })
         });
         if !ok {
-            return answer(
-                &mut s,
-                "401 Unauthorized",
-                r#"{"Data":null,"Error":"missing or wrong API key"}"#,
-            )
-            .await;
+            return (error("401 Unauthorized", "missing or wrong API key"), None);
         }
     }
     let mut parts = head.split_whitespace();
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let body: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
     let Some((action, env)) = (method == "POST").then(|| route(path, &body)).flatten() else {
-        return answer(
-            &mut s,
-            "404 Not Found",
-            r#"{"Data":null,"Error":"no such endpoint"}"#,
-        )
-        .await;
+        return (error("404 Not Found", "no such endpoint"), None);
     };
-    let Some(hook) = hooks.iter().find(|h| h.action == action) else {
-        return answer(
-            &mut s,
-            "404 Not Found",
-            r#"{"Data":null,"Error":"this device has no hook for that action"}"#,
-        )
-        .await;
+    let Some(hook) = config.hooks.iter().find(|h| h.action == action) else {
+        return (
+            error(
+                "501 Not Implemented",
+                &format!("this device has no hook for {action}: start the agent with --on-action {action}=COMMAND"),
+            ),
+            None,
+        );
     };
-    tracing::info!(action, "running the action's hook");
-    let mut cmd = tokio::process::Command::new("sh");
-    cmd.arg("-c")
-        .arg(&hook.command)
-        .env("CLOUDLINK_ACTION", action);
-    for (k, v) in env {
-        cmd.env(k, v);
+    tracing::info!(action, "action received");
+    if matches!(action, "reboot" | "shutdown") {
+        let ok = response("202 Accepted", &json!({"Data": "OK", "Error": null}));
+        return (ok, Some((hook.command.clone(), action, env)));
     }
-    let ok = match tokio::time::timeout(HOOK_TIMEOUT, cmd.status()).await {
-        Ok(Ok(st)) => st.success(),
-        _ => false,
-    };
-    match (ok, action) {
-        (false, _) => {
-            answer(
-                &mut s,
-                "500 Internal Server Error",
-                r#"{"Data":null,"Error":"the hook failed"}"#,
-            )
-            .await
-        }
-        (true, "reboot" | "shutdown") => {
-            answer(&mut s, "202 Accepted", r#"{"Data":"OK","Error":null}"#).await
-        }
-        (true, _) => answer(&mut s, "200 OK", "OK").await,
+    match run_hook(&hook.command, action, &env, config.hook_timeout).await {
+        Ok(()) => (
+            response("200 OK", &json!({"Data": "OK", "Error": null})),
+            None,
+        ),
+        Err(why) => (error("500 Internal Server Error", &why), None),
     }
 }
 
-async fn answer(s: &mut TcpStream, status: &str, body: &str) -> std::io::Result<()> {
-    let kind = if body.starts_with('{') {
-        "application/json"
-    } else {
-        "text/plain"
-    };
-    s.write_all(
-        format!(
-            "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        )
-        .as_bytes(),
-    )
-    .await?;
-    s.shutdown().await
+/// Runs a hook; `Err` with the tail of its stderr when it fails.
+async fn run_hook(
+    command: &str,
+    action: &str,
+    env: &[(&'static str, String)],
+    timeout: Duration,
+) -> Result<(), String> {
+    let mut cmd = tokio::process::Command::new("sh");
+    cmd.arg("-c")
+        .arg(command)
+        .env("CLOUDLINK_ACTION", action)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let child = cmd
+        .spawn()
+        .map_err(|e| format!("the hook could not start: {e}"))?;
+    match tokio::time::timeout(timeout, child.wait_with_output()).await {
+        Ok(Ok(out)) if out.status.success() => Ok(()),
+        Ok(Ok(out)) => {
+            let err = String::from_utf8_lossy(&out.stderr);
+            let tail: String = err
+                .chars()
+                .rev()
+                .take(500)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect();
+            tracing::warn!(action, status = %out.status, "action hook failed");
+            Err(format!("the hook failed ({}): {}", out.status, tail.trim()))
+        }
+        Ok(Err(e)) => Err(format!("the hook failed: {e}")),
+        Err(_) => Err(format!(
+            "the hook did not finish within {} s",
+            timeout.as_secs_f32()
+        )),
+    }
 }

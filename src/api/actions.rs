@@ -237,10 +237,35 @@ async fn run(
         })
         .await?;
         tracing::info!(device = %uuid, action = action.name(), id = %stored.id, "action queued");
+        s.metrics.action(action.name(), "queued");
         return Ok(accepted(&stored));
     }
     tracing::info!(device = %uuid, action = action.name(), "delivering an action");
-    match deliver(&s.relay, uuid, &path, &call, key.as_deref(), s.action_timeout).await {
+    let started = std::time::Instant::now();
+    let result = deliver(
+        &s.relay,
+        uuid,
+        &path,
+        &call,
+        key.as_deref(),
+        s.action_timeout,
+    )
+    .await;
+    s.metrics
+        .action_duration
+        .observe(started.elapsed().as_secs_f64());
+    s.metrics.action(
+        action.name(),
+        match &result {
+            Ok(_) => "device_answered",
+            Err(DeliveryError::UnknownDevice) => "unknown_device",
+            Err(DeliveryError::Unavailable) => "cloudlink_unavailable",
+            Err(DeliveryError::Unreachable) => "device_unreachable",
+            Err(DeliveryError::Timeout) => "device_timeout",
+            Err(DeliveryError::BadAnswer(_)) => "device_bad_answer",
+        },
+    );
+    match result {
         Ok(answer) => {
             if let Some(i) = idempotency {
                 let (q, u, p, b) = (s.action_queue.clone(), uuid.to_owned(), params.clone(), answer.body.clone());

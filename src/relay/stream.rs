@@ -32,7 +32,7 @@ const IDLE: Duration = Duration::from_secs(1);
 /// Waits until the stream has bytes from the device and copies them into
 /// `buf` (allocated on demand); `None` once the device sent FIN or the
 /// stream is gone.
-async fn recv_into(stack: &SharedStack, h: SocketHandle, buf: &mut Vec<u8>) -> Option<usize> {
+pub async fn recv_into(stack: &SharedStack, h: SocketHandle, buf: &mut Vec<u8>) -> Option<usize> {
     poll_fn(|cx| {
         let mut s = stack.stack.lock();
         let sock = s.tcp(h);
