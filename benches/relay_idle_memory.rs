@@ -58,7 +58,7 @@ fn main() {
     rt.block_on(async {
         let echo = echo().await;
         let fleet = Fleet::start("idle-dev", &[format!("7001={echo}")], "7001").await;
-        let gw = &fleet.gateway;
+        let gw = &fleet.gw.proc;
         let proxy = fleet.proxy;
         // Warm up allocator and code paths with one stream.
         let mut w = connect(proxy, "idle-dev:7001").await;

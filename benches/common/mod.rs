@@ -61,94 +61,20 @@ pub async fn http(addr: &str, method: &str, path: &str, body: &str) -> std::io::
 /// A gateway and one agent-backed device, `uuid`, whose agent forwards
 /// `forwards` (`PORT=HOST:PORT`); the proxy allows `allow_ports`.
 pub struct Fleet {
-    pub gateway: Proc,
+    pub gw: GatewayProc,
     pub agent: Proc,
-    pub api: String,
     pub proxy: SocketAddr,
-    _dir: tempfile::TempDir,
 }
 
 impl Fleet {
     pub async fn start(uuid: &str, forwards: &[String], allow_ports: &str) -> Fleet {
-        let dir = tempfile::tempdir().unwrap();
-        let udp = format!(
-            "127.0.0.1:{}",
-            std::net::UdpSocket::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port()
-        );
-        let api = format!("127.0.0.1:{}", free_port());
-        let proxy: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let gateway = Proc(
-            Command::new(BIN)
-                .args([
-                    "serve",
-                    "--listen",
-                    &udp,
-                    "--api",
-                    &api,
-                    "--endpoint",
-                    &udp,
-                    "--log",
-                    "warn",
-                ])
-                .arg("--proxy")
-                .arg(proxy.to_string())
-                .args(["--allow-ports", allow_ports])
-                .arg("--data-dir")
-                .arg(dir.path())
-                .env("CLOUDLINK_TOKEN", TOKEN)
-                .stdout(Stdio::null())
-                .spawn()
-                .unwrap(),
-        );
-        let key = cloudlink::keys::generate_private_key();
-        let body = format!(
-            "{{\"uuid\":\"{uuid}\",\"public_key\":\"{}\"}}",
-            cloudlink::keys::encode_key(&cloudlink::keys::public_key(&key))
-        );
-        let reg = loop {
-            if let Ok(r) = http(&api, "POST", "/v1/devices", &body).await {
-                break r;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        };
-        let reg: serde_json::Value = serde_json::from_str(&reg).unwrap();
-        write(dir.path(), "wg0.conf", reg["wg_quick"].as_str().unwrap());
-        write(dir.path(), "device.key", &cloudlink::keys::encode_key(&key));
-        let mut agent = Command::new(BIN);
-        agent
-            .args(["agent", "--log", "warn"])
-            .arg("--config")
-            .arg(dir.path().join("wg0.conf"))
-            .arg("--private-key-file")
-            .arg(dir.path().join("device.key"));
-        for f in forwards {
-            agent.arg("--forward").arg(f);
-        }
-        let agent = Proc(agent.spawn().unwrap());
-        let t = Instant::now();
-        loop {
-            let d = http(&api, "GET", &format!("/v1/devices/{uuid}"), "")
-                .await
-                .unwrap_or_default();
-            if d.contains("\"connected\":true") {
-                break;
-            }
-            assert!(
-                t.elapsed() < Duration::from_secs(30),
-                "the agent never connected"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let gw = GatewayProc::start(&["--allow-ports", allow_ports]).await;
+        let agent = gw.agent(uuid, forwards).await;
+        gw.wait_connected(uuid).await;
         Fleet {
-            gateway,
+            proxy: gw.proxy,
+            gw,
             agent,
-            api,
-            proxy,
-            _dir: dir,
         }
     }
 }

@@ -54,6 +54,26 @@ pub async fn recv_into(stack: &SharedStack, h: SocketHandle, buf: &mut Vec<u8>) 
     .await
 }
 
+/// Waits until the stream's send buffer has room; returns how much, or 0
+/// once the stream can no longer send.
+async fn room(stack: &SharedStack, h: SocketHandle) -> usize {
+    poll_fn(|cx| {
+        let mut s = stack.stack.lock();
+        let sock = s.tcp(h);
+        if !sock.may_send() {
+            return Poll::Ready(0);
+        }
+        let free = sock.send_capacity() - sock.send_queue();
+        if free > 0 {
+            Poll::Ready(free)
+        } else {
+            sock.register_send_waker(cx.waker());
+            Poll::Pending
+        }
+    })
+    .await
+}
+
 /// Waits until the client has bytes; after [`IDLE`] of waiting, gives the
 /// copy buffer back first.
 async fn readable_or_shed(
@@ -273,21 +293,7 @@ pub async fn relay(
         let mut total = 0u64;
         loop {
             // Read the client only when the stack has room for the bytes.
-            let room = poll_fn(|cx| {
-                let mut s = stack.stack.lock();
-                let sock = s.tcp(h);
-                if !sock.may_send() {
-                    return Poll::Ready(0);
-                }
-                let free = sock.send_capacity() - sock.send_queue();
-                if free > 0 {
-                    Poll::Ready(free)
-                } else {
-                    sock.register_send_waker(cx.waker());
-                    Poll::Pending
-                }
-            })
-            .await;
+            let room = room(stack, h).await;
             if room == 0 {
                 break;
             }
@@ -380,21 +386,7 @@ pub async fn exchange(
 ) -> Option<Vec<u8>> {
     let mut sent = 0;
     while sent < request.len() {
-        let room = poll_fn(|cx| {
-            let mut s = stack.stack.lock();
-            let sock = s.tcp(h);
-            if !sock.may_send() {
-                return Poll::Ready(0);
-            }
-            let free = sock.send_capacity() - sock.send_queue();
-            if free > 0 {
-                Poll::Ready(free)
-            } else {
-                sock.register_send_waker(cx.waker());
-                Poll::Pending
-            }
-        })
-        .await;
+        let room = room(stack, h).await;
         if room == 0 {
             return None;
         }

@@ -49,6 +49,10 @@ pub struct Netns {
 
 impl Netns {
     pub fn create(tag: &str, subnet: u8) -> Self {
+        // Test processes run in parallel; `ip netns add` sets up /run/netns
+        // on first use and concurrent calls can trip over each other, so
+        // namespace setup is serialised across processes.
+        let _lock = SetupLock::take();
         let name = format!("cl-{tag}");
         let host_if = format!("clh-{tag}");
         let ns_if = format!("cld-{tag}");
@@ -102,6 +106,36 @@ impl Drop for Netns {
         let _ = Command::new("ip")
             .args(["link", "del", &self.host_if])
             .output();
+    }
+}
+
+/// An exclusive `flock` on a file in /tmp, released on drop.
+struct SetupLock(std::fs::File);
+
+impl SetupLock {
+    fn take() -> Self {
+        use std::os::fd::AsRawFd;
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open("/tmp/cloudlink-test-netns.lock")
+            .unwrap();
+        // SAFETY: flock on a file descriptor we own.
+        unsafe {
+            libc::flock(f.as_raw_fd(), libc::LOCK_EX);
+        }
+        SetupLock(f)
+    }
+}
+
+impl Drop for SetupLock {
+    fn drop(&mut self) {
+        use std::os::fd::AsRawFd;
+        // SAFETY: as above.
+        unsafe {
+            libc::flock(self.0.as_raw_fd(), libc::LOCK_UN);
+        }
     }
 }
 
