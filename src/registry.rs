@@ -418,21 +418,6 @@ impl Registry {
         Ok(results)
     }
 
-    /// Sets or clears a device's name. `None` if the device does not exist.
-    pub fn set_name(
-        &self,
-        uuid: &str,
-        name: Option<&str>,
-    ) -> Result<Option<Device>, RegistryError> {
-        self.update(
-            uuid,
-            &DevicePatch {
-                name: Some(name.map(str::to_owned)),
-                ..Default::default()
-            },
-        )
-    }
-
     /// Applies a patch in one transaction; returns the device as stored, or
     /// `None` if it does not exist.
     pub fn update(&self, uuid: &str, patch: &DevicePatch) -> Result<Option<Device>, RegistryError> {

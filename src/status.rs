@@ -492,11 +492,6 @@ impl StatusTracker {
             }
         }
     }
-
-    /// Bytes held, for the benchmark.
-    pub fn approx_heap_bytes(&self) -> usize {
-        self.slots.capacity() * std::mem::size_of::<Slot>()
-    }
 }
 
 #[cfg(test)]

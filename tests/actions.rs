@@ -476,19 +476,8 @@ async fn queued_actions_wait_for_link_up_survive_a_restart_and_expire() {
     // The device comes online: the action is delivered at link-up.
     let seen = Arc::new(Mutex::new(Vec::new()));
     let port = supervisor(seen.clone()).await;
-    let adir = tempfile::tempdir().unwrap();
-    let (_, d) = g.call("GET", "/v1/devices/later", None).await;
-    let wg = d["wg_quick"].as_str().unwrap().replace(
-        d["gateway"]["endpoint"].as_str().unwrap(),
-        &g.udp.to_string(),
-    );
-    std::fs::write(adir.path().join("wg0.conf"), wg).unwrap();
-    std::fs::write(
-        adir.path().join("device.key"),
-        cloudlink::keys::encode_key(&key),
-    )
-    .unwrap();
-    let _agent = Agent::spawn(adir, &[format!("48484=127.0.0.1:{port}")]);
+    let _agent =
+        Agent::start_registered(&g, "later", &key, &[format!("48484=127.0.0.1:{port}")], &[]).await;
     let m = events
         .wait_for(WAIT, |e| e["type"] == "action.completed")
         .await;
@@ -536,19 +525,8 @@ async fn a_queued_action_that_cannot_be_delivered_fails() {
     assert_eq!(st, 202);
     let id = b["id"].as_str().unwrap().to_owned();
     // The device comes up, but nothing answers on its port 48484.
-    let adir = tempfile::tempdir().unwrap();
-    let (_, d) = g.call("GET", "/v1/devices/no-sup", None).await;
-    let wg = d["wg_quick"].as_str().unwrap().replace(
-        d["gateway"]["endpoint"].as_str().unwrap(),
-        &g.udp.to_string(),
-    );
-    std::fs::write(adir.path().join("wg0.conf"), wg).unwrap();
-    std::fs::write(
-        adir.path().join("device.key"),
-        cloudlink::keys::encode_key(&key),
-    )
-    .unwrap();
-    let _agent = Agent::spawn(adir, &["48484=127.0.0.1:1".into()]);
+    let _agent =
+        Agent::start_registered(&g, "no-sup", &key, &["48484=127.0.0.1:1".into()], &[]).await;
     let m = events
         .wait_for(WAIT, |e| e["type"] == "action.failed")
         .await;

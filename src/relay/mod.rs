@@ -252,11 +252,6 @@ impl Relay {
             .collect()
     }
 
-    /// Number of stream stacks alive (for tests and diagnostics).
-    pub fn stacks(&self) -> usize {
-        self.devices.iter().map(|d| d.streams.len()).sum()
-    }
-
     pub fn count_bytes(&self, to_device: bool, n: u64) {
         if to_device {
             self.metrics.relay_bytes_to_device.inc_by(n);

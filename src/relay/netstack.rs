@@ -76,7 +76,6 @@ pub struct NetStack {
     pub sockets: SocketSet<'static>,
     scratch: Vec<u8>,
     origin: Instant,
-    next_port: u16,
     pacer: SharedPacer,
     /// The last egress ran out of budget with more to send.
     throttled: bool,
@@ -246,7 +245,6 @@ impl NetStack {
             sockets: SocketSet::new(Vec::new()),
             scratch,
             origin,
-            next_port: 49152 + (u16::from_le_bytes([seed[0], seed[1]]) % 16000),
             pacer,
             throttled: false,
             tx_dirty: None,
@@ -363,12 +361,6 @@ impl NetStack {
         s
     }
 
-    /// Opens a TCP connection to `remote`; returns its socket.
-    pub fn connect(&mut self, remote: (Ipv4Addr, u16)) -> Result<SocketHandle, tcp::ConnectError> {
-        let port = self.take_port();
-        self.connect_from(port, remote)
-    }
-
     /// Opens a TCP connection from local port `port` to `remote`.
     pub fn connect_from(
         &mut self,
@@ -389,16 +381,6 @@ impl NetStack {
         let mut s = Self::new_socket();
         s.listen(port)?;
         Ok(self.sockets.add(s))
-    }
-
-    fn take_port(&mut self) -> u16 {
-        let p = self.next_port;
-        self.next_port = if self.next_port == u16::MAX {
-            49152
-        } else {
-            self.next_port + 1
-        };
-        p
     }
 
     /// Queues `data` on a stream; returns how much fit.

@@ -83,24 +83,33 @@ impl Agent {
         forwards: &[String],
         extra: &[String],
     ) -> Agent {
-        let dir = tempfile::tempdir().unwrap();
         let key = cloudlink::keys::generate_private_key();
-        let reg = g.register(uuid, &cloudlink::keys::public_key(&key)).await;
-        let wg = reg["wg_quick"].as_str().unwrap().replace(
-            reg["gateway"]["endpoint"].as_str().unwrap(),
+        g.register(uuid, &cloudlink::keys::public_key(&key)).await;
+        Self::start_registered(g, uuid, &key, forwards, extra).await
+    }
+
+    /// Starts an agent for `uuid`, already registered with `key`'s public
+    /// key, from the device's `wg_quick` pointed at the test gateway.
+    pub async fn start_registered(
+        g: &TestGateway,
+        uuid: &str,
+        key: &cloudlink::keys::KeyBytes,
+        forwards: &[String],
+        extra: &[String],
+    ) -> Agent {
+        let dir = tempfile::tempdir().unwrap();
+        let d = g.device(uuid).await;
+        let wg = d["wg_quick"].as_str().unwrap().replace(
+            d["gateway"]["endpoint"].as_str().unwrap(),
             &g.udp.to_string(),
         );
         std::fs::write(dir.path().join("wg0.conf"), wg).unwrap();
         std::fs::write(
             dir.path().join("device.key"),
-            cloudlink::keys::encode_key(&key),
+            cloudlink::keys::encode_key(key),
         )
         .unwrap();
         Self::spawn_with(dir, forwards, extra)
-    }
-
-    pub fn spawn(dir: tempfile::TempDir, forwards: &[String]) -> Agent {
-        Self::spawn_with(dir, forwards, &[])
     }
 
     pub fn spawn_with(dir: tempfile::TempDir, forwards: &[String], extra: &[String]) -> Agent {
