@@ -57,20 +57,21 @@ fn main() {
         .unwrap();
     rt.block_on(async {
         let echo = echo().await;
-        let fleet = Fleet::start("idle-dev", &[format!("7001={echo}")], "7001").await;
-        let gw = &fleet.gw.proc;
-        let proxy = fleet.proxy;
-        // Warm up allocator and code paths with one stream.
-        let mut w = connect(proxy, "idle-dev:7001").await;
-        exchange(&mut w, 1 << 20).await;
-        drop(w);
-        tokio::time::sleep(Duration::from_secs(1)).await;
-
         let mut results = Vec::new();
         for (label, bytes) in [
             ("after 4 KiB (interactive)", 4 << 10),
             ("after 2 MiB (bulk, then idle)", 2 << 20),
         ] {
+            // A fresh gateway per case: memory freed by one case's streams
+            // would otherwise be reused by the next and hide its cost.
+            let fleet = Fleet::start("idle-dev", &[format!("7001={echo}")], "7001").await;
+            let gw = &fleet.gw.proc;
+            let proxy = fleet.proxy;
+            // Warm up allocator and code paths with one stream.
+            let mut w = connect(proxy, "idle-dev:7001").await;
+            exchange(&mut w, 1 << 20).await;
+            drop(w);
+            tokio::time::sleep(Duration::from_secs(1)).await;
             let before = rss(gw.0.id());
             let mut streams = Vec::new();
             for _ in 0..STREAMS {
@@ -86,6 +87,7 @@ fn main() {
             let closed = rss(gw.0.id());
             let retained = (closed as f64 - before as f64) / STREAMS as f64;
             results.push((label, per, retained));
+            drop(fleet);
         }
         println!("relay_idle_memory: gateway RSS growth per open, idle stream ({STREAMS} streams)");
         for (label, per, retained) in &results {

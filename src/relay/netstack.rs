@@ -82,6 +82,91 @@ pub struct NetStack {
     /// When data was last queued, if the send buffers were not released
     /// since.
     tx_dirty: Option<Instant>,
+    /// Receive-side bookkeeping for giving an idle ring's pages back.
+    rx: RxTrack,
+}
+
+/// What the stack needs to know to give the pages of an idle receive ring
+/// back to the kernel. smoltcp never rewinds its receive ring and does not
+/// expose it, so a bulk transfer leaves every page of it committed; and
+/// out-of-order segments wait in the ring's free part, invisible from the
+/// socket's API. So the stack watches both directions itself: the highest
+/// sequence number that arrived and the last acknowledgement it sent. When
+/// they match, nothing is waiting out of order; with an empty ring, none of
+/// its bytes are live and the pages can go.
+#[derive(Default)]
+struct RxTrack {
+    /// Storage of the receive ring of each socket: (handle, address, length).
+    rings: Vec<(SocketHandle, usize, usize)>,
+    /// End (seq + len, FIN included) of the furthest inbound segment.
+    high: Option<u32>,
+    /// Acknowledgement number of the last segment sent.
+    acked: Option<u32>,
+    /// When data last arrived, if the rings were not released since.
+    dirty: Option<Instant>,
+}
+
+impl RxTrack {
+    /// Notes an inbound IPv4/TCP packet's sequence range (cheap header reads;
+    /// smoltcp checks the packet itself).
+    fn inbound(&mut self, now: Instant, p: &[u8]) {
+        let Some((seq, len, flags)) = tcp_segment(p) else {
+            return;
+        };
+        let end = seq
+            .wrapping_add(len)
+            .wrapping_add((flags & FIN != 0) as u32);
+        if len == 0 && flags & FIN == 0 {
+            return;
+        }
+        self.dirty = Some(now);
+        match self.high {
+            Some(h) if (end.wrapping_sub(h) as i32) <= 0 => {}
+            _ => self.high = Some(end),
+        }
+    }
+
+    fn outbound(&mut self, p: &[u8]) {
+        if let Some(tcp) = tcp_header(p) {
+            if tcp[13] & ACK != 0 {
+                self.acked = Some(u32::from_be_bytes([tcp[8], tcp[9], tcp[10], tcp[11]]));
+            }
+        }
+    }
+
+    /// True when every byte that arrived has been acknowledged in order,
+    /// so nothing sits in a ring out of order.
+    fn in_order(&self) -> bool {
+        match (self.high, self.acked) {
+            (None, _) => true,
+            (Some(h), Some(a)) => (h.wrapping_sub(a) as i32) <= 0,
+            (Some(_), None) => false,
+        }
+    }
+}
+
+const FIN: u8 = 0x01;
+const ACK: u8 = 0x10;
+
+/// The TCP header of an IPv4 packet, if it carries TCP.
+fn tcp_header(p: &[u8]) -> Option<&[u8]> {
+    if p.len() < 20 || p[0] >> 4 != 4 || p[9] != 6 {
+        return None;
+    }
+    let ihl = (p[0] & 0x0f) as usize * 4;
+    let tcp = p.get(ihl..)?;
+    (tcp.len() >= 20).then_some(tcp)
+}
+
+/// (sequence number, payload length, flags) of an IPv4/TCP segment.
+fn tcp_segment(p: &[u8]) -> Option<(u32, u32, u8)> {
+    let tcp = tcp_header(p)?;
+    let total = u16::from_be_bytes([p[2], p[3]]) as usize;
+    let ihl = (p[0] & 0x0f) as usize * 4;
+    let doff = (tcp[12] >> 4) as usize * 4;
+    let len = total.checked_sub(ihl + doff)?;
+    let seq = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);
+    Some((seq, len as u32, tcp[13]))
 }
 
 struct RxTok<'a>(&'a [u8]);
@@ -90,6 +175,7 @@ struct TxTok<'a> {
     egress: &'a dyn Egress,
     emitted: &'a mut usize,
     budget: &'a mut u32,
+    rx: &'a mut RxTrack,
 }
 
 impl smoltcp::phy::RxToken for RxTok<'_> {
@@ -104,6 +190,7 @@ impl smoltcp::phy::TxToken for TxTok<'_> {
             self.scratch.resize(len, 0);
         }
         let r = f(&mut self.scratch[..len]);
+        self.rx.outbound(&self.scratch[..len]);
         self.egress.send(&self.scratch[..len]);
         *self.emitted += 1;
         *self.budget = self.budget.saturating_sub(1);
@@ -121,6 +208,7 @@ struct Dev<'a> {
     /// Packets this call may still send (see [`Pacer`]).
     budget: &'a mut u32,
     throttled: bool,
+    rx_track: &'a mut RxTrack,
 }
 
 /// Bounds the bursts sent into the tunnel towards one peer: at most `BURST`
@@ -179,6 +267,7 @@ impl Device for Dev<'_> {
                 egress: self.egress,
                 emitted: &mut self.emitted,
                 budget: self.budget,
+                rx: self.rx_track,
             },
         ))
     }
@@ -193,6 +282,7 @@ impl Device for Dev<'_> {
             egress: self.egress,
             emitted: &mut self.emitted,
             budget: self.budget,
+            rx: self.rx_track,
         })
     }
 
@@ -224,6 +314,7 @@ impl NetStack {
         config.random_seed = u64::from_le_bytes(seed);
         let mut scratch = vec![0u8; MTU];
         let mut budget = 0;
+        let mut rx = RxTrack::default();
         let mut dev = Dev {
             rx: None,
             scratch: &mut scratch,
@@ -231,6 +322,7 @@ impl NetStack {
             emitted: 0,
             budget: &mut budget,
             throttled: false,
+            rx_track: &mut rx,
         };
         let origin = now;
         let mut iface = Interface::new(config, &mut dev, smoltcp::time::Instant::from_micros(0));
@@ -248,6 +340,7 @@ impl NetStack {
             pacer,
             throttled: false,
             tx_dirty: None,
+            rx,
         }
     }
 
@@ -265,6 +358,7 @@ impl NetStack {
         // goes out now (every segment carries the current ACK): a pending
         // ACK is what smoltcp's `poll_at` must never see (see `new_socket`).
         let mut budget = self.take_budget(now).max(1);
+        self.rx.inbound(now, packet);
         let mut dev = Dev {
             rx: Some(packet),
             scratch: &mut self.scratch,
@@ -272,6 +366,7 @@ impl NetStack {
             emitted: 0,
             budget: &mut budget,
             throttled: false,
+            rx_track: &mut self.rx,
         };
         self.iface.poll(ts, &mut dev, &mut self.sockets);
         self.throttled = dev.throttled;
@@ -312,6 +407,7 @@ impl NetStack {
                 emitted: 0,
                 budget: &mut budget,
                 throttled: false,
+                rx_track: &mut self.rx,
             };
             self.iface.poll_egress(ts, &mut dev, &mut self.sockets);
             self.throttled = dev.throttled;
@@ -330,9 +426,14 @@ impl NetStack {
             .map(|d| std::time::Duration::from_micros(d.total_micros()))
     }
 
-    fn new_socket() -> tcp::Socket<'static> {
+    /// A socket, and the address and length of its receive ring.
+    fn new_socket() -> (tcp::Socket<'static>, usize, usize) {
+        let mut rx = vec![0u8; STREAM_BUFFER];
+        // The Vec's heap block does not move when the Vec is moved into the
+        // socket: this address stays valid until the socket is dropped.
+        let ring = (rx.as_mut_ptr() as usize, rx.len());
         let mut s = tcp::Socket::new(
-            tcp::SocketBuffer::new(vec![0u8; STREAM_BUFFER]),
+            tcp::SocketBuffer::new(rx),
             tcp::SocketBuffer::new(vec![0u8; SEND_BUFFER]),
         );
         // Interactive streams (SSH) want no Nagle delay; bulk streams fill
@@ -358,7 +459,13 @@ impl NetStack {
         // concurrent downloads stalled ~30 s with the usual 30 s).
         s.set_keep_alive(Some(smoltcp::time::Duration::from_secs(5)));
         s.set_timeout(Some(smoltcp::time::Duration::from_secs(120)));
-        s
+        (s, ring.0, ring.1)
+    }
+
+    fn add(&mut self, (s, addr, len): (tcp::Socket<'static>, usize, usize)) -> SocketHandle {
+        let h = self.sockets.add(s);
+        self.rx.rings.push((h, addr, len));
+        h
     }
 
     /// Opens a TCP connection from local port `port` to `remote`.
@@ -368,19 +475,19 @@ impl NetStack {
         remote: (Ipv4Addr, u16),
     ) -> Result<SocketHandle, tcp::ConnectError> {
         let mut s = Self::new_socket();
-        s.connect(
+        s.0.connect(
             self.iface.context(),
             IpEndpoint::new(IpAddress::Ipv4(remote.0), remote.1),
             port,
         )?;
-        Ok(self.sockets.add(s))
+        Ok(self.add(s))
     }
 
     /// A socket listening on `port` (it serves one connection).
     pub fn listen(&mut self, port: u16) -> Result<SocketHandle, tcp::ListenError> {
         let mut s = Self::new_socket();
-        s.listen(port)?;
-        Ok(self.sockets.add(s))
+        s.0.listen(port)?;
+        Ok(self.add(s))
     }
 
     /// Queues `data` on a stream; returns how much fit.
@@ -424,7 +531,33 @@ impl NetStack {
     }
 
     pub fn remove(&mut self, h: SocketHandle) {
+        self.rx.rings.retain(|r| r.0 != h);
         self.sockets.remove(h);
+    }
+
+    /// Gives back the pages of an empty receive ring after a second without
+    /// inbound data (see [`RxTrack`]). Only for a stack with one socket: the
+    /// sequence tracking covers one connection.
+    pub fn release_idle_receive_buffers(&mut self, now: Instant) {
+        match self.rx.dirty {
+            Some(t) if now.saturating_duration_since(t) >= std::time::Duration::from_secs(1) => {}
+            _ => return,
+        }
+        if self.rx.rings.len() != 1 || !self.rx.in_order() {
+            return;
+        }
+        let (h, addr, len) = self.rx.rings[0];
+        if self.tcp(h).recv_queue() != 0 {
+            return;
+        }
+        // SAFETY: `addr..addr + len` is the heap block of the Vec the socket
+        // owns (see `new_socket`), alive while the socket is in the set. We
+        // hold `&mut self`, so no reference into it exists. The ring is
+        // empty and nothing waits out of order, so none of its bytes are
+        // read again before being written; the pages come back zeroed.
+        let ring = unsafe { std::slice::from_raw_parts_mut(addr as *mut u8, len) };
+        release_pages(ring);
+        self.rx.dirty = None;
     }
 
     /// Number of sockets.
@@ -530,6 +663,85 @@ mod tests {
             gw.tcp(conn).state(),
             tcp::State::TimeWait | tcp::State::Closed
         ));
+    }
+
+    /// Sends `data` from `a`'s `conn` to `b`'s `peer` and reads it there.
+    #[allow(clippy::too_many_arguments)]
+    fn transfer(
+        a: &mut NetStack,
+        a_out: &Wire,
+        conn: SocketHandle,
+        b: &mut NetStack,
+        b_out: &Wire,
+        peer: SocketHandle,
+        data: &[u8],
+        t: &mut Instant,
+    ) -> Vec<u8> {
+        let (mut sent, mut got) = (0, Vec::new());
+        while got.len() < data.len() {
+            *t += std::time::Duration::from_millis(2);
+            sent += a.send(conn, &data[sent..]);
+            a.poll(*t, a_out);
+            settle(a, a_out, b, b_out, *t);
+            let mut buf = vec![0u8; 64 * 1024];
+            while let Ok(n) = b.tcp(peer).recv_slice(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                got.extend_from_slice(&buf[..n]);
+            }
+            b.poll(*t, b_out);
+            settle(a, a_out, b, b_out, *t);
+        }
+        got
+    }
+
+    #[test]
+    fn an_idle_receive_ring_is_released_unless_data_waits_out_of_order() {
+        let now = Instant::now();
+        let (gw_out, dev_out) = (Wire::default(), Wire::default());
+        let dev_ip: Ipv4Addr = "10.240.0.2".parse().unwrap();
+        let mut gw = NetStack::new("10.240.0.1".parse().unwrap(), now, new_pacer(now));
+        let mut dev = NetStack::new(dev_ip, now, new_pacer(now));
+        let l = dev.listen(22).unwrap();
+        let conn = gw.connect_from(50003, (dev_ip, 22)).unwrap();
+        gw.poll(now, &gw_out);
+        settle(&mut gw, &gw_out, &mut dev, &dev_out, now);
+        let data: Vec<u8> = (0..200 * 1024).map(|i| (i % 251) as u8 | 1).collect();
+        let mut t = now;
+        let got = transfer(&mut gw, &gw_out, conn, &mut dev, &dev_out, l, &data, &mut t);
+        assert_eq!(got, data);
+
+        // Not before a second of silence; then released, once.
+        dev.release_idle_receive_buffers(t);
+        assert!(dev.rx.dirty.is_some(), "kept while recent");
+        t += std::time::Duration::from_secs(2);
+        dev.release_idle_receive_buffers(t);
+        assert!(dev.rx.dirty.is_none(), "released when idle and empty");
+        // The stream goes on, byte-exact, over the released ring.
+        let got = transfer(&mut gw, &gw_out, conn, &mut dev, &dev_out, l, &data, &mut t);
+        assert_eq!(got, data);
+
+        // A hole: the first segment is lost, the next ones wait out of order
+        // in the ring's free part. Idle or not, the ring must be kept.
+        t += std::time::Duration::from_millis(2);
+        let burst: Vec<u8> = (0..4000).map(|i| (i % 7) as u8 + 1).collect();
+        assert_eq!(gw.send(conn, &burst), burst.len());
+        gw.poll(t, &gw_out);
+        let segments: Vec<Vec<u8>> = std::mem::take(&mut *gw_out.0.lock());
+        assert!(segments.len() >= 2, "{} segments", segments.len());
+        for p in &segments[1..] {
+            dev.input(t, p, &dev_out);
+        }
+        dev_out.0.lock().clear();
+        assert_eq!(dev.tcp(l).recv_queue(), 0, "nothing in order yet");
+        t += std::time::Duration::from_secs(2);
+        dev.release_idle_receive_buffers(t);
+        assert!(dev.rx.dirty.is_some(), "kept: data waits out of order");
+        dev.input(t, &segments[0], &dev_out);
+        let mut buf = vec![0u8; 8192];
+        let n = dev.tcp(l).recv_slice(&mut buf).unwrap();
+        assert_eq!(&buf[..n], &burst[..], "the out-of-order bytes survived");
     }
 
     #[test]

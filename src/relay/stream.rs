@@ -193,6 +193,7 @@ impl SharedStack {
                 }
                 self.guard(|| s.poll(Instant::now(), &*self.egress));
                 self.guard(|| s.release_idle_send_buffers(Instant::now()));
+                self.guard(|| s.release_idle_receive_buffers(Instant::now()));
                 let mut released = self.released.lock();
                 released.retain(|h| {
                     let st = s.tcp(*h).state();
