@@ -162,6 +162,10 @@ impl Gateway {
             action_queue: action_queue.clone(),
             action_timeout: config.action_timeout,
             token,
+            sessions: Default::default(),
+            proxy: proxy_addr,
+            gateway_id: gateway_id.clone(),
+            handshake_rate: Default::default(),
             endpoint,
             ready: false.into(),
         });

@@ -588,13 +588,85 @@ impl Registry {
 
     /// Devices in uuid order, strictly after `after`, at most `limit`.
     pub fn list(&self, after: Option<&str>, limit: usize) -> Result<Vec<Device>, RegistryError> {
+        self.list_matching(after, limit, None)
+    }
+
+    /// Like [`list`](Self::list), keeping devices whose uuid or name contains
+    /// `q` (ASCII case-insensitive), when given.
+    pub fn list_matching(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+        q: Option<&str>,
+    ) -> Result<Vec<Device>, RegistryError> {
         let r = self.reader.lock();
         let mut st = r.prepare_cached(&format!(
-            "SELECT {DEVICE_COLUMNS} FROM devices WHERE uuid > ?1 ORDER BY uuid LIMIT ?2"
+            "SELECT {DEVICE_COLUMNS} FROM devices WHERE uuid > ?1 \
+             AND (?3 IS NULL OR uuid LIKE ?3 ESCAPE '\\' OR name LIKE ?3 ESCAPE '\\') \
+             ORDER BY uuid LIMIT ?2"
         ))?;
-        let rows = st.query_map(params![after.unwrap_or(""), limit as i64], row_to_device)?;
+        let rows = st.query_map(
+            params![after.unwrap_or(""), limit as i64, q.map(like_pattern)],
+            row_to_device,
+        )?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
+
+    /// Calls `f(id, uuid, name, created_at_ms)` for every device whose uuid
+    /// or name contains `q` (all devices without `q`), in no set order. One
+    /// pass over the table: what sorted listings are built from.
+    pub fn for_each_listed(
+        &self,
+        q: Option<&str>,
+        mut f: impl FnMut(u32, &str, Option<&str>, i64),
+    ) -> Result<(), RegistryError> {
+        let r = self.reader.lock();
+        let mut st = r.prepare_cached(
+            "SELECT id, uuid, name, created_at FROM devices \
+             WHERE ?1 IS NULL OR uuid LIKE ?1 ESCAPE '\\' OR name LIKE ?1 ESCAPE '\\'",
+        )?;
+        let mut rows = st.query(params![q.map(like_pattern)])?;
+        while let Some(row) = rows.next()? {
+            let text = |i: usize, e: rusqlite::types::FromSqlError| {
+                rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, e.into())
+            };
+            let uuid = row.get_ref(1)?.as_str().map_err(|e| text(1, e))?;
+            let name = row.get_ref(2)?.as_str_or_null().map_err(|e| text(2, e))?;
+            f(row.get::<_, i64>(0)? as u32, uuid, name, row.get(3)?);
+        }
+        Ok(())
+    }
+
+    /// Device records for the given uuids, in that order (unknown ones left
+    /// out).
+    pub fn get_many(&self, uuids: &[String]) -> Result<Vec<Device>, RegistryError> {
+        let r = self.reader.lock();
+        let mut st = r.prepare_cached(&format!(
+            "SELECT {DEVICE_COLUMNS} FROM devices WHERE uuid = ?1"
+        ))?;
+        let mut out = Vec::with_capacity(uuids.len());
+        for u in uuids {
+            if let Some(d) = st.query_row([u], row_to_device).optional()? {
+                out.push(d);
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// A LIKE pattern matching `q` anywhere, with `%`, `_` and `\` taken
+/// literally.
+fn like_pattern(q: &str) -> String {
+    let mut p = String::with_capacity(q.len() + 2);
+    p.push('%');
+    for c in q.chars() {
+        if matches!(c, '%' | '_' | '\\') {
+            p.push('\\');
+        }
+        p.push(c);
+    }
+    p.push('%');
+    p
 }
 
 fn allocate(

@@ -2,25 +2,19 @@
 //! renaming, deletion.
 
 use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Map, Value};
-use std::collections::HashMap;
 
 use super::{blocking, json_object, rfc3339, ApiError, SharedState};
 use crate::keys::{decode_key, encode_key};
 use crate::registry::{
     validate_name, validate_uuid, Device, DevicePatch, NewDevice, Registered, MAX_BATCH,
 };
-use crate::status::Status;
 use crate::wg_config;
 
-const DEFAULT_PAGE: usize = 100;
-const MAX_PAGE: usize = 1000;
-/// Rows a filtered listing looks at per request, at most.
-const SCAN_BUDGET: usize = 20_000;
 /// Largest poll interval accepted: a year.
 const MAX_POLL_INTERVAL_S: u64 = 365 * 24 * 3600;
 
@@ -108,7 +102,7 @@ fn wg_quick(s: &SharedState, d: &Device) -> String {
 }
 
 /// `heartbeat`, `status`, `status_detail` and `cloudlink_enabled` of a device.
-fn status_fields(s: &SharedState, d: &Device, m: &mut Map<String, Value>) {
+pub(super) fn status_fields(s: &SharedState, d: &Device, m: &mut Map<String, Value>) {
     let Some(v) = s.status.view(d.id) else {
         return;
     };
@@ -125,7 +119,7 @@ fn status_fields(s: &SharedState, d: &Device, m: &mut Map<String, Value>) {
     m.insert("cloudlink_enabled".into(), json!(v.cloudlink_enabled));
 }
 
-fn registration_json(d: &Device) -> Map<String, Value> {
+pub(super) fn registration_json(d: &Device) -> Map<String, Value> {
     let mut m = Map::new();
     m.insert("uuid".into(), json!(d.uuid));
     m.insert("public_key".into(), json!(encode_key(&d.public_key)));
@@ -142,7 +136,7 @@ fn registration_json(d: &Device) -> Map<String, Value> {
     m
 }
 
-fn cloudlink_json(s: &SharedState, uuid: &str) -> Value {
+pub(super) fn cloudlink_json(s: &SharedState, uuid: &str) -> Value {
     match s.path.sessions.by_uuid(uuid) {
         Some(session) => {
             let snap = session.snapshot();
@@ -310,114 +304,6 @@ pub async fn register_batch(
         "gateway": gateway_json(&s),
     }))
     .into_response())
-}
-
-/// `GET /v1/devices?limit=&after=&status=&status_detail=`
-pub async fn list(
-    State(s): State<SharedState>,
-    Query(q): Query<HashMap<String, String>>,
-) -> Result<Json<Value>, ApiError> {
-    for k in q.keys() {
-        if !matches!(k.as_str(), "limit" | "after" | "status" | "status_detail") {
-            return Err(ApiError::bad_field(
-                k.clone(),
-                format!("unknown query parameter {k:?}; the listing takes limit, after, status and status_detail"),
-            ));
-        }
-    }
-    let limit = match q.get("limit") {
-        None => DEFAULT_PAGE,
-        Some(v) => match v.parse::<usize>() {
-            Ok(n) if (1..=MAX_PAGE).contains(&n) => n,
-            _ => {
-                return Err(ApiError::bad_field(
-                    "limit",
-                    format!("limit must be a whole number from 1 to {MAX_PAGE}"),
-                ))
-            }
-        },
-    };
-    let status = match q.get("status") {
-        None => None,
-        Some(v) if Status::NAMES.contains(&v.as_str()) => Some(v.clone()),
-        Some(_) => {
-            return Err(ApiError::bad_field(
-                "status",
-                format!("status is one of {}", Status::NAMES.join(", ")),
-            ))
-        }
-    };
-    let details: Vec<&str> = Status::ALL.iter().filter_map(|s| s.detail()).collect();
-    let detail = match q.get("status_detail") {
-        None => None,
-        Some(v) if details.contains(&v.as_str()) => Some(v.clone()),
-        Some(_) => {
-            return Err(ApiError::bad_field(
-                "status_detail",
-                format!("status_detail is one of {}", details.join(", ")),
-            ))
-        }
-    };
-    let mut after = q.get("after").cloned();
-    // Read as_of before the state: every event up to it is reflected below
-    // (events are published after the change they announce).
-    let as_of = s.events.as_of();
-    let matches = |d: &Device| {
-        let Some(v) = s.status.view(d.id) else {
-            return false;
-        };
-        status.as_deref().is_none_or(|st| v.status.name() == st)
-            && detail
-                .as_deref()
-                .is_none_or(|dt| v.status.detail() == Some(dt))
-    };
-    // A filtered listing scans the registry in uuid order and keeps what
-    // matches. One request looks at SCAN_BUDGET rows at most: when the
-    // budget runs out first, the page is short (maybe empty) and `next` says
-    // where to go on, so no request costs more than that however rare the
-    // matches.
-    let filtered = status.is_some() || detail.is_some();
-    let mut page = Vec::with_capacity(limit);
-    let mut scanned = 0usize;
-    let mut exhausted = false;
-    while page.len() < limit && scanned < SCAN_BUDGET {
-        let chunk = if filtered {
-            MAX_PAGE
-        } else {
-            limit - page.len()
-        };
-        let registry = s.registry.clone();
-        let from = after.clone();
-        let rows = blocking(move || registry.list(from.as_deref(), chunk)).await?;
-        let short = rows.len() < chunk;
-        for d in rows {
-            if page.len() == limit {
-                break;
-            }
-            scanned += 1;
-            after = Some(d.uuid.clone());
-            if !filtered || matches(&d) {
-                page.push(d);
-            }
-        }
-        if short && page.len() < limit {
-            exhausted = true;
-            break;
-        }
-    }
-    let next = if exhausted { None } else { after };
-    let devices: Vec<Value> = page
-        .iter()
-        .map(|d| {
-            let mut m = registration_json(d);
-            status_fields(&s, d, &mut m);
-            m.insert("cloudlink".into(), cloudlink_json(&s, &d.uuid));
-            Value::Object(m)
-        })
-        .collect();
-    Ok(Json(
-        json!({"devices": devices, "next": next, "as_of": as_of}),
-    ))
 }
 
 fn check_path_uuid(uuid: &str) -> Result<(), ApiError> {

@@ -8,12 +8,15 @@
 //! <token>`; `/healthz`, `/readyz` and `/metrics` do not.
 
 mod actions;
+mod dashboard;
 mod devices;
 mod events_sse;
+mod listing;
 mod ops;
+pub mod session;
 
 use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -39,6 +42,13 @@ pub struct ApiState {
     /// How long an action waits for the device's answer.
     pub action_timeout: std::time::Duration,
     pub token: String,
+    /// Dashboard sign-ins.
+    pub sessions: session::Sessions,
+    /// Where the CONNECT proxy listens (for the dashboard's ssh line).
+    pub proxy: std::net::SocketAddr,
+    pub gateway_id: String,
+    /// Last (time, completed handshakes, rate) sample for `/v1/summary`.
+    pub handshake_rate: parking_lot::Mutex<Option<(std::time::Instant, u64, f64)>>,
     /// `host:port` written into device configs.
     pub endpoint: String,
     pub ready: AtomicBool,
@@ -48,7 +58,7 @@ pub type SharedState = Arc<ApiState>;
 
 pub fn router(state: SharedState) -> Router {
     let v1 = Router::new()
-        .route("/devices", get(devices::list).post(devices::register))
+        .route("/devices", get(listing::list).post(devices::register))
         .route("/devices/batch", post(devices::register_batch))
         .route("/devices/{uuid}/heartbeat", post(devices::heartbeat))
         .route("/heartbeats", post(devices::heartbeats))
@@ -61,12 +71,17 @@ pub fn router(state: SharedState) -> Router {
                 .delete(devices::delete),
         )
         .route("/events", get(events_sse::events))
+        .route("/summary", get(ops::summary))
+        .route("/session", get(session::current).delete(session::sign_out))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
-            require_token,
-        ));
+            authenticate,
+        ))
+        // Sign-in is the one /v1 call without credentials.
+        .route("/session", post(session::sign_in));
     Router::new()
         .nest("/v1", v1)
+        .merge(dashboard::routes())
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))
@@ -145,8 +160,12 @@ async fn method_not_allowed() -> ApiError {
     )
 }
 
-/// Checks `Authorization: Bearer <token>` in constant time.
-async fn require_token(State(state): State<SharedState>, req: Request, next: Next) -> Response {
+/// Authenticates a `/v1` request: `Authorization: Bearer <token>` (checked
+/// in constant time), or the dashboard's session cookie. With the cookie, a
+/// request that changes state must also carry the session's CSRF token and
+/// come from this host's page (`Origin`). Records how in an [`session::Auth`]
+/// extension.
+async fn authenticate(State(state): State<SharedState>, mut req: Request, next: Next) -> Response {
     let presented = req
         .headers()
         .get(header::AUTHORIZATION)
@@ -156,20 +175,54 @@ async fn require_token(State(state): State<SharedState>, req: Request, next: Nex
                 .or_else(|| v.strip_prefix("bearer "))
         });
     match presented {
-        Some(t) if token_matches(t.trim(), &state.token) => next.run(req).await,
-        Some(_) => ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "the bearer token is not this gateway's API token",
-        )
-        .into_response(),
-        None => ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "send the gateway's API token as `Authorization: Bearer <token>`",
-        )
-        .into_response(),
+        Some(t) if token_matches(t.trim(), &state.token) => {
+            req.extensions_mut().insert(session::Auth::Token);
+            return next.run(req).await;
+        }
+        Some(_) => {
+            return ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "the bearer token is not this gateway's API token",
+            )
+            .into_response()
+        }
+        None => {}
     }
+    let Some(id) = session::cookie(req.headers()) else {
+        return ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "send the gateway's API token as `Authorization: Bearer <token>`, or sign in on the dashboard",
+        )
+        .into_response();
+    };
+    let Some(csrf) = state.sessions.check(id, std::time::Instant::now()) else {
+        return ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "session_expired",
+            "the dashboard session ended (signed out, expired or the gateway restarted); sign in again",
+        )
+        .into_response();
+    };
+    let safe = matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
+    if !safe {
+        if !session::origin_matches(req.headers()) {
+            return session::origin_refused().into_response();
+        }
+        let sent = req
+            .headers()
+            .get(session::CSRF_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        if !token_matches(sent, &csrf) {
+            return session::csrf_refused().into_response();
+        }
+    }
+    let id = id.to_string();
+    req.extensions_mut()
+        .insert(session::Auth::Session { id, csrf });
+    next.run(req).await
 }
 
 pub fn token_matches(presented: &str, token: &str) -> bool {
