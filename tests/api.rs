@@ -264,8 +264,10 @@ async fn listing_pages_and_errors() {
         let (st, e) = g.call("GET", &format!("/v1/devices?{q}"), None).await;
         assert_error(st, &e, 400, "invalid_field", Some("limit"));
     }
-    let (st, e) = g.call("GET", "/v1/devices?sort=name", None).await;
+    let (st, e) = g.call("GET", "/v1/devices?sort=size", None).await;
     assert_error(st, &e, 400, "invalid_field", Some("sort"));
+    let (st, e) = g.call("GET", "/v1/devices?colour=red", None).await;
+    assert_error(st, &e, 400, "invalid_field", Some("colour"));
     g.stop().await;
 }
 

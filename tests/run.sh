@@ -6,8 +6,9 @@
 # tests' WireGuard peer), iproute2 (network namespaces), prometheus (for
 # promtool), openssh-server, openssh-client and socat (the relay tests' real
 # ssh, sshd and ProxyCommand), iputils-ping, python3 (a plain HTTP server
-# standing in for a device's supervisor). The interop tests need root
-# for `ip netns`.
+# standing in for a device's supervisor), chromium, chromium-driver and a
+# font (the dashboard's browser test). The interop tests need root for
+# `ip netns`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,6 +25,9 @@ command -v ssh >/dev/null 2>&1 || need+=(openssh-client)
 command -v socat >/dev/null 2>&1 || need+=(socat)
 command -v ping >/dev/null 2>&1 || need+=(iputils-ping)
 command -v python3 >/dev/null 2>&1 || need+=(python3)
+[ -x /usr/bin/chromium ] || need+=(chromium)
+[ -x /usr/bin/chromedriver ] || need+=(chromium-driver)
+[ -d /usr/share/fonts/truetype/dejavu ] || need+=(fonts-dejavu-core)
 if [ ${#need[@]} -gt 0 ]; then
     echo "tests/run.sh: installing ${need[*]}"
     $SUDO apt-get update -qq
