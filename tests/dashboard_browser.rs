@@ -121,6 +121,24 @@ fn attr(uuid: &str, sel: &str, attr: &str) -> String {
     format!("document.querySelector('tr[data-uuid=\"{uuid}\"] {sel}')?.getAttribute('{attr}')")
 }
 
+/// Clicks the element `css` selects. Rows and buttons are re-rendered when
+/// events arrive; an element replaced between finding and clicking is found
+/// again, as a person would click again.
+async fn click(c: &Client, css: &str) {
+    for _ in 0..10 {
+        match c.find(Locator::Css(css)).await {
+            Ok(e) => match e.click().await {
+                Ok(()) => return,
+                Err(e) if e.is_stale_element_reference() => {}
+                Err(e) => panic!("clicking {css}: {e}"),
+            },
+            Err(e) => panic!("finding {css}: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{css} kept going stale");
+}
+
 async fn rows(c: &Client) -> Vec<String> {
     let v = js(
         c,
@@ -139,12 +157,7 @@ async fn sign_in(c: &Client, base: &str) {
         .await
         .unwrap();
     token.send_keys(TOKEN).await.unwrap();
-    c.find(Locator::Id("sign-in-button"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&c, "#sign-in-button").await;
 }
 
 async fn heartbeat(g: &TestGateway, uuid: &str) {
@@ -302,24 +315,14 @@ async fn sign_in_live_status_filter_sort_and_reboot_in_chromium() {
     .await;
 
     // Sort by name (no name first), then descending.
-    c.find(Locator::Css("th[data-sort='name']"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&c, "th[data-sort='name']").await;
     until(
         &c,
         "sorted by name",
         "return [...document.querySelectorAll('#rows tr')].map(r => r.dataset.uuid).join() === 'kiosk-c,kiosk-a,kiosk-b'",
     )
     .await;
-    c.find(Locator::Css("th[data-sort='name']"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&c, "th[data-sort='name']").await;
     until(
         &c,
         "sorted by name, descending",
@@ -328,12 +331,7 @@ async fn sign_in_live_status_filter_sort_and_reboot_in_chromium() {
     .await;
 
     // A device whose cloudlink is down has its actions greyed out.
-    c.find(Locator::Css("tr[data-uuid='kiosk-b']"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&c, "tr[data-uuid='kiosk-b']").await;
     until(
         &c,
         "kiosk-b's drawer",
@@ -359,12 +357,7 @@ async fn sign_in_live_status_filter_sort_and_reboot_in_chromium() {
     assert!(!ssh.contains(TOKEN), "the token is never printed");
 
     // Reboot kiosk-a through the page; its agent's hook runs.
-    c.find(Locator::Css("tr[data-uuid='kiosk-a']"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&c, "tr[data-uuid='kiosk-a']").await;
     until(
         &c,
         "kiosk-a's reboot button",
@@ -372,12 +365,7 @@ async fn sign_in_live_status_filter_sort_and_reboot_in_chromium() {
          document.querySelector('#d-actions button[data-action=reboot]')?.disabled === false",
     )
     .await;
-    c.find(Locator::Css("#d-actions button[data-action=reboot]"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&c, "#d-actions button[data-action=reboot]").await;
     until(
         &c,
         "the confirmation",
@@ -385,12 +373,7 @@ async fn sign_in_live_status_filter_sort_and_reboot_in_chromium() {
     )
     .await;
     assert!(!marker.exists(), "nothing happens before confirming");
-    c.find(Locator::Id("confirm-ok"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&c, "#confirm-ok").await;
     until(
         &c,
         "the action's answer",
@@ -439,6 +422,12 @@ async fn sign_in_live_status_filter_sort_and_reboot_in_chromium() {
     .await;
     until(
         &c,
+        "the summary to count no session",
+        "return document.getElementById('sum-sessions').textContent === '0'",
+    )
+    .await;
+    until(
+        &c,
         "kiosk-a's actions to grey out",
         "return document.querySelector('#d-actions button[data-action=reboot]')?.disabled === true",
     )
@@ -450,12 +439,7 @@ async fn sign_in_live_status_filter_sort_and_reboot_in_chromium() {
     println!("screenshot: {}", path.display());
 
     // Sign-out ends the session on the server.
-    c.find(Locator::Id("sign-out"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&c, "#sign-out").await;
     until(
         &c,
         "the sign-in form",

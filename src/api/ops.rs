@@ -82,7 +82,9 @@ pub async fn summary(State(s): State<SharedState>) -> impl IntoResponse {
         "devices": s.registry.count(),
         "by_status": by_status,
         "by_status_detail": by_detail,
-        "sessions": s.path.sessions.len(),
+        // Links up now (the session table also keeps disconnected sessions
+        // until they expire).
+        "sessions": s.metrics.sessions.get(),
         "handshakes_total": completed,
         "handshakes_per_s": (rate * 10.0).round() / 10.0,
         "proxy": s.proxy.to_string(),

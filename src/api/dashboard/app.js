@@ -303,16 +303,25 @@ function renderDrawer(d) {
   $("d-actions-note").textContent = up
     ? "Delivered to the device's supervisor now, over cloudlink."
     : "Cloudlink is down: immediate actions and SSH are unavailable until the device reconnects.";
-  const buttons = [];
-  for (const [name, a] of Object.entries(ACTIONS)) {
-    if (a.needsApp && (d.app_id === null || d.app_id === undefined)) continue;
-    const b = el("button", { class: name === "purge" || name === "shutdown" ? "danger" : "", "data-action": name,
-      title: up ? a.text : "Cloudlink is down: the device cannot be reached now" }, a.label);
-    b.disabled = !up;
-    b.addEventListener("click", () => confirmAction(d, name));
-    buttons.push(b);
+  // Rebuild the buttons only when their set or state changes: a row refresh
+  // must not swap a button out from under the pointer.
+  state.openDevice = d;
+  const names = Object.entries(ACTIONS)
+    .filter(([, a]) => !a.needsApp || (d.app_id !== null && d.app_id !== undefined))
+    .map(([n]) => n);
+  const key = `${names.join()}|${up}`;
+  if ($("d-actions").dataset.key !== key) {
+    const buttons = names.map((name) => {
+      const a = ACTIONS[name];
+      const b = el("button", { class: name === "purge" || name === "shutdown" ? "danger" : "", "data-action": name,
+        title: up ? a.text : "Cloudlink is down: the device cannot be reached now" }, a.label);
+      b.disabled = !up;
+      b.addEventListener("click", () => confirmAction(state.openDevice, name));
+      return b;
+    });
+    $("d-actions").replaceChildren(...buttons);
+    $("d-actions").dataset.key = key;
   }
-  $("d-actions").replaceChildren(...buttons);
   $("d-ssh").textContent = sshLine(d.uuid);
 }
 
