@@ -157,7 +157,7 @@ async fn sign_in(c: &Client, base: &str) {
         .await
         .unwrap();
     token.send_keys(TOKEN).await.unwrap();
-    click(&c, "#sign-in-button").await;
+    click(c, "#sign-in-button").await;
 }
 
 async fn heartbeat(g: &TestGateway, uuid: &str) {
