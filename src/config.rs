@@ -33,6 +33,8 @@ pub enum Command {
     Serve(ServeArgs),
     /// Run on a device: dial the gateway and forward ports to local services.
     Agent(AgentArgs),
+    /// Simulate a fleet of WireGuard devices against a gateway (load tests).
+    Loadgen(LoadgenArgs),
     /// Print a new private key (like `wg genkey`).
     Genkey,
     /// Read a private key on stdin, print its public key (like `wg pubkey`).
@@ -107,6 +109,117 @@ pub struct ServeArgs {
     /// Log filter (tracing's EnvFilter syntax) [default: info]
     #[arg(long, env = "CLOUDLINK_LOG")]
     pub log: Option<String>,
+}
+
+/// `cloudlink loadgen` flags; environment variables are `CLOUDLINK_LOADGEN_*`.
+#[derive(Debug, Args)]
+pub struct LoadgenArgs {
+    /// The gateway's WireGuard UDP address
+    #[arg(long, env = "CLOUDLINK_LOADGEN_GATEWAY", default_value = "127.0.0.1:51820")]
+    pub gateway: SocketAddr,
+    /// The gateway's API, to register the devices (http://host:port)
+    #[arg(long, env = "CLOUDLINK_LOADGEN_API", default_value = "http://127.0.0.1:8080")]
+    pub api: String,
+    /// API token
+    #[arg(long, env = "CLOUDLINK_LOADGEN_TOKEN")]
+    pub token: Option<String>,
+    /// File holding the API token (instead of --token)
+    #[arg(long, env = "CLOUDLINK_LOADGEN_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Number of simulated devices
+    #[arg(long, env = "CLOUDLINK_LOADGEN_DEVICES", default_value_t = 1000)]
+    pub devices: usize,
+    /// Devices started per second
+    #[arg(long, env = "CLOUDLINK_LOADGEN_RATE", default_value_t = 1000.0)]
+    pub rate: f64,
+    /// Start every device at once (a reconnect storm)
+    #[arg(long, env = "CLOUDLINK_LOADGEN_STORM")]
+    pub storm: bool,
+    /// Percent of the devices that drop and reconnect each minute
+    #[arg(long, env = "CLOUDLINK_LOADGEN_CHURN", default_value_t = 0.0)]
+    pub churn: f64,
+    /// How long the run lasts (it always stops by then)
+    #[arg(long, env = "CLOUDLINK_LOADGEN_DURATION", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+    /// The gateway's process id, for its RSS and CPU time
+    #[arg(long, env = "CLOUDLINK_LOADGEN_GATEWAY_PID")]
+    pub gateway_pid: Option<u32>,
+    /// Do not register through the API (another WireGuard server); needs --gateway-public-key and --keys
+    #[arg(long, env = "CLOUDLINK_LOADGEN_NO_REGISTER")]
+    pub no_register: bool,
+    /// Device private keys, one per line: read if the file exists, else written
+    #[arg(long, env = "CLOUDLINK_LOADGEN_KEYS")]
+    pub keys: Option<PathBuf>,
+    /// Write the fleet as `wg` [Peer] sections (for `wg setconf` on another server)
+    #[arg(long, env = "CLOUDLINK_LOADGEN_WG_PEERS")]
+    pub wg_peers: Option<PathBuf>,
+    /// The server's public key, with --no-register
+    #[arg(long, env = "CLOUDLINK_LOADGEN_GATEWAY_PUBLIC_KEY")]
+    pub gateway_public_key: Option<String>,
+    /// UDP sockets the devices share
+    #[arg(long, env = "CLOUDLINK_LOADGEN_SOCKETS", default_value_t = 256)]
+    pub sockets: usize,
+    /// Distinct source addresses (127.1.x.y) the sockets bind to, on loopback
+    #[arg(long, env = "CLOUDLINK_LOADGEN_SOURCE_IPS", default_value_t = 16)]
+    pub source_ips: usize,
+    /// Worker threads
+    #[arg(long, env = "CLOUDLINK_LOADGEN_THREADS", default_value_t = 1)]
+    pub threads: usize,
+    /// Write connected devices over time (CSV: t_s,connected)
+    #[arg(long, env = "CLOUDLINK_LOADGEN_TIMELINE")]
+    pub timeline: Option<PathBuf>,
+    /// End the run once every device is connected and --settle has passed
+    #[arg(long, env = "CLOUDLINK_LOADGEN_EXIT_WHEN_CONNECTED")]
+    pub exit_when_connected: bool,
+    /// With --exit-when-connected: how long to stay connected before ending
+    #[arg(long, env = "CLOUDLINK_LOADGEN_SETTLE", default_value = "0s", value_parser = humantime::parse_duration)]
+    pub settle: Duration,
+    /// Device uuids are this prefix and a 7-digit number
+    #[arg(long, env = "CLOUDLINK_LOADGEN_UUID_PREFIX", default_value = "lg-")]
+    pub uuid_prefix: String,
+}
+
+impl LoadgenArgs {
+    pub fn resolve(self) -> Result<crate::loadgen::LoadgenConfig, Error> {
+        let token = match (self.token, &self.token_file) {
+            (Some(t), _) => Some(t),
+            (None, Some(p)) => Some(
+                std::fs::read_to_string(p)
+                    .map_err(|e| Error::io(p, e))?
+                    .trim()
+                    .to_string(),
+            ),
+            (None, None) => None,
+        };
+        let gateway_public_key = self
+            .gateway_public_key
+            .as_deref()
+            .map(crate::keys::decode_key)
+            .transpose()
+            .map_err(|e| Error::Config(format!("--gateway-public-key: {e}")))?;
+        Ok(crate::loadgen::LoadgenConfig {
+            gateway: self.gateway,
+            api: Some(self.api),
+            token,
+            devices: self.devices,
+            rate: self.rate,
+            storm: self.storm,
+            churn: self.churn,
+            duration: self.duration,
+            gateway_pid: self.gateway_pid,
+            no_register: self.no_register,
+            keys: self.keys,
+            wg_peers: self.wg_peers,
+            gateway_public_key,
+            sockets: self.sockets,
+            source_ips: self.source_ips,
+            threads: self.threads,
+            timeline: self.timeline,
+            exit_when_connected: self.exit_when_connected,
+            settle: self.settle,
+            uuid_prefix: self.uuid_prefix,
+        })
+    }
 }
 
 /// `cloudlink agent` flags; environment variables are `CLOUDLINK_AGENT_*`.

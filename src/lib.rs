@@ -17,6 +17,7 @@ pub mod events;
 pub mod gateway;
 pub mod keys;
 pub mod link_state;
+pub mod loadgen;
 pub mod metrics;
 pub mod packet_path;
 pub mod registry;

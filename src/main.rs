@@ -42,6 +42,12 @@ fn main() -> anyhow::Result<()> {
             });
             Ok(())
         }
+        Command::Loadgen(args) => {
+            let config = args.resolve()?;
+            let report = cloudlink::loadgen::run(config)?;
+            println!("{}", serde_json::to_string(&report)?);
+            Ok(())
+        }
         Command::Serve(args) => {
             let config = args.resolve()?;
             init_tracing(&config.log);

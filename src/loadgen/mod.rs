@@ -1,0 +1,552 @@
+//! `cloudlink loadgen`: a fleet of simulated WireGuard devices for load
+//! tests. Each device is a boringtun initiator with its own key and a 25 s
+//! persistent keepalive, exactly what a real device's WireGuard does, so the
+//! same run can drive cloudlink or any other WireGuard server
+//! (`wireguard-go` for side-by-side figures).
+//!
+//! Devices share a pool of UDP sockets (as devices behind one NAT would),
+//! bound to distinct source addresses in 127.0.0.0/8. Worker threads each
+//! own a slice of sockets and the devices on them; a device's receiver index
+//! is its number, so a datagram finds its device in O(1).
+//!
+//! The run is bounded: it stops after `--duration` whatever happens, and
+//! prints one JSON object (see [`Report`]).
+
+mod http;
+mod report;
+
+pub use report::Report;
+
+use boringtun::noise::{Tunn, TunnResult};
+use parking_lot::Mutex;
+use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use x25519_dalek::{PublicKey, StaticSecret};
+
+use crate::keys::{decode_key, encode_key, KeyBytes};
+
+/// Persistent keepalive of every simulated device, seconds.
+pub const KEEPALIVE_S: u16 = 25;
+
+#[derive(Debug, Clone)]
+pub struct LoadgenConfig {
+    pub gateway: SocketAddr,
+    pub api: Option<String>,
+    pub token: Option<String>,
+    pub devices: usize,
+    /// Devices started per second; `None` with `storm`.
+    pub rate: f64,
+    pub storm: bool,
+    /// Percent of devices that drop and reconnect each minute.
+    pub churn: f64,
+    pub duration: Duration,
+    pub gateway_pid: Option<u32>,
+    pub no_register: bool,
+    pub keys: Option<PathBuf>,
+    pub wg_peers: Option<PathBuf>,
+    pub gateway_public_key: Option<KeyBytes>,
+    pub sockets: usize,
+    pub source_ips: usize,
+    pub threads: usize,
+    pub timeline: Option<PathBuf>,
+    /// Stop as soon as every device is connected (plus `settle`).
+    pub exit_when_connected: bool,
+    pub settle: Duration,
+    pub uuid_prefix: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadgenError {
+    #[error("registering devices through {api}: {message}")]
+    Register { api: String, message: String },
+    #[error("{0}")]
+    Config(String),
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Not started yet (ramp).
+    Waiting,
+    /// Initiation sent, no session yet.
+    Handshaking,
+    Connected,
+}
+
+struct Device {
+    /// Kept to rebuild the tunnel when the device churns.
+    secret: StaticSecret,
+    tunn: Tunn,
+    phase: Phase,
+    /// When the current connection attempt began.
+    attempt: Instant,
+    socket: usize,
+}
+
+/// Counters shared by the workers (read by the progress line).
+#[derive(Default)]
+struct Shared {
+    connected: AtomicU64,
+    handshakes: AtomicU64,
+    initiations: AtomicU64,
+    cookies: AtomicU64,
+    send_errors: AtomicU64,
+    decrypt_errors: AtomicU64,
+    reconnects: AtomicU64,
+    latencies_us: Mutex<Vec<u32>>,
+}
+
+/// The private keys of the fleet: from `--keys` when it exists, else new
+/// (and written there when a path was given).
+fn fleet_keys(cfg: &LoadgenConfig) -> Result<Vec<StaticSecret>, LoadgenError> {
+    if let Some(p) = &cfg.keys {
+        if p.exists() {
+            let text = std::fs::read_to_string(p)?;
+            let keys: Vec<StaticSecret> = text
+                .lines()
+                .filter(|l| !l.trim().is_empty())
+                .take(cfg.devices)
+                .map(|l| {
+                    decode_key(l)
+                        .map(StaticSecret::from)
+                        .map_err(|e| LoadgenError::Config(format!("{}: {e}", p.display())))
+                })
+                .collect::<Result<_, _>>()?;
+            if keys.len() < cfg.devices {
+                return Err(LoadgenError::Config(format!(
+                    "{} holds {} keys, {} devices asked for",
+                    p.display(),
+                    keys.len(),
+                    cfg.devices
+                )));
+            }
+            return Ok(keys);
+        }
+    }
+    let keys: Vec<StaticSecret> = (0..cfg.devices)
+        .map(|_| StaticSecret::random_from_rng(rand_core::OsRng))
+        .collect();
+    if let Some(p) = &cfg.keys {
+        let mut text = String::with_capacity(keys.len() * 45);
+        for k in &keys {
+            text.push_str(&encode_key(&k.to_bytes()));
+            text.push('\n');
+        }
+        std::fs::write(p, text)?;
+    }
+    Ok(keys)
+}
+
+/// Tunnel address of device `i` in a `wg` peer file (10.64.0.0/10).
+fn peer_address(i: usize) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 64, 0, 2)) + i as u32)
+}
+
+fn write_wg_peers(path: &PathBuf, publics: &[PublicKey]) -> Result<(), LoadgenError> {
+    let mut text = String::with_capacity(publics.len() * 100);
+    for (i, p) in publics.iter().enumerate() {
+        text.push_str(&format!(
+            "[Peer]\nPublicKey = {}\nAllowedIPs = {}/32\n",
+            encode_key(p.as_bytes()),
+            peer_address(i)
+        ));
+    }
+    std::fs::write(path, text)?;
+    Ok(())
+}
+
+/// Registers the fleet through the batch endpoint; returns the gateway's
+/// public key from the answer.
+fn register(cfg: &LoadgenConfig, publics: &[PublicKey]) -> Result<KeyBytes, LoadgenError> {
+    let api = cfg
+        .api
+        .clone()
+        .ok_or_else(|| LoadgenError::Config("--api is needed to register devices (or pass --no-register)".into()))?;
+    let token = cfg.token.clone().unwrap_or_default();
+    let err = |message: String| LoadgenError::Register {
+        api: api.clone(),
+        message,
+    };
+    let mut gateway_key = None;
+    for (chunk_no, chunk) in publics.chunks(10_000).enumerate() {
+        let devices: Vec<serde_json::Value> = chunk
+            .iter()
+            .enumerate()
+            .map(|(j, p)| {
+                serde_json::json!({
+                    "uuid": format!("{}{:07}", cfg.uuid_prefix, chunk_no * 10_000 + j),
+                    "public_key": encode_key(p.as_bytes()),
+                })
+            })
+            .collect();
+        let body = serde_json::json!({ "devices": devices }).to_string();
+        let (status, answer) = http::post(&api, "/v1/devices/batch", &token, &body).map_err(|e| err(e.to_string()))?;
+        if status != 200 {
+            return Err(err(format!("HTTP {status}: {}", String::from_utf8_lossy(&answer))));
+        }
+        let v: serde_json::Value = serde_json::from_slice(&answer).map_err(|e| err(e.to_string()))?;
+        if let Some(bad) = v["results"]
+            .as_array()
+            .and_then(|r| r.iter().find(|x| x["status"].as_u64().is_none_or(|s| s >= 300)))
+        {
+            return Err(err(format!("a device was refused: {bad}")));
+        }
+        let k = v["gateway"]["public_key"].as_str().unwrap_or_default();
+        gateway_key = Some(decode_key(k).map_err(|e| err(format!("gateway public key: {e}")))?);
+    }
+    gateway_key.ok_or_else(|| err("no devices to register".into()))
+}
+
+fn bind_sockets(cfg: &LoadgenConfig) -> Result<Vec<UdpSocket>, LoadgenError> {
+    let ips = cfg.source_ips.max(1);
+    (0..cfg.sockets.max(1))
+        .map(|j| {
+            let k = j % ips;
+            let ip = if cfg.gateway.ip().is_loopback() {
+                Ipv4Addr::new(127, 1, (k / 250) as u8, (k % 250 + 1) as u8)
+            } else {
+                Ipv4Addr::UNSPECIFIED
+            };
+            let s = UdpSocket::bind((ip, 0))?;
+            s.set_nonblocking(true)?;
+            crate::packet_path::udp_io::size_socket_buffers(std::os::fd::AsRawFd::as_raw_fd(&s), 4 << 20);
+            Ok(s)
+        })
+        .collect()
+}
+
+/// Runs the load test and returns its report.
+pub fn run(cfg: LoadgenConfig) -> Result<Report, LoadgenError> {
+    if cfg.devices == 0 || cfg.devices >= 1 << 24 {
+        return Err(LoadgenError::Config("--devices is from 1 to 16,777,215".into()));
+    }
+    if !cfg.storm && cfg.rate <= 0.0 {
+        return Err(LoadgenError::Config("--rate must be above 0 (or use --storm)".into()));
+    }
+    let t_keys = Instant::now();
+    let secrets = fleet_keys(&cfg)?;
+    let publics: Vec<PublicKey> = secrets.iter().map(PublicKey::from).collect();
+    if let Some(p) = &cfg.wg_peers {
+        write_wg_peers(p, &publics)?;
+    }
+    let gateway_key = if cfg.no_register {
+        cfg.gateway_public_key.ok_or_else(|| {
+            LoadgenError::Config("--no-register needs --gateway-public-key".into())
+        })?
+    } else {
+        register(&cfg, &publics)?
+    };
+    eprintln!(
+        "loadgen: {} keys ready and {} in {:.1} s",
+        cfg.devices,
+        if cfg.no_register { "not registered" } else { "registered" },
+        t_keys.elapsed().as_secs_f64()
+    );
+    let gateway_key = PublicKey::from(gateway_key);
+    let sockets = Arc::new(bind_sockets(&cfg)?);
+    let threads = cfg.threads.max(1).min(sockets.len());
+    let shared = Arc::new(Shared::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let cpu_start = cfg.gateway_pid.and_then(report::cpu_seconds);
+    let start = Instant::now();
+    let cfg = Arc::new(cfg);
+
+    // Device i lives on worker i % threads; its socket is one of that
+    // worker's, so the worker that receives its datagrams owns it.
+    let mut secrets: Vec<Option<StaticSecret>> = secrets.into_iter().map(Some).collect();
+    let mut handles = Vec::new();
+    for w in 0..threads {
+        let my_sockets: Vec<usize> = (w..sockets.len()).step_by(threads).collect();
+        let mut devices = Vec::new();
+        let mut i = w;
+        while i < cfg.devices {
+            let socket = my_sockets[(i / threads) % my_sockets.len()];
+            let secret = secrets[i].take().expect("each key used once");
+            devices.push(Device {
+                tunn: Tunn::new(secret.clone(), gateway_key, None, Some(KEEPALIVE_S), i as u32, None),
+                secret,
+                phase: Phase::Waiting,
+                attempt: start,
+                socket,
+            });
+            i += threads;
+        }
+        let worker = Worker {
+            w,
+            threads,
+            devices,
+            sockets: sockets.clone(),
+            my_sockets,
+            shared: shared.clone(),
+            cfg: cfg.clone(),
+            start,
+            stop: stop.clone(),
+            gateway_key,
+        };
+        handles.push(
+            std::thread::Builder::new()
+                .name(format!("loadgen-{w}"))
+                .spawn(move || worker.run())?,
+        );
+    }
+
+    // Progress, timeline and the end condition.
+    let mut timeline = Vec::new();
+    let mut all_connected: Option<f64> = None;
+    let mut idle_from: Option<(Instant, f64)> = None;
+    let mut last_print = Instant::now();
+    let mut last_hs = 0;
+    let mut end_at = start + cfg.duration;
+    while Instant::now() < end_at {
+        std::thread::sleep(Duration::from_millis(100));
+        let t = start.elapsed().as_secs_f64();
+        let connected = shared.connected.load(Ordering::Relaxed);
+        timeline.push((t, connected));
+        if all_connected.is_none() && connected as usize == cfg.devices {
+            all_connected = Some(t);
+            idle_from = cfg
+                .gateway_pid
+                .and_then(report::cpu_seconds)
+                .map(|c| (Instant::now(), c));
+            if cfg.exit_when_connected {
+                end_at = end_at.min(Instant::now() + cfg.settle);
+            }
+        }
+        if last_print.elapsed() >= Duration::from_secs(1) {
+            let hs = shared.handshakes.load(Ordering::Relaxed);
+            eprintln!(
+                "loadgen: t={t:6.1}s connected {connected}/{} handshakes {hs} (+{}/s) cookies {} reconnects {}",
+                cfg.devices,
+                hs - last_hs,
+                shared.cookies.load(Ordering::Relaxed),
+                shared.reconnects.load(Ordering::Relaxed)
+            );
+            last_hs = hs;
+            last_print = Instant::now();
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    for h in handles {
+        let _ = h.join();
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    if let Some(p) = &cfg.timeline {
+        let mut text = String::from("t_s,connected\n");
+        for (t, c) in &timeline {
+            text.push_str(&format!("{t:.2},{c}\n"));
+        }
+        std::fs::write(p, text)?;
+    }
+    Ok(report::build(
+        &cfg,
+        &shared,
+        elapsed,
+        all_connected,
+        cpu_start,
+        idle_from,
+    ))
+}
+
+struct Worker {
+    w: usize,
+    threads: usize,
+    devices: Vec<Device>,
+    sockets: Arc<Vec<UdpSocket>>,
+    my_sockets: Vec<usize>,
+    shared: Arc<Shared>,
+    cfg: Arc<LoadgenConfig>,
+    start: Instant,
+    stop: Arc<AtomicBool>,
+    gateway_key: PublicKey,
+}
+
+impl Worker {
+    /// Start time of device `local` on this worker.
+    fn start_at(&self, local: usize) -> Instant {
+        if self.cfg.storm {
+            return self.start;
+        }
+        let global = local * self.threads + self.w;
+        self.start + Duration::from_secs_f64(global as f64 / self.cfg.rate)
+    }
+
+    fn send(&self, socket: usize, datagram: &[u8]) {
+        if let Err(e) = self.sockets[socket].send_to(datagram, self.cfg.gateway) {
+            if e.kind() != std::io::ErrorKind::WouldBlock {
+                self.shared.send_errors.fetch_add(1, Ordering::Relaxed);
+            } else {
+                // The socket buffer is full: the datagram is lost, as on a
+                // real network; WireGuard's retries take over.
+                self.shared.send_errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn initiate(&mut self, local: usize, now: Instant, buf: &mut [u8]) {
+        let d = &mut self.devices[local];
+        d.phase = Phase::Handshaking;
+        d.attempt = now;
+        let socket = d.socket;
+        if let TunnResult::WriteToNetwork(p) = d.tunn.format_handshake_initiation(buf, false) {
+            let p = p.to_vec();
+            self.shared.initiations.fetch_add(1, Ordering::Relaxed);
+            self.send(socket, &p);
+        }
+    }
+
+    fn run(mut self) {
+        let mut buf = vec![0u8; 2048];
+        let mut out = vec![0u8; 2048];
+        let mut next_start = 0usize;
+        let mut timer_cursor = 0usize;
+        let mut last_timer = Instant::now();
+        let mut last_churn = Instant::now();
+        let mut latencies = Vec::new();
+        let mut rng = rand_core::OsRng;
+        let mut pollfds: Vec<libc::pollfd> = self
+            .my_sockets
+            .iter()
+            .map(|&s| libc::pollfd {
+                fd: std::os::fd::AsRawFd::as_raw_fd(&self.sockets[s]),
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        while !self.stop.load(Ordering::Relaxed) {
+            let now = Instant::now();
+            // Ramp: start the devices whose time has come (bounded per pass
+            // so receiving keeps up during a storm).
+            let mut started = 0;
+            while next_start < self.devices.len()
+                && self.start_at(next_start) <= now
+                && started < 512
+            {
+                self.initiate(next_start, now, &mut out);
+                next_start += 1;
+                started += 1;
+            }
+            // Receive what arrived.
+            // SAFETY: pollfds is a valid array of its length.
+            let ready = unsafe {
+                libc::poll(pollfds.as_mut_ptr(), pollfds.len() as libc::nfds_t, if started > 0 { 0 } else { 5 })
+            };
+            if ready > 0 {
+                for k in 0..pollfds.len() {
+                    if pollfds[k].revents & libc::POLLIN == 0 {
+                        continue;
+                    }
+                    let s = self.my_sockets[k];
+                    for _ in 0..256 {
+                        let n = match self.sockets[s].recv(&mut buf) {
+                            Ok(n) => n,
+                            Err(_) => break,
+                        };
+                        self.on_datagram(&buf[..n], &mut out, &mut latencies);
+                    }
+                }
+            }
+            // Timers: every device once a second, in slices.
+            let now = Instant::now();
+            if now.duration_since(last_timer) >= Duration::from_millis(50) {
+                let per_slice = self.devices.len().div_ceil(20).max(1);
+                for _ in 0..per_slice {
+                    if self.devices.is_empty() {
+                        break;
+                    }
+                    timer_cursor = (timer_cursor + 1) % self.devices.len();
+                    if timer_cursor >= next_start {
+                        continue;
+                    }
+                    let d = &mut self.devices[timer_cursor];
+                    let socket = d.socket;
+                    if let TunnResult::WriteToNetwork(p) = d.tunn.update_timers(&mut out) {
+                        if p.len() == 148 {
+                            self.shared.initiations.fetch_add(1, Ordering::Relaxed);
+                        }
+                        let p = p.to_vec();
+                        self.send(socket, &p);
+                    }
+                }
+                last_timer = now;
+            }
+            // Churn: P % of the devices a minute drop their session and dial
+            // again with a fresh one, as after a reboot.
+            if self.cfg.churn > 0.0 && now.duration_since(last_churn) >= Duration::from_secs(1) {
+                let n = (self.devices.len() as f64 * self.cfg.churn / 100.0 / 60.0).round() as usize;
+                for _ in 0..n {
+                    let local = (rand_core::RngCore::next_u32(&mut rng) as usize) % self.devices.len();
+                    if self.devices[local].phase != Phase::Connected {
+                        continue;
+                    }
+                    let global = local * self.threads + self.w;
+                    let d = &mut self.devices[local];
+                    d.tunn = Tunn::new(
+                        d.secret.clone(),
+                        self.gateway_key,
+                        None,
+                        Some(KEEPALIVE_S),
+                        global as u32,
+                        None,
+                    );
+                    self.shared.connected.fetch_sub(1, Ordering::Relaxed);
+                    self.shared.reconnects.fetch_add(1, Ordering::Relaxed);
+                    self.initiate(local, now, &mut out);
+                }
+                last_churn = now;
+            }
+        }
+        self.shared.latencies_us.lock().extend(latencies);
+    }
+
+    fn on_datagram(&mut self, datagram: &[u8], out: &mut [u8], latencies: &mut Vec<u32>) {
+        let idx = match datagram.first() {
+            Some(2) if datagram.len() == 92 => u32::from_le_bytes(datagram[8..12].try_into().unwrap()),
+            Some(3) if datagram.len() == 64 => {
+                self.shared.cookies.fetch_add(1, Ordering::Relaxed);
+                u32::from_le_bytes(datagram[4..8].try_into().unwrap())
+            }
+            Some(4) if datagram.len() >= 32 => u32::from_le_bytes(datagram[4..8].try_into().unwrap()),
+            _ => return,
+        };
+        let global = (idx >> 8) as usize;
+        if global % self.threads != self.w {
+            return;
+        }
+        let local = global / self.threads;
+        let Some(d) = self.devices.get_mut(local) else {
+            return;
+        };
+        let socket = d.socket;
+        let mut first = true;
+        loop {
+            let input: &[u8] = if first { datagram } else { &[] };
+            first = false;
+            match d.tunn.decapsulate(None, input, out) {
+                TunnResult::WriteToNetwork(p) => {
+                    let p = p.to_vec();
+                    if let Err(_e) = self.sockets[socket].send_to(&p, self.cfg.gateway) {
+                        self.shared.send_errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                    continue;
+                }
+                TunnResult::Err(_) => {
+                    self.shared.decrypt_errors.fetch_add(1, Ordering::Relaxed);
+                }
+                _ => {}
+            }
+            break;
+        }
+        if datagram[0] == 2 && d.tunn.time_since_last_handshake().is_some() {
+            self.shared.handshakes.fetch_add(1, Ordering::Relaxed);
+            if d.phase != Phase::Connected {
+                d.phase = Phase::Connected;
+                self.shared.connected.fetch_add(1, Ordering::Relaxed);
+                latencies.push(d.attempt.elapsed().as_micros().min(u32::MAX as u128) as u32);
+            }
+        }
+    }
+}
