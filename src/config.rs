@@ -81,9 +81,15 @@ pub struct ServeArgs {
     /// Events kept for consumers that resume with Last-Event-ID [default: 100000]
     #[arg(long, env = "CLOUDLINK_EVENT_RING")]
     pub event_ring: Option<usize>,
-    /// Handshake initiations per second above which cookie replies are demanded [default: 2000]
+    /// Handshake initiations per second above which cookie replies are demanded, besides the queue's own load signal; 0 for none [default: 0]
     #[arg(long, env = "CLOUDLINK_HANDSHAKE_RATE_LIMIT")]
     pub handshake_rate_limit: Option<u64>,
+    /// Handshake initiations that may wait for a worker; cookie replies from 1/8 full, drops when full [default: 4096]
+    #[arg(long, env = "CLOUDLINK_HANDSHAKE_QUEUE")]
+    pub handshake_queue: Option<usize>,
+    /// Packet worker threads, each with its own SO_REUSEPORT socket [default: number of CPUs]
+    #[arg(long, env = "CLOUDLINK_WORKERS")]
+    pub workers: Option<usize>,
     /// HTTP CONNECT proxy to devices' TCP ports [default: 127.0.0.1:3128]
     #[arg(long, env = "CLOUDLINK_PROXY")]
     pub proxy: Option<SocketAddr>,
@@ -115,10 +121,18 @@ pub struct ServeArgs {
 #[derive(Debug, Args)]
 pub struct LoadgenArgs {
     /// The gateway's WireGuard UDP address
-    #[arg(long, env = "CLOUDLINK_LOADGEN_GATEWAY", default_value = "127.0.0.1:51820")]
+    #[arg(
+        long,
+        env = "CLOUDLINK_LOADGEN_GATEWAY",
+        default_value = "127.0.0.1:51820"
+    )]
     pub gateway: SocketAddr,
     /// The gateway's API, to register the devices (http://host:port)
-    #[arg(long, env = "CLOUDLINK_LOADGEN_API", default_value = "http://127.0.0.1:8080")]
+    #[arg(
+        long,
+        env = "CLOUDLINK_LOADGEN_API",
+        default_value = "http://127.0.0.1:8080"
+    )]
     pub api: String,
     /// API token
     #[arg(long, env = "CLOUDLINK_LOADGEN_TOKEN")]
@@ -325,6 +339,8 @@ pub struct GatewayConfig {
     pub gateway_id: Option<String>,
     pub event_ring: usize,
     pub handshake_rate_limit: u64,
+    pub handshake_queue: usize,
+    pub workers: usize,
     pub poll_interval: Duration,
     pub heartbeat_grace: Duration,
     pub proxy: SocketAddr,
@@ -347,7 +363,9 @@ impl Default for GatewayConfig {
             token_file: None,
             gateway_id: None,
             event_ring: 100_000,
-            handshake_rate_limit: 2_000,
+            handshake_rate_limit: 0,
+            handshake_queue: crate::packet_path::admission::DEFAULT_QUEUE,
+            workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
             poll_interval: Duration::from_secs(900),
             heartbeat_grace: Duration::from_secs(15),
             proxy: "127.0.0.1:3128".parse().unwrap(),
@@ -392,6 +410,11 @@ impl ServeArgs {
                 .handshake_rate_limit
                 .or(file.handshake_rate_limit)
                 .unwrap_or(d.handshake_rate_limit),
+            handshake_queue: self
+                .handshake_queue
+                .or(file.handshake_queue)
+                .unwrap_or(d.handshake_queue),
+            workers: self.workers.or(file.workers).unwrap_or(d.workers),
             poll_interval: self
                 .poll_interval
                 .or(file.poll_interval)
@@ -436,6 +459,12 @@ impl GatewayConfig {
         }
         if self.event_ring == 0 {
             return Err(Error::Config("--event-ring must be at least 1".into()));
+        }
+        if self.handshake_queue < 8 {
+            return Err(Error::Config("--handshake-queue must be at least 8".into()));
+        }
+        if !(1..=256).contains(&self.workers) {
+            return Err(Error::Config("--workers is from 1 to 256".into()));
         }
         if let Some(t) = &self.token {
             check_token(t)?;

@@ -96,6 +96,7 @@ impl Gateway {
             PacketPathConfig {
                 link_timeout: config.link_timeout,
                 handshake_rate_limit: config.handshake_rate_limit,
+                handshake_queue: config.handshake_queue,
             },
         ));
         let status = {
@@ -149,9 +150,14 @@ impl Gateway {
         let (stop_status, stop_status_rx) = tokio::sync::watch::channel(false);
         let status_task = tokio::spawn(status.clone().run(stop_status_rx));
         tokio::spawn(action_queue.clone().run_expiry(stop_status.subscribe()));
-        let reader = registry.reader()?;
+        let sockets = crate::packet_path::udp_io::worker_sockets(udp, config.workers)
+            .map_err(Error::Socket)?;
+        let readers = sockets
+            .iter()
+            .map(|_| registry.reader())
+            .collect::<Result<Vec<_>, _>>()?;
         let threads =
-            PacketThreads::start(path.clone(), Arc::new(udp), reader).map_err(Error::Socket)?;
+            PacketThreads::start(path.clone(), sockets, readers).map_err(Error::Socket)?;
         let api_state = Arc::new(ApiState {
             path: path.clone(),
             registry: registry.clone(),

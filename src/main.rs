@@ -61,7 +61,8 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn serve(config: cloudlink::GatewayConfig) -> anyhow::Result<()> {
-    let udp = std::net::UdpSocket::bind(config.listen)
+    // SO_REUSEPORT so that each packet worker gets its own socket on the port.
+    let udp = cloudlink::packet_path::udp_io::bind_reuseport(config.listen)
         .with_context(|| format!("binding the WireGuard UDP socket on {}", config.listen))?;
     let api = tokio::net::TcpListener::bind(config.api)
         .await

@@ -31,10 +31,12 @@ pub enum DropReason {
     Unsupported,
     /// A TCP segment for a relay stream that no longer exists.
     NoStream,
+    /// A handshake initiation that found the handshake queue full.
+    HandshakeQueueFull,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 11] = [
+    pub const ALL: [DropReason; 12] = [
         DropReason::Malformed,
         DropReason::InvalidMac,
         DropReason::HandshakeFailed,
@@ -46,6 +48,7 @@ impl DropReason {
         DropReason::NotForGateway,
         DropReason::Unsupported,
         DropReason::NoStream,
+        DropReason::HandshakeQueueFull,
     ];
     pub fn as_str(self) -> &'static str {
         match self {
@@ -60,6 +63,7 @@ impl DropReason {
             DropReason::NotForGateway => "not_for_gateway",
             DropReason::Unsupported => "unsupported",
             DropReason::NoStream => "no_stream",
+            DropReason::HandshakeQueueFull => "handshake_queue_full",
         }
     }
 }
@@ -115,6 +119,8 @@ pub const LINK_EVENT_TYPES: [&str; 3] = ["link.up", "link.down", "link.roamed"];
 pub struct Metrics {
     pub registry: Registry,
     pub sessions: IntGauge,
+    /// Handshake initiations waiting in the queue.
+    pub handshake_queue: IntGauge,
     /// Children in the order of `status::Status::NAMES`.
     pub devices_by_status: Vec<IntGauge>,
     pub devices_registered: IntGauge,
@@ -230,6 +236,10 @@ impl Metrics {
                 "Devices whose cloudlink is up (link state up).",
             ),
             devices_registered: gauge("cloudlink_devices_registered", "Devices in the registry."),
+            handshake_queue: gauge(
+                "cloudlink_handshake_queue",
+                "Handshake initiations admitted and waiting for a worker.",
+            ),
             rx_bytes: counter(
                 "cloudlink_rx_bytes_total",
                 "Bytes of WireGuard datagrams received from devices.",

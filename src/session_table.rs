@@ -210,4 +210,14 @@ impl SessionTable {
     pub fn collect_into(&self, out: &mut Vec<Arc<Session>>) {
         out.extend(self.by_index.iter().map(|e| e.value().clone()));
     }
+
+    /// Sessions whose index passes `keep` (only those are cloned).
+    pub fn collect_into_where(&self, out: &mut Vec<Arc<Session>>, keep: impl Fn(u32) -> bool) {
+        out.extend(
+            self.by_index
+                .iter()
+                .filter(|e| keep(*e.key()))
+                .map(|e| e.value().clone()),
+        );
+    }
 }

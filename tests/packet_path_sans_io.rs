@@ -39,7 +39,8 @@ fn rig() -> (Rig, Arc<Registry>) {
         metrics.clone(),
         PacketPathConfig {
             link_timeout: TIMEOUT,
-            handshake_rate_limit: 1000,
+            handshake_rate_limit: 0,
+            handshake_queue: 64,
         },
     ));
     let reader = registry.reader().unwrap();
@@ -64,14 +65,11 @@ impl Rig {
         datagram: &[u8],
     ) -> Vec<(SocketAddr, Vec<u8>)> {
         let mut tx = Vec::new();
-        self.path.handle_datagram(
-            now,
-            from,
-            datagram,
-            &mut self.out,
-            &mut self.reader,
-            &mut tx,
-        );
+        self.path
+            .handle_datagram(now, from, datagram, &mut self.out, &mut tx);
+        // Initiations wait in the handshake queue until a worker runs them.
+        self.path
+            .process_handshakes(now, usize::MAX, &mut self.out, &mut self.reader, &mut tx);
         tx
     }
     fn event_types(&self) -> Vec<String> {
@@ -250,4 +248,149 @@ fn ip_packet(src: std::net::Ipv4Addr, dst: std::net::Ipv4Addr, payload: &[u8]) -
     p[16..20].copy_from_slice(&dst.octets());
     p[20..].copy_from_slice(payload);
     p
+}
+
+/// The handshake queue under a storm: initiations only queue; from 1/8 full
+/// the gateway answers cookie replies, an initiation carrying the cookie's
+/// mac2 is admitted, a full queue drops and counts, and a connected device's
+/// transport packets are handled at once whatever the queue holds.
+#[test]
+fn a_storm_queues_initiations_answers_cookies_and_never_starves_transport() {
+    let (mut rig, registry) = rig();
+    let now = Instant::now();
+    let mut buf = vec![0u8; 2048];
+    // A connected device first.
+    let key = generate_private_key();
+    registry
+        .register(NewDevice {
+            uuid: "steady".into(),
+            public_key: public_key(&key),
+            name: None,
+        })
+        .unwrap();
+    let mut steady = client(&rig.path, key);
+    let from: SocketAddr = "192.0.2.1:1000".parse().unwrap();
+    connect(&mut rig, &mut steady, from, now);
+
+    // A storm: initiations from unregistered keys (the cost is the same
+    // until the registry lookup). They queue without an answer.
+    let cap = rig.path.handshakes.capacity();
+    assert_eq!(cap, 64);
+    let mut tx = Vec::new();
+    let mut storm = Vec::new();
+    for i in 0..cap / 8 {
+        let mut dev = Tunn::new(
+            StaticSecret::from(generate_private_key()),
+            rig.path.public_key(),
+            None,
+            None,
+            1000 + i as u32,
+            None,
+        );
+        let init = match dev.format_handshake_initiation(&mut buf, false) {
+            TunnResult::WriteToNetwork(p) => p.to_vec(),
+            _ => panic!(),
+        };
+        let src: SocketAddr = format!("198.51.100.{}:5000", i + 1).parse().unwrap();
+        rig.path
+            .handle_datagram(now, src, &init, &mut rig.out, &mut tx);
+        storm.push(dev);
+    }
+    assert!(tx.is_empty(), "nothing is answered on the receive path");
+    assert_eq!(rig.path.handshakes.len(), cap / 8);
+    assert!(rig.path.under_load());
+
+    // Under load: a new initiation without a cookie gets a cookie reply.
+    let src: SocketAddr = "203.0.113.7:6000".parse().unwrap();
+    let mut late = Tunn::new(
+        StaticSecret::from(generate_private_key()),
+        rig.path.public_key(),
+        None,
+        None,
+        7,
+        None,
+    );
+    let init = match late.format_handshake_initiation(&mut buf, false) {
+        TunnResult::WriteToNetwork(p) => p.to_vec(),
+        _ => panic!(),
+    };
+    rig.path
+        .handle_datagram(now, src, &init, &mut rig.out, &mut tx);
+    assert_eq!(tx.len(), 1);
+    let (to, cookie) = tx.pop().unwrap();
+    assert_eq!(
+        (to, cookie.len(), cookie[0]),
+        (src, 64, 3),
+        "a cookie reply"
+    );
+    assert_eq!(rig.path.handshakes.len(), cap / 8, "not queued");
+    // The device takes the cookie; its retry carries mac2 and is admitted.
+    assert!(matches!(
+        late.decapsulate(None, &cookie, &mut buf),
+        TunnResult::Done
+    ));
+    let retry = match late.format_handshake_initiation(&mut buf, true) {
+        TunnResult::WriteToNetwork(p) => p.to_vec(),
+        _ => panic!(),
+    };
+    rig.path
+        .handle_datagram(now, src, &retry, &mut rig.out, &mut tx);
+    assert!(tx.is_empty());
+    assert_eq!(rig.path.handshakes.len(), cap / 8 + 1, "admitted with mac2");
+    // The same retry from another address: its mac2 does not match.
+    let other: SocketAddr = "203.0.113.8:6000".parse().unwrap();
+    rig.path
+        .handle_datagram(now, other, &retry, &mut rig.out, &mut tx);
+    assert_eq!(tx.len(), 1, "a cookie for the other address instead");
+    tx.clear();
+
+    // Fill the queue to the brim with cookie-carrying retries; beyond it
+    // initiations are dropped and counted.
+    while rig.path.handshakes.len() < cap {
+        rig.path
+            .handle_datagram(now, src, &retry, &mut rig.out, &mut tx);
+    }
+    let full_before = rig
+        .metrics
+        .dropped_count(cloudlink::metrics::DropReason::HandshakeQueueFull);
+    rig.path
+        .handle_datagram(now, src, &retry, &mut rig.out, &mut tx);
+    assert_eq!(rig.path.handshakes.len(), cap);
+    assert_eq!(
+        rig.metrics
+            .dropped_count(cloudlink::metrics::DropReason::HandshakeQueueFull),
+        full_before + 1
+    );
+
+    // Meanwhile the connected device's packets are handled at once.
+    let rx_before = rig.metrics.rx_packets.get();
+    let ping = ip_packet(
+        std::net::Ipv4Addr::new(10, 240, 0, 2),
+        rig.path.gateway_address(),
+        b"x",
+    );
+    let data = match steady.encapsulate(&ping, &mut buf) {
+        TunnResult::WriteToNetwork(p) => p.to_vec(),
+        _ => panic!(),
+    };
+    rig.path
+        .handle_datagram(now, from, &data, &mut rig.out, &mut tx);
+    assert_eq!(rig.metrics.rx_packets.get(), rx_before + 1);
+    let session = rig.path.sessions.by_uuid("steady").unwrap();
+    assert!(session.snapshot().connected);
+    assert_eq!(
+        rig.metrics
+            .dropped_count(cloudlink::metrics::DropReason::DecryptFailed),
+        0
+    );
+
+    // Workers drain the queue a few at a time; the load lifts below 1/8.
+    let mut done = 0;
+    while !rig.path.handshakes.is_empty() {
+        done += rig
+            .path
+            .process_handshakes(now, 4, &mut rig.out, &mut rig.reader, &mut tx);
+    }
+    assert_eq!(done, cap);
+    assert!(!rig.path.under_load());
 }

@@ -37,7 +37,10 @@ pub fn post(base: &str, path: &str, token: &str, body: &str) -> std::io::Result<
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| invalid("no status in the answer"))?;
     let mut body = answer.split_off(head_end + 4);
-    if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
         body = dechunk(&body);
     }
     Ok((status, body))
@@ -46,7 +49,8 @@ pub fn post(base: &str, path: &str, token: &str, body: &str) -> std::io::Result<
 fn dechunk(mut b: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     while let Some(eol) = b.windows(2).position(|w| w == b"\r\n") {
-        let size = usize::from_str_radix(String::from_utf8_lossy(&b[..eol]).trim(), 16).unwrap_or(0);
+        let size =
+            usize::from_str_radix(String::from_utf8_lossy(&b[..eol]).trim(), 16).unwrap_or(0);
         if size == 0 || b.len() < eol + 2 + size {
             break;
         }

@@ -162,10 +162,9 @@ fn write_wg_peers(path: &PathBuf, publics: &[PublicKey]) -> Result<(), LoadgenEr
 /// Registers the fleet through the batch endpoint; returns the gateway's
 /// public key from the answer.
 fn register(cfg: &LoadgenConfig, publics: &[PublicKey]) -> Result<KeyBytes, LoadgenError> {
-    let api = cfg
-        .api
-        .clone()
-        .ok_or_else(|| LoadgenError::Config("--api is needed to register devices (or pass --no-register)".into()))?;
+    let api = cfg.api.clone().ok_or_else(|| {
+        LoadgenError::Config("--api is needed to register devices (or pass --no-register)".into())
+    })?;
     let token = cfg.token.clone().unwrap_or_default();
     let err = |message: String| LoadgenError::Register {
         api: api.clone(),
@@ -184,15 +183,20 @@ fn register(cfg: &LoadgenConfig, publics: &[PublicKey]) -> Result<KeyBytes, Load
             })
             .collect();
         let body = serde_json::json!({ "devices": devices }).to_string();
-        let (status, answer) = http::post(&api, "/v1/devices/batch", &token, &body).map_err(|e| err(e.to_string()))?;
+        let (status, answer) =
+            http::post(&api, "/v1/devices/batch", &token, &body).map_err(|e| err(e.to_string()))?;
         if status != 200 {
-            return Err(err(format!("HTTP {status}: {}", String::from_utf8_lossy(&answer))));
+            return Err(err(format!(
+                "HTTP {status}: {}",
+                String::from_utf8_lossy(&answer)
+            )));
         }
-        let v: serde_json::Value = serde_json::from_slice(&answer).map_err(|e| err(e.to_string()))?;
-        if let Some(bad) = v["results"]
-            .as_array()
-            .and_then(|r| r.iter().find(|x| x["status"].as_u64().is_none_or(|s| s >= 300)))
-        {
+        let v: serde_json::Value =
+            serde_json::from_slice(&answer).map_err(|e| err(e.to_string()))?;
+        if let Some(bad) = v["results"].as_array().and_then(|r| {
+            r.iter()
+                .find(|x| x["status"].as_u64().is_none_or(|s| s >= 300))
+        }) {
             return Err(err(format!("a device was refused: {bad}")));
         }
         let k = v["gateway"]["public_key"].as_str().unwrap_or_default();
@@ -213,7 +217,10 @@ fn bind_sockets(cfg: &LoadgenConfig) -> Result<Vec<UdpSocket>, LoadgenError> {
             };
             let s = UdpSocket::bind((ip, 0))?;
             s.set_nonblocking(true)?;
-            crate::packet_path::udp_io::size_socket_buffers(std::os::fd::AsRawFd::as_raw_fd(&s), 4 << 20);
+            crate::packet_path::udp_io::size_socket_buffers(
+                std::os::fd::AsRawFd::as_raw_fd(&s),
+                4 << 20,
+            );
             Ok(s)
         })
         .collect()
@@ -222,10 +229,14 @@ fn bind_sockets(cfg: &LoadgenConfig) -> Result<Vec<UdpSocket>, LoadgenError> {
 /// Runs the load test and returns its report.
 pub fn run(cfg: LoadgenConfig) -> Result<Report, LoadgenError> {
     if cfg.devices == 0 || cfg.devices >= 1 << 24 {
-        return Err(LoadgenError::Config("--devices is from 1 to 16,777,215".into()));
+        return Err(LoadgenError::Config(
+            "--devices is from 1 to 16,777,215".into(),
+        ));
     }
     if !cfg.storm && cfg.rate <= 0.0 {
-        return Err(LoadgenError::Config("--rate must be above 0 (or use --storm)".into()));
+        return Err(LoadgenError::Config(
+            "--rate must be above 0 (or use --storm)".into(),
+        ));
     }
     let t_keys = Instant::now();
     let secrets = fleet_keys(&cfg)?;
@@ -243,7 +254,11 @@ pub fn run(cfg: LoadgenConfig) -> Result<Report, LoadgenError> {
     eprintln!(
         "loadgen: {} keys ready and {} in {:.1} s",
         cfg.devices,
-        if cfg.no_register { "not registered" } else { "registered" },
+        if cfg.no_register {
+            "not registered"
+        } else {
+            "registered"
+        },
         t_keys.elapsed().as_secs_f64()
     );
     let gateway_key = PublicKey::from(gateway_key);
@@ -267,7 +282,14 @@ pub fn run(cfg: LoadgenConfig) -> Result<Report, LoadgenError> {
             let socket = my_sockets[(i / threads) % my_sockets.len()];
             let secret = secrets[i].take().expect("each key used once");
             devices.push(Device {
-                tunn: Tunn::new(secret.clone(), gateway_key, None, Some(KEEPALIVE_S), i as u32, None),
+                tunn: Tunn::new(
+                    secret.clone(),
+                    gateway_key,
+                    None,
+                    Some(KEEPALIVE_S),
+                    i as u32,
+                    None,
+                ),
                 secret,
                 phase: Phase::Waiting,
                 attempt: start,
@@ -432,11 +454,15 @@ impl Worker {
             // Receive what arrived.
             // SAFETY: pollfds is a valid array of its length.
             let ready = unsafe {
-                libc::poll(pollfds.as_mut_ptr(), pollfds.len() as libc::nfds_t, if started > 0 { 0 } else { 5 })
+                libc::poll(
+                    pollfds.as_mut_ptr(),
+                    pollfds.len() as libc::nfds_t,
+                    if started > 0 { 0 } else { 5 },
+                )
             };
             if ready > 0 {
-                for k in 0..pollfds.len() {
-                    if pollfds[k].revents & libc::POLLIN == 0 {
+                for (k, pfd) in pollfds.iter().enumerate() {
+                    if pfd.revents & libc::POLLIN == 0 {
                         continue;
                     }
                     let s = self.my_sockets[k];
@@ -476,9 +502,11 @@ impl Worker {
             // Churn: P % of the devices a minute drop their session and dial
             // again with a fresh one, as after a reboot.
             if self.cfg.churn > 0.0 && now.duration_since(last_churn) >= Duration::from_secs(1) {
-                let n = (self.devices.len() as f64 * self.cfg.churn / 100.0 / 60.0).round() as usize;
+                let n =
+                    (self.devices.len() as f64 * self.cfg.churn / 100.0 / 60.0).round() as usize;
                 for _ in 0..n {
-                    let local = (rand_core::RngCore::next_u32(&mut rng) as usize) % self.devices.len();
+                    let local =
+                        (rand_core::RngCore::next_u32(&mut rng) as usize) % self.devices.len();
                     if self.devices[local].phase != Phase::Connected {
                         continue;
                     }
@@ -504,12 +532,16 @@ impl Worker {
 
     fn on_datagram(&mut self, datagram: &[u8], out: &mut [u8], latencies: &mut Vec<u32>) {
         let idx = match datagram.first() {
-            Some(2) if datagram.len() == 92 => u32::from_le_bytes(datagram[8..12].try_into().unwrap()),
+            Some(2) if datagram.len() == 92 => {
+                u32::from_le_bytes(datagram[8..12].try_into().unwrap())
+            }
             Some(3) if datagram.len() == 64 => {
                 self.shared.cookies.fetch_add(1, Ordering::Relaxed);
                 u32::from_le_bytes(datagram[4..8].try_into().unwrap())
             }
-            Some(4) if datagram.len() >= 32 => u32::from_le_bytes(datagram[4..8].try_into().unwrap()),
+            Some(4) if datagram.len() >= 32 => {
+                u32::from_le_bytes(datagram[4..8].try_into().unwrap())
+            }
             _ => return,
         };
         let global = (idx >> 8) as usize;

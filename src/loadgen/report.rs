@@ -80,7 +80,10 @@ pub(super) fn build(
     for (k, v) in [
         ("not_connected", not_connected),
         ("send_error", shared.send_errors.load(Ordering::Relaxed)),
-        ("decrypt_error", shared.decrypt_errors.load(Ordering::Relaxed)),
+        (
+            "decrypt_error",
+            shared.decrypt_errors.load(Ordering::Relaxed),
+        ),
     ] {
         if v > 0 {
             failures.insert(k, v);

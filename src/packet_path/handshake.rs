@@ -1,8 +1,7 @@
-//! Stage 2, handshake: a handshake initiation from a device.
+//! Stage 2b, handshake: an initiation that admission (stage 2a, its MACs
+//! and the load decision) let into the queue, taken by a worker.
 //!
-//! 1. The gateway-wide `RateLimiter` checks mac1 and, when more initiations
-//!    arrive per second than `--handshake-rate-limit`, demands a cookie
-//!    (mac2) and answers with a cookie reply instead of doing any DH.
+//! 1. (admission already checked mac1, and mac2 when under load.)
 //! 2. `parse_handshake_anon` learns the initiator's static key (one DH).
 //! 3. The device's session, if it has one, takes the initiation (a rekey or
 //!    a reconnect). Otherwise the registry is asked; unknown keys are dropped
@@ -16,7 +15,6 @@
 //! registry's deletion counter is read before the lookup and after the
 //! session is inserted; if it moved, the lookup is repeated.
 
-use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::handshake::parse_handshake_anon;
 use boringtun::noise::{Packet, Tunn, TunnResult};
 use parking_lot::Mutex;
@@ -42,29 +40,8 @@ impl PacketPath {
         reader: &mut RegistryReader,
         tx: &mut impl Transmit,
     ) {
-        let packet = match self
-            .handshake_limiter
-            .verify_packet(Some(src.ip()), datagram, out)
-        {
-            Ok(p) => p,
-            Err(TunnResult::WriteToNetwork(cookie)) => {
-                self.metrics.handshake(HandshakeResult::Cookie);
-                self.transmit(tx, None, src, cookie);
-                return;
-            }
-            Err(TunnResult::Err(WireGuardError::UnderLoad)) => {
-                self.metrics.handshake(HandshakeResult::RateLimited);
-                self.metrics.dropped(DropReason::UnderLoad);
-                return;
-            }
-            Err(_) => {
-                tracing::trace!(%src, "handshake initiation with a bad mac1");
-                self.metrics.handshake(HandshakeResult::Invalid);
-                self.metrics.dropped(DropReason::InvalidMac);
-                return;
-            }
-        };
-        let Packet::HandshakeInit(init) = packet else {
+        let Ok(Packet::HandshakeInit(init)) = Tunn::parse_incoming_packet(datagram) else {
+            self.metrics.dropped(DropReason::Malformed);
             return;
         };
         let half = match parse_handshake_anon(&self.secret, &self.public, &init) {

@@ -2,8 +2,10 @@
 //! events out. One file per stage, in the order a datagram meets them:
 //!
 //! - [`receive`]: classify a datagram and hand it to the right stage;
-//! - [`handshake`]: rate-limit, learn the initiator's key, check the
-//!   registry, create or reuse the device's session, answer;
+//! - [`admission`]: MACs, the load decision, cookie replies, and the bounded
+//!   queue initiations wait in;
+//! - [`handshake`]: learn the initiator's key, check the registry, create
+//!   or reuse the device's session, answer;
 //! - [`transport`]: decrypt in the device's session (found in O(1) from the
 //!   receiver index), learn the endpoint (roaming), enforce cryptokey routing,
 //!   deliver packets addressed to the gateway;
@@ -17,6 +19,7 @@
 //! (boringtun's own timers read the clock internally; our link state does
 //! not.)
 
+pub mod admission;
 pub mod handshake;
 pub mod receive;
 pub mod send;
@@ -81,8 +84,11 @@ impl LinkObserver for Observers {
 pub struct PacketPathConfig {
     pub link_timeout: Duration,
     /// Handshake initiations per second, gateway-wide, above which the
-    /// gateway counts itself under load and answers with cookie replies.
+    /// gateway counts itself under load and answers with cookie replies
+    /// (0: only the queue decides).
     pub handshake_rate_limit: u64,
+    /// Initiations that may wait for a worker; under load from 1/8 full.
+    pub handshake_queue: usize,
 }
 
 /// State shared by all packet workers, the timer driver and the API.
@@ -90,13 +96,16 @@ pub struct PacketPath {
     pub(crate) secret: StaticSecret,
     pub(crate) public: PublicKey,
     pub(crate) gateway_address: Ipv4Addr,
-    /// Gateway-wide limiter: mac1 check and load decision for initiations.
-    pub(crate) handshake_limiter: RateLimiter,
-    /// Limiter handed to every `Tunn`. boringtun re-verifies handshakes inside
-    /// `decapsulate`; with the gateway-wide limiter there that would count
-    /// every initiation twice, so tunnels get one that never reports load
-    /// (it still checks mac1, which is cheap).
+    /// A limiter that always reports load: demands mac2, writes cookie
+    /// replies (see `admission`).
+    pub(crate) cookie_limiter: RateLimiter,
+    /// A limiter that never reports load: checks mac1 only. Admission uses
+    /// it when not under load, and every `Tunn` gets it (boringtun
+    /// re-verifies handshakes inside `decapsulate`).
     pub(crate) tunn_limiter: Arc<RateLimiter>,
+    /// Admitted initiations waiting for a worker.
+    pub handshakes: admission::HandshakeQueue,
+    pub(crate) rate_window: admission::RateWindow,
     pub sessions: SessionTable,
     pub registry: Arc<Registry>,
     pub events: Arc<EventHub>,
@@ -121,8 +130,10 @@ impl PacketPath {
     ) -> Self {
         let public = PublicKey::from(&secret);
         PacketPath {
-            handshake_limiter: RateLimiter::new(&public, config.handshake_rate_limit),
+            cookie_limiter: RateLimiter::new(&public, 0),
             tunn_limiter: Arc::new(RateLimiter::new(&public, u64::MAX)),
+            handshakes: admission::HandshakeQueue::new(config.handshake_queue),
+            rate_window: Default::default(),
             secret,
             public,
             gateway_address,

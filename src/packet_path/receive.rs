@@ -1,7 +1,8 @@
 //! Stage 1, receive: every datagram from the UDP socket enters here. It is
-//! counted, classified by its WireGuard message type, and handed to the
-//! handshake stage (initiations) or the transport stage (everything that
-//! names one of our sessions by receiver index). Anything else is dropped
+//! counted, classified by its WireGuard message type, and handed to
+//! admission (initiations, which queue for the handshake stage) or the
+//! transport stage (everything that names one of our sessions by receiver
+//! index). Anything else is dropped
 //! and counted as `malformed`.
 
 use boringtun::noise::{Packet, Tunn};
@@ -11,28 +12,25 @@ use std::time::Instant;
 use super::transport::Kind;
 use super::{canonical, PacketPath, Transmit};
 use crate::metrics::DropReason;
-use crate::registry::RegistryReader;
 
 impl PacketPath {
     /// Handles one datagram from `src`. `out` is the worker's scratch buffer
-    /// (at least [`BUF_SIZE`](super::BUF_SIZE) bytes); `reader` its registry
-    /// connection.
+    /// (at least [`BUF_SIZE`](super::BUF_SIZE) bytes). Initiations only
+    /// queue here; [`process_handshakes`](Self::process_handshakes) runs
+    /// them.
     pub fn handle_datagram(
         &self,
         now: Instant,
         src: SocketAddr,
         datagram: &[u8],
         out: &mut [u8],
-        reader: &mut RegistryReader,
         tx: &mut impl Transmit,
     ) {
         self.metrics.rx_packets.inc();
         self.metrics.rx_bytes.inc_by(datagram.len() as u64);
         let src = canonical(src);
         match Tunn::parse_incoming_packet(datagram) {
-            Ok(Packet::HandshakeInit(_)) => {
-                self.handle_initiation(now, src, datagram, out, reader, tx)
-            }
+            Ok(Packet::HandshakeInit(_)) => self.admit_initiation(src, datagram, out, tx),
             Ok(Packet::PacketData(p)) => {
                 self.handle_transport(now, src, p.receiver_idx, Kind::Data, datagram, out, tx)
             }

@@ -1,22 +1,36 @@
 //! Stage 0, UDP I/O: the only code of the packet path that touches sockets.
 //!
-//! A worker thread blocks on the UDP socket, hands each datagram to
-//! [`PacketPath::handle_datagram`] with its own scratch buffer and registry
-//! connection, and writes the answers straight back to the socket. A timer
-//! thread runs [`PacketPath::tick`] every 250 ms. Both are plain OS threads:
-//! the work is CPU-bound crypto and a short SQLite lookup, which would stall
-//! an async runtime's workers.
+//! One worker thread per CPU, each with its own UDP socket bound to the
+//! gateway's port with `SO_REUSEPORT` (the kernel spreads flows over them by
+//! 4-tuple hash), receiving up to [`BATCH`] datagrams per `recvmmsg` and
+//! sending the answers of a batch with one `sendmmsg`. Between batches a
+//! worker runs a few queued handshakes (see `admission`), so transport
+//! packets never wait behind a storm of Diffie-Hellman. A timer thread
+//! ticks one bucket of sessions every 250 ms (see `timers`).
+//!
+//! Plain OS threads: the work is CPU-bound crypto and a short SQLite lookup,
+//! which would stall an async runtime's workers. Buffers are allocated once
+//! per worker; nothing is allocated per packet.
 
-use std::net::UdpSocket;
+use std::net::{SocketAddr, UdpSocket};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::send::socket_tx;
-use super::timers::TICK;
-use super::{PacketPath, BUF_SIZE};
+use super::timers::{BUCKETS, TICK};
+use super::{PacketPath, Transmit, BUF_SIZE};
 use crate::registry::RegistryReader;
+
+/// Datagrams per `recvmmsg`/`sendmmsg`.
+pub const BATCH: usize = 32;
+/// Queued handshakes a worker runs between two receive batches: about 1 ms
+/// of CPU, the most a transport packet waits for one.
+pub const HANDSHAKES_PER_TURN: usize = 4;
+/// Largest datagram the send batch holds; larger ones go out alone.
+const SEND_SLOT: usize = 2048;
 
 /// Running packet threads; stopped by [`PacketThreads::stop`].
 pub struct PacketThreads {
@@ -24,35 +38,83 @@ pub struct PacketThreads {
     handles: Vec<JoinHandle<()>>,
 }
 
+/// Binds a UDP socket with `SO_REUSEPORT`, so that more worker sockets can
+/// join it on the same port ([`worker_sockets`]).
+pub fn bind_reuseport(addr: SocketAddr) -> std::io::Result<UdpSocket> {
+    let family = match addr {
+        SocketAddr::V4(_) => libc::AF_INET,
+        SocketAddr::V6(_) => libc::AF_INET6,
+    };
+    // SAFETY: plain socket(2); the fd is owned by the UdpSocket from here.
+    let fd = unsafe { libc::socket(family, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh socket we own.
+    let socket = unsafe { UdpSocket::from_raw_fd(fd) };
+    set_int(fd, libc::SOL_SOCKET, libc::SO_REUSEPORT, 1)?;
+    let (storage, len) = to_sockaddr(addr);
+    // SAFETY: storage holds a sockaddr of `len` bytes.
+    if unsafe { libc::bind(fd, (&storage as *const libc::sockaddr_storage).cast(), len) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(socket)
+}
+
+/// The gateway's sockets: `first` (bound by the caller) and, when it was
+/// bound with `SO_REUSEPORT`, `workers - 1` more on its address. A socket
+/// bound without it (tests bind plain sockets) gives one worker.
+pub fn worker_sockets(first: UdpSocket, workers: usize) -> std::io::Result<Vec<Arc<UdpSocket>>> {
+    let addr = first.local_addr()?;
+    let reuse = get_int(first.as_raw_fd(), libc::SOL_SOCKET, libc::SO_REUSEPORT).unwrap_or(0) != 0;
+    let mut sockets = vec![Arc::new(first)];
+    if workers > 1 && !reuse {
+        tracing::info!(
+            workers,
+            "the UDP socket was bound without SO_REUSEPORT: one packet worker"
+        );
+        return Ok(sockets);
+    }
+    for _ in 1..workers {
+        sockets.push(Arc::new(bind_reuseport(addr)?));
+    }
+    Ok(sockets)
+}
+
 impl PacketThreads {
-    /// Starts one receive worker on `socket` and the timer thread.
+    /// Starts one worker per socket (each with its registry connection) and
+    /// the timer thread.
     pub fn start(
         path: Arc<PacketPath>,
-        socket: Arc<UdpSocket>,
-        reader: RegistryReader,
+        sockets: Vec<Arc<UdpSocket>>,
+        readers: Vec<RegistryReader>,
     ) -> std::io::Result<Self> {
-        size_socket_buffers(std::os::fd::AsRawFd::as_raw_fd(&*socket), 4 << 20);
-        // The timeout only bounds how long a stop request waits.
-        socket.set_read_timeout(Some(Duration::from_millis(100)))?;
-        path.set_egress(&socket);
+        assert_eq!(sockets.len(), readers.len());
+        for s in &sockets {
+            size_socket_buffers(s.as_raw_fd(), 4 << 20);
+            // The timeout only bounds how long a stop request waits.
+            s.set_read_timeout(Some(Duration::from_millis(100)))?;
+        }
+        path.set_egress(&sockets[0]);
         let stop = Arc::new(AtomicBool::new(false));
         let mut handles = Vec::new();
-        {
-            let (path, socket, stop) = (path.clone(), socket.clone(), stop.clone());
+        for (i, (socket, reader)) in sockets.iter().cloned().zip(readers).enumerate() {
+            let (path, stop) = (path.clone(), stop.clone());
             handles.push(
                 std::thread::Builder::new()
-                    .name("cloudlink-rx".into())
-                    .spawn(move || receive_loop(&path, &socket, reader, &stop))?,
+                    .name(format!("cloudlink-rx{i}"))
+                    .spawn(move || worker_loop(&path, &socket, reader, &stop))?,
             );
         }
         {
-            let (path, socket, stop) = (path.clone(), socket.clone(), stop.clone());
+            let (path, socket, stop) = (path.clone(), sockets[0].clone(), stop.clone());
             handles.push(
                 std::thread::Builder::new()
                     .name("cloudlink-timers".into())
                     .spawn(move || timer_loop(&path, &socket, &stop))?,
             );
         }
+        tracing::info!(workers = sockets.len(), "packet workers started");
         Ok(PacketThreads { stop, handles })
     }
 
@@ -65,25 +127,36 @@ impl PacketThreads {
     }
 }
 
-fn receive_loop(
+fn worker_loop(
     path: &PacketPath,
     socket: &UdpSocket,
     mut reader: RegistryReader,
     stop: &AtomicBool,
 ) {
-    let mut inbuf = vec![0u8; BUF_SIZE].into_boxed_slice();
+    let fd = socket.as_raw_fd();
+    let mut rx = RecvBatch::new();
+    let mut tx = SendBatch::new(socket);
     let mut out = vec![0u8; BUF_SIZE].into_boxed_slice();
-    let mut tx = socket_tx(socket);
     while !stop.load(Ordering::Relaxed) {
-        match socket.recv_from(&mut inbuf) {
-            Ok((n, src)) => path.handle_datagram(
-                Instant::now(),
-                src,
-                &inbuf[..n],
-                &mut out,
-                &mut reader,
-                &mut tx,
-            ),
+        // With handshakes waiting, only look at the socket; else block
+        // (up to the read timeout) for the first datagram.
+        let flags = if path.handshakes.is_empty() {
+            libc::MSG_WAITFORONE
+        } else {
+            libc::MSG_DONTWAIT
+        };
+        match rx.recv(fd, flags) {
+            Ok(n) => {
+                let now = Instant::now();
+                for i in 0..n {
+                    let (src, datagram) = rx.get(i);
+                    match src {
+                        Some(src) => path.handle_datagram(now, src, datagram, &mut out, &mut tx),
+                        None => path.metrics.dropped(crate::metrics::DropReason::Malformed),
+                    }
+                }
+                tx.flush();
+            }
             Err(e)
                 if matches!(
                     e.kind(),
@@ -97,6 +170,16 @@ fn receive_loop(
                 std::thread::sleep(Duration::from_millis(10));
             }
         }
+        if path.process_handshakes(
+            Instant::now(),
+            HANDSHAKES_PER_TURN,
+            &mut out,
+            &mut reader,
+            &mut tx,
+        ) > 0
+        {
+            tx.flush();
+        }
     }
 }
 
@@ -105,10 +188,12 @@ fn timer_loop(path: &PacketPath, socket: &UdpSocket, stop: &AtomicBool) {
     let mut scratch = Vec::new();
     let mut tx = socket_tx(socket);
     let mut next = Instant::now();
+    let mut bucket = 0u32;
     while !stop.load(Ordering::Relaxed) {
         let now = Instant::now();
         if now >= next {
-            path.tick(now, &mut out, &mut scratch, &mut tx);
+            path.tick_bucket(now, bucket, &mut out, &mut scratch, &mut tx);
+            bucket = (bucket + 1) % BUCKETS;
             next = now + TICK;
         }
         std::thread::sleep(
@@ -118,44 +203,270 @@ fn timer_loop(path: &PacketPath, socket: &UdpSocket, stop: &AtomicBool) {
     }
 }
 
+/// Receive side of `recvmmsg`: BATCH buffers and their headers, allocated
+/// once.
+struct RecvBatch {
+    bufs: Vec<Box<[u8]>>,
+    addrs: Vec<libc::sockaddr_storage>,
+    iovs: Vec<libc::iovec>,
+    hdrs: Vec<libc::mmsghdr>,
+}
+
+// SAFETY: the raw pointers in iovs/hdrs point into this struct's own heap
+// buffers, which move with it; the batch is used by one thread at a time.
+unsafe impl Send for RecvBatch {}
+
+impl RecvBatch {
+    fn new() -> Self {
+        RecvBatch {
+            bufs: (0..BATCH)
+                .map(|_| vec![0u8; BUF_SIZE].into_boxed_slice())
+                .collect(),
+            // SAFETY: all-zero is a valid sockaddr_storage / iovec / mmsghdr.
+            addrs: vec![unsafe { std::mem::zeroed() }; BATCH],
+            iovs: vec![unsafe { std::mem::zeroed() }; BATCH],
+            hdrs: vec![unsafe { std::mem::zeroed() }; BATCH],
+        }
+    }
+
+    fn recv(&mut self, fd: RawFd, flags: libc::c_int) -> std::io::Result<usize> {
+        for i in 0..BATCH {
+            self.iovs[i] = libc::iovec {
+                iov_base: self.bufs[i].as_mut_ptr().cast(),
+                iov_len: self.bufs[i].len(),
+            };
+            let h = &mut self.hdrs[i].msg_hdr;
+            h.msg_name = (&mut self.addrs[i] as *mut libc::sockaddr_storage).cast();
+            h.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            h.msg_iov = &mut self.iovs[i];
+            h.msg_iovlen = 1;
+            h.msg_control = std::ptr::null_mut();
+            h.msg_controllen = 0;
+            h.msg_flags = 0;
+            self.hdrs[i].msg_len = 0;
+        }
+        // SAFETY: hdrs holds BATCH headers whose names and iovecs point at
+        // live buffers of the given lengths.
+        let n = unsafe {
+            libc::recvmmsg(
+                fd,
+                self.hdrs.as_mut_ptr(),
+                BATCH as libc::c_uint,
+                flags,
+                std::ptr::null_mut(),
+            )
+        };
+        if n < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(n as usize)
+    }
+
+    /// Source and bytes of datagram `i` of the last receive (no source if the
+    /// address family is not IP).
+    fn get(&self, i: usize) -> (Option<SocketAddr>, &[u8]) {
+        let len = self.hdrs[i].msg_len as usize;
+        (
+            from_sockaddr(&self.addrs[i]),
+            &self.bufs[i][..len.min(BUF_SIZE)],
+        )
+    }
+}
+
+/// Send side: datagrams of one batch, flushed with one `sendmmsg`.
+struct SendBatch<'a> {
+    socket: &'a UdpSocket,
+    slots: Vec<[u8; SEND_SLOT]>,
+    lens: Vec<usize>,
+    addrs: Vec<(libc::sockaddr_storage, libc::socklen_t)>,
+    iovs: Vec<libc::iovec>,
+    hdrs: Vec<libc::mmsghdr>,
+    n: usize,
+}
+
+impl<'a> SendBatch<'a> {
+    fn new(socket: &'a UdpSocket) -> Self {
+        SendBatch {
+            socket,
+            slots: vec![[0u8; SEND_SLOT]; BATCH],
+            lens: vec![0; BATCH],
+            // SAFETY: all-zero is a valid sockaddr_storage / iovec / mmsghdr.
+            addrs: vec![(unsafe { std::mem::zeroed() }, 0); BATCH],
+            iovs: vec![unsafe { std::mem::zeroed() }; BATCH],
+            hdrs: vec![unsafe { std::mem::zeroed() }; BATCH],
+            n: 0,
+        }
+    }
+
+    fn flush(&mut self) {
+        let mut sent = 0;
+        while sent < self.n {
+            for i in sent..self.n {
+                self.iovs[i] = libc::iovec {
+                    iov_base: self.slots[i].as_mut_ptr().cast(),
+                    iov_len: self.lens[i],
+                };
+                let h = &mut self.hdrs[i].msg_hdr;
+                h.msg_name = (&mut self.addrs[i].0 as *mut libc::sockaddr_storage).cast();
+                h.msg_namelen = self.addrs[i].1;
+                h.msg_iov = &mut self.iovs[i];
+                h.msg_iovlen = 1;
+                h.msg_control = std::ptr::null_mut();
+                h.msg_controllen = 0;
+                h.msg_flags = 0;
+            }
+            // SAFETY: headers sent..n point at live slots and addresses.
+            let r = unsafe {
+                libc::sendmmsg(
+                    self.socket.as_raw_fd(),
+                    self.hdrs[sent..].as_mut_ptr(),
+                    (self.n - sent) as libc::c_uint,
+                    0,
+                )
+            };
+            if r <= 0 {
+                // The first datagram failed (a full socket buffer, or an
+                // unreachable address): it is lost, as on any network.
+                let e = std::io::Error::last_os_error();
+                tracing::trace!(error = %e, "sendmmsg failed");
+                sent += 1;
+            } else {
+                sent += r as usize;
+            }
+        }
+        self.n = 0;
+    }
+}
+
+impl Transmit for SendBatch<'_> {
+    fn send(&mut self, to: SocketAddr, datagram: &[u8]) {
+        if datagram.len() > SEND_SLOT {
+            if let Err(e) = self.socket.send_to(datagram, to) {
+                tracing::trace!(%to, error = %e, "send failed");
+            }
+            return;
+        }
+        if self.n == BATCH {
+            self.flush();
+        }
+        let i = self.n;
+        self.slots[i][..datagram.len()].copy_from_slice(datagram);
+        self.lens[i] = datagram.len();
+        self.addrs[i] = to_sockaddr(to);
+        self.n += 1;
+    }
+}
+
+fn to_sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: all-zero is a valid sockaddr_storage.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match addr {
+        SocketAddr::V4(a) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(a.ip().octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_storage is larger than sockaddr_in and aligned for it.
+            unsafe { std::ptr::write((&mut storage as *mut libc::sockaddr_storage).cast(), sin) };
+            std::mem::size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(a) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: a.port().to_be(),
+                sin6_flowinfo: a.flowinfo(),
+                sin6_addr: libc::in6_addr {
+                    s6_addr: a.ip().octets(),
+                },
+                sin6_scope_id: a.scope_id(),
+            };
+            // SAFETY: as above, for sockaddr_in6.
+            unsafe { std::ptr::write((&mut storage as *mut libc::sockaddr_storage).cast(), sin6) };
+            std::mem::size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (storage, len as libc::socklen_t)
+}
+
+fn from_sockaddr(s: &libc::sockaddr_storage) -> Option<SocketAddr> {
+    match s.ss_family as libc::c_int {
+        libc::AF_INET => {
+            // SAFETY: the family says the storage holds a sockaddr_in.
+            let a: &libc::sockaddr_in = unsafe { &*(s as *const libc::sockaddr_storage).cast() };
+            Some(SocketAddr::new(
+                std::net::Ipv4Addr::from(a.sin_addr.s_addr.to_ne_bytes()).into(),
+                u16::from_be(a.sin_port),
+            ))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: the family says the storage holds a sockaddr_in6.
+            let a: &libc::sockaddr_in6 = unsafe { &*(s as *const libc::sockaddr_storage).cast() };
+            Some(SocketAddr::V6(std::net::SocketAddrV6::new(
+                a.sin6_addr.s6_addr.into(),
+                u16::from_be(a.sin6_port),
+                a.sin6_flowinfo,
+                a.sin6_scope_id,
+            )))
+        }
+        _ => None,
+    }
+}
+
+fn set_int(fd: RawFd, level: libc::c_int, opt: libc::c_int, v: libc::c_int) -> std::io::Result<()> {
+    // SAFETY: setsockopt reads an int of the given size from &v.
+    let r = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            opt,
+            (&v as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+fn get_int(fd: RawFd, level: libc::c_int, opt: libc::c_int) -> std::io::Result<libc::c_int> {
+    let mut v: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into &v.
+    let r = unsafe {
+        libc::getsockopt(
+            fd,
+            level,
+            opt,
+            (&mut v as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if r == 0 {
+        Ok(v)
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 /// Asks for `bytes` of kernel receive and send buffer on a UDP socket:
 /// bursts (a relay stream's window, a reconnect storm) must not overflow the
 /// default ~200 KiB. `SO_*BUFFORCE` (root or CAP_NET_ADMIN) goes past
 /// `net.core.rmem_max`/`wmem_max`; without it the kernel caps the request
 /// at those sysctls, and a warning says so.
-pub fn size_socket_buffers(fd: std::os::fd::RawFd, bytes: usize) {
-    let set = |opt: libc::c_int| -> bool {
-        let v = bytes as libc::c_int;
-        // SAFETY: setsockopt reads an int of the given size from &v.
-        unsafe {
-            libc::setsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                opt,
-                (&v as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            ) == 0
-        }
-    };
-    let rcv = set(libc::SO_RCVBUFFORCE) || set(libc::SO_RCVBUF);
-    let snd = set(libc::SO_SNDBUFFORCE) || set(libc::SO_SNDBUF);
-    let get = |opt: libc::c_int| -> usize {
-        let mut v: libc::c_int = 0;
-        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-        // SAFETY: getsockopt writes at most `len` bytes into &v.
-        unsafe {
-            libc::getsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                opt,
-                (&mut v as *mut libc::c_int).cast(),
-                &mut len,
-            );
-        }
-        v as usize
-    };
+pub fn size_socket_buffers(fd: RawFd, bytes: usize) {
+    let v = bytes as libc::c_int;
+    let rcv = set_int(fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, v).is_ok()
+        || set_int(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, v).is_ok();
+    let snd = set_int(fd, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, v).is_ok()
+        || set_int(fd, libc::SOL_SOCKET, libc::SO_SNDBUF, v).is_ok();
     // The kernel reports twice the usable size.
-    let got = get(libc::SO_RCVBUF) / 2;
+    let got = get_int(fd, libc::SOL_SOCKET, libc::SO_RCVBUF).unwrap_or(0) as usize / 2;
     if !rcv || !snd || got < bytes {
         tracing::warn!(
             wanted = bytes,
