@@ -343,6 +343,7 @@ impl crate::packet_path::LinkObserver for QueueObserver {
         session: &crate::session_table::Session,
         up: bool,
         _endpoint: std::net::SocketAddr,
+        _down: Option<crate::link_state::DownReason>,
     ) {
         if up {
             // Called with the session locked: only hand the work off.

@@ -87,6 +87,9 @@ pub struct ServeArgs {
     /// Handshake initiations that may wait for a worker; cookie replies from 1/8 full, drops when full [default: 4096]
     #[arg(long, env = "CLOUDLINK_HANDSHAKE_QUEUE")]
     pub handshake_queue: Option<usize>,
+    /// Handshakes per second the gateway initiates after a restart, to devices that were connected [default: 4000]
+    #[arg(long, env = "CLOUDLINK_REDIAL_RATE")]
+    pub redial_rate: Option<u32>,
     /// Packet worker threads, each with its own SO_REUSEPORT socket [default: number of CPUs]
     #[arg(long, env = "CLOUDLINK_WORKERS")]
     pub workers: Option<usize>,
@@ -341,6 +344,7 @@ pub struct GatewayConfig {
     pub handshake_rate_limit: u64,
     pub handshake_queue: usize,
     pub workers: usize,
+    pub redial_rate: u32,
     pub poll_interval: Duration,
     pub heartbeat_grace: Duration,
     pub proxy: SocketAddr,
@@ -366,6 +370,7 @@ impl Default for GatewayConfig {
             handshake_rate_limit: 0,
             handshake_queue: crate::packet_path::admission::DEFAULT_QUEUE,
             workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            redial_rate: 4000,
             poll_interval: Duration::from_secs(900),
             heartbeat_grace: Duration::from_secs(15),
             proxy: "127.0.0.1:3128".parse().unwrap(),
@@ -415,6 +420,10 @@ impl ServeArgs {
                 .or(file.handshake_queue)
                 .unwrap_or(d.handshake_queue),
             workers: self.workers.or(file.workers).unwrap_or(d.workers),
+            redial_rate: self
+                .redial_rate
+                .or(file.redial_rate)
+                .unwrap_or(d.redial_rate),
             poll_interval: self
                 .poll_interval
                 .or(file.poll_interval)

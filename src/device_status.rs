@@ -247,6 +247,7 @@ impl crate::packet_path::LinkObserver for DeviceStatus {
         session: &crate::session_table::Session,
         up: bool,
         endpoint: std::net::SocketAddr,
+        _down: Option<crate::link_state::DownReason>,
     ) {
         self.link(session.device_id, &session.uuid, up, endpoint);
     }

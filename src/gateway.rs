@@ -34,6 +34,8 @@ pub struct Gateway {
     pub relay: Arc<crate::relay::Relay>,
     status_task: Option<tokio::task::JoinHandle<()>>,
     api_task: Option<tokio::task::JoinHandle<()>>,
+    endpoints_task: Option<tokio::task::JoinHandle<()>>,
+    redialer: Option<crate::redial::Redialer>,
 }
 
 /// Runs a gateway until `shutdown` resolves, then stops it cleanly.
@@ -130,9 +132,11 @@ impl Gateway {
                 .map_err(|e| Error::Config(format!("action queue open task failed: {e}")))??,
             )
         };
+        let endpoints = Arc::new(crate::redial::EndpointBook::default());
         path.set_link_observer(Arc::new(crate::packet_path::Observers(vec![
             relay.clone(),
             status.clone(),
+            endpoints.clone(),
             Arc::new(crate::action_queue::QueueObserver {
                 queue: action_queue.clone(),
                 runtime: tokio::runtime::Handle::current(),
@@ -156,8 +160,35 @@ impl Gateway {
             .iter()
             .map(|_| registry.reader())
             .collect::<Result<Vec<_>, _>>()?;
+        // Read before the workers start: nothing has come up yet, so this is
+        // exactly who was connected when the gateway last stopped.
+        let targets = {
+            let r = registry.clone();
+            tokio::task::spawn_blocking(move || r.redial_targets())
+                .await
+                .map_err(|e| Error::Config(format!("redial list task failed: {e}")))??
+        };
         let threads =
             PacketThreads::start(path.clone(), sockets, readers).map_err(Error::Socket)?;
+        let redialer = if targets.is_empty() {
+            None
+        } else {
+            tracing::info!(
+                devices = targets.len(),
+                rate = config.redial_rate,
+                "redialing the devices connected before the restart"
+            );
+            Some(
+                crate::redial::spawn(
+                    path.clone(),
+                    targets,
+                    registry.reader()?,
+                    config.redial_rate.max(1),
+                )
+                .map_err(Error::Socket)?,
+            )
+        };
+        let endpoints_task = tokio::spawn(endpoints.run(registry.clone(), stop_status.subscribe()));
         let api_state = Arc::new(ApiState {
             path: path.clone(),
             registry: registry.clone(),
@@ -220,6 +251,8 @@ impl Gateway {
             relay,
             status_task: Some(status_task),
             api_task: Some(api_task),
+            endpoints_task: Some(endpoints_task),
+            redialer,
         })
     }
 
@@ -242,6 +275,9 @@ impl Gateway {
     pub async fn shutdown(mut self) {
         self.api_state.ready.store(false, Ordering::Release);
         let _ = self.stop_proxy.send(true);
+        if let Some(r) = self.redialer.take() {
+            let _ = tokio::task::spawn_blocking(move || r.stop()).await;
+        }
         self.relay.shutdown();
         if let Some(t) = self.threads.take() {
             let _ = tokio::task::spawn_blocking(move || t.stop()).await;
@@ -250,6 +286,9 @@ impl Gateway {
         // Persist the last heartbeat times before the event stream closes.
         let _ = self.stop_status.send(true);
         if let Some(task) = self.status_task.take() {
+            let _ = task.await;
+        }
+        if let Some(task) = self.endpoints_task.take() {
             let _ = task.await;
         }
         self.path.events.close();

@@ -20,6 +20,7 @@ pub mod link_state;
 pub mod loadgen;
 pub mod metrics;
 pub mod packet_path;
+pub mod redial;
 pub mod registry;
 pub mod relay;
 pub mod session_table;

@@ -97,6 +97,8 @@ impl LinkState {
     /// our own initiation). Both prove the device is alive and where it is,
     /// as in the kernel's WireGuard, but only a transport packet *confirms*
     /// the session (the device got our answer), so only it brings the link up.
+    /// (The packet path passes a response to the gateway's own initiation as
+    /// `transport`: for the initiator, the response is that confirmation.)
     pub fn on_authenticated(
         &mut self,
         now: Instant,

@@ -121,6 +121,8 @@ pub struct Metrics {
     pub sessions: IntGauge,
     /// Handshake initiations waiting in the queue.
     pub handshake_queue: IntGauge,
+    /// Handshakes the gateway initiated after a restart.
+    pub redials: IntCounter,
     /// Children in the order of `status::Status::NAMES`.
     pub devices_by_status: Vec<IntGauge>,
     pub devices_registered: IntGauge,
@@ -239,6 +241,10 @@ impl Metrics {
             handshake_queue: gauge(
                 "cloudlink_handshake_queue",
                 "Handshake initiations admitted and waiting for a worker.",
+            ),
+            redials: counter(
+                "cloudlink_redials_total",
+                "Handshakes the gateway initiated to devices connected before it restarted.",
             ),
             rx_bytes: counter(
                 "cloudlink_rx_bytes_total",

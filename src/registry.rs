@@ -78,6 +78,14 @@ pub struct DeviceIdentity {
     pub address: Ipv4Addr,
 }
 
+/// A device to redial after a restart.
+#[derive(Debug, Clone)]
+pub struct RedialTarget {
+    pub identity: DeviceIdentity,
+    pub public_key: KeyBytes,
+    pub endpoint: std::net::SocketAddr,
+}
+
 /// A registration request, already validated.
 #[derive(Debug, Clone)]
 pub struct NewDevice {
@@ -222,6 +230,7 @@ const ADDED_COLUMNS: &[(&str, &str)] = &[
     ("ever_linked", "INTEGER NOT NULL DEFAULT 0"),
     ("device_api_key", "TEXT"),
     ("app_id", "INTEGER"),
+    ("last_endpoint", "TEXT"),
 ];
 
 fn migrate(conn: &Connection) -> Result<(), RegistryError> {
@@ -488,6 +497,63 @@ impl Registry {
         }
         tx.commit()?;
         Ok(())
+    }
+
+    /// Records the endpoints of devices whose link went up (`Some`) or
+    /// down for good (`None`), in one transaction. A gateway stopping does
+    /// not clear them: they are where it redials after the restart.
+    pub fn save_endpoints(&self, rows: &[(u32, Option<String>)]) -> Result<(), RegistryError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let mut w = self.writer.lock();
+        let tx = w.conn.transaction()?;
+        {
+            let mut st =
+                tx.prepare_cached("UPDATE devices SET last_endpoint = ?2 WHERE id = ?1")?;
+            for (id, e) in rows {
+                st.execute(params![*id as i64, e])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Devices that were connected when the gateway last stopped, with the
+    /// endpoint they were last seen at.
+    pub fn redial_targets(&self) -> Result<Vec<RedialTarget>, RegistryError> {
+        let r = self.reader.lock();
+        let mut st = r.prepare(
+            "SELECT id, uuid, address, public_key, last_endpoint FROM devices WHERE last_endpoint IS NOT NULL",
+        )?;
+        let rows = st.query_map([], |row| {
+            let key: Vec<u8> = row.get(3)?;
+            let endpoint: String = row.get(4)?;
+            Ok((
+                DeviceIdentity {
+                    id: row.get::<_, i64>(0)? as u32,
+                    uuid: row.get::<_, String>(1)?.into_boxed_str(),
+                    address: Ipv4Addr::from(row.get::<_, i64>(2)? as u32),
+                },
+                key,
+                endpoint,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for r in rows {
+            let (identity, key, endpoint) = r?;
+            let (Ok(public_key), Ok(endpoint)) =
+                (KeyBytes::try_from(key.as_slice()), endpoint.parse())
+            else {
+                continue;
+            };
+            out.push(RedialTarget {
+                identity,
+                public_key,
+                endpoint,
+            });
+        }
+        Ok(out)
     }
 
     /// Calls `f` with the id and status inputs of every device (at start).

@@ -248,3 +248,56 @@ http.server.HTTPServer(("{addr}", 48484), H).serve_forever()
     assert_eq!(seen["body"], serde_json::json!({"appId": 3, "force": true}));
     g.stop().await;
 }
+
+/// An unmodified wireguard-go device, idle, is back within seconds after a
+/// gateway restart: the gateway redials it from the endpoint it persisted
+/// (wireguard-go alone would wait for its 120 s rekey).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wireguard_go_is_back_within_seconds_after_a_gateway_restart() {
+    let tag = format!("r{}", std::process::id() % 10_000);
+    let subnet = (std::process::id() % 6 + 249) as u8;
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(dir.path());
+    c.link_timeout = Duration::from_secs(30);
+    let mut g = TestGateway::start_in(dir, c.clone(), "0.0.0.0:0").await;
+    let port = g.udp.port();
+    let mut events = g.events(None).await;
+    let dev = WgGoDevice::start(&g, "wggo-redial", &tag, subnet).await;
+    dev.wait_handshake();
+    events
+        .wait_for(Duration::from_secs(20), |e| e["type"] == "link.up")
+        .await;
+    let before = dev
+        .ns
+        .exec(&["wg", "show", &dev.iface, "latest-handshakes"]);
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    g.stop().await;
+
+    let dir = std::mem::replace(&mut g.dir, tempfile::tempdir().unwrap());
+    let t = std::time::Instant::now();
+    let mut g = TestGateway::start_in(dir, c, &format!("0.0.0.0:{port}")).await;
+    let mut events = g.events(None).await;
+    let up = events
+        .wait_for(Duration::from_secs(20), |e| e["type"] == "link.up")
+        .await;
+    let back = t.elapsed();
+    assert_eq!(up.data["device"], "wggo-redial");
+    assert_eq!(up.data["endpoint"], dev.endpoint);
+    println!(
+        "wireguard-go back {:.2} s after the restart",
+        back.as_secs_f64()
+    );
+    assert!(back < Duration::from_secs(15), "back after {back:?}");
+    // A new handshake, seen from the device's side too, and traffic flows.
+    let after = dev
+        .ns
+        .exec(&["wg", "show", &dev.iface, "latest-handshakes"]);
+    assert_ne!(before, after, "wg reports a new handshake");
+    let gw_addr = g.device("wggo-redial").await["gateway"]["address"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let out = dev.ns.exec(&["ping", "-c", "1", "-W", "2", &gw_addr]);
+    assert!(out.contains("1 received"), "{out}");
+    g.stop().await;
+}

@@ -87,7 +87,7 @@ impl PacketPath {
     }
 
     /// Creates the session of a registered device on its first handshake.
-    fn create_session(
+    pub(crate) fn create_session(
         &self,
         key: KeyBytes,
         src: SocketAddr,

@@ -11,6 +11,8 @@
 //!   deliver packets addressed to the gateway;
 //! - [`send`]: encrypt an IP packet from the gateway to a device;
 //! - [`timers`]: boringtun's timers and the link timeout for every session;
+//! - [`redial`]: after a restart, handshakes the gateway initiates itself
+//!   to the devices that were connected;
 //! - [`udp_io`]: the only part that touches sockets: worker threads that
 //!   move datagrams between the UDP socket and the stages above.
 //!
@@ -22,6 +24,7 @@
 pub mod admission;
 pub mod handshake;
 pub mod receive;
+pub mod redial;
 pub mod send;
 pub mod timers;
 pub mod transport;
@@ -34,7 +37,7 @@ use std::time::Duration;
 use x25519_dalek::{PublicKey, StaticSecret};
 
 use crate::events::EventHub;
-use crate::link_state::LinkTransition;
+use crate::link_state::{DownReason, LinkTransition};
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::session_table::{Session, SessionTable};
@@ -65,16 +68,29 @@ pub trait TunnelSink: Send + Sync + 'static {
 /// Called with the session's lock held: it must not block or call back into
 /// the packet path.
 pub trait LinkObserver: Send + Sync + 'static {
-    fn link_changed(&self, session: &Session, up: bool, endpoint: SocketAddr);
+    /// `down` says why a link went down (`None` when it came up).
+    fn link_changed(
+        &self,
+        session: &Session,
+        up: bool,
+        endpoint: SocketAddr,
+        down: Option<DownReason>,
+    );
 }
 
 /// Several observers, told in order.
 pub struct Observers(pub Vec<Arc<dyn LinkObserver>>);
 
 impl LinkObserver for Observers {
-    fn link_changed(&self, session: &Session, up: bool, endpoint: SocketAddr) {
+    fn link_changed(
+        &self,
+        session: &Session,
+        up: bool,
+        endpoint: SocketAddr,
+        down: Option<DownReason>,
+    ) {
         for o in &self.0 {
-            o.link_changed(session, up, endpoint);
+            o.link_changed(session, up, endpoint, down);
         }
     }
 }
@@ -165,6 +181,11 @@ impl PacketPath {
         let _ = self.observer.set(observer);
     }
 
+    /// The egress socket, while the packet threads run.
+    pub fn egress_socket(&self) -> Option<Arc<std::net::UdpSocket>> {
+        self.egress.get()?.upgrade()
+    }
+
     /// Sets the socket used by [`send`](Self::send_ip). Once.
     pub fn set_egress(&self, socket: &Arc<std::net::UdpSocket>) {
         let _ = self.egress.set(Arc::downgrade(socket));
@@ -179,7 +200,7 @@ impl PacketPath {
                 tracing::info!(device = %session.uuid, %endpoint, "link up");
                 self.publish(session, "link.up", endpoint, "handshake", None);
                 if let Some(o) = self.observer.get() {
-                    o.link_changed(session, true, endpoint);
+                    o.link_changed(session, true, endpoint, None);
                 }
             }
             LinkTransition::Down { endpoint, reason } => {
@@ -187,7 +208,7 @@ impl PacketPath {
                 tracing::info!(device = %session.uuid, %endpoint, reason = reason.as_str(), "link down");
                 self.publish(session, "link.down", endpoint, reason.as_str(), None);
                 if let Some(o) = self.observer.get() {
-                    o.link_changed(session, false, endpoint);
+                    o.link_changed(session, false, endpoint, Some(reason));
                 }
             }
             LinkTransition::Roamed { from, to } => {

@@ -94,6 +94,6 @@ impl PacketPath {
     }
 }
 
-pub(crate) fn socket_tx(socket: &std::net::UdpSocket) -> impl Transmit + '_ {
+pub fn socket_tx(socket: &std::net::UdpSocket) -> impl Transmit + '_ {
     SocketTx(socket)
 }

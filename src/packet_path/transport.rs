@@ -58,9 +58,12 @@ impl PacketPath {
                 }
             }
             TunnResult::WriteToNetwork(packet) => {
-                // Our own initiation was answered: boringtun confirms the
-                // session with a keepalive.
-                self.authenticated(&session, &mut st, now, src, false);
+                // Our own initiation (a redial, or boringtun's rekey) was
+                // answered: the device holds the new keys and saw us, which
+                // confirms the session as a transport packet would. boringtun
+                // sends the keepalive that confirms it to the device.
+                st.last_handshake_at = Some(std::time::SystemTime::now());
+                self.authenticated(&session, &mut st, now, src, kind == Kind::HandshakeResponse);
                 self.transmit(tx, Some(&session), src, packet);
                 self.drain_queued(&session, &mut st, src, out, tx);
             }

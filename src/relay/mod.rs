@@ -302,7 +302,13 @@ impl TunnelSink for Relay {
 }
 
 impl LinkObserver for Relay {
-    fn link_changed(&self, session: &Session, up: bool, _endpoint: std::net::SocketAddr) {
+    fn link_changed(
+        &self,
+        session: &Session,
+        up: bool,
+        _endpoint: std::net::SocketAddr,
+        _down: Option<crate::link_state::DownReason>,
+    ) {
         if !up {
             // Called with the session lock held: only flag the stacks; their
             // timer tasks abort the streams (stack → session is the lock

@@ -1,0 +1,138 @@
+//! Coming back after a restart (the I/O half; the sans-IO stage is
+//! `packet_path::redial`).
+//!
+//! - [`EndpointBook`] watches links and persists, once a second in one
+//!   transaction, the endpoint of every device whose link comes up, and
+//!   forgets it when the link goes down for good (timeout, deletion). A
+//!   gateway that stops (cleanly or not) leaves the endpoints of its
+//!   connected devices in the registry.
+//! - [`spawn`] starts the redial driver after a start: it dials those devices
+//!   at a paced rate, and holds back while the handshake queue says the
+//!   gateway is under load, so redials share the handshake budget with
+//!   devices dialling in by themselves.
+
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::link_state::DownReason;
+use crate::packet_path::{PacketPath, BUF_SIZE};
+use crate::registry::{RedialTarget, Registry, RegistryReader};
+use crate::session_table::Session;
+
+/// Endpoint changes waiting to be written.
+#[derive(Default)]
+pub struct EndpointBook {
+    dirty: Mutex<HashMap<u32, Option<String>>>,
+}
+
+impl crate::packet_path::LinkObserver for EndpointBook {
+    fn link_changed(
+        &self,
+        session: &Session,
+        up: bool,
+        endpoint: std::net::SocketAddr,
+        down: Option<DownReason>,
+    ) {
+        // Called with the session locked: only note it.
+        let value = match (up, down) {
+            (true, _) => Some(endpoint.to_string()),
+            // Stopping: keep it, it is where to redial.
+            (false, Some(DownReason::Shutdown)) => return,
+            (false, _) => None,
+        };
+        self.dirty.lock().insert(session.device_id, value);
+    }
+}
+
+impl EndpointBook {
+    /// Writes what changed since the last call.
+    pub fn flush(&self, registry: &Registry) {
+        let rows: Vec<(u32, Option<String>)> = self.dirty.lock().drain().collect();
+        if let Err(e) = registry.save_endpoints(&rows) {
+            tracing::warn!(error = %e, "could not persist device endpoints");
+        }
+    }
+
+    /// Flushes once a second until `stop`, then once more.
+    pub async fn run(
+        self: Arc<Self>,
+        registry: Arc<Registry>,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = stop.changed() => break,
+            }
+            let (book, reg) = (self.clone(), registry.clone());
+            let _ = tokio::task::spawn_blocking(move || book.flush(&reg)).await;
+        }
+        let (book, reg) = (self.clone(), registry.clone());
+        let _ = tokio::task::spawn_blocking(move || book.flush(&reg)).await;
+    }
+}
+
+/// A running redial driver.
+pub struct Redialer {
+    stop: Arc<AtomicBool>,
+    handle: std::thread::JoinHandle<()>,
+}
+
+impl Redialer {
+    pub fn stop(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.handle.join();
+    }
+}
+
+/// Dials `targets` at up to `per_second`, pausing while the gateway is
+/// under load. Sends through the packet path's egress socket.
+pub fn spawn(
+    path: Arc<PacketPath>,
+    targets: Vec<RedialTarget>,
+    mut reader: RegistryReader,
+    per_second: u32,
+) -> std::io::Result<Redialer> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    let handle = std::thread::Builder::new()
+        .name("cloudlink-redial".into())
+        .spawn(move || {
+            let started = Instant::now();
+            let total = targets.len();
+            let mut out = vec![0u8; BUF_SIZE].into_boxed_slice();
+            let mut dialed = 0usize;
+            let per_tick = (per_second / 100).max(1) as usize;
+            let mut next = targets.into_iter();
+            'outer: while !flag.load(Ordering::Relaxed) {
+                if path.under_load() {
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                }
+                let Some(socket) = path.egress_socket() else {
+                    break;
+                };
+                let mut tx = crate::packet_path::send::socket_tx(&socket);
+                for _ in 0..per_tick {
+                    let Some(t) = next.next() else {
+                        break 'outer;
+                    };
+                    if path.redial(Instant::now(), &t, &mut out, &mut reader, &mut tx) {
+                        dialed += 1;
+                    }
+                }
+                drop(tx);
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            tracing::info!(
+                devices = total,
+                dialed,
+                seconds = started.elapsed().as_secs_f64(),
+                "redial after restart done"
+            );
+        })?;
+    Ok(Redialer { stop, handle })
+}
