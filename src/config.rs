@@ -194,6 +194,15 @@ pub struct LoadgenArgs {
     /// Device uuids are this prefix and a 7-digit number
     #[arg(long, env = "CLOUDLINK_LOADGEN_UUID_PREFIX", default_value = "lg-")]
     pub uuid_prefix: String,
+    /// Write "<seconds> <connected>" to this file twice a second
+    #[arg(long, env = "CLOUDLINK_LOADGEN_STATUS_FILE")]
+    pub status_file: Option<PathBuf>,
+    /// With --exit-when-connected: wait for the --gateway-pid process to go away (a restart) and every device to be back
+    #[arg(long, env = "CLOUDLINK_LOADGEN_AWAIT_RESTART")]
+    pub await_restart: bool,
+    /// Only write --keys and --wg-peers, then stop
+    #[arg(long, env = "CLOUDLINK_LOADGEN_PREPARE_ONLY")]
+    pub prepare_only: bool,
 }
 
 impl LoadgenArgs {
@@ -235,6 +244,9 @@ impl LoadgenArgs {
             exit_when_connected: self.exit_when_connected,
             settle: self.settle,
             uuid_prefix: self.uuid_prefix,
+            status_file: self.status_file,
+            await_restart: self.await_restart,
+            prepare_only: self.prepare_only,
         })
     }
 }

@@ -105,11 +105,16 @@ pub fn spawn(
             let total = targets.len();
             let mut out = vec![0u8; BUF_SIZE].into_boxed_slice();
             let mut dialed = 0usize;
+            // Paced by deadline: `per_second` on average, in ticks of 10 ms,
+            // however long each tick's dialling took.
+            let tick = Duration::from_millis(10);
             let per_tick = (per_second / 100).max(1) as usize;
             let mut next = targets.into_iter();
+            let mut deadline = Instant::now();
             'outer: while !flag.load(Ordering::Relaxed) {
                 if path.under_load() {
-                    std::thread::sleep(Duration::from_millis(10));
+                    std::thread::sleep(tick);
+                    deadline = Instant::now();
                     continue;
                 }
                 let Some(socket) = path.egress_socket() else {
@@ -125,7 +130,14 @@ pub fn spawn(
                     }
                 }
                 drop(tx);
-                std::thread::sleep(Duration::from_millis(10));
+                deadline += tick;
+                let now = Instant::now();
+                if deadline > now {
+                    std::thread::sleep(deadline - now);
+                } else if now - deadline > tick * 10 {
+                    // Far behind (the CPU is busy): do not burst to catch up.
+                    deadline = now;
+                }
             }
             tracing::info!(
                 devices = total,

@@ -56,6 +56,13 @@ pub struct LoadgenConfig {
     pub exit_when_connected: bool,
     pub settle: Duration,
     pub uuid_prefix: String,
+    /// Write `<t> <connected>` here twice a second (for scripts).
+    pub status_file: Option<PathBuf>,
+    /// With `exit_when_connected`: wait for a gateway restart (the
+    /// `gateway_pid` process ending) and for every device to be back.
+    pub await_restart: bool,
+    /// Only write `keys` and `wg_peers`, then stop.
+    pub prepare_only: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +87,12 @@ enum Phase {
 struct Device {
     /// Kept to rebuild the tunnel when the device churns.
     secret: StaticSecret,
+    /// BLAKE2s("mac1----" ‖ public key): tells which device of a shared
+    /// socket an initiation from the gateway is for (its mac1 is keyed with
+    /// the responder's public key).
+    mac1_key: [u8; 32],
+    /// Counted back after the gateway restarted.
+    back: bool,
     tunn: Tunn,
     phase: Phase,
     /// When the current connection attempt began.
@@ -97,7 +110,31 @@ struct Shared {
     send_errors: AtomicU64,
     decrypt_errors: AtomicU64,
     reconnects: AtomicU64,
+    /// Handshakes the gateway initiated (redials) that the devices answered.
+    answered: AtomicU64,
+    /// Set when the gateway process went away (a restart).
+    restarted: AtomicBool,
+    /// Devices back after the restart (answered a redial or re-handshaked).
+    back: AtomicU64,
     latencies_us: Mutex<Vec<u32>>,
+}
+
+fn mac1_key(public: &PublicKey) -> [u8; 32] {
+    use blake2::Digest;
+    let mut h = blake2::Blake2s256::new();
+    h.update(b"mac1----");
+    h.update(public.as_bytes());
+    h.finalize().into()
+}
+
+/// Whether `initiation` carries a valid mac1 for the responder `key`.
+fn mac1_matches(key: &[u8; 32], initiation: &[u8]) -> bool {
+    use blake2::digest::{consts::U16, Mac};
+    let Ok(mut m) = blake2::Blake2sMac::<U16>::new_from_slice(key) else {
+        return false;
+    };
+    m.update(&initiation[..116]);
+    m.verify_slice(&initiation[116..132]).is_ok()
 }
 
 /// The private keys of the fleet: from `--keys` when it exists, else new
@@ -244,6 +281,10 @@ pub fn run(cfg: LoadgenConfig) -> Result<Report, LoadgenError> {
     if let Some(p) = &cfg.wg_peers {
         write_wg_peers(p, &publics)?;
     }
+    if cfg.prepare_only {
+        eprintln!("loadgen: {} keys prepared", cfg.devices);
+        return Ok(report::build(&cfg, &Shared::default(), 0.0, None, None, None));
+    }
     let gateway_key = if cfg.no_register {
         cfg.gateway_public_key.ok_or_else(|| {
             LoadgenError::Config("--no-register needs --gateway-public-key".into())
@@ -267,6 +308,7 @@ pub fn run(cfg: LoadgenConfig) -> Result<Report, LoadgenError> {
     let shared = Arc::new(Shared::default());
     let stop = Arc::new(AtomicBool::new(false));
     let cpu_start = cfg.gateway_pid.and_then(report::cpu_seconds);
+    let rss_registered = cfg.gateway_pid.and_then(report::rss_bytes);
     let start = Instant::now();
     let cfg = Arc::new(cfg);
 
@@ -282,6 +324,8 @@ pub fn run(cfg: LoadgenConfig) -> Result<Report, LoadgenError> {
             let socket = my_sockets[(i / threads) % my_sockets.len()];
             let secret = secrets[i].take().expect("each key used once");
             devices.push(Device {
+                mac1_key: mac1_key(&publics[i]),
+                back: false,
                 tunn: Tunn::new(
                     secret.clone(),
                     gateway_key,
@@ -297,9 +341,14 @@ pub fn run(cfg: LoadgenConfig) -> Result<Report, LoadgenError> {
             });
             i += threads;
         }
+        let mut on_socket = vec![Vec::new(); sockets.len()];
+        for (local, d) in devices.iter().enumerate() {
+            on_socket[d.socket].push(local as u32);
+        }
         let worker = Worker {
             w,
             threads,
+            on_socket,
             devices,
             sockets: sockets.clone(),
             my_sockets,
@@ -323,18 +372,52 @@ pub fn run(cfg: LoadgenConfig) -> Result<Report, LoadgenError> {
     let mut last_print = Instant::now();
     let mut last_hs = 0;
     let mut end_at = start + cfg.duration;
+    let mut restart: Option<(f64, u64)> = None;
+    let mut cpu_connect: Option<f64> = None;
+    let mut all_back: Option<f64> = None;
+    let mut last_status = Instant::now();
     while Instant::now() < end_at {
         std::thread::sleep(Duration::from_millis(100));
         let t = start.elapsed().as_secs_f64();
-        let connected = shared.connected.load(Ordering::Relaxed);
+        let mut connected = shared.connected.load(Ordering::Relaxed);
+        // The gateway process went away: a restart. From now on a device
+        // counts as connected once it handshakes with the new gateway.
+        if restart.is_none() {
+            if let Some(pid) = cfg.gateway_pid {
+                if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                    restart = Some((t, connected));
+                    shared.restarted.store(true, Ordering::Relaxed);
+                    eprintln!("loadgen: t={t:6.1}s the gateway process {pid} is gone: counting devices back");
+                }
+            }
+        }
+        if let Some((at, before)) = restart {
+            connected = shared.back.load(Ordering::Relaxed);
+            if all_back.is_none() && connected >= before {
+                all_back = Some(t - at);
+                if cfg.exit_when_connected {
+                    end_at = end_at.min(Instant::now() + cfg.settle);
+                }
+            }
+        }
         timeline.push((t, connected));
-        if all_connected.is_none() && connected as usize == cfg.devices {
+        if let Some(p) = &cfg.status_file {
+            if last_status.elapsed() >= Duration::from_millis(500) {
+                let _ = std::fs::write(p, format!("{t:.1} {connected}\n"));
+                last_status = Instant::now();
+            }
+        }
+        if all_connected.is_none() && restart.is_none() && connected as usize == cfg.devices {
             all_connected = Some(t);
+            cpu_connect = match (cpu_start, cfg.gateway_pid.and_then(report::cpu_seconds)) {
+                (Some(a), Some(b)) => Some(b - a),
+                _ => None,
+            };
             idle_from = cfg
                 .gateway_pid
                 .and_then(report::cpu_seconds)
                 .map(|c| (Instant::now(), c));
-            if cfg.exit_when_connected {
+            if cfg.exit_when_connected && !cfg.await_restart {
                 end_at = end_at.min(Instant::now() + cfg.settle);
             }
         }
@@ -363,19 +446,22 @@ pub fn run(cfg: LoadgenConfig) -> Result<Report, LoadgenError> {
         }
         std::fs::write(p, text)?;
     }
-    Ok(report::build(
-        &cfg,
-        &shared,
-        elapsed,
-        all_connected,
-        cpu_start,
-        idle_from,
-    ))
+    let mut report = report::build(&cfg, &shared, elapsed, all_connected, cpu_start, idle_from);
+    report.gateway_rss_registered_bytes = rss_registered;
+    report.restart_at_s = restart.map(|r| r.0);
+    report.connected_at_restart = restart.map(|r| r.1);
+    report.all_back_s = all_back;
+    report.back = restart.map(|_| shared.back.load(Ordering::Relaxed));
+    report.redials_answered = shared.answered.load(Ordering::Relaxed);
+    report.gateway_cpu_connect_s = cpu_connect;
+    Ok(report)
 }
 
 struct Worker {
     w: usize,
     threads: usize,
+    /// Local device numbers on each socket (this worker's sockets only).
+    on_socket: Vec<Vec<u32>>,
     devices: Vec<Device>,
     sockets: Arc<Vec<UdpSocket>>,
     my_sockets: Vec<usize>,
@@ -471,7 +557,7 @@ impl Worker {
                             Ok(n) => n,
                             Err(_) => break,
                         };
-                        self.on_datagram(&buf[..n], &mut out, &mut latencies);
+                        self.on_datagram(s, &buf[..n], &mut out, &mut latencies);
                     }
                 }
             }
@@ -530,7 +616,11 @@ impl Worker {
         self.shared.latencies_us.lock().extend(latencies);
     }
 
-    fn on_datagram(&mut self, datagram: &[u8], out: &mut [u8], latencies: &mut Vec<u32>) {
+    fn on_datagram(&mut self, socket: usize, datagram: &[u8], out: &mut [u8], latencies: &mut Vec<u32>) {
+        if datagram.first() == Some(&1) && datagram.len() == 148 {
+            self.on_initiation(socket, datagram, out);
+            return;
+        }
         let idx = match datagram.first() {
             Some(2) if datagram.len() == 92 => {
                 u32::from_le_bytes(datagram[8..12].try_into().unwrap())
@@ -578,6 +668,32 @@ impl Worker {
                 d.phase = Phase::Connected;
                 self.shared.connected.fetch_add(1, Ordering::Relaxed);
                 latencies.push(d.attempt.elapsed().as_micros().min(u32::MAX as u128) as u32);
+            }
+            if self.shared.restarted.load(Ordering::Relaxed) && !d.back {
+                d.back = true;
+                self.shared.back.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// A handshake initiation from the gateway (a redial after its
+    /// restart): find the device it is for by mac1 and answer it.
+    fn on_initiation(&mut self, socket: usize, datagram: &[u8], out: &mut [u8]) {
+        let Some(local) = self.on_socket[socket]
+            .iter()
+            .map(|&l| l as usize)
+            .find(|&l| mac1_matches(&self.devices[l].mac1_key, datagram))
+        else {
+            return;
+        };
+        let d = &mut self.devices[local];
+        if let TunnResult::WriteToNetwork(p) = d.tunn.decapsulate(None, datagram, out) {
+            let p = p.to_vec();
+            let _ = self.sockets[socket].send_to(&p, self.cfg.gateway);
+            self.shared.answered.fetch_add(1, Ordering::Relaxed);
+            if self.shared.restarted.load(Ordering::Relaxed) && !d.back {
+                d.back = true;
+                self.shared.back.fetch_add(1, Ordering::Relaxed);
             }
         }
     }

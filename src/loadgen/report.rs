@@ -31,6 +31,18 @@ pub struct Report {
     pub gateway_cpu_s: Option<f64>,
     /// Gateway CPU while every device was connected, in percent of one core.
     pub gateway_idle_cpu_pct: Option<f64>,
+    /// Gateway RSS once the fleet was registered, before any handshake.
+    pub gateway_rss_registered_bytes: Option<u64>,
+    /// When the gateway process went away (seconds into the run).
+    pub restart_at_s: Option<f64>,
+    pub connected_at_restart: Option<u64>,
+    /// Seconds from the restart until as many devices were back.
+    pub all_back_s: Option<f64>,
+    pub back: Option<u64>,
+    /// Handshakes the gateway initiated that the devices answered.
+    pub redials_answered: u64,
+    /// Gateway CPU seconds from the first initiation until all connected.
+    pub gateway_cpu_connect_s: Option<f64>,
 }
 
 /// User + system CPU seconds of process `pid` (from `/proc/<pid>/stat`).
@@ -116,5 +128,12 @@ pub(super) fn build(
             _ => None,
         },
         gateway_idle_cpu_pct: idle,
+        gateway_rss_registered_bytes: None,
+        restart_at_s: None,
+        connected_at_restart: None,
+        all_back_s: None,
+        back: None,
+        redials_answered: 0,
+        gateway_cpu_connect_s: None,
     }
 }
