@@ -23,7 +23,7 @@ cd "$(dirname "$0")/.."
 
 N=${N:-100000}
 N_WG=${N_WG:-50000}
-RATE=${RATE:-5000}
+RATE=${RATE:-2500}
 IDLE=${IDLE:-150}
 OUT=${OUT:-target/fleet}
 SCENARIOS=${SCENARIOS:-ABC}
@@ -44,7 +44,7 @@ if [ ${#need[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}"
 fi
 cargo build --release --quiet
-ulimit -n 65536 || true
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
 UDP=51999
 API=18999
@@ -84,7 +84,7 @@ if [[ $SCENARIOS == *A* ]]; then
     rm -rf "$OUT/a" && mkdir -p "$OUT/a"
     start_gateway "$OUT/a/data" "$OUT/a/gateway.log"
     timeout $((IDLE + N / RATE + 300)) "$BIN" loadgen --gateway "127.0.0.1:$UDP" --api "http://127.0.0.1:$API" \
-        --token-file "$OUT/a/data/api-token" --devices "$N" --rate "$RATE" --sockets 1024 --threads 1 \
+        --token-file "$OUT/a/data/api-token" --devices "$N" --rate "$RATE" --sockets 512 --threads 1 \
         --duration "$((N / RATE + IDLE + 240))s" --exit-when-connected --settle "${IDLE}s" \
         --gateway-pid "$GPID" --timeline "$OUT/a/timeline.csv" >"$OUT/a/report.json" 2>"$OUT/a/loadgen.log"
     stop_gateway
@@ -97,7 +97,7 @@ if [[ $SCENARIOS == *B* ]]; then
     rm -rf "$OUT/b" && mkdir -p "$OUT/b"
     start_gateway "$OUT/b/data" "$OUT/b/gateway.log"
     "$BIN" loadgen --gateway "127.0.0.1:$UDP" --api "http://127.0.0.1:$API" \
-        --token-file "$OUT/b/data/api-token" --devices "$N" --storm --sockets 1024 --threads 1 \
+        --token-file "$OUT/b/data/api-token" --devices "$N" --storm --sockets 512 --threads 1 \
         --duration 600s --exit-when-connected --await-restart --settle 3s --gateway-pid "$GPID" \
         --status-file "$OUT/b/status" --timeline "$OUT/b/timeline.csv" >"$OUT/b/report.json" 2>"$OUT/b/loadgen.log" &
     LG=$!
@@ -125,7 +125,7 @@ if [[ $SCENARIOS == *C* ]]; then
     # cloudlink, on loopback.
     start_gateway "$OUT/c/data" "$OUT/c/gateway.log"
     "$BIN" loadgen --gateway "127.0.0.1:$UDP" --api "http://127.0.0.1:$API" \
-        --token-file "$OUT/c/data/api-token" --devices "$N_WG" --storm --sockets 1024 \
+        --token-file "$OUT/c/data/api-token" --devices "$N_WG" --storm --sockets 512 \
         --duration 300s --exit-when-connected --settle 2s --gateway-pid "$GPID" \
         --timeline "$OUT/c/cloudlink-timeline.csv" >"$OUT/c/cloudlink.json" 2>"$OUT/c/cloudlink-loadgen.log"
     echo "$(completed_handshakes)" >"$OUT/c/cloudlink-handshakes"
@@ -159,7 +159,7 @@ if [[ $SCENARIOS == *C* ]]; then
     echo "   wireguard-go took $(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN {printf "%.1f", b - a}') s to load $N_WG peers"
     rss1=$(awk '/VmRSS/ {print $2 * 1024}' /proc/$WGPID/status)
     "$BIN" loadgen --no-register --keys "$OUT/c/keys" --gateway-public-key "$WGPUB" \
-        --gateway 198.18.0.2:51820 --devices "$N_WG" --storm --sockets 1024 \
+        --gateway 198.18.0.2:51820 --devices "$N_WG" --storm --sockets 512 \
         --duration 300s --exit-when-connected --settle 2s --gateway-pid "$WGPID" \
         --timeline "$OUT/c/wireguard-go-timeline.csv" >"$OUT/c/wireguard-go.json" 2>"$OUT/c/wg-loadgen.log"
     jq -c --arg r0 "$rss0" --arg r1 "$rss1" '. + {rss_before_peers: ($r0|tonumber), rss_with_peers: ($r1|tonumber)}' \

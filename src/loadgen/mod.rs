@@ -691,7 +691,10 @@ impl Worker {
             let p = p.to_vec();
             let _ = self.sockets[socket].send_to(&p, self.cfg.gateway);
             self.shared.answered.fetch_add(1, Ordering::Relaxed);
-            if self.shared.restarted.load(Ordering::Relaxed) && !d.back {
+            // The gateway initiates only after a restart (it is a responder
+            // otherwise), so this counts even when the redial beat the
+            // watcher's noticing of the restart.
+            if !d.back {
                 d.back = true;
                 self.shared.back.fetch_add(1, Ordering::Relaxed);
             }
