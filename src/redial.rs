@@ -7,7 +7,10 @@
 //!   gateway that stops (cleanly or not) leaves the endpoints of its
 //!   connected devices in the registry.
 //! - [`spawn`] starts the redial driver after a start: it dials those devices
-//!   at a paced rate, and holds back while the handshake queue says the
+//!   at a paced rate with at most [`IN_FLIGHT`] initiations unanswered (so
+//!   it goes no faster than the devices answer: an initiation that waits
+//!   too long is resent by boringtun after 5 s, and each resend costs both
+//!   sides a handshake), and holds back while the handshake queue says the
 //!   gateway is under load, so redials share the handshake budget with
 //!   devices dialling in by themselves.
 
@@ -75,6 +78,12 @@ impl EndpointBook {
     }
 }
 
+/// Initiations the driver leaves unanswered at most.
+pub const IN_FLIGHT: usize = 1024;
+/// After this long an unanswered redial stops counting as in flight
+/// (boringtun keeps retrying it; the device may be gone).
+const GIVE_UP: Duration = Duration::from_secs(3);
+
 /// A running redial driver.
 pub struct Redialer {
     stop: Arc<AtomicBool>,
@@ -111,9 +120,20 @@ pub fn spawn(
             let per_tick = (per_second / 100).max(1) as usize;
             let mut next = targets.into_iter();
             let mut deadline = Instant::now();
+            let mut in_flight: std::collections::VecDeque<(Arc<Session>, Instant)> =
+                std::collections::VecDeque::with_capacity(IN_FLIGHT);
             'outer: while !flag.load(Ordering::Relaxed) {
-                if path.under_load() {
-                    std::thread::sleep(tick);
+                // Answered (or given up) redials leave the window.
+                let now = Instant::now();
+                while let Some((s, at)) = in_flight.front() {
+                    if s.state.lock().last_handshake_at.is_some() || now.duration_since(*at) >= GIVE_UP {
+                        in_flight.pop_front();
+                    } else {
+                        break;
+                    }
+                }
+                if path.under_load() || in_flight.len() >= IN_FLIGHT {
+                    std::thread::sleep(Duration::from_millis(2));
                     deadline = Instant::now();
                     continue;
                 }
@@ -121,11 +141,13 @@ pub fn spawn(
                     break;
                 };
                 let mut tx = crate::packet_path::send::socket_tx(&socket);
-                for _ in 0..per_tick {
+                for _ in 0..per_tick.min(IN_FLIGHT - in_flight.len()) {
                     let Some(t) = next.next() else {
                         break 'outer;
                     };
-                    if path.redial(Instant::now(), &t, &mut out, &mut reader, &mut tx) {
+                    let now = Instant::now();
+                    if let Some(s) = path.redial(now, &t, &mut out, &mut reader, &mut tx) {
+                        in_flight.push_back((s, now));
                         dialed += 1;
                     }
                 }

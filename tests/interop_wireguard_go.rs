@@ -301,3 +301,55 @@ async fn wireguard_go_is_back_within_seconds_after_a_gateway_restart() {
     assert!(out.contains("1 received"), "{out}");
     g.stop().await;
 }
+
+/// wireguard-go as an initiator against a gateway under load: it gets a
+/// cookie reply, retries with mac2, and the gateway admits it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wireguard_go_handshakes_through_cookie_replies_under_load() {
+    let tag = format!("k{}", std::process::id() % 10_000);
+    let subnet = (std::process::id() % 200 + 256) as u16;
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(dir.path());
+    // Under load from the second initiation of a second on.
+    c.handshake_rate_limit = 1;
+    let mut g = TestGateway::start_in(dir, c, "0.0.0.0:0").await;
+    let gw_key = g.gw().path.public_key().to_bytes();
+    // Keep the gateway under load: initiations with a valid mac1 from an
+    // unregistered key, 200 a second, from loopback. After each once-a-second
+    // reset of the rate window only the first few milliseconds admit an
+    // initiation without mac2, so wireguard-go connects only if it takes
+    // the cookie and retries with a mac2 the gateway accepts.
+    let udp = std::net::SocketAddr::from(([127, 0, 0, 1], g.udp.port()));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flood = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut noise = TestDevice::new(udp, &gw_key, 77);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                noise.send_initiation();
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut events = g.events(None).await;
+    let t = std::time::Instant::now();
+    let dev = WgGoDevice::start(&g, "wggo-cookie", &tag, subnet).await;
+    dev.wait_handshake();
+    println!(
+        "wireguard-go connected under load after {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    let up = events
+        .wait_for(Duration::from_secs(30), |e| e["type"] == "link.up")
+        .await;
+    assert_eq!(up.data["device"], "wggo-cookie");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    flood.join().unwrap();
+    let cookies = g
+        .metric("cloudlink_handshakes_total{result=\"cookie\"}")
+        .await;
+    assert!(cookies >= 1.0, "the gateway answered cookie replies");
+    assert_eq!(g.device("wggo-cookie").await["cloudlink"]["connected"], true);
+    g.stop().await;
+}

@@ -110,6 +110,8 @@ struct Shared {
     send_errors: AtomicU64,
     decrypt_errors: AtomicU64,
     reconnects: AtomicU64,
+    /// New attempts after boringtun gave up on a handshake.
+    retries: AtomicU64,
     /// Handshakes the gateway initiated (redials) that the devices answered.
     answered: AtomicU64,
     /// Set when the gateway process went away (a restart).
@@ -575,12 +577,39 @@ impl Worker {
                     }
                     let d = &mut self.devices[timer_cursor];
                     let socket = d.socket;
-                    if let TunnResult::WriteToNetwork(p) = d.tunn.update_timers(&mut out) {
-                        if p.len() == 148 {
-                            self.shared.initiations.fetch_add(1, Ordering::Relaxed);
+                    match d.tunn.update_timers(&mut out) {
+                        TunnResult::WriteToNetwork(p) => {
+                            if p.len() == 148 {
+                                self.shared.initiations.fetch_add(1, Ordering::Relaxed);
+                            }
+                            let p = p.to_vec();
+                            self.send(socket, &p);
                         }
-                        let p = p.to_vec();
-                        self.send(socket, &p);
+                        TunnResult::Err(boringtun::noise::errors::WireGuardError::ConnectionExpired)
+                            if d.phase == Phase::Handshaking =>
+                        {
+                            // boringtun gives up after 90 s of unanswered
+                            // initiations; a real device's next keepalive
+                            // starts a new attempt, so this one does too.
+                            let global = timer_cursor * self.threads + self.w;
+                            d.tunn = Tunn::new(
+                                d.secret.clone(),
+                                self.gateway_key,
+                                None,
+                                Some(KEEPALIVE_S),
+                                global as u32,
+                                None,
+                            );
+                            self.shared.retries.fetch_add(1, Ordering::Relaxed);
+                            if let TunnResult::WriteToNetwork(p) =
+                                d.tunn.format_handshake_initiation(&mut out, false)
+                            {
+                                let p = p.to_vec();
+                                self.shared.initiations.fetch_add(1, Ordering::Relaxed);
+                                self.send(socket, &p);
+                            }
+                        }
+                        _ => {}
                     }
                 }
                 last_timer = now;

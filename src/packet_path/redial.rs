@@ -12,15 +12,17 @@
 //! stage removes the session.
 
 use boringtun::noise::TunnResult;
+use std::sync::Arc;
 use std::time::Instant;
 
 use super::{PacketPath, Transmit};
 use crate::registry::{RedialTarget, RegistryReader};
+use crate::session_table::Session;
 
 impl PacketPath {
     /// Dials `target` at its last endpoint, unless it already has a session
-    /// (it came back by itself) or is no longer registered. Returns whether
-    /// an initiation was written.
+    /// (it came back by itself) or is no longer registered. Returns the
+    /// session an initiation was written for.
     pub fn redial(
         &self,
         _now: Instant,
@@ -28,26 +30,25 @@ impl PacketPath {
         out: &mut [u8],
         reader: &mut RegistryReader,
         tx: &mut impl Transmit,
-    ) -> bool {
+    ) -> Option<Arc<Session>> {
         if self.sessions.by_key(&target.public_key).is_some() {
-            return false;
+            return None;
         }
-        let Some(session) = self.create_session(target.public_key, target.endpoint, reader) else {
-            return false;
-        };
+        let session = self.create_session(target.public_key, target.endpoint, reader)?;
         let mut st = session.state.lock();
         if st.last_handshake_at.is_some() {
             // Raced with the device's own handshake, which won.
-            return false;
+            return None;
         }
         match st.tunn.format_handshake_initiation(out, false) {
             TunnResult::WriteToNetwork(initiation) => {
                 self.transmit(tx, Some(&session), target.endpoint, initiation);
                 self.metrics.redials.inc();
                 tracing::debug!(device = %session.uuid, endpoint = %target.endpoint, "redialed after restart");
-                true
+                drop(st);
+                Some(session)
             }
-            _ => false,
+            _ => None,
         }
     }
 }

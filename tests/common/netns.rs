@@ -48,7 +48,11 @@ pub struct Netns {
 }
 
 impl Netns {
-    pub fn create(tag: &str, subnet: u8) -> Self {
+    /// `subnet` picks the /24: 0-255 in 198.18.0.0/16, 256-511 in
+    /// 198.19.0.0/16 (both in the benchmark range).
+    pub fn create(tag: &str, subnet: impl Into<u16>) -> Self {
+        let subnet: u16 = subnet.into();
+        let (second, third) = (18 + subnet / 256, subnet % 256);
         // Test processes run in parallel; `ip netns add` sets up /run/netns
         // on first use and concurrent calls can trip over each other, so
         // namespace setup is serialised across processes.
@@ -56,8 +60,8 @@ impl Netns {
         let name = format!("cl-{tag}");
         let host_if = format!("clh-{tag}");
         let ns_if = format!("cld-{tag}");
-        let host_ip = format!("198.18.{subnet}.1");
-        let ns_ip = format!("198.18.{subnet}.2");
+        let host_ip = format!("198.{second}.{third}.1");
+        let ns_ip = format!("198.{second}.{third}.2");
         // Leftovers of an interrupted run.
         let _ = Command::new("ip").args(["netns", "del", &name]).output();
         let _ = Command::new("ip").args(["link", "del", &host_if]).output();
@@ -161,7 +165,7 @@ pub struct WgGoDevice {
 }
 
 impl WgGoDevice {
-    pub async fn start(g: &TestGateway, uuid: &str, tag: &str, subnet: u8) -> Self {
+    pub async fn start(g: &TestGateway, uuid: &str, tag: &str, subnet: impl Into<u16>) -> Self {
         let mut ns = Netns::create(tag, subnet);
         // Device configs name the address the namespace can reach (what
         // --endpoint says in production; the test gateway has a placeholder).
