@@ -2,9 +2,8 @@
 # The fleet scenarios of issue 7, bounded in time, on this machine:
 #
 #   A. connect + idle: N devices ramp up at RATE/s, then stay idle (25 s
-#      keepalives) for IDLE seconds, long enough for every device's rekey
-#      (boringtun initiators rekey when their session reaches 180 s, since
-#      keepalives do not count as data for the 120 s rule): memory per
+#      keepalives, a rekey every 120 s as kernel and wireguard-go peers do)
+#      for IDLE seconds, long enough for every device's rekey: memory per
 #      connected device and idle CPU, rekeys included.
 #   B. storm + restart: N devices all at once; once all are connected the
 #      gateway is stopped and started again (same data, same port): time to
@@ -26,7 +25,7 @@ cd "$(dirname "$0")/.."
 N=${N:-100000}
 N_WG=${N_WG:-50000}
 RATE=${RATE:-2500}
-IDLE=${IDLE:-240}
+IDLE=${IDLE:-150}
 OUT=${OUT:-target/fleet}
 SCENARIOS=${SCENARIOS:-ABC}
 BIN=target/release/cloudlink
@@ -127,7 +126,7 @@ if [[ $SCENARIOS == *C* ]]; then
     # cloudlink, on loopback.
     start_gateway "$OUT/c/data" "$OUT/c/gateway.log"
     "$BIN" loadgen --gateway "127.0.0.1:$UDP" --api "http://127.0.0.1:$API" \
-        --token-file "$OUT/c/data/api-token" --devices "$N_WG" --storm --sockets 512 \
+        --token-file "$OUT/c/data/api-token" --devices "$N_WG" --storm --sockets 512 --source-ips 512 \
         --duration 300s --exit-when-connected --settle 2s --gateway-pid "$GPID" \
         --timeline "$OUT/c/cloudlink-timeline.csv" >"$OUT/c/cloudlink.json" 2>"$OUT/c/cloudlink-loadgen.log"
     echo "$(completed_handshakes)" >"$OUT/c/cloudlink-handshakes"
@@ -145,6 +144,13 @@ if [[ $SCENARIOS == *C* ]]; then
     ip netns exec clfleet ip addr add 198.18.0.2/30 dev clfleet1
     ip netns exec clfleet ip link set clfleet1 up
     ip netns exec clfleet ip link set lo up
+    # One source address per loadgen socket, as devices have their own:
+    # wireguard-go (like the kernel) rate-limits handshakes per source
+    # address while under load.
+    for k in $(seq 0 511); do
+        ip addr add "198.19.$(((k + 1) / 256)).$(((k + 1) % 256))/32" dev clfleet0 2>/dev/null || true
+    done
+    ip netns exec clfleet ip route add 198.19.0.0/16 dev clfleet1
     "$BIN" genkey >"$OUT/c/wg.key"
     WGPUB=$("$BIN" pubkey <"$OUT/c/wg.key")
     "$BIN" loadgen --prepare-only --devices "$N_WG" --keys "$OUT/c/keys" --wg-peers "$OUT/c/peers.conf" \
@@ -162,6 +168,7 @@ if [[ $SCENARIOS == *C* ]]; then
     rss1=$(awk '/VmRSS/ {print $2 * 1024}' /proc/$WGPID/status)
     "$BIN" loadgen --no-register --keys "$OUT/c/keys" --gateway-public-key "$WGPUB" \
         --gateway 198.18.0.2:51820 --devices "$N_WG" --storm --sockets 512 \
+        --source-net 198.19.0.0/16 --source-ips 512 \
         --duration 300s --exit-when-connected --settle 2s --gateway-pid "$WGPID" \
         --timeline "$OUT/c/wireguard-go-timeline.csv" >"$OUT/c/wireguard-go.json" 2>"$OUT/c/wg-loadgen.log"
     jq -c --arg r0 "$rss0" --arg r1 "$rss1" '. + {rss_before_peers: ($r0|tonumber), rss_with_peers: ($r1|tonumber)}' \

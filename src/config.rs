@@ -203,6 +203,12 @@ pub struct LoadgenArgs {
     /// Only write --keys and --wg-peers, then stop
     #[arg(long, env = "CLOUDLINK_LOADGEN_PREPARE_ONLY")]
     pub prepare_only: bool,
+    /// Rekey each session this old, as kernel and wireguard-go peers do with keepalives only ("0s": boringtun's own schedule, 180 s)
+    #[arg(long, env = "CLOUDLINK_LOADGEN_REKEY_AFTER", default_value = "120s", value_parser = humantime::parse_duration)]
+    pub rekey_after: Duration,
+    /// Bind the sockets to host addresses of this network (already on an interface), --source-ips of them
+    #[arg(long, env = "CLOUDLINK_LOADGEN_SOURCE_NET")]
+    pub source_net: Option<ipnet::Ipv4Net>,
 }
 
 impl LoadgenArgs {
@@ -247,6 +253,8 @@ impl LoadgenArgs {
             status_file: self.status_file,
             await_restart: self.await_restart,
             prepare_only: self.prepare_only,
+            rekey_after: (!self.rekey_after.is_zero()).then_some(self.rekey_after),
+            source_net: self.source_net,
         })
     }
 }

@@ -63,6 +63,13 @@ pub struct LoadgenConfig {
     pub await_restart: bool,
     /// Only write `keys` and `wg_peers`, then stop.
     pub prepare_only: bool,
+    /// Rekey every session this old, as kernel and wireguard-go peers do
+    /// (`None`: boringtun's own schedule).
+    pub rekey_after: Option<Duration>,
+    /// Bind the sockets to the first `source_ips` host addresses of this
+    /// network instead of 127.1.x.y (a real server rate-limits handshakes
+    /// per source address under load, as devices each have their own).
+    pub source_net: Option<ipnet::Ipv4Net>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -97,6 +104,8 @@ struct Device {
     phase: Phase,
     /// When the current connection attempt began.
     attempt: Instant,
+    /// When the current session's handshake completed.
+    session_at: Instant,
     socket: usize,
 }
 
@@ -249,10 +258,14 @@ fn bind_sockets(cfg: &LoadgenConfig) -> Result<Vec<UdpSocket>, LoadgenError> {
     (0..cfg.sockets.max(1))
         .map(|j| {
             let k = j % ips;
-            let ip = if cfg.gateway.ip().is_loopback() {
-                Ipv4Addr::new(127, 1, (k / 250) as u8, (k % 250 + 1) as u8)
-            } else {
-                Ipv4Addr::UNSPECIFIED
+            let ip = match cfg.source_net {
+                // The k-th host address of the network (the caller put
+                // them on an interface).
+                Some(net) => Ipv4Addr::from(u32::from(net.network()) + 1 + k as u32),
+                None if cfg.gateway.ip().is_loopback() => {
+                    Ipv4Addr::new(127, 1, (k / 250) as u8, (k % 250 + 1) as u8)
+                }
+                None => Ipv4Addr::UNSPECIFIED,
             };
             let s = UdpSocket::bind((ip, 0))?;
             s.set_nonblocking(true)?;
@@ -339,6 +352,7 @@ pub fn run(cfg: LoadgenConfig) -> Result<Report, LoadgenError> {
                 secret,
                 phase: Phase::Waiting,
                 attempt: start,
+                session_at: start,
                 socket,
             });
             i += threads;
@@ -500,6 +514,7 @@ impl Worker {
         let d = &mut self.devices[local];
         d.phase = Phase::Handshaking;
         d.attempt = now;
+        d.session_at = now;
         let socket = d.socket;
         if let TunnResult::WriteToNetwork(p) = d.tunn.format_handshake_initiation(buf, false) {
             let p = p.to_vec();
@@ -577,6 +592,22 @@ impl Worker {
                     }
                     let d = &mut self.devices[timer_cursor];
                     let socket = d.socket;
+                    // Kernel and wireguard-go devices rekey when a session
+                    // is `rekey_after` old even if they only send
+                    // keepalives; boringtun waits for data (or 180 s).
+                    if let Some(rekey) = self.cfg.rekey_after {
+                        if d.phase == Phase::Connected && now.duration_since(d.session_at) >= rekey {
+                            d.session_at = now;
+                            if let TunnResult::WriteToNetwork(p) =
+                                d.tunn.format_handshake_initiation(&mut out, false)
+                            {
+                                let p = p.to_vec();
+                                self.shared.initiations.fetch_add(1, Ordering::Relaxed);
+                                self.send(socket, &p);
+                            }
+                            continue;
+                        }
+                    }
                     match d.tunn.update_timers(&mut out) {
                         TunnResult::WriteToNetwork(p) => {
                             if p.len() == 148 {
@@ -586,8 +617,13 @@ impl Worker {
                             self.send(socket, &p);
                         }
                         TunnResult::Err(boringtun::noise::errors::WireGuardError::ConnectionExpired)
-                            if d.phase == Phase::Handshaking =>
+                            if d.phase == Phase::Handshaking
+                                && now.duration_since(d.session_at) >= Duration::from_secs(KEEPALIVE_S.into()) =>
                         {
+                            // (While handshaking, `session_at` is when this
+                            // tunnel was built: one new attempt per
+                            // keepalive interval at most.)
+                            d.session_at = now;
                             // boringtun gives up after 90 s of unanswered
                             // initiations; a real device's next keepalive
                             // starts a new attempt, so this one does too.
@@ -693,6 +729,7 @@ impl Worker {
         }
         if datagram[0] == 2 && d.tunn.time_since_last_handshake().is_some() {
             self.shared.handshakes.fetch_add(1, Ordering::Relaxed);
+            d.session_at = Instant::now();
             if d.phase != Phase::Connected {
                 d.phase = Phase::Connected;
                 self.shared.connected.fetch_add(1, Ordering::Relaxed);
