@@ -39,22 +39,28 @@ impl PacketPath {
         }
     }
 
-    /// One pass over the sessions of `bucket`. `scratch` is a buffer the
-    /// caller keeps between ticks, so a tick does not allocate once it has
-    /// grown.
+    /// One pass over the sessions of `bucket`. `round` is a buffer the
+    /// caller keeps between ticks: bucket 0 fills it with every session (one
+    /// walk of the table a second, not one per tick), and each bucket takes
+    /// its share of it. A tick does not allocate once it has grown.
     pub fn tick_bucket(
         &self,
         now: Instant,
         bucket: u32,
         out: &mut [u8],
-        scratch: &mut Vec<Arc<Session>>,
+        round: &mut Vec<Arc<Session>>,
         tx: &mut impl Transmit,
     ) {
         self.rate_window.reset_if_due(now);
-        scratch.clear();
-        self.sessions
-            .collect_into_where(scratch, |index| index % BUCKETS == bucket % BUCKETS);
-        for session in scratch.drain(..) {
+        let bucket = (bucket % BUCKETS) as usize;
+        if bucket == 0 {
+            round.clear();
+            self.sessions.collect_into(round);
+        }
+        let n = round.len();
+        let share = n * bucket / BUCKETS as usize..n * (bucket + 1) / BUCKETS as usize;
+        for session in &round[share] {
+            let session = session.clone();
             let mut st = session.state.lock();
             let to = st.link.endpoint();
             let mut expired = false;
