@@ -126,7 +126,9 @@ pub fn spawn(
                 // Answered (or given up) redials leave the window.
                 let now = Instant::now();
                 while let Some((s, at)) = in_flight.front() {
-                    if s.state.lock().last_handshake_at.is_some() || now.duration_since(*at) >= GIVE_UP {
+                    if s.state.lock().last_handshake_at.is_some()
+                        || now.duration_since(*at) >= GIVE_UP
+                    {
                         in_flight.pop_front();
                     } else {
                         break;

@@ -56,6 +56,9 @@ pub struct SessionState {
     pub last_handshake_at: Option<SystemTime>,
     /// Wall-clock time the link last came up.
     pub connected_since: Option<SystemTime>,
+    /// The source of the device's last initiation, as entered in the
+    /// table's endpoint hints (see [`SessionTable::hint`]).
+    pub hinted: Option<std::net::SocketAddr>,
 }
 
 /// Counters of WireGuard datagrams to and from the device (bytes on the wire).
@@ -126,6 +129,12 @@ pub struct SessionTable {
     by_key: DashMap<KeyBytes, Arc<Session>>,
     by_uuid: DashMap<Box<str>, Arc<Session>>,
     by_address: DashMap<Ipv4Addr, Arc<Session>>,
+    /// Endpoint of a device's last initiation → its session index. A rekey
+    /// almost always comes from there: trying that session's tunnel first
+    /// spares `parse_handshake_anon`'s Diffie-Hellman (one of five in a
+    /// responder handshake). Devices behind one NAT share an endpoint; the
+    /// hint names one of them and the others take the usual path.
+    by_endpoint: DashMap<std::net::SocketAddr, u32>,
     next_index: AtomicU32,
 }
 
@@ -173,7 +182,35 @@ impl SessionTable {
     }
 
     /// Removes exactly this session from every index.
+    /// The session whose device last initiated from `endpoint`, if any.
+    pub fn by_endpoint_hint(&self, endpoint: std::net::SocketAddr) -> Option<Arc<Session>> {
+        let index = *self.by_endpoint.get(&endpoint)?;
+        self.by_index(index)
+    }
+
+    /// Records that `session`'s device initiated from `endpoint`; `previous`
+    /// is the endpoint hinted before (from its state). Call with the
+    /// session's lock released (lock order: map shard → session state).
+    pub fn hint(
+        &self,
+        session: &Session,
+        endpoint: std::net::SocketAddr,
+        previous: Option<std::net::SocketAddr>,
+    ) {
+        if previous == Some(endpoint) {
+            return;
+        }
+        if let Some(p) = previous {
+            self.by_endpoint.remove_if(&p, |_, i| *i == session.index);
+        }
+        self.by_endpoint.insert(endpoint, session.index);
+    }
+
     pub fn remove(&self, session: &Arc<Session>) {
+        let hinted = session.state.lock().hinted;
+        if let Some(e) = hinted {
+            self.by_endpoint.remove_if(&e, |_, i| *i == session.index);
+        }
         self.by_key
             .remove_if(&session.public_key, |_, s| Arc::ptr_eq(s, session));
         self.by_index

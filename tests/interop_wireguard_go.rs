@@ -350,6 +350,9 @@ async fn wireguard_go_handshakes_through_cookie_replies_under_load() {
         .metric("cloudlink_handshakes_total{result=\"cookie\"}")
         .await;
     assert!(cookies >= 1.0, "the gateway answered cookie replies");
-    assert_eq!(g.device("wggo-cookie").await["cloudlink"]["connected"], true);
+    assert_eq!(
+        g.device("wggo-cookie").await["cloudlink"]["connected"],
+        true
+    );
     g.stop().await;
 }

@@ -394,3 +394,68 @@ fn a_storm_queues_initiations_answers_cookies_and_never_starves_transport() {
     assert_eq!(done, cap);
     assert!(!rig.path.under_load());
 }
+
+/// Rekeys take the endpoint hint (no DH to learn the key) when the device
+/// initiates from where it did last; two devices behind one NAT share that
+/// endpoint, and the one the hint does not name still gets its answer, with
+/// nothing counted as a failure.
+#[test]
+fn rekeys_from_a_shared_endpoint_are_answered_for_every_device() {
+    let (mut rig, registry) = rig();
+    let nat: SocketAddr = "203.0.113.50:40000".parse().unwrap();
+    let now = Instant::now();
+    let mut devices = Vec::new();
+    for uuid in ["nat-a", "nat-b"] {
+        let key = generate_private_key();
+        registry
+            .register(NewDevice {
+                uuid: uuid.into(),
+                public_key: public_key(&key),
+                name: None,
+            })
+            .unwrap();
+        let mut dev = client(&rig.path, key);
+        connect(&mut rig, &mut dev, nat, now);
+        devices.push(dev);
+    }
+    let mut buf = vec![0u8; 2048];
+    for round in 0..3 {
+        for dev in devices.iter_mut() {
+            let init = match dev.format_handshake_initiation(&mut buf, true) {
+                TunnResult::WriteToNetwork(p) => p.to_vec(),
+                _ => panic!(),
+            };
+            let answers = rig.feed(now, nat, &init);
+            assert_eq!(answers.len(), 1, "round {round}: one response");
+            assert!(matches!(
+                dev.decapsulate(None, &answers[0].1, &mut buf),
+                TunnResult::WriteToNetwork(_)
+            ));
+        }
+    }
+    assert_eq!(
+        rig.metrics
+            .handshake_count(cloudlink::metrics::HandshakeResult::Completed),
+        8
+    );
+    assert_eq!(
+        rig.metrics
+            .handshake_count(cloudlink::metrics::HandshakeResult::Invalid),
+        0
+    );
+    // A replayed initiation is still refused and counted once.
+    let init = match devices[0].format_handshake_initiation(&mut buf, true) {
+        TunnResult::WriteToNetwork(p) => p.to_vec(),
+        _ => panic!(),
+    };
+    assert_eq!(rig.feed(now, nat, &init).len(), 1);
+    assert!(
+        rig.feed(now, nat, &init).is_empty(),
+        "a replay gets no answer"
+    );
+    assert_eq!(
+        rig.metrics
+            .handshake_count(cloudlink::metrics::HandshakeResult::Invalid),
+        1
+    );
+}

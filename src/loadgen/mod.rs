@@ -298,7 +298,14 @@ pub fn run(cfg: LoadgenConfig) -> Result<Report, LoadgenError> {
     }
     if cfg.prepare_only {
         eprintln!("loadgen: {} keys prepared", cfg.devices);
-        return Ok(report::build(&cfg, &Shared::default(), 0.0, None, None, None));
+        return Ok(report::build(
+            &cfg,
+            &Shared::default(),
+            0.0,
+            None,
+            None,
+            None,
+        ));
     }
     let gateway_key = if cfg.no_register {
         cfg.gateway_public_key.ok_or_else(|| {
@@ -596,7 +603,8 @@ impl Worker {
                     // is `rekey_after` old even if they only send
                     // keepalives; boringtun waits for data (or 180 s).
                     if let Some(rekey) = self.cfg.rekey_after {
-                        if d.phase == Phase::Connected && now.duration_since(d.session_at) >= rekey {
+                        if d.phase == Phase::Connected && now.duration_since(d.session_at) >= rekey
+                        {
                             d.session_at = now;
                             if let TunnResult::WriteToNetwork(p) =
                                 d.tunn.format_handshake_initiation(&mut out, false)
@@ -616,9 +624,11 @@ impl Worker {
                             let p = p.to_vec();
                             self.send(socket, &p);
                         }
-                        TunnResult::Err(boringtun::noise::errors::WireGuardError::ConnectionExpired)
-                            if d.phase == Phase::Handshaking
-                                && now.duration_since(d.session_at) >= Duration::from_secs(KEEPALIVE_S.into()) =>
+                        TunnResult::Err(
+                            boringtun::noise::errors::WireGuardError::ConnectionExpired,
+                        ) if d.phase == Phase::Handshaking
+                            && now.duration_since(d.session_at)
+                                >= Duration::from_secs(KEEPALIVE_S.into()) =>
                         {
                             // (While handshaking, `session_at` is when this
                             // tunnel was built: one new attempt per
@@ -681,7 +691,13 @@ impl Worker {
         self.shared.latencies_us.lock().extend(latencies);
     }
 
-    fn on_datagram(&mut self, socket: usize, datagram: &[u8], out: &mut [u8], latencies: &mut Vec<u32>) {
+    fn on_datagram(
+        &mut self,
+        socket: usize,
+        datagram: &[u8],
+        out: &mut [u8],
+        latencies: &mut Vec<u32>,
+    ) {
         if datagram.first() == Some(&1) && datagram.len() == 148 {
             self.on_initiation(socket, datagram, out);
             return;

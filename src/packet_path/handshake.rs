@@ -44,6 +44,14 @@ impl PacketPath {
             self.metrics.dropped(DropReason::Malformed);
             return;
         };
+        // A rekey from where the device last initiated: its tunnel checks
+        // the initiator's key itself (and refuses another's before touching
+        // its state), so no DH is spent learning the key.
+        if let Some(session) = self.sessions.by_endpoint_hint(src) {
+            if self.answer_initiation(now, src, &session, false, datagram, out, tx) {
+                return;
+            }
+        }
         let half = match parse_handshake_anon(&self.secret, &self.public, &init) {
             Ok(h) => h,
             Err(_) => {
@@ -60,28 +68,56 @@ impl PacketPath {
                 None => return,
             },
         };
-        session.count_rx(datagram.len());
+        if !self.answer_initiation(now, src, &session, true, datagram, out, tx) && fresh {
+            let st = session.state.lock();
+            let never = st.last_handshake_at.is_none();
+            drop(st);
+            if never {
+                self.sessions.remove(&session);
+            }
+        }
+    }
+
+    /// Hands an initiation to `session`'s tunnel. On success answers it,
+    /// updates the link and the endpoint hint, and returns true. On failure
+    /// counts it only if `last_try` (a wrong hint is not a failure).
+    #[allow(clippy::too_many_arguments)]
+    fn answer_initiation(
+        &self,
+        now: Instant,
+        src: SocketAddr,
+        session: &Arc<Session>,
+        last_try: bool,
+        datagram: &[u8],
+        out: &mut [u8],
+        tx: &mut impl Transmit,
+    ) -> bool {
         let _span = tracing::trace_span!("handshake", device = %session.uuid).entered();
         let mut st = session.state.lock();
         match st.tunn.decapsulate(Some(src.ip()), datagram, out) {
             TunnResult::WriteToNetwork(response) => {
-                self.transmit(tx, Some(&session), src, response);
+                session.count_rx(datagram.len());
+                self.transmit(tx, Some(session), src, response);
                 self.metrics.handshake(HandshakeResult::Completed);
                 st.last_handshake_at = Some(SystemTime::now());
                 if let Some(t) = st.link.on_authenticated(now, src, false) {
-                    self.announce(&session, t);
+                    self.announce(session, t);
                 }
                 tracing::debug!(device = %session.uuid, %src, "handshake completed");
-                self.drain_queued(&session, &mut st, src, out, tx);
+                self.drain_queued(session, &mut st, src, out, tx);
+                let previous = st.hinted.replace(src);
+                drop(st);
+                self.sessions.hint(session, src, previous);
+                true
             }
             other => {
-                tracing::debug!(device = %session.uuid, result = ?other, "handshake initiation refused by the tunnel");
-                self.metrics.handshake(HandshakeResult::Invalid);
-                self.metrics.dropped(DropReason::HandshakeFailed);
-                if fresh && st.last_handshake_at.is_none() {
-                    drop(st);
-                    self.sessions.remove(&session);
+                if last_try {
+                    session.count_rx(datagram.len());
+                    tracing::debug!(device = %session.uuid, result = ?other, "handshake initiation refused by the tunnel");
+                    self.metrics.handshake(HandshakeResult::Invalid);
+                    self.metrics.dropped(DropReason::HandshakeFailed);
                 }
+                false
             }
         }
     }
@@ -128,6 +164,7 @@ impl PacketPath {
                 link: LinkState::new(self.config.link_timeout, src),
                 last_handshake_at: None,
                 connected_since: None,
+                hinted: None,
             }),
             stats: SessionStats::default(),
         });
