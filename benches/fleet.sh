@@ -224,3 +224,11 @@ plot $joined
 GP
     echo "plot: $OUT/storm.png"
 fi
+# RESULTS=1: refresh the copies BENCHMARKS.md shows.
+if [ "${RESULTS:-0}" = 1 ]; then
+    mkdir -p benches/results
+    [ -f "$OUT/storm.png" ] && cp "$OUT/storm.png" benches/results/storm.png
+    for f in a/report.json b/report2.json c/cloudlink.json c/wireguard-go2.json; do
+        [ -f "$OUT/$f" ] && jq . "$OUT/$f" >"benches/results/$(echo "$f" | tr / -)"
+    done
+fi
