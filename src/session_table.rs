@@ -56,9 +56,16 @@ pub struct SessionState {
     pub last_handshake_at: Option<SystemTime>,
     /// Wall-clock time the link last came up.
     pub connected_since: Option<SystemTime>,
-    /// The source of the device's last initiation, as entered in the
-    /// table's endpoint hints (see [`SessionTable::hint`]).
-    pub hinted: Option<std::net::SocketAddr>,
+    /// The hint entered for the device's last initiation (see
+    /// [`SessionTable::hint`]).
+    pub hinted: Option<HintKey>,
+}
+
+/// Where a handshake initiation came from, and its sender's index prefix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct HintKey {
+    pub endpoint: std::net::SocketAddr,
+    pub index_prefix: u32,
 }
 
 /// Counters of WireGuard datagrams to and from the device (bytes on the wire).
@@ -129,12 +136,17 @@ pub struct SessionTable {
     by_key: DashMap<KeyBytes, Arc<Session>>,
     by_uuid: DashMap<Box<str>, Arc<Session>>,
     by_address: DashMap<Ipv4Addr, Arc<Session>>,
-    /// Endpoint of a device's last initiation → its session index. A rekey
-    /// almost always comes from there: trying that session's tunnel first
-    /// spares `parse_handshake_anon`'s Diffie-Hellman (one of five in a
-    /// responder handshake). Devices behind one NAT share an endpoint; the
-    /// hint names one of them and the others take the usual path.
-    by_endpoint: DashMap<std::net::SocketAddr, u32>,
+    /// (endpoint, sender index >> 8) of a device's last initiation → its
+    /// session index. Initiators built on boringtun (our agent among them)
+    /// keep the upper 24 bits of their sender index for the life of the
+    /// tunnel, and a rekey comes from the same endpoint: trying that
+    /// session's tunnel first spares `parse_handshake_anon`'s
+    /// Diffie-Hellman. Kernel and wireguard-go peers draw a random index per
+    /// handshake, never match, and take the usual path at no extra cost;
+    /// devices sharing an endpoint (one NAT, one socket) are told apart by
+    /// the index, so a hint almost never names the wrong device (which
+    /// would cost one DH before the usual path).
+    by_hint: DashMap<HintKey, u32>,
     next_index: AtomicU32,
 }
 
@@ -182,34 +194,29 @@ impl SessionTable {
     }
 
     /// Removes exactly this session from every index.
-    /// The session whose device last initiated from `endpoint`, if any.
-    pub fn by_endpoint_hint(&self, endpoint: std::net::SocketAddr) -> Option<Arc<Session>> {
-        let index = *self.by_endpoint.get(&endpoint)?;
+    /// The session a rekey initiation most likely belongs to, if any.
+    pub fn by_hint(&self, key: HintKey) -> Option<Arc<Session>> {
+        let index = *self.by_hint.get(&key)?;
         self.by_index(index)
     }
 
-    /// Records that `session`'s device initiated from `endpoint`; `previous`
-    /// is the endpoint hinted before (from its state). Call with the
-    /// session's lock released (lock order: map shard → session state).
-    pub fn hint(
-        &self,
-        session: &Session,
-        endpoint: std::net::SocketAddr,
-        previous: Option<std::net::SocketAddr>,
-    ) {
-        if previous == Some(endpoint) {
+    /// Records `session`'s last initiation under `key`; `previous` is the
+    /// key hinted before (from its state). Call with the session's lock
+    /// released (lock order: map shard → session state).
+    pub fn hint(&self, session: &Session, key: HintKey, previous: Option<HintKey>) {
+        if previous == Some(key) {
             return;
         }
         if let Some(p) = previous {
-            self.by_endpoint.remove_if(&p, |_, i| *i == session.index);
+            self.by_hint.remove_if(&p, |_, i| *i == session.index);
         }
-        self.by_endpoint.insert(endpoint, session.index);
+        self.by_hint.insert(key, session.index);
     }
 
     pub fn remove(&self, session: &Arc<Session>) {
         let hinted = session.state.lock().hinted;
         if let Some(e) = hinted {
-            self.by_endpoint.remove_if(&e, |_, i| *i == session.index);
+            self.by_hint.remove_if(&e, |_, i| *i == session.index);
         }
         self.by_key
             .remove_if(&session.public_key, |_, s| Arc::ptr_eq(s, session));

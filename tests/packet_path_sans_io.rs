@@ -395,10 +395,10 @@ fn a_storm_queues_initiations_answers_cookies_and_never_starves_transport() {
     assert!(!rig.path.under_load());
 }
 
-/// Rekeys take the endpoint hint (no DH to learn the key) when the device
-/// initiates from where it did last; two devices behind one NAT share that
-/// endpoint, and the one the hint does not name still gets its answer, with
-/// nothing counted as a failure.
+/// Rekeys take the hint (no DH to learn the key) when the device initiates
+/// from where it did last with the same index prefix; two devices sharing
+/// an endpoint are told apart, each gets its answer, and nothing counts as
+/// a failure.
 #[test]
 fn rekeys_from_a_shared_endpoint_are_answered_for_every_device() {
     let (mut rig, registry) = rig();

@@ -755,7 +755,10 @@ impl Worker {
                 if let Some(period) = self.cfg.rekey_after {
                     let ms = period.as_millis().max(1) as u64;
                     let back = rand_core::RngCore::next_u64(&mut rand_core::OsRng) % ms;
-                    d.session_at = d.session_at.checked_sub(Duration::from_millis(back)).unwrap_or(d.session_at);
+                    d.session_at = d
+                        .session_at
+                        .checked_sub(Duration::from_millis(back))
+                        .unwrap_or(d.session_at);
                 }
                 self.shared.connected.fetch_add(1, Ordering::Relaxed);
                 latencies.push(d.attempt.elapsed().as_micros().min(u32::MAX as u128) as u32);

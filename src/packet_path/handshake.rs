@@ -28,7 +28,7 @@ use crate::keys::KeyBytes;
 use crate::link_state::LinkState;
 use crate::metrics::{DropReason, HandshakeResult};
 use crate::registry::RegistryReader;
-use crate::session_table::{Session, SessionState, SessionStats};
+use crate::session_table::{HintKey, Session, SessionState, SessionStats};
 
 impl PacketPath {
     pub(crate) fn handle_initiation(
@@ -44,11 +44,18 @@ impl PacketPath {
             self.metrics.dropped(DropReason::Malformed);
             return;
         };
-        // A rekey from where the device last initiated: its tunnel checks
-        // the initiator's key itself (and refuses another's before touching
-        // its state), so no DH is spent learning the key.
-        if let Some(session) = self.sessions.by_endpoint_hint(src) {
-            if self.answer_initiation(now, src, &session, false, datagram, out, tx) {
+        // A rekey from the same endpoint and sender-index prefix as the
+        // device's last initiation (see `SessionTable::by_hint`): its tunnel
+        // checks the initiator's key itself (and refuses another's before
+        // touching its state), so no DH is spent learning the key.
+        let hint = HintKey {
+            endpoint: src,
+            // Bytes 4..8 of an initiation: the sender's index.
+            index_prefix: u32::from_le_bytes([datagram[4], datagram[5], datagram[6], datagram[7]])
+                >> 8,
+        };
+        if let Some(session) = self.sessions.by_hint(hint) {
+            if self.answer_initiation(now, src, hint, &session, false, datagram, out, tx) {
                 return;
             }
         }
@@ -68,7 +75,7 @@ impl PacketPath {
                 None => return,
             },
         };
-        if !self.answer_initiation(now, src, &session, true, datagram, out, tx) && fresh {
+        if !self.answer_initiation(now, src, hint, &session, true, datagram, out, tx) && fresh {
             let st = session.state.lock();
             let never = st.last_handshake_at.is_none();
             drop(st);
@@ -86,6 +93,7 @@ impl PacketPath {
         &self,
         now: Instant,
         src: SocketAddr,
+        hint: HintKey,
         session: &Arc<Session>,
         last_try: bool,
         datagram: &[u8],
@@ -105,9 +113,9 @@ impl PacketPath {
                 }
                 tracing::debug!(device = %session.uuid, %src, "handshake completed");
                 self.drain_queued(session, &mut st, src, out, tx);
-                let previous = st.hinted.replace(src);
+                let previous = st.hinted.replace(hint);
                 drop(st);
-                self.sessions.hint(session, src, previous);
+                self.sessions.hint(session, hint, previous);
                 true
             }
             other => {
