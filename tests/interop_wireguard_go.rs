@@ -276,11 +276,30 @@ async fn wireguard_go_is_back_within_seconds_after_a_gateway_restart() {
     let dir = std::mem::replace(&mut g.dir, tempfile::tempdir().unwrap());
     let t = std::time::Instant::now();
     let mut g = TestGateway::start_in(dir, c, &format!("0.0.0.0:{port}")).await;
-    let mut events = g.events(None).await;
-    let up = events
-        .wait_for(Duration::from_secs(20), |e| e["type"] == "link.up")
-        .await;
+    // The redial starts with the gateway, and wireguard-go answers within a
+    // millisecond: the link may be up before a subscription to the event
+    // stream could see it, so ask for the device instead, and read the
+    // stream from the start of this boot.
+    assert!(
+        eventually(Duration::from_secs(20), async || {
+            g.device("wggo-redial").await["cloudlink"]["connected"] == true
+        })
+        .await,
+        "wireguard-go did not come back"
+    );
     let back = t.elapsed();
+    let (_, listing) = g.call("GET", "/v1/devices", None).await;
+    let epoch = listing["as_of"]
+        .as_str()
+        .unwrap()
+        .split('-')
+        .next()
+        .unwrap()
+        .to_owned();
+    let mut events = g.events(Some(&format!("{epoch}-0"))).await;
+    let up = events
+        .wait_for(Duration::from_secs(5), |e| e["type"] == "link.up")
+        .await;
     assert_eq!(up.data["device"], "wggo-redial");
     assert_eq!(up.data["endpoint"], dev.endpoint);
     println!(
