@@ -87,7 +87,7 @@ pub struct ServeArgs {
     /// Handshake initiations that may wait for a worker; cookie replies from 1/8 full, drops when full [default: 4096]
     #[arg(long, env = "CLOUDLINK_HANDSHAKE_QUEUE")]
     pub handshake_queue: Option<usize>,
-    /// Handshakes per second the gateway initiates after a restart, to devices that were connected [default: 4000]
+    /// Handshakes per second the gateway initiates after a restart, to devices that were connected; 0 turns it off [default: 4000]
     #[arg(long, env = "CLOUDLINK_REDIAL_RATE")]
     pub redial_rate: Option<u32>,
     /// Packet worker threads, each with its own SO_REUSEPORT socket [default: number of CPUs]

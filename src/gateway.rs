@@ -170,7 +170,7 @@ impl Gateway {
         };
         let threads =
             PacketThreads::start(path.clone(), sockets, readers).map_err(Error::Socket)?;
-        let redialer = if targets.is_empty() {
+        let redialer = if targets.is_empty() || config.redial_rate == 0 {
             None
         } else {
             tracing::info!(

@@ -329,6 +329,9 @@ async fn the_agent_comes_back_after_a_gateway_restart() {
     let dir = tempfile::tempdir().unwrap();
     let mut c = config(dir.path());
     c.allow_ports = vec![7001];
+    // The agent must come back by itself (liveness pings, backoff), not
+    // because the gateway redials it: redial off.
+    c.redial_rate = 0;
     let mut g = TestGateway::start_in(dir, c.clone(), "127.0.0.1:0").await;
     let udp = g.udp;
     let mut events = g.events(None).await;
