@@ -27,15 +27,17 @@ fn free_udp_port() -> u16 {
 struct Served {
     child: Child,
     api: String,
+    udp: String,
     log: std::sync::Arc<std::sync::Mutex<String>>,
 }
 
 /// Starts `cloudlink serve` configured only through CLOUDLINK_* variables.
 fn serve(dir: &std::path::Path, extra_env: &[(&str, &str)]) -> Served {
     let api = format!("127.0.0.1:{}", free_port());
+    let udp = format!("127.0.0.1:{}", free_udp_port());
     let mut cmd = Command::new(BIN);
     cmd.arg("serve")
-        .env("CLOUDLINK_LISTEN", format!("127.0.0.1:{}", free_udp_port()))
+        .env("CLOUDLINK_LISTEN", &udp)
         .env("CLOUDLINK_API", &api)
         .env("CLOUDLINK_PROXY", "127.0.0.1:0")
         .env("CLOUDLINK_DATA_DIR", dir)
@@ -58,6 +60,7 @@ fn serve(dir: &std::path::Path, extra_env: &[(&str, &str)]) -> Served {
     let s = Served {
         child,
         api: format!("http://{api}"),
+        udp,
         log,
     };
     wait_ready(&s);
@@ -261,4 +264,68 @@ fn genkey_and_pubkey() {
         .unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(!out.status.success());
+}
+
+/// `cloudlink loadgen` against the binary: it registers a small fleet
+/// through the API, connects every device over real sockets (several per
+/// socket, two source addresses), and reports the contract's JSON.
+#[test]
+fn loadgen_connects_a_small_fleet_and_reports() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = "loadgen-test-token-0001";
+    let mut s = serve(dir.path(), &[("CLOUDLINK_TOKEN", token)]);
+    let out = Command::new(BIN)
+        .args([
+            "loadgen",
+            "--gateway",
+            &s.udp,
+            "--api",
+            &s.api,
+            "--token",
+            token,
+        ])
+        .args([
+            "--devices",
+            "50",
+            "--rate",
+            "200",
+            "--sockets",
+            "4",
+            "--source-ips",
+            "2",
+        ])
+        .args(["--duration", "30s", "--exit-when-connected"])
+        .args(["--gateway-pid", &s.child.id().to_string()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    assert_eq!(r["devices"], 50, "{r}");
+    assert_eq!(r["connected"], 50, "{r}");
+    assert!(r["all_connected_s"].as_f64().unwrap() < 30.0);
+    for k in ["handshakes_per_s", "handshake_p50_ms", "handshake_p99_ms"] {
+        assert!(r[k].as_f64().unwrap() > 0.0, "{k}: {r}");
+    }
+    assert_eq!(r["failures"], serde_json::json!({}), "{r}");
+    assert!(r["gateway_rss_bytes"].as_u64().unwrap() > 1 << 20);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("connected 50/50"),
+        "a progress line"
+    );
+    // The gateway saw them: 50 registered, 50 handshakes completed.
+    let (_, metrics) = http("GET", &format!("{}/metrics", s.api), None, None).unwrap();
+    assert!(
+        metrics.contains("cloudlink_devices_registered 50"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("cloudlink_handshakes_total{result=\"completed\"} 50"),
+        "{metrics}"
+    );
+    let _ = s.child.kill();
+    let _ = s.child.wait();
 }

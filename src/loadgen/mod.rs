@@ -458,6 +458,14 @@ pub fn run(cfg: LoadgenConfig) -> Result<Report, LoadgenError> {
         }
     }
     stop.store(true, Ordering::Relaxed);
+    eprintln!(
+        "loadgen: done at t={:.1}s: connected {}/{} handshakes {} cookies {}",
+        start.elapsed().as_secs_f64(),
+        shared.connected.load(Ordering::Relaxed),
+        cfg.devices,
+        shared.handshakes.load(Ordering::Relaxed),
+        shared.cookies.load(Ordering::Relaxed)
+    );
     for h in handles {
         let _ = h.join();
     }
