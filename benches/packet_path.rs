@@ -28,6 +28,18 @@ use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 use x25519_dalek::{PublicKey, StaticSecret};
 
+/// The Internet checksum of `bytes`.
+fn checksum(bytes: &[u8]) -> u16 {
+    let mut sum: u32 = bytes
+        .chunks(2)
+        .map(|c| u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u32)
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
 /// An IPv4/UDP packet with `payload` bytes.
 fn ip_packet(src: Ipv4Addr, dst: Ipv4Addr, payload: usize) -> Vec<u8> {
     let total = 28 + payload;
@@ -38,14 +50,8 @@ fn ip_packet(src: Ipv4Addr, dst: Ipv4Addr, payload: usize) -> Vec<u8> {
     p[9] = 17;
     p[12..16].copy_from_slice(&src.octets());
     p[16..20].copy_from_slice(&dst.octets());
-    let mut sum = 0u32;
-    for i in (0..20).step_by(2) {
-        sum += u16::from_be_bytes([p[i], p[i + 1]]) as u32;
-    }
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    p[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    let c = checksum(&p[..20]);
+    p[10..12].copy_from_slice(&c.to_be_bytes());
     p[20..22].copy_from_slice(&5000u16.to_be_bytes());
     p[22..24].copy_from_slice(&7u16.to_be_bytes());
     p[24..26].copy_from_slice(&((8 + payload) as u16).to_be_bytes());
@@ -294,23 +300,11 @@ fn loopback_pps() -> Option<(f64, u64)> {
             icmp[9] = 1;
             icmp[12..16].copy_from_slice(&dev_addr.octets());
             icmp[16..20].copy_from_slice(&gw_addr.octets());
-            let mut sum = 0u32;
-            for i in (0..20).step_by(2) {
-                sum += u16::from_be_bytes([icmp[i], icmp[i + 1]]) as u32;
-            }
-            while sum > 0xffff {
-                sum = (sum & 0xffff) + (sum >> 16);
-            }
-            icmp[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+            let c = checksum(&icmp[..20]);
+            icmp[10..12].copy_from_slice(&c.to_be_bytes());
             icmp[20] = 8;
-            let mut csum = 0u32;
-            for i in (20..84).step_by(2) {
-                csum += u16::from_be_bytes([icmp[i], icmp[i + 1]]) as u32;
-            }
-            while csum > 0xffff {
-                csum = (csum & 0xffff) + (csum >> 16);
-            }
-            icmp[22..24].copy_from_slice(&(!(csum as u16)).to_be_bytes());
+            let c = checksum(&icmp[20..84]);
+            icmp[22..24].copy_from_slice(&c.to_be_bytes());
             let (mut sent, mut got) = (0u64, 0u64);
             let start = Instant::now();
             let window = 64;

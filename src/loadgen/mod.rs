@@ -525,6 +525,21 @@ impl Worker {
         }
     }
 
+    /// Replaces device `local`'s tunnel with a new one (same key and
+    /// index), as a device that rebooted or started over.
+    fn fresh_tunnel(&mut self, local: usize) {
+        let global = local * self.threads + self.w;
+        let d = &mut self.devices[local];
+        d.tunn = Tunn::new(
+            d.secret.clone(),
+            self.gateway_key,
+            None,
+            Some(KEEPALIVE_S),
+            global as u32,
+            None,
+        );
+    }
+
     fn initiate(&mut self, local: usize, now: Instant, buf: &mut [u8]) {
         let d = &mut self.devices[local];
         d.phase = Phase::Handshaking;
@@ -644,17 +659,11 @@ impl Worker {
                             d.session_at = now;
                             // boringtun gives up after 90 s of unanswered
                             // initiations; a real device's next keepalive
-                            // starts a new attempt, so this one does too.
-                            let global = timer_cursor * self.threads + self.w;
-                            d.tunn = Tunn::new(
-                                d.secret.clone(),
-                                self.gateway_key,
-                                None,
-                                Some(KEEPALIVE_S),
-                                global as u32,
-                                None,
-                            );
+                            // starts a new attempt, so this one does too
+                            // (keeping `attempt`, so latency counts it all).
+                            self.fresh_tunnel(timer_cursor);
                             self.shared.retries.fetch_add(1, Ordering::Relaxed);
+                            let d = &mut self.devices[timer_cursor];
                             if let TunnResult::WriteToNetwork(p) =
                                 d.tunn.format_handshake_initiation(&mut out, false)
                             {
@@ -679,16 +688,7 @@ impl Worker {
                     if self.devices[local].phase != Phase::Connected {
                         continue;
                     }
-                    let global = local * self.threads + self.w;
-                    let d = &mut self.devices[local];
-                    d.tunn = Tunn::new(
-                        d.secret.clone(),
-                        self.gateway_key,
-                        None,
-                        Some(KEEPALIVE_S),
-                        global as u32,
-                        None,
-                    );
+                    self.fresh_tunnel(local);
                     self.shared.connected.fetch_sub(1, Ordering::Relaxed);
                     self.shared.reconnects.fetch_add(1, Ordering::Relaxed);
                     self.initiate(local, now, &mut out);

@@ -212,10 +212,6 @@ struct RecvBatch {
     hdrs: Vec<libc::mmsghdr>,
 }
 
-// SAFETY: the raw pointers in iovs/hdrs point into this struct's own heap
-// buffers, which move with it; the batch is used by one thread at a time.
-unsafe impl Send for RecvBatch {}
-
 impl RecvBatch {
     fn new() -> Self {
         RecvBatch {
