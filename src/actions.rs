@@ -149,8 +149,9 @@ pub async fn deliver(
             &stream.stack,
             stream.handle,
             request.as_bytes(),
-            MAX_ANSWER,
-            |b| parse_answer(b).is_some(),
+            MAX_ANSWER_HEAD + MAX_ANSWER,
+            // Stop reading once the answer is complete or cannot become one.
+            |b| !matches!(parse_answer(b, false), Ok(None)),
         )
         .await
         .unwrap_or_default();
@@ -159,11 +160,14 @@ pub async fn deliver(
         if raw.is_empty() {
             return Err(DeliveryError::Unreachable);
         }
-        parse_answer(&raw).ok_or_else(|| {
-            DeliveryError::BadAnswer(
-                String::from_utf8_lossy(&raw[..raw.len().min(80)]).into_owned(),
-            )
-        })
+        match parse_answer(&raw, true) {
+            Ok(Some(a)) => Ok(a),
+            Ok(None) => Err(DeliveryError::BadAnswer("an incomplete answer".into())),
+            Err(e) => Err(DeliveryError::BadAnswer(format!(
+                "{e} (it began {:?})",
+                String::from_utf8_lossy(&raw[..raw.len().min(40)])
+            ))),
+        }
     };
     match tokio::time::timeout(timeout, work).await {
         Ok(r) => r,
@@ -171,71 +175,37 @@ pub async fn deliver(
     }
 }
 
-/// Parses a complete HTTP/1.x answer (Content-Length, chunked, or closed
-/// by the device); `None` while it is incomplete or not HTTP.
-pub fn parse_answer(raw: &[u8]) -> Option<DeviceAnswer> {
-    let end = raw.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
-    let head = std::str::from_utf8(&raw[..end]).ok()?;
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next()?;
-    if !status_line.starts_with("HTTP/1.") {
-        return None;
-    }
-    let status: u16 = status_line.split_whitespace().nth(1)?.parse().ok()?;
-    let mut length = None;
-    let mut chunked = false;
-    for l in lines {
-        if let Some((k, v)) = l.split_once(':') {
-            let k = k.trim().to_ascii_lowercase();
-            if k == "content-length" {
-                length = v.trim().parse::<usize>().ok();
-            } else if k == "transfer-encoding" && v.to_ascii_lowercase().contains("chunked") {
-                chunked = true;
-            }
-        }
-    }
-    let rest = &raw[end..];
-    let body: Vec<u8> = if chunked {
-        dechunk(rest)?
-    } else if let Some(n) = length {
-        if rest.len() < n {
-            return None;
-        }
-        rest[..n].to_vec()
-    } else {
-        // Until the device closes: the caller passes what it got at FIN.
-        rest.to_vec()
+/// Longest answer head read from a device.
+const MAX_ANSWER_HEAD: usize = 16 * 1024;
+
+/// Parses a device's answer (`at_eof`: the device closed, nothing more will
+/// come): `Ok(None)` while incomplete, an error when it is not HTTP, is
+/// malformed or is larger than 1 MiB. Never panics (fuzzed: `fuzz/`).
+pub fn parse_answer(
+    raw: &[u8],
+    at_eof: bool,
+) -> Result<Option<DeviceAnswer>, crate::http1::ParseError> {
+    let Some((head, body)) = crate::http1::parse_response(raw, at_eof, MAX_ANSWER_HEAD, MAX_ANSWER)?
+    else {
+        return Ok(None);
     };
     let body = match serde_json::from_slice::<Value>(&body) {
         Ok(v) => v,
         Err(_) => Value::String(String::from_utf8_lossy(&body).into_owned()),
     };
-    Some(DeviceAnswer { status, body })
+    Ok(Some(DeviceAnswer {
+        status: head.status,
+        body,
+    }))
 }
 
-fn dechunk(mut b: &[u8]) -> Option<Vec<u8>> {
-    let mut out = Vec::new();
-    loop {
-        let line_end = b.windows(2).position(|w| w == b"\r\n")?;
-        let size = usize::from_str_radix(
-            std::str::from_utf8(&b[..line_end])
-                .ok()?
-                .split(';')
-                .next()?
-                .trim(),
-            16,
-        )
-        .ok()?;
-        b = &b[line_end + 2..];
-        if size == 0 {
-            return Some(out);
-        }
-        if b.len() < size + 2 {
-            return None;
-        }
-        out.extend_from_slice(&b[..size]);
-        b = &b[size + 2..];
-    }
+/// Whether a device's HTTP status may be handed to the caller as is. A
+/// device's 401 or 407 would read as the caller's own credentials failing
+/// (and sign an operator out of the dashboard), 204 cannot carry the
+/// device's body, and 1xx, 3xx and 5xx would be taken for the gateway's own:
+/// those become 502 `device_error` with the device's status inside.
+pub fn status_passes_through(status: u16) -> bool {
+    matches!(status, 200..=299 if status != 204) || matches!(status, 400..=499 if status != 401 && status != 407)
 }
 
 #[cfg(test)]
@@ -284,17 +254,31 @@ mod tests {
 
     #[test]
     fn answers() {
-        let a = parse_answer(
-            b"HTTP/1.1 202 Accepted\r\nContent-Length: 26\r\n\r\n{\"Data\":\"OK\",\"Error\":null}",
-        )
-        .unwrap();
+        let p = |b: &[u8]| parse_answer(b, true).unwrap().unwrap();
+        let a = p(b"HTTP/1.1 202 Accepted\r\nContent-Length: 26\r\n\r\n{\"Data\":\"OK\",\"Error\":null}");
         assert_eq!(a.status, 202);
         assert_eq!(a.body, json!({"Data": "OK", "Error": null}));
-        let a = parse_answer(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nOK").unwrap();
+        let a = p(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nOK");
         assert_eq!(a.body, json!("OK"));
-        assert!(parse_answer(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nOK").is_none());
-        let a = parse_answer(b"HTTP/1.1 423 Locked\r\nTransfer-Encoding: chunked\r\n\r\n4\r\n{\"a\"\r\n3\r\n:1}\r\n0\r\n\r\n").unwrap();
+        let short = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nOK";
+        assert_eq!(parse_answer(short, false), Ok(None));
+        assert!(parse_answer(short, true).is_err());
+        let a = p(b"HTTP/1.1 423 Locked\r\nTransfer-Encoding: chunked\r\n\r\n4\r\n{\"a\"\r\n3\r\n:1}\r\n0\r\n\r\n");
         assert_eq!((a.status, a.body), (423, json!({"a": 1})));
-        assert!(parse_answer(b"garbage\r\n\r\n").is_none());
+        assert!(parse_answer(b"garbage\r\n\r\n", true).is_err());
+        // The regression: a chunk size of 2^64 - 1 is an error, not a panic.
+        let huge = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nffffffffffffffff\r\nab\r\n0\r\n\r\n";
+        assert!(parse_answer(huge, false).is_err());
+        assert!(parse_answer(huge, true).is_err());
+    }
+
+    #[test]
+    fn statuses_that_pass_through() {
+        for s in [200, 202, 299, 400, 404, 423, 499] {
+            assert!(status_passes_through(s), "{s}");
+        }
+        for s in [0, 100, 101, 204, 301, 304, 401, 407, 500, 501, 503, 999] {
+            assert!(!status_passes_through(s), "{s}");
+        }
     }
 }

@@ -351,8 +351,10 @@ async fn the_agent_runs_the_action_hook() {
     events.wait_for(WAIT, |e| e["type"] == "link.up").await;
 
     // Without the key the agent's supervisor refuses, as a real one would.
+    // A device's 401 is not the caller's: 502 device_error with it inside.
     let (st, src, b) = act(&g, "hooked", "reboot", None, None).await;
-    assert_eq!((st, src.as_str()), (401, "device"), "{b}");
+    assert_eq!((st, src.as_str()), (502, "gateway"), "{b}");
+    assert_eq!((b["error"].as_str(), b["device_status"].as_u64()), (Some("device_error"), Some(401)), "{b}");
     assert!(!marker.exists());
 
     let (st, _) = g
@@ -382,9 +384,11 @@ async fn the_agent_runs_the_action_hook() {
     assert_eq!(b["device_body"], json!({"Data": "OK", "Error": null}));
     assert_eq!(std::fs::read_to_string(&svc).unwrap(), "12/web\n");
 
-    // A failing hook: 500 with the tail of its stderr.
+    // A failing hook: the device's 500, with the tail of its stderr, inside
+    // a 502 device_error.
     let (st, src, b) = act(&g, "hooked", "purge", Some(json!({"app_id": 1})), None).await;
-    assert_eq!((st, src.as_str()), (500, "device"), "{b}");
+    assert_eq!((st, src.as_str()), (502, "gateway"), "{b}");
+    assert_eq!(b["device_status"], 500, "{b}");
     assert!(
         b["device_body"]["Error"]
             .as_str()
@@ -393,9 +397,9 @@ async fn the_agent_runs_the_action_hook() {
         "{b}"
     );
 
-    // An action without a hook: 501, saying so.
+    // An action without a hook: the device's 501, saying so.
     let (st, src, b) = act(&g, "hooked", "shutdown", None, None).await;
-    assert_eq!((st, src.as_str()), (501, "device"));
+    assert_eq!((st, src.as_str(), b["device_status"].as_u64()), (502, "gateway", Some(501)));
     assert!(b["device_body"]["Error"]
         .as_str()
         .unwrap()
@@ -536,5 +540,196 @@ async fn a_queued_action_that_cannot_be_delivered_fails() {
     assert!(m.data["reason"].as_str().unwrap().contains("refused"));
     let (_, a) = g.call("GET", &format!("/v1/actions/{id}"), None).await;
     assert_eq!(a["state"], "failed");
+    g.stop().await;
+}
+
+/// A device's supervisor that answers its n-th request with `answers[n]`
+/// (the last one from then on), byte for byte: how a hostile or broken
+/// device answers.
+async fn raw_supervisor(answers: Vec<Vec<u8>>) -> (u16, Arc<Mutex<usize>>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    let served = Arc::new(Mutex::new(0usize));
+    let count = served.clone();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = l.accept().await.unwrap();
+            let n = {
+                let mut c = count.lock().unwrap();
+                *c += 1;
+                *c - 1
+            };
+            let answer = answers[n.min(answers.len() - 1)].clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let _ = s.write_all(&answer).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    (port, served)
+}
+
+/// The review's exact input: a chunk size of 2^64 - 1 (which wrapped
+/// `size + 2` and panicked the action handler).
+const CHUNK_OVERFLOW: &[u8] =
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nffffffffffffffff\r\nab\r\n0\r\n\r\n";
+const ACCEPTED: &[u8] =
+    b"HTTP/1.1 202 Accepted\r\nContent-Length: 26\r\n\r\n{\"Data\":\"OK\",\"Error\":null}";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunk_size_overflow_from_a_device_is_a_bad_answer_not_a_panic() {
+    let mut g = gateway().await;
+    let mut events = g.events(None).await;
+    let (port, _) = raw_supervisor(vec![CHUNK_OVERFLOW.to_vec(), ACCEPTED.to_vec()]).await;
+    let _agent = Agent::start(&g, "chunky", &[format!("48484=127.0.0.1:{port}")]).await;
+    events.wait_for(WAIT, |e| e["type"] == "link.up").await;
+    let (st, src, b) = act(&g, "chunky", "reboot", None, None).await;
+    assert_eq!((st, src.as_str()), (502, "gateway"), "{b}");
+    assert_eq!(b["error"], "device_bad_answer", "{b}");
+    // The gateway goes on: the next answer is delivered as usual.
+    let (st, src, b) = act(&g, "chunky", "reboot", None, None).await;
+    assert_eq!((st, src.as_str()), (202, "device"), "{b}");
+    g.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queued_action_answered_with_a_chunk_overflow_fails_and_the_queue_goes_on() {
+    let mut g = gateway().await;
+    let mut events = g.events(None).await;
+    let key = cloudlink::keys::generate_private_key();
+    g.register("chunky-q", &cloudlink::keys::public_key(&key))
+        .await;
+    let (_, _, first) = act_with(&g, "chunky-q", "reboot", "?queue_ttl=60", None).await;
+    let (_, _, second) = act_with(&g, "chunky-q", "shutdown", "?queue_ttl=60", None).await;
+    let (first, second) = (first["id"].as_str().unwrap(), second["id"].as_str().unwrap());
+    let (port, served) = raw_supervisor(vec![CHUNK_OVERFLOW.to_vec(), ACCEPTED.to_vec()]).await;
+    let _agent = Agent::start_registered(
+        &g,
+        "chunky-q",
+        &key,
+        &[format!("48484=127.0.0.1:{port}")],
+        &[],
+    )
+    .await;
+    let m = events
+        .wait_for(WAIT, |e| e["type"] == "action.failed")
+        .await;
+    assert_eq!(m.data["action_id"], first);
+    let m = events
+        .wait_for(WAIT, |e| e["type"] == "action.completed")
+        .await;
+    assert_eq!(m.data["action_id"], second);
+    assert_eq!(m.data["device_status"], 202);
+    let (_, a) = g.call("GET", &format!("/v1/actions/{first}"), None).await;
+    assert_eq!(a["state"], "failed", "{a}");
+    assert_eq!(*served.lock().unwrap(), 2);
+    g.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_content_length_to_the_agents_supervisor_ends_the_stream_cleanly() {
+    let mut g = gateway().await;
+    let mut events = g.events(None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("restarted");
+    let _agent = Agent::start_with(
+        &g,
+        "sup-cl",
+        &[],
+        &[
+            "--on-action".into(),
+            format!("restart=touch {}", marker.display()),
+        ],
+    )
+    .await;
+    events.wait_for(WAIT, |e| e["type"] == "link.up").await;
+    // Any token holder reaches the supervisor port through the proxy; the
+    // review's exact input (which panicked the agent's task and leaked the
+    // stream's stack).
+    for _ in 0..3 {
+        let (st, _, mut s) = common::proxy::connect(g.gw().proxy_addr(), TOKEN, "sup-cl:48484").await;
+        assert_eq!(st, 200);
+        s.write_all(b"POST /v1/restart HTTP/1.1\r\nContent-Length: 18446744073709551615\r\n\r\n{}")
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        tokio::time::timeout(WAIT, s.read_to_end(&mut answer))
+            .await
+            .expect("the stream ends")
+            .unwrap();
+        let text = String::from_utf8_lossy(&answer);
+        assert!(text.starts_with("HTTP/1.1 413 "), "{text}");
+        assert!(text.contains("larger than"), "{text}");
+    }
+    // Every stream was closed on both sides (none leaked open) ...
+    assert!(
+        eventually(WAIT, async || g.metric("cloudlink_relay_streams").await == 0.0).await,
+        "relay streams left open"
+    );
+    // ... and the supervisor goes on serving.
+    let (st, src, b) = act(&g, "sup-cl", "restart", Some(json!({"app_id": 1})), None).await;
+    assert_eq!((st, src.as_str()), (200, "device"), "{b}");
+    assert!(marker.exists());
+    g.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_answering_401_does_not_sign_the_dashboard_out() {
+    let mut g = gateway().await;
+    let mut events = g.events(None).await;
+    let (port, _) = raw_supervisor(vec![
+        b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 13\r\n\r\nwho are you?\n".to_vec(),
+    ])
+    .await;
+    let _agent = Agent::start(&g, "says-401", &[format!("48484=127.0.0.1:{port}")]).await;
+    events.wait_for(WAIT, |e| e["type"] == "link.up").await;
+
+    // The dashboard's way in: a session cookie, its CSRF token and Origin.
+    let r = g
+        .http
+        .post(g.url("/v1/session"))
+        .json(&json!({ "token": TOKEN }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let cookie = r.headers()["set-cookie"].to_str().unwrap().to_string();
+    let cookie = cookie.split(';').next().unwrap().to_string();
+    let csrf = r.json::<Value>().await.unwrap()["csrf_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let r = g
+        .http
+        .post(g.url("/v1/devices/says-401/actions/reboot"))
+        .header("cookie", &cookie)
+        .header("x-csrf-token", &csrf)
+        .header("origin", g.api.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 502);
+    assert_eq!(r.headers()["x-cloudlink-source"], "gateway");
+    let b: Value = r.json().await.unwrap();
+    assert_eq!(b["error"], "device_error", "{b}");
+    assert_eq!(b["device_status"], 401, "{b}");
+    assert_eq!(b["device_body"], "who are you?\n", "{b}");
+    // Still signed in.
+    let r = g
+        .http
+        .get(g.url("/v1/session"))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
     g.stop().await;
 }

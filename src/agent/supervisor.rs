@@ -19,10 +19,12 @@ use smoltcp::iface::SocketHandle;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::http1::{parse_request, Headers, ParseError, RequestHead};
 use crate::relay::stream::{recv_into, SharedStack};
 
-/// Largest request accepted.
-const MAX_REQUEST: usize = 64 * 1024;
+/// Largest request head and body accepted.
+const MAX_HEAD: usize = 8 * 1024;
+const MAX_BODY: usize = 64 * 1024;
 
 /// One action's hook: `ACTION=COMMAND`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -91,21 +93,6 @@ fn route(path: &str, body: &Value) -> Option<(&'static str, Vec<(&'static str, S
     ))
 }
 
-/// A complete request: (head, body), once all of it arrived.
-fn parse_request(raw: &[u8]) -> Option<(String, Vec<u8>)> {
-    let end = raw.windows(4).position(|w| w == b"\r\n\r\n")?;
-    let head = String::from_utf8_lossy(&raw[..end]).into_owned();
-    let len: usize = head
-        .lines()
-        .find_map(|l| {
-            l.to_ascii_lowercase()
-                .strip_prefix("content-length:")
-                .and_then(|v| v.trim().parse().ok())
-        })
-        .unwrap_or(0);
-    (raw.len() >= end + 4 + len).then(|| (head, raw[end + 4..end + 4 + len].to_vec()))
-}
-
 fn response(status: &str, body: &Value) -> Vec<u8> {
     let body = body.to_string();
     format!(
@@ -123,26 +110,27 @@ fn error(status: &str, message: &str) -> Vec<u8> {
 pub async fn serve(stack: Arc<SharedStack>, h: SocketHandle, config: Arc<SupervisorConfig>) {
     let mut raw = Vec::new();
     let mut buf = Vec::new();
+    // The parser caps head and body, so `raw` stays under both caps plus
+    // one receive.
     let request = loop {
         match tokio::time::timeout(Duration::from_secs(10), recv_into(&stack, h, &mut buf)).await {
             Ok(Some(n)) => {
                 raw.extend_from_slice(&buf[..n]);
-                if let Some(r) = parse_request(&raw) {
-                    break Some(r);
-                }
-                if raw.len() > MAX_REQUEST {
-                    break None;
+                match parse_request(&raw, MAX_HEAD, MAX_BODY) {
+                    Ok(Some(r)) => break Ok(r),
+                    Ok(None) => {}
+                    Err(e) => break Err(e),
                 }
             }
-            _ => break None,
+            _ => break Err(ParseError::Truncated),
         }
     };
     let (answer, after) = match request {
-        None => (
-            error("400 Bad Request", "incomplete or oversized request"),
-            None,
-        ),
-        Some((head, body)) => handle(&head, &body, &config).await,
+        Err(e @ (ParseError::BodyTooLarge(_) | ParseError::HeadTooLarge(_))) => {
+            (error("413 Content Too Large", &e.to_string()), None)
+        }
+        Err(e) => (error("400 Bad Request", &e.to_string()), None),
+        Ok((head, body)) => handle(&head, &body, &config).await,
     };
     stack.with(|s| s.send(h, &answer));
     stack.with(|s| s.tcp(h).close());
@@ -155,23 +143,21 @@ pub async fn serve(stack: Arc<SharedStack>, h: SocketHandle, config: Arc<Supervi
 
 type Deferred = (String, &'static str, Vec<(&'static str, String)>);
 
-async fn handle(head: &str, body: &[u8], config: &SupervisorConfig) -> (Vec<u8>, Option<Deferred>) {
+async fn handle(
+    head: &RequestHead,
+    body: &[u8],
+    config: &SupervisorConfig,
+) -> (Vec<u8>, Option<Deferred>) {
     if let Some(key) = &config.api_key {
-        let ok = head.lines().any(|l| {
-            l.split_once(':').is_some_and(|(k, v)| {
-                k.eq_ignore_ascii_case("authorization")
-                    && crate::api::token_matches(
-                        v.trim().strip_prefix("Bearer ").unwrap_or(""),
-                        key,
-                    )
-            })
-        });
+        let ok = head
+            .get("authorization")
+            .and_then(crate::auth::credential)
+            .is_some_and(|t| crate::auth::token_matches(&t, key));
         if !ok {
             return (error("401 Unauthorized", "missing or wrong API key"), None);
         }
     }
-    let mut parts = head.split_whitespace();
-    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let (method, path) = (head.method.as_str(), head.target.as_str());
     let body: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
     let Some((action, env)) = (method == "POST").then(|| route(path, &body)).flatten() else {
         return (error("404 Not Found", "no such endpoint"), None);

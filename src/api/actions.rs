@@ -4,7 +4,11 @@
 //! Every answer says who gave it: `X-Cloudlink-Source: device` when the
 //! device's supervisor answered (its status code, and
 //! `{"device_status", "device_body"}`), `X-Cloudlink-Source: gateway` when
-//! the gateway answers itself (the JSON error shape).
+//! the gateway answers itself (the JSON error shape). A device's status
+//! passes through only from an allow-list (2xx but 204, 4xx but 401 and
+//! 407); any other answer is 502 `device_error` from the gateway, with the
+//! device's status and body inside, so a device can never pose as the
+//! gateway refusing the caller's credentials.
 
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
@@ -62,7 +66,25 @@ pub async fn get_action(
     }
 }
 
-fn device_answer(status: u16, body: &Value) -> Response {
+/// The device's answer: its own status when it may pass through
+/// (`crate::actions::status_passes_through`), otherwise 502
+/// `device_error` from the gateway with the device's status and body inside.
+fn device_answer(uuid: &str, status: u16, body: &Value) -> Response {
+    if !crate::actions::status_passes_through(status) {
+        let mut r = (
+            StatusCode::BAD_GATEWAY,
+            Json(json!({
+                "error": "device_error",
+                "message": format!("device {uuid} answered the action with HTTP {status}"),
+                "device_status": status,
+                "device_body": body,
+            })),
+        )
+            .into_response();
+        r.headers_mut()
+            .insert("x-cloudlink-source", HeaderValue::from_static("gateway"));
+        return r;
+    }
     let code = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
     let mut r = (
         code,
@@ -204,7 +226,7 @@ async fn run(
                     first.device_status,
                     &first.device_body,
                 ) {
-                    ("completed", Some(st), Some(b)) => device_answer(st, b),
+                    ("completed", Some(st), Some(b)) => device_answer(uuid, st, b),
                     _ => accepted(&first),
                 },
             );
@@ -275,7 +297,7 @@ async fn run(
                 })
                 .await?;
             }
-            Ok(device_answer(answer.status, &answer.body))
+            Ok(device_answer(uuid, answer.status, &answer.body))
         }
         Err(DeliveryError::UnknownDevice) => Err(ApiError::unknown_device(uuid)),
         Err(DeliveryError::Unavailable) => Err(ApiError::new(

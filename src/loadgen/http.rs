@@ -25,37 +25,11 @@ pub fn post(base: &str, path: &str, token: &str, body: &str) -> std::io::Result<
     )?;
     s.write_all(body.as_bytes())?;
     let mut answer = Vec::new();
-    s.read_to_end(&mut answer)?;
-    let head_end = answer
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(|| invalid("no HTTP head in the answer"))?;
-    let head = String::from_utf8_lossy(&answer[..head_end]).to_string();
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| invalid("no status in the answer"))?;
-    let mut body = answer.split_off(head_end + 4);
-    if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        body = dechunk(&body);
+    // The gateway's answers are small; 16 MiB is far past any of them.
+    (&mut s).take(16 << 20).read_to_end(&mut answer)?;
+    match crate::http1::parse_response(&answer, true, 64 * 1024, 16 << 20) {
+        Ok(Some((head, body))) => Ok((head.status, body)),
+        Ok(None) => Err(invalid("an incomplete HTTP answer")),
+        Err(e) => Err(invalid(&format!("the gateway's answer: {e}"))),
     }
-    Ok((status, body))
-}
-
-fn dechunk(mut b: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    while let Some(eol) = b.windows(2).position(|w| w == b"\r\n") {
-        let size =
-            usize::from_str_radix(String::from_utf8_lossy(&b[..eol]).trim(), 16).unwrap_or(0);
-        if size == 0 || b.len() < eol + 2 + size {
-            break;
-        }
-        out.extend_from_slice(&b[eol + 2..eol + 2 + size]);
-        b = &b[(eol + 4 + size).min(b.len())..];
-    }
-    out
 }

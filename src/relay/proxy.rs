@@ -9,14 +9,14 @@
 //! `--connect-timeout`). Every error answer carries the gateway's JSON error
 //! shape. After `200` the bytes flow both ways with half-close carried.
 
-use base64::Engine as _;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::{ConnectError, Relay};
-use crate::api::token_matches;
+use crate::auth::token_matches;
+use crate::http1::Headers;
 use crate::metrics::Metrics;
 
 /// Longest request head accepted.
@@ -100,33 +100,63 @@ async fn write_reject(conn: &mut TcpStream, r: &Reject) {
     let _ = conn.shutdown().await;
 }
 
+/// A CONNECT request head, parsed. The target is checked after the
+/// credential (so a client without a token learns nothing about targets).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectHead {
+    /// The device uuid and port, or why the target is not one.
+    pub target: Result<(String, u16), String>,
+    /// The token offered in `Proxy-Authorization`, if any.
+    pub credential: Option<String>,
+    /// Bytes of the head; what follows is the client's first payload.
+    pub len: usize,
+}
+
+/// Parses a CONNECT request head from the bytes read so far: `Ok(None)`
+/// while incomplete, `Err` with what is wrong (a 400). No I/O, never
+/// panics (fuzzed: `fuzz/`).
+pub fn parse_connect(buf: &[u8]) -> Result<Option<ConnectHead>, String> {
+    const LINE: &str = "the request line is not `CONNECT <device uuid>:<port> HTTP/1.1`";
+    let head = match crate::http1::parse_request_head(buf, MAX_HEAD) {
+        Ok(Some(h)) => h,
+        Ok(None) => return Ok(None),
+        Err(crate::http1::ParseError::HeadTooLarge(_)) => {
+            return Err("the request head is larger than 8 KiB".into())
+        }
+        Err(e) => return Err(format!("{e}; {LINE}")),
+    };
+    if head.method != "CONNECT" {
+        return Err(format!(
+            "this is a CONNECT proxy; {} is not supported",
+            head.method
+        ));
+    }
+    let credential = head
+        .get("proxy-authorization")
+        .and_then(crate::auth::credential);
+    Ok(Some(ConnectHead {
+        target: parse_target(&head.target),
+        credential,
+        len: head.len,
+    }))
+}
+
 /// Reads the request head; returns it and whatever followed it.
-async fn read_head(conn: &mut TcpStream) -> Result<(String, Vec<u8>), Reject> {
+async fn read_head(conn: &mut TcpStream) -> Result<(ConnectHead, Vec<u8>), Reject> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
-    let bad = |m: &str| {
-        reject(
-            400,
-            "Bad Request",
-            "bad_request",
-            "bad_request",
-            m.to_owned(),
-        )
-    };
+    let bad = |m: String| reject(400, "Bad Request", "bad_request", "bad_request", m);
     let read = async {
         loop {
-            if let Some(end) = find_head_end(&buf) {
-                let rest = buf.split_off(end);
-                let head =
-                    String::from_utf8(buf).map_err(|_| bad("the request head is not UTF-8"))?;
+            if let Some(head) = parse_connect(&buf).map_err(bad)? {
+                let rest = buf.split_off(head.len);
                 return Ok((head, rest));
-            }
-            if buf.len() > MAX_HEAD {
-                return Err(bad("the request head is larger than 8 KiB"));
             }
             match conn.read(&mut chunk).await {
                 Ok(0) | Err(_) => {
-                    return Err(bad("the connection closed before a complete request head"))
+                    return Err(bad(
+                        "the connection closed before a complete request head".into(),
+                    ))
                 }
                 Ok(n) => buf.extend_from_slice(&chunk[..n]),
             }
@@ -134,12 +164,8 @@ async fn read_head(conn: &mut TcpStream) -> Result<(String, Vec<u8>), Reject> {
     };
     match tokio::time::timeout(HEAD_TIMEOUT, read).await {
         Ok(r) => r,
-        Err(_) => Err(bad("no complete request head within 10 s")),
+        Err(_) => Err(bad("no complete request head within 10 s".into())),
     }
-}
-
-fn find_head_end(buf: &[u8]) -> Option<usize> {
-    buf.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4)
 }
 
 /// The target of a CONNECT: device uuid and port.
@@ -162,37 +188,6 @@ fn parse_target(target: &str) -> Result<(String, u16), String> {
     Ok((uuid.to_owned(), port))
 }
 
-fn authorized(head: &str, token: &str) -> bool {
-    head.lines().skip(1).any(|line| {
-        let Some((name, value)) = line.split_once(':') else {
-            return false;
-        };
-        if !name.trim().eq_ignore_ascii_case("proxy-authorization") {
-            return false;
-        }
-        let value = value.trim();
-        if let Some(t) = value
-            .strip_prefix("Bearer ")
-            .or_else(|| value.strip_prefix("bearer "))
-        {
-            return token_matches(t.trim(), token);
-        }
-        if let Some(b) = value
-            .strip_prefix("Basic ")
-            .or_else(|| value.strip_prefix("basic "))
-        {
-            if let Ok(raw) = base64::engine::general_purpose::STANDARD.decode(b.trim()) {
-                if let Ok(text) = String::from_utf8(raw) {
-                    if let Some((_, password)) = text.split_once(':') {
-                        return token_matches(password, token);
-                    }
-                }
-            }
-        }
-        false
-    })
-}
-
 async fn handle(
     mut conn: TcpStream,
     relay: Arc<Relay>,
@@ -208,22 +203,10 @@ async fn handle(
         }
     };
     let outcome = async {
-        let request_line = head.lines().next().unwrap_or_default();
-        let mut parts = request_line.split_whitespace();
-        let (method, target, version) = (parts.next(), parts.next(), parts.next());
-        let (Some(method), Some(target), Some(version)) = (method, target, version) else {
-            return Err(reject(400, "Bad Request", "bad_request", "bad_request", "the request line is not `CONNECT <device uuid>:<port> HTTP/1.1`"));
-        };
-        if !version.starts_with("HTTP/1.") || parts.next().is_some() {
-            return Err(reject(400, "Bad Request", "bad_request", "bad_request", "the request line is not `CONNECT <device uuid>:<port> HTTP/1.1`"));
-        }
-        if method != "CONNECT" {
-            return Err(reject(400, "Bad Request", "bad_request", "bad_request", format!("this is a CONNECT proxy; {method} is not supported")));
-        }
-        if !authorized(&head, &config.token) {
+        if !head.credential.as_deref().is_some_and(|t| token_matches(t, &config.token)) {
             return Err(reject(407, "Proxy Authentication Required", "unauthorized", "unauthorized", "send the gateway's API token as `Proxy-Authorization: Bearer <token>` or as the password of Basic auth"));
         }
-        let (uuid, port) = parse_target(target).map_err(|m| reject(400, "Bad Request", "bad_request", "bad_request", m))?;
+        let (uuid, port) = head.target.map_err(|m| reject(400, "Bad Request", "bad_request", "bad_request", m))?;
         if !config.allow_ports.contains(&port) {
             return Err(reject(403, "Forbidden", "port_not_allowed", "forbidden", format!(
                 "port {port} is not open through the proxy; allowed ports: {}",
@@ -292,21 +275,31 @@ mod tests {
     }
 
     #[test]
-    fn auth_forms() {
+    fn heads() {
+        use base64::Engine as _;
         let token = "secret-token-0123456789";
         let basic = base64::engine::general_purpose::STANDARD.encode(format!("user:{token}"));
-        assert!(authorized(
-            &format!("CONNECT a:22 HTTP/1.1\r\nProxy-Authorization: Bearer {token}\r\n"),
-            token
-        ));
-        assert!(authorized(
-            &format!("CONNECT a:22 HTTP/1.1\r\nproxy-authorization: Basic {basic}\r\n"),
-            token
-        ));
-        assert!(!authorized(
-            "CONNECT a:22 HTTP/1.1\r\nProxy-Authorization: Bearer nope\r\n",
-            token
-        ));
-        assert!(!authorized("CONNECT a:22 HTTP/1.1\r\n", token));
+        let h = parse_connect(
+            format!("CONNECT a:22 HTTP/1.1\r\nProxy-Authorization: Bearer {token}\r\n\r\nSSH-2.0")
+                .as_bytes(),
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(h.credential.as_deref(), Some(token));
+        assert_eq!(h.target, Ok(("a".into(), 22)));
+        let h = parse_connect(
+            format!("CONNECT a:22 HTTP/1.1\r\nproxy-authorization: Basic {basic}\r\n\r\n").as_bytes(),
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(h.credential.as_deref(), Some(token));
+        let h = parse_connect(b"CONNECT bad_host:22 HTTP/1.1\r\n\r\n").unwrap().unwrap();
+        assert_eq!(h.credential, None);
+        assert!(h.target.is_err());
+        assert_eq!(parse_connect(b"CONNECT a:22 HTTP/1.1\r\n"), Ok(None));
+        assert!(parse_connect(b"GET / HTTP/1.1\r\n\r\n").is_err());
+        assert!(parse_connect(b"CONNECT a:22 HTTP/9.9\r\n\r\n").is_err());
+        assert!(parse_connect(b"\x00\x01\r\n\r\n").is_err());
+        assert!(parse_connect(&[b'a'; 9000]).is_err());
     }
 }

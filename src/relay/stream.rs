@@ -377,7 +377,8 @@ pub async fn relay(
 
 /// Sends `request` on an established stream, then reads the answer until
 /// `complete` says it is whole or the device closes its side. At most
-/// `limit` bytes are read. `None` if the stream broke first.
+/// `limit` bytes are read (what was read is returned, for the caller's
+/// parser to refuse). `None` if the request could not be sent.
 pub async fn exchange(
     stack: &SharedStack,
     h: SocketHandle,
@@ -397,10 +398,7 @@ pub async fn exchange(
     let mut buf = Vec::new();
     while let Some(n) = recv_into(stack, h, &mut buf).await {
         out.extend_from_slice(&buf[..n]);
-        if out.len() > limit {
-            return None;
-        }
-        if complete(&out) {
+        if out.len() > limit || complete(&out) {
             return Some(out);
         }
     }

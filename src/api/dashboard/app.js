@@ -52,7 +52,10 @@ async function api(method, path, body) {
   const text = await r.text();
   let data = null;
   try { data = text ? JSON.parse(text) : null; } catch (_) { data = { message: text }; }
-  if (r.status === 401 && path !== "/v1/session") signedOut("Your session ended; sign in again.");
+  // Only the gateway's own 401 ends the session; a device's answer never does.
+  if (r.status === 401 && path !== "/v1/session" && r.headers.get("X-Cloudlink-Source") !== "device") {
+    signedOut("Your session ended; sign in again.");
+  }
   return { status: r.status, data };
 }
 
