@@ -59,7 +59,7 @@ impl Gateway {
     ) -> Result<Self, Error> {
         config.validate()?;
         let dir = config.data_dir.clone();
-        create_private_dir(&dir)?;
+        crate::data_dir::secure(&dir)?;
         let secret = load_or_create_private_key(&dir.join("gateway.key"))?;
         let token = resolve_token(&config, &dir)?;
         let plan = AddressPlan::new(config.tunnel_cidr)?;
@@ -305,15 +305,6 @@ impl Gateway {
         }
         tracing::info!("cloudlink gateway stopped");
     }
-}
-
-fn create_private_dir(dir: &Path) -> Result<(), Error> {
-    use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(|e| Error::io(dir, e))
 }
 
 /// `--token`, else `--token-file`, else `<data-dir>/api-token` (generated on

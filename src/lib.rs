@@ -12,6 +12,7 @@ pub mod agent;
 pub mod api;
 pub mod auth;
 pub mod config;
+pub mod data_dir;
 pub mod device_status;
 pub mod error;
 pub mod events;

@@ -210,6 +210,18 @@ pub(crate) fn open_conn(path: &Path, read_only: bool) -> Result<Connection, Regi
             | OpenFlags::SQLITE_OPEN_CREATE
             | OpenFlags::SQLITE_OPEN_NO_MUTEX
     };
+    if !read_only {
+        // Created 0600 before SQLite opens it: SQLite gives its `-wal` and
+        // `-shm` files the database file's mode, so all three stay private
+        // whatever the umask (device API keys are stored here).
+        use std::os::unix::fs::OpenOptionsExt;
+        let _ = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(path);
+    }
     let conn = Connection::open_with_flags(path, flags)?;
     conn.busy_timeout(std::time::Duration::from_secs(10))?;
     if !read_only {
