@@ -408,11 +408,23 @@ impl ServeArgs {
         let file = match &self.config {
             Some(path) => {
                 let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-                toml::from_str::<ServeArgs>(&text)
+                ServeArgs::from_toml(&text)
                     .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?
             }
             None => ServeArgs::default(),
         };
+        self.resolve_over(file)
+    }
+
+    /// Parses a configuration file's text (flag names as keys). No I/O,
+    /// never panics (fuzzed: `fuzz/`).
+    pub fn from_toml(text: &str) -> Result<ServeArgs, String> {
+        toml::from_str::<ServeArgs>(text).map_err(|e| e.to_string())
+    }
+
+    /// Merges these flags over `file`'s settings over the defaults, and
+    /// validates the result.
+    pub fn resolve_over(self, file: ServeArgs) -> Result<GatewayConfig, Error> {
         let d = GatewayConfig::default();
         let c = GatewayConfig {
             listen: self.listen.or(file.listen).unwrap_or(d.listen),
