@@ -23,27 +23,6 @@ use crate::relay::Relay;
 /// How long an `Idempotency-Key` is remembered.
 pub const IDEMPOTENCY_WINDOW: Duration = Duration::from_secs(24 * 3600);
 
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS actions (
-    id              TEXT PRIMARY KEY,
-    device          TEXT    NOT NULL,
-    action          TEXT    NOT NULL,
-    force           INTEGER NOT NULL,
-    app_id          INTEGER,
-    service_name    TEXT,
-    api_key         TEXT,
-    state           TEXT    NOT NULL,
-    created_at      INTEGER NOT NULL,
-    expires_at      INTEGER NOT NULL,
-    device_status   INTEGER,
-    device_body     TEXT,
-    idempotency_key TEXT
-);
-CREATE INDEX IF NOT EXISTS actions_queued ON actions (device, state, created_at);
-CREATE INDEX IF NOT EXISTS actions_expiry ON actions (state, expires_at);
-CREATE UNIQUE INDEX IF NOT EXISTS actions_idempotency ON actions (device, idempotency_key);
-";
-
 /// One action as stored.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StoredAction {
@@ -119,8 +98,9 @@ impl ActionQueue {
         relay: Weak<Relay>,
         timeout: Duration,
     ) -> Result<Self, RegistryError> {
+        // The registry opened the file first and brought its schema (this
+        // table's too) up to date.
         let conn = crate::registry::open_conn(registry.path(), false)?;
-        conn.execute_batch(SCHEMA)?;
         // A delivery cut short by a stop is tried again at the next link-up.
         conn.execute(
             "UPDATE actions SET state = 'queued' WHERE state = 'delivering'",

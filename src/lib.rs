@@ -28,6 +28,7 @@ pub mod registry;
 pub mod relay;
 pub mod session_table;
 pub mod status;
+pub mod store;
 pub mod wg_config;
 
 pub use config::GatewayConfig;

@@ -28,6 +28,8 @@ pub const MAX_BATCH: usize = 10_000;
 pub enum RegistryError {
     #[error("sqlite: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    #[error(transparent)]
+    Schema(#[from] crate::store::schema::SchemaError),
     #[error("the data directory was set up with tunnel CIDR {stored}, not {configured}; start with --tunnel-cidr {stored} or use a new data directory")]
     CidrChanged { stored: String, configured: String },
     #[error("the tunnel CIDR {0} has no free address left")]
@@ -187,21 +189,6 @@ struct Writer {
     wrapped: bool,
 }
 
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS devices (
-    id          INTEGER PRIMARY KEY,
-    uuid        TEXT    NOT NULL UNIQUE,
-    public_key  BLOB    NOT NULL UNIQUE,
-    address     INTEGER NOT NULL UNIQUE,
-    name        TEXT,
-    created_at  INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS meta (
-    key   TEXT PRIMARY KEY,
-    value TEXT NOT NULL
-);
-";
-
 pub(crate) fn open_conn(path: &Path, read_only: bool) -> Result<Connection, RegistryError> {
     let flags = if read_only {
         OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX
@@ -233,31 +220,6 @@ pub(crate) fn open_conn(path: &Path, read_only: bool) -> Result<Connection, Regi
     Ok(conn)
 }
 
-/// Columns added after the first release, with their definitions: added to
-/// an existing data directory at open, so nothing stored is lost.
-const ADDED_COLUMNS: &[(&str, &str)] = &[
-    ("last_heartbeat_ms", "INTEGER"),
-    ("poll_interval_s", "INTEGER"),
-    ("cloudlink_enabled", "INTEGER NOT NULL DEFAULT 1"),
-    ("ever_linked", "INTEGER NOT NULL DEFAULT 0"),
-    ("device_api_key", "TEXT"),
-    ("app_id", "INTEGER"),
-    ("last_endpoint", "TEXT"),
-];
-
-fn migrate(conn: &Connection) -> Result<(), RegistryError> {
-    let existing: Vec<String> = conn
-        .prepare("SELECT name FROM pragma_table_info('devices')")?
-        .query_map([], |r| r.get(0))?
-        .collect::<Result<_, _>>()?;
-    for (col, def) in ADDED_COLUMNS {
-        if !existing.iter().any(|c| c == col) {
-            conn.execute_batch(&format!("ALTER TABLE devices ADD COLUMN {col} {def}"))?;
-        }
-    }
-    Ok(())
-}
-
 fn row_to_device(row: &rusqlite::Row<'_>) -> rusqlite::Result<Device> {
     let key: Vec<u8> = row.get(2)?;
     let addr: i64 = row.get(3)?;
@@ -285,9 +247,8 @@ impl Registry {
     /// Opens (or creates) the registry in `dir/registry.sqlite3`.
     pub fn open(dir: &Path, plan: AddressPlan) -> Result<Self, RegistryError> {
         let path = dir.join("registry.sqlite3");
-        let conn = open_conn(&path, false)?;
-        conn.execute_batch(SCHEMA)?;
-        migrate(&conn)?;
+        let mut conn = open_conn(&path, false)?;
+        crate::store::schema::migrate(&mut conn, &path)?;
         let stored: Option<String> = conn
             .query_row(
                 "SELECT value FROM meta WHERE key = 'tunnel_cidr'",

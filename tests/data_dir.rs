@@ -69,6 +69,36 @@ async fn a_data_directory_of_the_previous_release_opens_tightened_with_nothing_l
     let r = g.register("fixture-three", &cloudlink::keys::public_key(&key)).await;
     assert_eq!(r["address"], "10.240.0.4");
     g.stop().await;
+    // Upgraded to this build's schema.
+    assert_eq!(
+        cloudlink::store::schema::stored_version(&d.join("registry.sqlite3")).unwrap(),
+        cloudlink::store::schema::LATEST
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_directory_of_a_newer_release_is_refused_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    copy_fixture(dir.path());
+    // SQLite's header keeps user_version at byte 60, big-endian: what a
+    // newer build writes.
+    let db = dir.path().join("registry.sqlite3");
+    let mut bytes = std::fs::read(&db).unwrap();
+    let newer = cloudlink::store::schema::LATEST + 1;
+    bytes[60..64].copy_from_slice(&newer.to_be_bytes());
+    std::fs::write(&db, &bytes).unwrap();
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let api = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let e = match cloudlink::Gateway::start(config(dir.path()), udp, api).await {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("a newer schema was accepted"),
+    };
+    assert!(e.contains("newer cloudlink"), "{e}");
+    assert!(e.contains("registry.sqlite3"), "{e}");
+    assert_eq!(
+        cloudlink::store::schema::stored_version(&db).unwrap(),
+        newer
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
