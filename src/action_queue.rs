@@ -16,7 +16,8 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use crate::actions::{deliver, supervisor_call, Action, DeliveryError, Params};
-use crate::events::EventHub;
+use crate::bus::event::{ActionOutcome, Event};
+use crate::bus::EventBus;
 use crate::registry::{now_ms, Registry, RegistryError};
 use crate::relay::Relay;
 
@@ -57,7 +58,7 @@ impl StoredAction {
 pub struct ActionQueue {
     conn: Mutex<Connection>,
     metrics: Arc<crate::metrics::Metrics>,
-    events: Arc<EventHub>,
+    events: Arc<dyn EventBus>,
     relay: Weak<Relay>,
     timeout: Duration,
 }
@@ -93,7 +94,7 @@ fn new_id() -> String {
 impl ActionQueue {
     pub fn open(
         registry: &Registry,
-        events: Arc<EventHub>,
+        events: Arc<dyn EventBus>,
         metrics: Arc<crate::metrics::Metrics>,
         relay: Weak<Relay>,
         timeout: Duration,
@@ -215,19 +216,17 @@ impl ActionQueue {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    fn publish(&self, a: &StoredAction, kind: &str, reason: &str) {
-        self.events.publish(
-            kind,
-            &a.device,
-            json!({
-                "endpoint": Value::Null,
-                "reason": reason,
-                "action_id": a.id,
-                "action": a.action,
-                "state": a.state,
-                "device_status": a.device_status,
-            }),
-        );
+    fn publish(&self, a: &StoredAction, kind: fn(ActionOutcome) -> Event, reason: &str) {
+        let outcome = ActionOutcome {
+            endpoint: None,
+            reason: reason.to_owned(),
+            action_id: a.id.clone(),
+            action: a.action.clone(),
+            state: a.state.clone(),
+            device_status: a.device_status,
+        };
+        self.events
+            .publish(Some(&a.device), kind(outcome), std::time::SystemTime::now());
     }
 
     /// Delivers the device's queued actions, oldest first (at link-up).
@@ -264,7 +263,7 @@ impl ActionQueue {
                     done.state = "completed".into();
                     done.device_status = Some(answer.status);
                     self.metrics.action(&a.action, "device_answered");
-                    self.publish(&done, "action.completed", "delivered");
+                    self.publish(&done, Event::ActionCompleted, "delivered");
                 }
                 Err(DeliveryError::Unavailable) => {
                     // The link went down again: wait for the next link-up.
@@ -276,7 +275,7 @@ impl ActionQueue {
                     done.state = "failed".into();
                     self.metrics.action(&a.action, "failed");
                     tracing::warn!(device = %device, action = %a.action, error = %e, "queued action failed");
-                    self.publish(&done, "action.failed", &e.to_string());
+                    self.publish(&done, Event::ActionFailed, &e.to_string());
                 }
             }
         }
@@ -303,7 +302,7 @@ impl ActionQueue {
             if let Ok(Ok(list)) = expired {
                 for a in list {
                     self.metrics.action(&a.action, "expired");
-                    self.publish(&a, "action.expired", "ttl_passed");
+                    self.publish(&a, Event::ActionExpired, "ttl_passed");
                 }
             }
         }

@@ -17,7 +17,8 @@ use parking_lot::Mutex;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::events::EventHub;
+use crate::bus::event::{Event, StatusChanged, StatusName};
+use crate::bus::EventBus;
 use crate::registry::Registry;
 use crate::status::{Status, StatusChange, StatusTracker, Stored, View};
 
@@ -25,7 +26,7 @@ pub struct DeviceStatus {
     tracker: Mutex<StatusTracker>,
     /// For the `endpoint` of events (weak: the packet path holds us).
     path: std::sync::Weak<crate::packet_path::PacketPath>,
-    events: Arc<EventHub>,
+    events: Arc<dyn EventBus>,
     registry: Arc<Registry>,
     wake: tokio::sync::Notify,
 }
@@ -39,7 +40,7 @@ impl DeviceStatus {
     /// Loads every device's status inputs from the registry.
     pub fn load(
         registry: Arc<Registry>,
-        events: Arc<EventHub>,
+        events: Arc<dyn EventBus>,
         path: std::sync::Weak<crate::packet_path::PacketPath>,
         default_poll_interval: Duration,
         grace: Duration,
@@ -77,6 +78,31 @@ impl DeviceStatus {
             },
             now_ms(),
         );
+    }
+
+    /// Makes the tracker hold exactly the registered devices, after the
+    /// fleet reactor lost events (blocking: reads the whole registry).
+    /// Devices already tracked keep their state.
+    pub fn reconcile(&self) -> Result<(), crate::registry::RegistryError> {
+        let mut present = Vec::new();
+        self.registry
+            .for_each_status(|id, stored| present.push((id, stored)))?;
+        let now = now_ms();
+        let mut t = self.tracker.lock();
+        let max = present.iter().map(|p| p.0 as usize + 1).max().unwrap_or(0);
+        let mut keep = vec![false; t.slot_count().max(max)];
+        for (id, stored) in present {
+            keep[id as usize] = true;
+            if !t.contains(id) {
+                t.insert(id, stored, now);
+            }
+        }
+        for (id, k) in keep.iter().enumerate() {
+            if !k && t.contains(id as u32) {
+                t.remove(id as u32);
+            }
+        }
+        Ok(())
     }
 
     /// A device was deleted.
@@ -150,7 +176,7 @@ impl DeviceStatus {
         endpoint: Option<&str>,
     ) {
         if let Some(c) = change {
-            publish_change(&self.events, t, uuid, c, reason, endpoint);
+            publish_change(&*self.events, t, uuid, c, reason, endpoint);
         }
     }
 
@@ -220,7 +246,7 @@ impl DeviceStatus {
                     _ => "heartbeat_timeout",
                 };
                 let endpoint = endpoints.get(&c.id).map(String::as_str);
-                publish_change(&self.events, &t, uuid, *c, reason, endpoint);
+                publish_change(&*self.events, &t, uuid, *c, reason, endpoint);
             }
         }
     }
@@ -254,45 +280,29 @@ impl crate::packet_path::LinkObserver for DeviceStatus {
 }
 
 fn publish_change(
-    events: &EventHub,
+    events: &dyn EventBus,
     t: &StatusTracker,
     uuid: &str,
     c: StatusChange,
     reason: &str,
     endpoint: Option<&str>,
 ) {
-    #[derive(serde::Serialize)]
-    struct S {
-        status: &'static str,
-        detail: Option<&'static str>,
-    }
-    #[derive(serde::Serialize)]
-    struct Fields<'a> {
-        /// The device's current endpoint (`null` without a session).
-        endpoint: Option<&'a str>,
-        /// What caused the change.
-        reason: &'a str,
-        from: S,
-        to: S,
-        heartbeat: &'static str,
-        cloudlink: bool,
-    }
-    let s = |x: Status| S {
+    let s = |x: Status| StatusName {
         status: x.name(),
         detail: x.detail(),
     };
     let view = t.view(c.id);
     tracing::info!(device = %uuid, from = ?c.from, to = ?c.to, "status changed");
     events.publish(
-        "status.changed",
-        uuid,
-        Fields {
-            endpoint,
-            reason,
+        Some(uuid),
+        Event::StatusChanged(StatusChanged {
+            endpoint: endpoint.map(str::to_owned),
+            reason: reason.to_owned(),
             from: s(c.from),
             to: s(c.to),
             heartbeat: view.map(|v| v.heartbeat.as_str()).unwrap_or("unknown"),
             cloudlink: view.is_some_and(|v| v.link_up),
-        },
+        }),
+        std::time::SystemTime::now(),
     );
 }

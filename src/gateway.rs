@@ -13,7 +13,7 @@ use crate::api::{self, ApiState};
 use crate::config::{check_token, GatewayConfig};
 use crate::device_status::DeviceStatus;
 use crate::error::Error;
-use crate::events::EventHub;
+use crate::bus::{EventBus, RingBus};
 use crate::keys::{encode_key, load_or_create_private_key, write_secret_file};
 use crate::metrics::Metrics;
 use crate::packet_path::udp_io::PacketThreads;
@@ -82,7 +82,7 @@ impl Gateway {
             }
         };
         let gateway_id = config.gateway_id.clone().unwrap_or(hostname);
-        let events = Arc::new(EventHub::new(
+        let events: Arc<dyn EventBus> = Arc::new(RingBus::new(
             boot_epoch(),
             gateway_id.clone(),
             config.event_ring,
@@ -153,6 +153,16 @@ impl Gateway {
         let proxy_addr = proxy.local_addr().map_err(Error::Socket)?;
         let (stop_status, stop_status_rx) = tokio::sync::watch::channel(false);
         let status_task = tokio::spawn(status.clone().run(stop_status_rx));
+        let fleet = Arc::new(crate::fleet::Fleet::new(registry.clone(), events.clone()));
+        tokio::spawn(
+            crate::fleet::Reactor {
+                fleet: fleet.clone(),
+                path: path.clone(),
+                status: status.clone(),
+                metrics: metrics.clone(),
+            }
+            .run(stop_status.subscribe()),
+        );
         tokio::spawn(action_queue.clone().run_expiry(stop_status.subscribe()));
         let sockets = crate::packet_path::udp_io::worker_sockets(udp, config.workers)
             .map_err(Error::Socket)?;
@@ -192,6 +202,7 @@ impl Gateway {
         let api_state = Arc::new(ApiState {
             path: path.clone(),
             registry: registry.clone(),
+            fleet,
             events: events.clone(),
             metrics,
             status,
@@ -268,6 +279,10 @@ impl Gateway {
     pub fn token(&self) -> &str {
         &self.api_state.token
     }
+    /// The device-lifecycle service (what the API, a CLI or the cluster call).
+    pub fn fleet(&self) -> &Arc<crate::fleet::Fleet> {
+        &self.api_state.fleet
+    }
 
     /// Clean stop: not ready, packet threads stopped, `link.down`
     /// (`shutdown`) for every up link, event streams drained and ended, API
@@ -282,7 +297,7 @@ impl Gateway {
         if let Some(t) = self.threads.take() {
             let _ = tokio::task::spawn_blocking(move || t.stop()).await;
         }
-        self.path.shutdown();
+        self.path.shutdown(std::time::Instant::now());
         // Persist the last heartbeat times before the event stream closes.
         let _ = self.stop_status.send(true);
         if let Some(task) = self.status_task.take() {

@@ -370,6 +370,11 @@ impl StatusTracker {
         self.slots[id as usize] = Slot::default();
     }
 
+    /// One past the highest slot id ever held.
+    pub fn slot_count(&self) -> usize {
+        self.slots.len()
+    }
+
     pub fn contains(&self, id: u32) -> bool {
         self.slots.get(id as usize).is_some_and(|s| s.has(PRESENT))
     }

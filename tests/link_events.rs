@@ -6,6 +6,8 @@ mod common;
 use common::*;
 use std::net::{Ipv4Addr, UdpSocket};
 use std::time::Duration;
+use cloudlink::keys::{encode_key, generate_private_key, public_key};
+use serde_json::{json, Value};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -370,14 +372,16 @@ async fn resume_with_last_event_id_and_resync() {
         let mut d = new_device(&g, &format!("r{i}"), 10 + i).await;
         d.connect();
         live.wait_for(WAIT, |e| e["type"] == "link.up").await;
+        // Published just after link.up, by the status tracker.
+        live.wait_for(WAIT, |e| e["type"] == "status.changed").await;
         devs.push(d);
     }
     let (_, listing) = g.call("GET", "/v1/devices", None).await;
     let as_of = listing["as_of"].as_str().unwrap().to_owned();
     let (epoch, last) = as_of.rsplit_once('-').unwrap();
     let last: u64 = last.parse().unwrap();
-    // Each connection published link.up and status.changed.
-    assert_eq!(last, 12);
+    // Each device published device.registered, link.up and status.changed.
+    assert_eq!(last, 18);
 
     // Resume after last-2: exactly the last two, in order, with their SSE ids.
     let mut r = g.events(Some(&format!("{epoch}-{}", last - 2))).await;
@@ -395,8 +399,11 @@ async fn resume_with_last_event_id_and_resync() {
     assert_eq!(st, 204);
     let m3 = r.next(WAIT).await;
     assert_eq!(m3.data["id"], last + 1);
-    assert_eq!(m3.data["type"], "link.down");
-    assert_eq!(m3.data["reason"], "revoked");
+    assert_eq!(m3.data["type"], "device.deleted");
+    let m4 = r.next(WAIT).await;
+    assert_eq!(m4.data["id"], last + 2);
+    assert_eq!(m4.data["type"], "link.down");
+    assert_eq!(m4.data["reason"], "revoked");
 
     // Resuming from the listing's as_of loses nothing either.
     let mut r = g.events(Some(&as_of)).await;
@@ -440,4 +447,69 @@ async fn gateway_identity_survives_restart() {
     assert_eq!(d["gateway"]["public_key"], key1);
     assert_eq!(d["address"], reg["address"]);
     g2.stop().await;
+}
+
+/// The lifecycle goes through the bus: a deletion made through the fleet
+/// service (as a CLI or another gateway would, no HTTP handler involved)
+/// publishes `device.deleted`, and the fleet reactor that reads it cuts the
+/// connected device off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deletion_through_the_fleet_service_cuts_the_device_off_through_the_bus() {
+    let mut g = TestGateway::start_with(|c| c.link_timeout = Duration::from_secs(30)).await;
+    let mut events = g.events(None).await;
+    let mut dev = new_device(&g, "fleet-doomed", 5).await;
+    dev.connect();
+    events.wait_for(WAIT, |e| e["type"] == "link.up").await;
+    let fleet = g.gw().fleet().clone();
+    let changed = tokio::task::spawn_blocking(move || fleet.delete("fleet-doomed").unwrap())
+        .await
+        .unwrap();
+    assert!(changed.value.is_some());
+    // No call to the packet path was made: the reactor reads the event.
+    let deleted = events.wait_for(WAIT, |e| e["type"] == "device.deleted").await;
+    assert_eq!(deleted.data["device"], "fleet-doomed");
+    let down = events.wait_for(WAIT, |e| e["type"] == "link.down").await;
+    assert_eq!(down.data["reason"], "revoked");
+    assert_eq!(down.data["device"], "fleet-doomed");
+    assert!(g.gw().path.sessions.by_uuid("fleet-doomed").is_none());
+    dev.socket
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    dev.send_initiation();
+    assert!(dev.receive_one().is_err(), "a deleted device gets no answer");
+    g.stop().await;
+}
+
+/// Registrations publish `device.registered`: one per device, and one for a
+/// whole batch with its count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registrations_publish_one_event_per_device_and_one_per_batch() {
+    let mut g = TestGateway::start().await;
+    let mut events = g.events(None).await;
+    g.register("single-1", &public_key(&generate_private_key())).await;
+    let e = events.wait_for(WAIT, |e| e["type"] == "device.registered").await;
+    assert_eq!(e.data["device"], "single-1");
+    assert_eq!(e.data["count"], 1);
+    assert!(e.data["address"].as_str().is_some());
+    let devices: Vec<_> = (0..500)
+        .map(|i| json!({"uuid": format!("batch-{i}"), "public_key": encode_key(&public_key(&generate_private_key()))}))
+        .collect();
+    let (st, b) = g
+        .call("POST", "/v1/devices/batch", Some(json!({"devices": devices})))
+        .await;
+    assert_eq!((st, b["created"].as_u64()), (200, Some(500)), "{b}");
+    let e = events.wait_for(WAIT, |e| e["type"] == "device.registered").await;
+    assert_eq!(e.data["device"], Value::Null);
+    assert_eq!(e.data["count"], 500);
+    // Every device of the batch has its status, applied before the answer.
+    let d = g.device("batch-499").await;
+    assert_eq!(d["status"], "configuring", "{d}");
+    let (st, _) = g
+        .call("PATCH", "/v1/devices/batch-7", Some(json!({"name": "seven"})))
+        .await;
+    assert_eq!(st, 200);
+    let e = events.wait_for(WAIT, |e| e["type"] == "device.updated").await;
+    assert_eq!(e.data["device"], "batch-7");
+    assert_eq!(e.data["changed"], json!(["name"]));
+    g.stop().await;
 }

@@ -2,7 +2,7 @@
 //! on simulated time for the link state.
 
 use boringtun::noise::{Tunn, TunnResult};
-use cloudlink::events::{EventHub, Read};
+use cloudlink::bus::{EventBus, Read, RingBus};
 use cloudlink::keys::{generate_private_key, public_key};
 use cloudlink::metrics::{DropReason, Metrics};
 use cloudlink::packet_path::{PacketPath, PacketPathConfig, TunnelSink, BUF_SIZE};
@@ -16,7 +16,7 @@ use x25519_dalek::StaticSecret;
 
 struct Rig {
     path: Arc<PacketPath>,
-    events: Arc<EventHub>,
+    events: Arc<dyn EventBus>,
     metrics: Arc<Metrics>,
     reader: cloudlink::registry::RegistryReader,
     out: Vec<u8>,
@@ -29,7 +29,7 @@ fn rig() -> (Rig, Arc<Registry>) {
     let dir = tempfile::tempdir().unwrap();
     let plan = AddressPlan::new("10.240.0.0/12".parse().unwrap()).unwrap();
     let registry = Arc::new(Registry::open(dir.path(), plan).unwrap());
-    let events = Arc::new(EventHub::new("sim".into(), "gw".into(), 1000));
+    let events: Arc<dyn EventBus> = Arc::new(RingBus::new("sim".into(), "gw".into(), 1000));
     let metrics = Arc::new(Metrics::new());
     let path = Arc::new(PacketPath::new(
         StaticSecret::from(generate_private_key()),

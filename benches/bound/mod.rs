@@ -4,7 +4,7 @@
 //! the same run.
 #![allow(dead_code)]
 
-use cloudlink::events::EventHub;
+use cloudlink::bus::{EventBus, RingBus};
 use cloudlink::keys::{generate_private_key, public_key};
 use cloudlink::metrics::Metrics;
 use cloudlink::packet_path::{PacketPath, PacketPathConfig, Transmit, BUF_SIZE};
@@ -30,7 +30,7 @@ pub fn gateway(devices: usize) -> (Gw, Vec<[u8; 32]>) {
     let dir = tempfile::tempdir().unwrap();
     let plan = AddressPlan::new("10.240.0.0/12".parse().unwrap()).unwrap();
     let registry = Arc::new(Registry::open(dir.path(), plan).unwrap());
-    let events = Arc::new(EventHub::new("bench".into(), "gw".into(), 100_000));
+    let events: Arc<dyn EventBus> = Arc::new(RingBus::new("bench".into(), "gw".into(), 100_000));
     let metrics = Arc::new(Metrics::new());
     let secret = StaticSecret::from(generate_private_key());
     let path = Arc::new(PacketPath::new(

@@ -7,7 +7,7 @@
 //! first one. Simulated time; the gateway's and devices' keys are fixed.
 
 use boringtun::noise::{Tunn, TunnResult};
-use cloudlink::events::EventHub;
+use cloudlink::bus::{EventBus, RingBus};
 use cloudlink::metrics::{DropReason, Metrics};
 use cloudlink::packet_path::{PacketPath, PacketPathConfig, TunnelSink, BUF_SIZE};
 use cloudlink::registry::{AddressPlan, NewDevice, Registry, RegistryReader};
@@ -137,7 +137,7 @@ fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, payload: &[u8]) -> Vec<u8> {
 pub fn run(data: &[u8]) -> Reached {
     let reg = registered();
     let metrics = Arc::new(Metrics::new());
-    let events = Arc::new(EventHub::new("fuzz".into(), "fuzz".into(), 64));
+    let events: Arc<dyn EventBus> = Arc::new(RingBus::new("fuzz".into(), "fuzz".into(), 64));
     let path = PacketPath::new(
         StaticSecret::from(GATEWAY_KEY),
         "10.240.0.1".parse().unwrap(),

@@ -15,6 +15,10 @@ use crate::registry::{
 };
 use crate::wg_config;
 
+/// How long a change waits for the fleet reactor to apply it before the
+/// API answers (it takes microseconds; this bounds a stuck reactor).
+const SETTLE: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Largest poll interval accepted: a year.
 const MAX_POLL_INTERVAL_S: u64 = 365 * 24 * 3600;
 
@@ -199,13 +203,11 @@ fn conflict_key(other: &str) -> ApiError {
 pub async fn register(State(s): State<SharedState>, body: Bytes) -> Result<Response, ApiError> {
     let obj = json_object(&body)?;
     let dev = parse_new_device(&obj, "")?;
-    let registry = s.registry.clone();
-    let outcome = blocking(move || registry.register(dev)).await?;
-    s.metrics.devices_registered.set(s.registry.count());
-    match outcome {
+    let fleet = s.fleet.clone();
+    let changed = blocking(move || fleet.register(dev)).await?;
+    s.fleet.settled(changed.cursor, SETTLE).await;
+    match changed.value {
         Registered::Created(d) => {
-            s.status.registered(d.id);
-            tracing::info!(device = %d.uuid, address = %d.address, "device registered");
             Ok((StatusCode::CREATED, Json(full_device_json(&s, &d))).into_response())
         }
         Registered::Existing(d) => {
@@ -272,13 +274,12 @@ pub async fn register_batch(
         }
     }
     let uuids: Vec<String> = valid.iter().map(|d| d.uuid.clone()).collect();
-    let registry = s.registry.clone();
-    let outcomes = blocking(move || registry.register_batch(valid)).await?;
-    s.metrics.devices_registered.set(s.registry.count());
-    for ((pos, uuid), outcome) in positions.into_iter().zip(uuids).zip(outcomes) {
+    let fleet = s.fleet.clone();
+    let changed = blocking(move || fleet.register_batch(valid)).await?;
+    s.fleet.settled(changed.cursor, SETTLE).await;
+    for ((pos, uuid), outcome) in positions.into_iter().zip(uuids).zip(changed.value) {
         results[pos] = Some(match outcome {
             Registered::Created(d) => {
-                s.status.registered(d.id);
                 json!({"uuid": d.uuid, "status": 201, "address": d.address.to_string()})
             }
             Registered::Existing(d) => {
@@ -396,40 +397,30 @@ pub async fn patch(
             }
         },
     }
-    let registry = s.registry.clone();
+    let fleet = s.fleet.clone();
     let u = uuid.clone();
-    let p = patch.clone();
-    match blocking(move || registry.update(&u, &p)).await? {
-        Some(d) => {
-            s.status.settings(
-                d.id,
-                &d.uuid,
-                patch.poll_interval_s,
-                patch.cloudlink_enabled,
-            );
-            Ok(Json(full_device_json(&s, &d)))
-        }
+    let changed = blocking(move || fleet.update(&u, &patch)).await?;
+    s.fleet.settled(changed.cursor, SETTLE).await;
+    match changed.value {
+        Some(d) => Ok(Json(full_device_json(&s, &d))),
         None => Err(ApiError::unknown_device(&uuid)),
     }
 }
 
-/// `DELETE /v1/devices/{uuid}`: the registration goes (fsync'd), the session
-/// is dropped at once and `link.down` (`revoked`) is published if it was up.
+/// `DELETE /v1/devices/{uuid}`: the registration goes (fsync'd) and
+/// `device.deleted` is published; the fleet reactor drops the session and
+/// publishes `link.down` (`revoked`) if it was up, before the answer.
 pub async fn delete(
     State(s): State<SharedState>,
     Path(uuid): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     check_path_uuid(&uuid)?;
-    let registry = s.registry.clone();
+    let fleet = s.fleet.clone();
     let u = uuid.clone();
-    match blocking(move || registry.delete(&u)).await? {
-        Some(d) => {
-            s.path.revoke(&uuid);
-            s.status.removed(d.id);
-            s.metrics.devices_registered.set(s.registry.count());
-            tracing::info!(device = %uuid, "device deleted");
-            Ok(StatusCode::NO_CONTENT)
-        }
+    let changed = blocking(move || fleet.delete(&u)).await?;
+    s.fleet.settled(changed.cursor, SETTLE).await;
+    match changed.value {
+        Some(_) => Ok(StatusCode::NO_CONTENT),
         None => Err(ApiError::unknown_device(&uuid)),
     }
 }

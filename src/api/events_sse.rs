@@ -19,13 +19,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{ApiError, SharedState};
-use crate::events::{EventHub, Read, Resume};
+use crate::bus::{EventBus, Read, Resume};
 
 /// Events copied out of the ring per lock.
 const CHUNK: usize = 256;
 
 struct Cursor {
-    hub: Arc<EventHub>,
+    hub: Arc<dyn EventBus>,
     rx: tokio::sync::watch::Receiver<u64>,
     cursor: u64,
     pending: VecDeque<Event>,
@@ -33,7 +33,7 @@ struct Cursor {
 
 impl Cursor {
     fn push_resync(&mut self, reason: &str) {
-        let (last, as_of, json) = self.hub.resync_json(reason);
+        let (last, as_of, json) = self.hub.resync_json(reason, std::time::SystemTime::now());
         self.cursor = last;
         self.pending
             .push_back(Event::default().id(as_of).data(json));
@@ -78,14 +78,10 @@ pub async fn events(
             c.rx.borrow_and_update();
             match c.hub.read_after(c.cursor, CHUNK) {
                 Read::Events(v) if !v.is_empty() => {
-                    let epoch = c.hub.epoch().to_owned();
                     for e in v {
                         c.cursor = e.id;
-                        c.pending.push_back(
-                            Event::default()
-                                .id(format!("{epoch}-{}", e.id))
-                                .data(&*e.json),
-                        );
+                        c.pending
+                            .push_back(Event::default().id(c.hub.token(e.id)).data(&*e.json));
                     }
                 }
                 Read::Events(_) => {

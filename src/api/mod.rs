@@ -25,7 +25,7 @@ use serde::Serialize;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use crate::events::EventHub;
+use crate::bus::EventBus;
 use crate::metrics::Metrics;
 use crate::packet_path::PacketPath;
 use crate::registry::Registry;
@@ -34,7 +34,9 @@ use crate::registry::Registry;
 pub struct ApiState {
     pub path: Arc<PacketPath>,
     pub registry: Arc<Registry>,
-    pub events: Arc<EventHub>,
+    /// Device lifecycle: every registration, change and deletion.
+    pub fleet: Arc<crate::fleet::Fleet>,
+    pub events: Arc<dyn EventBus>,
     pub metrics: Arc<Metrics>,
     pub status: Arc<crate::device_status::DeviceStatus>,
     pub relay: Arc<crate::relay::Relay>,

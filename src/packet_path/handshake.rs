@@ -20,7 +20,7 @@ use boringtun::noise::{Packet, Tunn, TunnResult};
 use parking_lot::Mutex;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::Instant;
 use x25519_dalek::PublicKey;
 
 use super::{PacketPath, Transmit};
@@ -107,9 +107,9 @@ impl PacketPath {
                 session.count_rx(datagram.len());
                 self.transmit(tx, Some(session), src, response);
                 self.metrics.handshake(HandshakeResult::Completed);
-                st.last_handshake_at = Some(SystemTime::now());
+                st.last_handshake_at = Some(self.wall(now));
                 if let Some(t) = st.link.on_authenticated(now, src, false) {
-                    self.announce(session, t);
+                    self.announce(session, t, self.wall(now));
                 }
                 tracing::debug!(device = %session.uuid, %src, "handshake completed");
                 self.drain_queued(session, &mut st, src, out, tx);

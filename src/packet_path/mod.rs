@@ -33,10 +33,11 @@ pub mod udp_io;
 use boringtun::noise::rate_limiter::RateLimiter;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime};
 use x25519_dalek::{PublicKey, StaticSecret};
 
-use crate::events::EventHub;
+use crate::bus::event::{Event, Link};
+use crate::bus::EventBus;
 use crate::link_state::{DownReason, LinkTransition};
 use crate::metrics::Metrics;
 use crate::registry::Registry;
@@ -124,7 +125,7 @@ pub struct PacketPath {
     pub(crate) rate_window: admission::RateWindow,
     pub sessions: SessionTable,
     pub registry: Arc<Registry>,
-    pub events: Arc<EventHub>,
+    pub events: Arc<dyn EventBus>,
     pub metrics: Arc<Metrics>,
     pub(crate) config: PacketPathConfig,
     pub(crate) sink: OnceLock<Arc<dyn TunnelSink>>,
@@ -133,6 +134,8 @@ pub struct PacketPath {
     /// Weak: the packet threads own the socket, so stopping them closes it
     /// even while other parts (relay stacks) still hold the packet path.
     pub(crate) egress: OnceLock<std::sync::Weak<std::net::UdpSocket>>,
+    /// (monotonic, wall) at the same moment: see [`wall`](Self::wall).
+    wall_anchor: parking_lot::RwLock<(Instant, SystemTime)>,
 }
 
 impl PacketPath {
@@ -140,7 +143,7 @@ impl PacketPath {
         secret: StaticSecret,
         gateway_address: Ipv4Addr,
         registry: Arc<Registry>,
-        events: Arc<EventHub>,
+        events: Arc<dyn EventBus>,
         metrics: Arc<Metrics>,
         config: PacketPathConfig,
     ) -> Self {
@@ -161,6 +164,8 @@ impl PacketPath {
             sink: OnceLock::new(),
             observer: OnceLock::new(),
             egress: OnceLock::new(),
+            // Set-up, not a stage: the I/O layer re-anchors from then on.
+            wall_anchor: parking_lot::RwLock::new((Instant::now(), SystemTime::now())),
         }
     }
 
@@ -191,14 +196,14 @@ impl PacketPath {
         let _ = self.egress.set(Arc::downgrade(socket));
     }
 
-    /// Publishes a link transition of `session` (its state already changed:
-    /// see the ordering invariant in `events`).
-    pub(crate) fn announce(&self, session: &Session, t: LinkTransition) {
+    /// Publishes a link transition of `session` made at `at` (its state
+    /// already changed: see the ordering invariant in `bus`).
+    pub(crate) fn announce(&self, session: &Session, t: LinkTransition, at: SystemTime) {
         match t {
             LinkTransition::Up { endpoint } => {
                 self.metrics.sessions.inc();
                 tracing::info!(device = %session.uuid, %endpoint, "link up");
-                self.publish(session, "link.up", endpoint, "handshake", None);
+                self.publish(session, Event::LinkUp, endpoint, "handshake", None, at);
                 if let Some(o) = self.observer.get() {
                     o.link_changed(session, true, endpoint, None);
                 }
@@ -206,14 +211,14 @@ impl PacketPath {
             LinkTransition::Down { endpoint, reason } => {
                 self.metrics.sessions.dec();
                 tracing::info!(device = %session.uuid, %endpoint, reason = reason.as_str(), "link down");
-                self.publish(session, "link.down", endpoint, reason.as_str(), None);
+                self.publish(session, Event::LinkDown, endpoint, reason.as_str(), None, at);
                 if let Some(o) = self.observer.get() {
                     o.link_changed(session, false, endpoint, Some(reason));
                 }
             }
             LinkTransition::Roamed { from, to } => {
                 tracing::info!(device = %session.uuid, %from, %to, "link roamed");
-                self.publish(session, "link.roamed", to, "endpoint_changed", Some(from));
+                self.publish(session, Event::LinkRoamed, to, "endpoint_changed", Some(from), at);
             }
         }
     }
@@ -221,55 +226,64 @@ impl PacketPath {
     fn publish(
         &self,
         session: &Session,
-        kind: &str,
+        kind: fn(Link) -> Event,
         endpoint: SocketAddr,
         reason: &str,
         previous: Option<SocketAddr>,
+        at: SystemTime,
     ) {
-        #[derive(serde::Serialize)]
-        struct LinkFields {
-            endpoint: String,
-            reason: String,
-            #[serde(skip_serializing_if = "Option::is_none")]
-            previous_endpoint: Option<String>,
-            address: String,
+        let event = kind(Link {
+            endpoint: endpoint.to_string(),
+            reason: reason.to_string(),
+            previous_endpoint: previous.map(|p| p.to_string()),
+            address: session.address.to_string(),
+        });
+        self.metrics.link_event(event.kind());
+        self.events.publish(Some(&session.uuid), event, at);
+    }
+
+    /// The wall-clock time of `now`, from the anchor the I/O layer keeps
+    /// current ([`anchor_wall_clock`](Self::anchor_wall_clock)): stages never
+    /// read a clock, so simulated time gives simulated timestamps.
+    pub fn wall(&self, now: Instant) -> SystemTime {
+        let (mono, wall) = *self.wall_anchor.read();
+        match now.checked_duration_since(mono) {
+            Some(d) => wall + d,
+            None => wall - mono.duration_since(now),
         }
-        self.metrics.link_event(kind);
-        self.events.publish(
-            kind,
-            &session.uuid,
-            LinkFields {
-                endpoint: endpoint.to_string(),
-                reason: reason.to_string(),
-                previous_endpoint: previous.map(|p| p.to_string()),
-                address: session.address.to_string(),
-            },
-        );
+    }
+
+    /// Ties `mono` to `wall`. The I/O layer calls it at start and then
+    /// about once a second, so NTP corrections reach event timestamps.
+    pub fn anchor_wall_clock(&self, mono: Instant, wall: SystemTime) {
+        *self.wall_anchor.write() = (mono, wall);
     }
 
     /// Forgets a deleted device: its session goes at once and, if its link
-    /// was up, `link.down` (`revoked`) is published. Call after the registry
-    /// delete committed.
-    pub fn revoke(&self, uuid: &str) {
+    /// was up, `link.down` (`revoked`) is published. The fleet reactor calls
+    /// it on `device.deleted`.
+    pub fn revoke(&self, uuid: &str, now: Instant) {
         if let Some(session) = self.sessions.by_uuid(uuid) {
+            // Out of the table first (shard locks), then the session's state:
+            // never a shard lock under a session lock.
             self.sessions.remove(&session);
             let mut st = session.state.lock();
             if let Some(t) = st.link.close(crate::link_state::DownReason::Revoked) {
                 st.connected_since = None;
-                self.announce(&session, t);
+                self.announce(&session, t, self.wall(now));
             }
         }
     }
 
     /// Clean shutdown: every up link goes down with reason `shutdown`.
-    pub fn shutdown(&self) {
+    pub fn shutdown(&self, now: Instant) {
         let mut all = Vec::new();
         self.sessions.collect_into(&mut all);
         for session in all {
             let mut st = session.state.lock();
             if let Some(t) = st.link.close(crate::link_state::DownReason::Shutdown) {
                 st.connected_since = None;
-                self.announce(&session, t);
+                self.announce(&session, t, self.wall(now));
             }
         }
     }

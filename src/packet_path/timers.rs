@@ -82,7 +82,7 @@ impl PacketPath {
                 if matches!(t, LinkTransition::Down { .. }) {
                     st.connected_since = None;
                 }
-                self.announce(&session, t);
+                self.announce(&session, t, self.wall(now));
             }
             drop(st);
             if expired {

@@ -62,7 +62,7 @@ impl PacketPath {
                 // answered: the device holds the new keys and saw us, which
                 // confirms the session as a transport packet would. boringtun
                 // sends the keepalive that confirms it to the device.
-                st.last_handshake_at = Some(std::time::SystemTime::now());
+                st.last_handshake_at = Some(self.wall(now));
                 self.authenticated(&session, &mut st, now, src, kind == Kind::HandshakeResponse);
                 self.transmit(tx, Some(&session), src, packet);
                 self.drain_queued(&session, &mut st, src, out, tx);
@@ -102,9 +102,9 @@ impl PacketPath {
     ) {
         if let Some(t) = st.link.on_authenticated(now, src, transport) {
             if matches!(t, crate::link_state::LinkTransition::Up { .. }) {
-                st.connected_since = Some(std::time::SystemTime::now());
+                st.connected_since = Some(self.wall(now));
             }
-            self.announce(session, t);
+            self.announce(session, t, self.wall(now));
         }
     }
 

@@ -192,6 +192,10 @@ fn timer_loop(path: &PacketPath, socket: &UdpSocket, stop: &AtomicBool) {
     while !stop.load(Ordering::Relaxed) {
         let now = Instant::now();
         if now >= next {
+            if bucket == 0 {
+                // The clock is read here, in the I/O layer; stages convert.
+                path.anchor_wall_clock(now, std::time::SystemTime::now());
+            }
             path.tick_bucket(now, bucket, &mut out, &mut scratch, &mut tx);
             bucket = (bucket + 1) % BUCKETS;
             next = now + TICK;

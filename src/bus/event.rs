@@ -1,0 +1,134 @@
+//! The events the gateway publishes, as one typed enum. Producers build
+//! values; the bus serialises them once, at its edge, into the JSON that
+//! `GET /v1/events` sends (`type` plus the variant's fields, beside the
+//! envelope's `id`, `epoch`, `device`, `at` and `gateway`). In-process
+//! subscribers (the fleet reactor) read the values, never the JSON.
+
+use serde::Serialize;
+use std::sync::Arc;
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "type")]
+pub enum Event {
+    #[serde(rename = "link.up")]
+    LinkUp(Link),
+    #[serde(rename = "link.down")]
+    LinkDown(Link),
+    #[serde(rename = "link.roamed")]
+    LinkRoamed(Link),
+    #[serde(rename = "status.changed")]
+    StatusChanged(StatusChanged),
+    #[serde(rename = "action.completed")]
+    ActionCompleted(ActionOutcome),
+    #[serde(rename = "action.failed")]
+    ActionFailed(ActionOutcome),
+    #[serde(rename = "action.expired")]
+    ActionExpired(ActionOutcome),
+    #[serde(rename = "device.registered")]
+    DeviceRegistered(DeviceRegistered),
+    #[serde(rename = "device.updated")]
+    DeviceUpdated(DeviceUpdated),
+    #[serde(rename = "device.deleted")]
+    DeviceDeleted(DeviceDeleted),
+}
+
+impl Event {
+    /// The `type` field, as metrics label it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Event::LinkUp(_) => "link.up",
+            Event::LinkDown(_) => "link.down",
+            Event::LinkRoamed(_) => "link.roamed",
+            Event::StatusChanged(_) => "status.changed",
+            Event::ActionCompleted(_) => "action.completed",
+            Event::ActionFailed(_) => "action.failed",
+            Event::ActionExpired(_) => "action.expired",
+            Event::DeviceRegistered(_) => "device.registered",
+            Event::DeviceUpdated(_) => "device.updated",
+            Event::DeviceDeleted(_) => "device.deleted",
+        }
+    }
+}
+
+/// `link.*`: the device's endpoint, why, and its tunnel address.
+#[derive(Debug, Clone, Serialize)]
+pub struct Link {
+    pub endpoint: String,
+    pub reason: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub previous_endpoint: Option<String>,
+    pub address: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct StatusName {
+    pub status: &'static str,
+    pub detail: Option<&'static str>,
+}
+
+/// `status.changed`.
+#[derive(Debug, Clone, Serialize)]
+pub struct StatusChanged {
+    /// The device's current endpoint (`null` without a session).
+    pub endpoint: Option<String>,
+    /// What caused the change.
+    pub reason: String,
+    pub from: StatusName,
+    pub to: StatusName,
+    pub heartbeat: &'static str,
+    pub cloudlink: bool,
+}
+
+/// `action.*`: a queued action's outcome.
+#[derive(Debug, Clone, Serialize)]
+pub struct ActionOutcome {
+    pub endpoint: Option<String>,
+    pub reason: String,
+    pub action_id: String,
+    pub action: String,
+    pub state: String,
+    pub device_status: Option<u16>,
+}
+
+/// A device as the fleet reactor needs it: its uuid and the status
+/// tracker's slot. In-process only: never serialised.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceRef {
+    pub uuid: String,
+    pub slot: u32,
+}
+
+/// `device.registered`: one device (`device` names it, with its address
+/// and name) or a batch (`device` is null; only the count goes on the wire,
+/// in-process subscribers get the list).
+#[derive(Debug, Clone, Serialize)]
+pub struct DeviceRegistered {
+    pub count: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(skip)]
+    pub devices: Arc<[DeviceRef]>,
+}
+
+/// `device.updated`: which settings changed (the new values are on
+/// `GET /v1/devices/{uuid}`; a device API key is never echoed).
+#[derive(Debug, Clone, Serialize)]
+pub struct DeviceUpdated {
+    pub changed: Vec<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cloudlink_enabled: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub poll_interval_s: Option<Option<u32>>,
+    #[serde(skip)]
+    pub slot: u32,
+}
+
+/// `device.deleted`: the registration is gone; its session is cut off.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeviceDeleted {
+    pub address: String,
+    #[serde(skip)]
+    pub slot: u32,
+}

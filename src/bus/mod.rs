@@ -1,0 +1,89 @@
+//! The event bus: what the gateway publishes (link, status, action and
+//! device-lifecycle events, typed in [`event`]) and how consumers follow
+//! it from a cursor. `GET /v1/events` reads from it, and so do the
+//! in-process reactors (the fleet reactor cuts a deleted device off).
+//!
+//! [`EventBus`] is the interface; [`ring::RingBus`] (a bounded ring per
+//! boot, named by a random epoch) is the embedded implementation. The
+//! interface carries what a JetStream implementation needs: every event
+//! has a message id fit for deduplication (`Nats-Msg-Id`), and a cursor is
+//! a `u64` that a stream sequence can be.
+//!
+//! Ordering invariant: the state change an event announces is made
+//! *before* it is published, so a reader that takes [`EventBus::as_of`]
+//! first and then reads the state has seen every event up to there.
+//! The bus never reads a clock: producers pass the event's time.
+
+pub mod event;
+pub mod ring;
+
+pub use event::Event;
+pub use ring::RingBus;
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+/// One event on the bus.
+#[derive(Debug, Clone)]
+pub struct StoredEvent {
+    /// Its cursor position.
+    pub id: u64,
+    /// Unique per publication, stable across retries: for deduplication.
+    pub msg_id: Arc<str>,
+    pub device: Option<Arc<str>>,
+    pub event: Arc<Event>,
+    /// Its JSON, made once when it was published.
+    pub json: Arc<str>,
+}
+
+/// A resume token that is not one this bus hands out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("an event id is <epoch>-<id>")]
+pub struct InvalidEventId;
+
+/// What a consumer asked to resume from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resume {
+    /// Only events published from now on.
+    Live,
+    /// Events after this cursor.
+    After(u64),
+    /// The position cannot be honoured; the consumer must reload.
+    Resync(&'static str),
+}
+
+/// The answer to [`EventBus::read_after`].
+pub enum Read {
+    Events(Vec<StoredEvent>),
+    /// The cursor fell out of what the bus keeps.
+    Gap,
+    /// Nothing new, and the bus is closed: the stream ends.
+    Closed,
+}
+
+pub trait EventBus: Send + Sync + 'static {
+    /// Publishes `event` about `device` (none for fleet-wide events such as
+    /// a batch registration), made at `at`. Returns its cursor.
+    fn publish(&self, device: Option<&str>, event: Event, at: SystemTime) -> u64;
+    /// The cursor of the last published event (0 before the first).
+    fn last_id(&self) -> u64;
+    /// The resume token of `cursor` (an SSE id, `Last-Event-ID`).
+    fn token(&self, cursor: u64) -> String;
+    /// The token of the last published event.
+    fn as_of(&self) -> String {
+        self.token(self.last_id())
+    }
+    /// Interprets a resume token; `Err` if it is malformed.
+    fn resume_from(&self, token: Option<&str>) -> Result<Resume, InvalidEventId>;
+    /// Up to `max` events after `cursor`.
+    fn read_after(&self, cursor: u64, max: usize) -> Read;
+    /// Changes whenever an event is published or the bus closes.
+    fn subscribe(&self) -> tokio::sync::watch::Receiver<u64>;
+    /// No more events: readers end once they have what is kept.
+    fn close(&self);
+    /// The `resync` message for a consumer that must reload: the cursor it
+    /// resumes after, its token and the JSON.
+    fn resync_json(&self, reason: &str, at: SystemTime) -> (u64, String, String);
+    /// This gateway's id, as events name it.
+    fn gateway(&self) -> &str;
+}

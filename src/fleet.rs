@@ -1,0 +1,272 @@
+//! The device lifecycle in one place: registration (one or a batch),
+//! settings, deletion. The API (and later a CLI and the cluster) call
+//! [`Fleet`]; it changes the store and publishes one typed event per change
+//! (`device.registered`, `device.updated`, `device.deleted`; one
+//! `device.registered` per batch, with its count). It never calls the
+//! packet path, status or relay itself: the [`Reactor`] applies every
+//! change it reads from the bus, so a change made anywhere (this gateway's
+//! API, another gateway's, a CLI) has the same effect here.
+//!
+//! Read-your-writes: each change returns the bus cursor of its event, and
+//! [`Fleet::settled`] waits until the reactor has applied it, so an API
+//! answer shows the device as the change left it (a new device has its
+//! status slot, a deleted one's session is gone).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use crate::bus::event::{DeviceDeleted, DeviceRef, DeviceRegistered, DeviceUpdated, Event};
+use crate::bus::{EventBus, Read};
+use crate::registry::{Device, DevicePatch, NewDevice, Registered, Registry, RegistryError};
+
+pub struct Fleet {
+    registry: Arc<Registry>,
+    bus: Arc<dyn EventBus>,
+    /// The last bus cursor the reactor applied.
+    applied: tokio::sync::watch::Sender<u64>,
+}
+
+/// A change and the bus cursor of its event (`None` when nothing changed).
+pub struct Changed<T> {
+    pub value: T,
+    pub cursor: Option<u64>,
+}
+
+impl Fleet {
+    pub fn new(registry: Arc<Registry>, bus: Arc<dyn EventBus>) -> Self {
+        let (applied, _) = tokio::sync::watch::channel(bus.last_id());
+        Fleet {
+            registry,
+            bus,
+            applied,
+        }
+    }
+
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
+    /// Registers one device (blocking: the store commits before it returns).
+    pub fn register(&self, dev: NewDevice) -> Result<Changed<Registered>, RegistryError> {
+        let r = self.registry.register(dev)?;
+        let cursor = match &r {
+            Registered::Created(d) => Some(self.bus.publish(
+                Some(&d.uuid),
+                Event::DeviceRegistered(DeviceRegistered {
+                    count: 1,
+                    address: Some(d.address.to_string()),
+                    name: d.name.clone(),
+                    devices: Arc::new([device_ref(d)]),
+                }),
+                SystemTime::now(),
+            )),
+            _ => None,
+        };
+        Ok(Changed { value: r, cursor })
+    }
+
+    /// Registers a batch in one transaction; one event for all the devices
+    /// it created.
+    pub fn register_batch(
+        &self,
+        devs: Vec<NewDevice>,
+    ) -> Result<Changed<Vec<Registered>>, RegistryError> {
+        let r = self.registry.register_batch(devs)?;
+        let created: Arc<[DeviceRef]> = r
+            .iter()
+            .filter_map(|x| match x {
+                Registered::Created(d) => Some(device_ref(d)),
+                _ => None,
+            })
+            .collect();
+        let cursor = (!created.is_empty()).then(|| {
+            self.bus.publish(
+                None,
+                Event::DeviceRegistered(DeviceRegistered {
+                    count: created.len(),
+                    address: None,
+                    name: None,
+                    devices: created,
+                }),
+                SystemTime::now(),
+            )
+        });
+        Ok(Changed { value: r, cursor })
+    }
+
+    /// Changes a device's settings; `None` if there is no such device.
+    pub fn update(
+        &self,
+        uuid: &str,
+        patch: &DevicePatch,
+    ) -> Result<Changed<Option<Device>>, RegistryError> {
+        let d = self.registry.update(uuid, patch)?;
+        let cursor = d.as_ref().map(|d| {
+            let mut changed = Vec::new();
+            for (set, name) in [
+                (patch.name.is_some(), "name"),
+                (patch.poll_interval_s.is_some(), "poll_interval_s"),
+                (patch.cloudlink_enabled.is_some(), "cloudlink_enabled"),
+                (patch.device_api_key.is_some(), "device_api_key"),
+                (patch.app_id.is_some(), "app_id"),
+            ] {
+                if set {
+                    changed.push(name);
+                }
+            }
+            self.bus.publish(
+                Some(&d.uuid),
+                Event::DeviceUpdated(DeviceUpdated {
+                    changed,
+                    cloudlink_enabled: patch.cloudlink_enabled,
+                    poll_interval_s: patch.poll_interval_s,
+                    slot: d.id,
+                }),
+                SystemTime::now(),
+            )
+        });
+        Ok(Changed { value: d, cursor })
+    }
+
+    /// Deletes a device; `None` if there is no such device. Its session is
+    /// cut off by the reactor when it reads `device.deleted`.
+    pub fn delete(&self, uuid: &str) -> Result<Changed<Option<Device>>, RegistryError> {
+        let d = self.registry.delete(uuid)?;
+        let cursor = d.as_ref().map(|d| {
+            self.bus.publish(
+                Some(&d.uuid),
+                Event::DeviceDeleted(DeviceDeleted {
+                    address: d.address.to_string(),
+                    slot: d.id,
+                }),
+                SystemTime::now(),
+            )
+        });
+        Ok(Changed { value: d, cursor })
+    }
+
+    /// Waits until the reactor applied the event at `cursor` (at most
+    /// `timeout`: a stopped reactor must not hang the API).
+    pub async fn settled(&self, cursor: Option<u64>, timeout: Duration) {
+        let Some(cursor) = cursor else { return };
+        let mut rx = self.applied.subscribe();
+        let _ = tokio::time::timeout(timeout, rx.wait_for(|a| *a >= cursor)).await;
+    }
+}
+
+fn device_ref(d: &Device) -> DeviceRef {
+    DeviceRef {
+        uuid: d.uuid.clone(),
+        slot: d.id,
+    }
+}
+
+/// What reacts to device-lifecycle events on this gateway.
+pub struct Reactor {
+    pub fleet: Arc<Fleet>,
+    pub path: Arc<crate::packet_path::PacketPath>,
+    pub status: Arc<crate::device_status::DeviceStatus>,
+    pub metrics: Arc<crate::metrics::Metrics>,
+}
+
+impl Reactor {
+    /// Follows the bus from its current end until `stop`, applying each
+    /// device event once, in order.
+    pub async fn run(self, mut stop: tokio::sync::watch::Receiver<bool>) {
+        let bus = self.fleet.bus.clone();
+        let mut rx = bus.subscribe();
+        let mut cursor = *self.fleet.applied.borrow();
+        loop {
+            rx.borrow_and_update();
+            match bus.read_after(cursor, 256) {
+                Read::Events(v) if !v.is_empty() => {
+                    for e in &v {
+                        self.apply(e.device.as_deref(), &e.event);
+                        cursor = e.id;
+                    }
+                    self.fleet.applied.send_replace(cursor);
+                    continue;
+                }
+                Read::Events(_) => {}
+                Read::Gap => {
+                    // Events were lost to this reader: rebuild from the store.
+                    let (fleet, path, status, metrics) = (
+                        self.fleet.clone(),
+                        self.path.clone(),
+                        self.status.clone(),
+                        self.metrics.clone(),
+                    );
+                    tracing::warn!("the fleet reactor fell behind the event bus; reconciling with the store");
+                    let _ = tokio::task::spawn_blocking(move || {
+                        reconcile(&fleet, &path, &status, &metrics)
+                    })
+                    .await;
+                    cursor = bus.last_id();
+                    self.fleet.applied.send_replace(cursor);
+                    continue;
+                }
+                Read::Closed => return,
+            }
+            tokio::select! {
+                r = rx.changed() => if r.is_err() { return },
+                _ = stop.changed() => return,
+            }
+        }
+    }
+
+    fn apply(&self, device: Option<&str>, event: &Event) {
+        match event {
+            Event::DeviceRegistered(r) => {
+                for d in r.devices.iter() {
+                    self.status.registered(d.slot);
+                }
+                self.metrics
+                    .devices_registered
+                    .set(self.fleet.registry.count());
+                match device {
+                    Some(uuid) => tracing::info!(device = %uuid, "device registered"),
+                    None => tracing::info!(count = r.count, "devices registered"),
+                }
+            }
+            Event::DeviceUpdated(u) => {
+                if let Some(uuid) = device {
+                    self.status
+                        .settings(u.slot, uuid, u.poll_interval_s, u.cloudlink_enabled);
+                }
+            }
+            Event::DeviceDeleted(d) => {
+                if let Some(uuid) = device {
+                    self.path.revoke(uuid, Instant::now());
+                    self.status.removed(d.slot);
+                    tracing::info!(device = %uuid, "device deleted");
+                }
+                self.metrics
+                    .devices_registered
+                    .set(self.fleet.registry.count());
+            }
+            _ => {}
+        }
+    }
+}
+
+/// After lost events: cut off every session whose device is no longer
+/// registered and bring the status tracker in line with the store
+/// (blocking: reads the store).
+fn reconcile(
+    fleet: &Fleet,
+    path: &crate::packet_path::PacketPath,
+    status: &crate::device_status::DeviceStatus,
+    metrics: &crate::metrics::Metrics,
+) {
+    if let Err(e) = status.reconcile() {
+        tracing::error!(error = %e, "reconciling device status with the store failed");
+    }
+    let mut all = Vec::new();
+    path.sessions.collect_into(&mut all);
+    for s in all {
+        if matches!(fleet.registry.get(&s.uuid), Ok(None)) {
+            path.revoke(&s.uuid, Instant::now());
+        }
+    }
+    metrics.devices_registered.set(fleet.registry.count());
+}
