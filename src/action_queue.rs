@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use crate::actions::{deliver, supervisor_call, Action, DeliveryError, Params};
+use crate::actions::{deliver_counted, Action, DeliveryError, Params};
 use crate::bus::event::{ActionOutcome, Event};
 use crate::bus::EventBus;
 use crate::registry::{now_ms, Registry, RegistryError};
@@ -247,22 +247,24 @@ impl ActionQueue {
             let Some(action) = Action::parse(&a.action) else {
                 continue;
             };
-            let Ok((path, body)) = supervisor_call(action, &a.params) else {
-                continue;
-            };
             let _ = self.set_state(&a.id, "delivering", None);
-            let started = std::time::Instant::now();
-            let result = deliver(&relay, &device, &path, &body, key.as_deref(), self.timeout).await;
-            self.metrics
-                .action_duration
-                .observe(started.elapsed().as_secs_f64());
+            let result = deliver_counted(
+                &relay,
+                &self.metrics,
+                &device,
+                action,
+                &a.params,
+                key.as_deref(),
+                self.timeout,
+                true,
+            )
+            .await;
             let mut done = a.clone();
             match result {
                 Ok(answer) => {
                     let _ = self.set_state(&a.id, "completed", Some((answer.status, &answer.body)));
                     done.state = "completed".into();
                     done.device_status = Some(answer.status);
-                    self.metrics.action(&a.action, "device_answered");
                     self.publish(&done, Event::ActionCompleted, "delivered");
                 }
                 Err(DeliveryError::Unavailable) => {
@@ -273,7 +275,6 @@ impl ActionQueue {
                 Err(e) => {
                     let _ = self.set_state(&a.id, "failed", None);
                     done.state = "failed".into();
-                    self.metrics.action(&a.action, "failed");
                     tracing::warn!(device = %device, action = %a.action, error = %e, "queued action failed");
                     self.publish(&done, Event::ActionFailed, &e.to_string());
                 }

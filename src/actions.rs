@@ -175,6 +175,44 @@ pub async fn deliver(
     }
 }
 
+/// The one delivery path, for immediate and queued actions alike:
+/// delivers `action`'s supervisor call and records its duration and result
+/// (`cloudlink_action_duration_seconds`, `cloudlink_actions_total`; a
+/// queued action's failure is counted as `failed`, as it always was).
+#[allow(clippy::too_many_arguments)]
+pub async fn deliver_counted(
+    relay: &Arc<Relay>,
+    metrics: &crate::metrics::Metrics,
+    uuid: &str,
+    action: Action,
+    params: &Params,
+    api_key: Option<&str>,
+    timeout: Duration,
+    queued: bool,
+) -> Result<DeviceAnswer, DeliveryError> {
+    let (path, body) = supervisor_call(action, params)
+        .map_err(|(_, m)| DeliveryError::BadAnswer(format!("incomplete action: {m}")))?;
+    let started = std::time::Instant::now();
+    let result = deliver(relay, uuid, &path, &body, api_key, timeout).await;
+    metrics
+        .action_duration
+        .observe(started.elapsed().as_secs_f64());
+    let label = match &result {
+        Ok(_) => "device_answered",
+        // A queued action whose link went down again waits for the next
+        // link-up: not an outcome yet.
+        Err(DeliveryError::Unavailable) if queued => return result,
+        Err(_) if queued => "failed",
+        Err(DeliveryError::UnknownDevice) => "unknown_device",
+        Err(DeliveryError::Unavailable) => "cloudlink_unavailable",
+        Err(DeliveryError::Unreachable) => "device_unreachable",
+        Err(DeliveryError::Timeout) => "device_timeout",
+        Err(DeliveryError::BadAnswer(_)) => "device_bad_answer",
+    };
+    metrics.action(action.name(), label);
+    result
+}
+
 /// Longest answer head read from a device.
 const MAX_ANSWER_HEAD: usize = 16 * 1024;
 

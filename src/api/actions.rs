@@ -18,7 +18,7 @@ use axum::Json;
 use serde_json::{json, Value};
 
 use super::{blocking, json_object, ApiError, SharedState};
-use crate::actions::{deliver, supervisor_call, Action, DeliveryError, Params};
+use crate::actions::{deliver_counted, supervisor_call, Action, DeliveryError, Params};
 
 fn gateway(e: ApiError) -> Response {
     let mut r = e.into_response();
@@ -209,8 +209,8 @@ async fn run(
         return Err(ApiError::unknown_device(uuid));
     };
     params.app_id = app_given.or(stored_app);
-    let (path, call) = supervisor_call(action, &params)
-        .map_err(|(field, message)| ApiError::bad_field(field, message))?;
+    // Complete parameters, checked before anything is queued or sent.
+    supervisor_call(action, &params).map_err(|(field, message)| ApiError::bad_field(field, message))?;
     let key = headers
         .get("x-device-api-key")
         .and_then(|v| v.to_str().ok())
@@ -263,30 +263,17 @@ async fn run(
         return Ok(accepted(&stored));
     }
     tracing::info!(device = %uuid, action = action.name(), "delivering an action");
-    let started = std::time::Instant::now();
-    let result = deliver(
+    let result = deliver_counted(
         &s.relay,
+        &s.metrics,
         uuid,
-        &path,
-        &call,
+        action,
+        &params,
         key.as_deref(),
         s.action_timeout,
+        false,
     )
     .await;
-    s.metrics
-        .action_duration
-        .observe(started.elapsed().as_secs_f64());
-    s.metrics.action(
-        action.name(),
-        match &result {
-            Ok(_) => "device_answered",
-            Err(DeliveryError::UnknownDevice) => "unknown_device",
-            Err(DeliveryError::Unavailable) => "cloudlink_unavailable",
-            Err(DeliveryError::Unreachable) => "device_unreachable",
-            Err(DeliveryError::Timeout) => "device_timeout",
-            Err(DeliveryError::BadAnswer(_)) => "device_bad_answer",
-        },
-    );
     match result {
         Ok(answer) => {
             if let Some(i) = idempotency {
