@@ -40,8 +40,9 @@ pub struct StoredAction {
 
 impl StoredAction {
     pub fn to_json(&self) -> Value {
-        let t =
-            |ms: i64| crate::api::rfc3339(std::time::UNIX_EPOCH + Duration::from_millis(ms as u64));
+        let t = |ms: i64| {
+            crate::bus::event::rfc3339(std::time::UNIX_EPOCH + Duration::from_millis(ms as u64))
+        };
         json!({
             "id": self.id,
             "device": self.device,

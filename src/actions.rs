@@ -223,7 +223,8 @@ pub fn parse_answer(
     raw: &[u8],
     at_eof: bool,
 ) -> Result<Option<DeviceAnswer>, crate::http1::ParseError> {
-    let Some((head, body)) = crate::http1::parse_response(raw, at_eof, MAX_ANSWER_HEAD, MAX_ANSWER)?
+    let Some((head, body)) =
+        crate::http1::parse_response(raw, at_eof, MAX_ANSWER_HEAD, MAX_ANSWER)?
     else {
         return Ok(None);
     };
@@ -243,7 +244,8 @@ pub fn parse_answer(
 /// device's body, and 1xx, 3xx and 5xx would be taken for the gateway's own:
 /// those become 502 `device_error` with the device's status inside.
 pub fn status_passes_through(status: u16) -> bool {
-    matches!(status, 200..=299 if status != 204) || matches!(status, 400..=499 if status != 401 && status != 407)
+    matches!(status, 200..=299 if status != 204)
+        || matches!(status, 400..=499 if status != 401 && status != 407)
 }
 
 #[cfg(test)]
@@ -293,7 +295,9 @@ mod tests {
     #[test]
     fn answers() {
         let p = |b: &[u8]| parse_answer(b, true).unwrap().unwrap();
-        let a = p(b"HTTP/1.1 202 Accepted\r\nContent-Length: 26\r\n\r\n{\"Data\":\"OK\",\"Error\":null}");
+        let a = p(
+            b"HTTP/1.1 202 Accepted\r\nContent-Length: 26\r\n\r\n{\"Data\":\"OK\",\"Error\":null}",
+        );
         assert_eq!(a.status, 202);
         assert_eq!(a.body, json!({"Data": "OK", "Error": null}));
         let a = p(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nOK");

@@ -9,7 +9,10 @@
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::Path;
 
+use crate::keys::{decode_key, encode_key, generate_private_key};
 use crate::Error;
+use std::io::Write as _;
+use x25519_dalek::StaticSecret;
 
 /// Creates `dir` (0700) or tightens it, and every regular file directly in
 /// it, to owner-only. Symbolic links are left alone (never followed).
@@ -48,6 +51,50 @@ fn tighten(path: &Path, max: u32) -> Result<(), Error> {
         )
     })?;
     tracing::warn!(path = %path.display(), from = format!("{mode:04o}"), to = format!("{new:04o}"), "tightened permissions in the data directory");
+    Ok(())
+}
+
+/// Loads the gateway's private key from `path`, creating it (mode 0600) when
+/// it does not exist yet, so that a restart keeps the gateway's identity.
+pub fn load_or_create_private_key(path: &Path) -> Result<StaticSecret, Error> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            let key = decode_key(&text).map_err(|e| Error::KeyFile {
+                path: path.to_owned(),
+                reason: e.to_string(),
+            })?;
+            Ok(StaticSecret::from(key))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let key = generate_private_key();
+            write_secret_file(path, format!("{}\n", encode_key(&key)).as_bytes())?;
+            tracing::info!(path = %path.display(), "generated the gateway's private key");
+            Ok(StaticSecret::from(key))
+        }
+        Err(e) => Err(Error::io(path, e)),
+    }
+}
+
+/// Writes `contents` to a new file readable only by its owner (0600), and
+/// fsyncs it: secrets must neither leak to other users nor vanish in a crash.
+pub fn write_secret_file(path: &Path, contents: &[u8]) -> Result<(), Error> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(|e| Error::io(&tmp, e))?;
+    file.write_all(contents).map_err(|e| Error::io(&tmp, e))?;
+    file.sync_all().map_err(|e| Error::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
+    if let Some(dir) = path.parent() {
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
     Ok(())
 }
 

@@ -165,7 +165,7 @@ fn device_ref(d: &Device) -> DeviceRef {
 pub struct Reactor {
     pub fleet: Arc<Fleet>,
     pub path: Arc<crate::packet_path::PacketPath>,
-    pub status: Arc<crate::device_status::DeviceStatus>,
+    pub status: Arc<crate::status::service::DeviceStatus>,
     pub metrics: Arc<crate::metrics::Metrics>,
 }
 
@@ -196,7 +196,9 @@ impl Reactor {
                         self.status.clone(),
                         self.metrics.clone(),
                     );
-                    tracing::warn!("the fleet reactor fell behind the event bus; reconciling with the store");
+                    tracing::warn!(
+                        "the fleet reactor fell behind the event bus; reconciling with the store"
+                    );
                     let _ = tokio::task::spawn_blocking(move || {
                         reconcile(&fleet, &path, &status, &metrics)
                     })
@@ -255,7 +257,7 @@ impl Reactor {
 fn reconcile(
     fleet: &Fleet,
     path: &crate::packet_path::PacketPath,
-    status: &crate::device_status::DeviceStatus,
+    status: &crate::status::service::DeviceStatus,
     metrics: &crate::metrics::Metrics,
 ) {
     if let Err(e) = status.reconcile() {

@@ -10,15 +10,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::api::{self, ApiState};
-use crate::config::{check_token, GatewayConfig};
-use crate::device_status::DeviceStatus;
-use crate::error::Error;
 use crate::bus::{EventBus, RingBus};
-use crate::keys::{encode_key, load_or_create_private_key, write_secret_file};
+use crate::config::{check_token, GatewayConfig};
+use crate::data_dir::{load_or_create_private_key, write_secret_file};
+use crate::error::Error;
+use crate::keys::encode_key;
 use crate::metrics::Metrics;
 use crate::packet_path::udp_io::PacketThreads;
 use crate::packet_path::{PacketPath, PacketPathConfig};
 use crate::registry::{AddressPlan, Registry};
+use crate::status::service::DeviceStatus;
 
 /// A running gateway.
 pub struct Gateway {
@@ -210,7 +211,7 @@ impl Gateway {
             action_queue: action_queue.clone(),
             action_timeout: config.action_timeout,
             token,
-            sessions: Default::default(),
+            sign_ins: Default::default(),
             proxy: proxy_addr,
             gateway_id: gateway_id.clone(),
             handshake_rate: Default::default(),

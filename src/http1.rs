@@ -231,9 +231,9 @@ pub fn dechunk(buf: &[u8], max_body: usize) -> Result<Option<(Vec<u8>, usize)>, 
             return Err(ParseError::BadChunk("chunk size is not hexadecimal"));
         }
         // At most 16 hex digits: fits a u64.
-        let size = digits
-            .iter()
-            .fold(0u64, |n, d| (n << 4) | (*d as char).to_digit(16).unwrap_or(0) as u64);
+        let size = digits.iter().fold(0u64, |n, d| {
+            (n << 4) | (*d as char).to_digit(16).unwrap_or(0) as u64
+        });
         pos += eol + 2;
         if size == 0 {
             // Trailers, then the blank line.
@@ -345,18 +345,27 @@ mod tests {
     fn requests() {
         let r = b"POST /v1/reboot HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nbody";
         let (h, b) = parse_request(r, 1024, 1024).unwrap().unwrap();
-        assert_eq!((h.method.as_str(), h.target.as_str()), ("POST", "/v1/reboot"));
+        assert_eq!(
+            (h.method.as_str(), h.target.as_str()),
+            ("POST", "/v1/reboot")
+        );
         assert_eq!(h.get("host"), Some("x"));
         assert_eq!(b, b"body");
         assert_eq!(parse_request(&r[..r.len() - 1], 1024, 1024), Ok(None));
-        assert_eq!(parse_request(b"POST / HTTP/1.1\r\nHo", 1024, 1024), Ok(None));
+        assert_eq!(
+            parse_request(b"POST / HTTP/1.1\r\nHo", 1024, 1024),
+            Ok(None)
+        );
         // No length: no body.
         let (_, b) = parse_request(b"GET / HTTP/1.1\r\n\r\n", 1024, 1024)
             .unwrap()
             .unwrap();
         assert!(b.is_empty());
         let chunked = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n";
-        assert_eq!(parse_request(chunked, 1024, 1024).unwrap().unwrap().1, b"abc");
+        assert_eq!(
+            parse_request(chunked, 1024, 1024).unwrap().unwrap().1,
+            b"abc"
+        );
     }
 
     #[test]
@@ -368,11 +377,20 @@ mod tests {
             Err(ParseError::BodyTooLarge(65536))
         );
         let r = b"POST / HTTP/1.1\r\nContent-Length: 99999999999999999999999\r\n\r\n";
-        assert!(matches!(parse_request(r, 8192, 65536), Err(ParseError::BadLength(_))));
+        assert!(matches!(
+            parse_request(r, 8192, 65536),
+            Err(ParseError::BadLength(_))
+        ));
         let r = b"POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n";
-        assert!(matches!(parse_request(r, 8192, 65536), Err(ParseError::BadLength(_))));
+        assert!(matches!(
+            parse_request(r, 8192, 65536),
+            Err(ParseError::BadLength(_))
+        ));
         let r = b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n";
-        assert!(matches!(parse_request(r, 8192, 65536), Err(ParseError::BadLength(_))));
+        assert!(matches!(
+            parse_request(r, 8192, 65536),
+            Err(ParseError::BadLength(_))
+        ));
         let r = b"POST / HTTP/1.1\r\nContent-Length: 2, 2\r\n\r\nab";
         assert_eq!(parse_request(r, 8192, 65536).unwrap().unwrap().1, b"ab");
     }
@@ -390,11 +408,20 @@ mod tests {
             Err(ParseError::BodyTooLarge(1 << 20))
         );
         let a = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1ffffffffffffffff\r\n";
-        assert!(matches!(parse_response(a, false, 8192, 1 << 20), Err(ParseError::BadChunk(_))));
+        assert!(matches!(
+            parse_response(a, false, 8192, 1 << 20),
+            Err(ParseError::BadChunk(_))
+        ));
         let a = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nabc\r\n";
-        assert!(matches!(parse_response(a, false, 8192, 1 << 20), Err(ParseError::BadChunk(_))));
+        assert!(matches!(
+            parse_response(a, false, 8192, 1 << 20),
+            Err(ParseError::BadChunk(_))
+        ));
         let a = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n";
-        assert!(matches!(parse_response(a, false, 8192, 1 << 20), Err(ParseError::BadChunk(_))));
+        assert!(matches!(
+            parse_response(a, false, 8192, 1 << 20),
+            Err(ParseError::BadChunk(_))
+        ));
     }
 
     #[test]
@@ -405,17 +432,29 @@ mod tests {
         // Until close: complete only at EOF.
         let a = b"HTTP/1.0 200 OK\r\n\r\nOK";
         assert_eq!(parse_response(a, false, 8192, 1024), Ok(None));
-        assert_eq!(parse_response(a, true, 8192, 1024).unwrap().unwrap().1, b"OK");
+        assert_eq!(
+            parse_response(a, true, 8192, 1024).unwrap().unwrap().1,
+            b"OK"
+        );
         // Short at EOF: an error, not a partial answer.
         let a = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nOK";
         assert_eq!(parse_response(a, false, 8192, 1024), Ok(None));
-        assert_eq!(parse_response(a, true, 8192, 1024), Err(ParseError::Truncated));
+        assert_eq!(
+            parse_response(a, true, 8192, 1024),
+            Err(ParseError::Truncated)
+        );
         assert!(parse_response(b"garbage\r\n\r\n", true, 8192, 1024).is_err());
-        assert_eq!(parse_response(b"", true, 8192, 1024), Err(ParseError::Truncated));
+        assert_eq!(
+            parse_response(b"", true, 8192, 1024),
+            Err(ParseError::Truncated)
+        );
         let a = b"HTTP/1.1 204 No Content\r\nContent-Length: 10\r\n\r\n";
         assert!(parse_response(a, false, 8192, 1024).unwrap().is_some());
         // A head over its cap.
         let big = [b"HTTP/1.1 200 OK\r\nX: ".as_slice(), &[b'a'; 100]].concat();
-        assert_eq!(parse_response(&big, false, 64, 1024), Err(ParseError::HeadTooLarge(64)));
+        assert_eq!(
+            parse_response(&big, false, 64, 1024),
+            Err(ParseError::HeadTooLarge(64))
+        );
     }
 }

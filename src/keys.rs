@@ -1,5 +1,5 @@
-//! WireGuard key handling: base64 encoding exactly as `wg genkey` / `wg pubkey`
-//! write it, and the gateway's own key file.
+//! WireGuard key encoding, exactly as `wg genkey` / `wg pubkey` write it (the
+//! gateway's key file is kept by `data_dir`).
 //!
 //! `wg genkey` prints 44 base64 characters (32 bytes, standard alphabet, with
 //! padding) and a newline; `wg pubkey` reads such a line and prints the public
@@ -9,11 +9,7 @@
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
 use rand_core::{OsRng, RngCore};
-use std::io::Write;
-use std::path::Path;
 use x25519_dalek::{PublicKey, StaticSecret};
-
-use crate::error::Error;
 
 /// A 32-byte WireGuard key (public or private) in its raw form.
 pub type KeyBytes = [u8; 32];
@@ -56,50 +52,6 @@ pub fn generate_private_key() -> KeyBytes {
 /// The public key of a private key.
 pub fn public_key(private: &KeyBytes) -> KeyBytes {
     PublicKey::from(&StaticSecret::from(*private)).to_bytes()
-}
-
-/// Loads the gateway's private key from `path`, creating it (mode 0600) when
-/// it does not exist yet, so that a restart keeps the gateway's identity.
-pub fn load_or_create_private_key(path: &Path) -> Result<StaticSecret, Error> {
-    match std::fs::read_to_string(path) {
-        Ok(text) => {
-            let key = decode_key(&text).map_err(|e| Error::KeyFile {
-                path: path.to_owned(),
-                reason: e.to_string(),
-            })?;
-            Ok(StaticSecret::from(key))
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let key = generate_private_key();
-            write_secret_file(path, format!("{}\n", encode_key(&key)).as_bytes())?;
-            tracing::info!(path = %path.display(), "generated the gateway's private key");
-            Ok(StaticSecret::from(key))
-        }
-        Err(e) => Err(Error::io(path, e)),
-    }
-}
-
-/// Writes `contents` to a new file readable only by its owner (0600), and
-/// fsyncs it: secrets must neither leak to other users nor vanish in a crash.
-pub fn write_secret_file(path: &Path, contents: &[u8]) -> Result<(), Error> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(|e| Error::io(&tmp, e))?;
-    file.write_all(contents).map_err(|e| Error::io(&tmp, e))?;
-    file.sync_all().map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
-    if let Some(dir) = path.parent() {
-        if let Ok(d) = std::fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -14,7 +14,6 @@ pub mod auth;
 pub mod bus;
 pub mod config;
 pub mod data_dir;
-pub mod device_status;
 pub mod error;
 pub mod fleet;
 pub mod gateway;
@@ -30,6 +29,7 @@ pub mod relay;
 pub mod session_table;
 pub mod status;
 pub mod store;
+pub mod udp_socket;
 pub mod wg_config;
 
 pub use config::GatewayConfig;

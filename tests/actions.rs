@@ -354,7 +354,11 @@ async fn the_agent_runs_the_action_hook() {
     // A device's 401 is not the caller's: 502 device_error with it inside.
     let (st, src, b) = act(&g, "hooked", "reboot", None, None).await;
     assert_eq!((st, src.as_str()), (502, "gateway"), "{b}");
-    assert_eq!((b["error"].as_str(), b["device_status"].as_u64()), (Some("device_error"), Some(401)), "{b}");
+    assert_eq!(
+        (b["error"].as_str(), b["device_status"].as_u64()),
+        (Some("device_error"), Some(401)),
+        "{b}"
+    );
     assert!(!marker.exists());
 
     let (st, _) = g
@@ -399,7 +403,10 @@ async fn the_agent_runs_the_action_hook() {
 
     // An action without a hook: the device's 501, saying so.
     let (st, src, b) = act(&g, "hooked", "shutdown", None, None).await;
-    assert_eq!((st, src.as_str(), b["device_status"].as_u64()), (502, "gateway", Some(501)));
+    assert_eq!(
+        (st, src.as_str(), b["device_status"].as_u64()),
+        (502, "gateway", Some(501))
+    );
     assert!(b["device_body"]["Error"]
         .as_str()
         .unwrap()
@@ -609,7 +616,10 @@ async fn a_queued_action_answered_with_a_chunk_overflow_fails_and_the_queue_goes
         .await;
     let (_, _, first) = act_with(&g, "chunky-q", "reboot", "?queue_ttl=60", None).await;
     let (_, _, second) = act_with(&g, "chunky-q", "shutdown", "?queue_ttl=60", None).await;
-    let (first, second) = (first["id"].as_str().unwrap(), second["id"].as_str().unwrap());
+    let (first, second) = (
+        first["id"].as_str().unwrap(),
+        second["id"].as_str().unwrap(),
+    );
     let (port, served) = raw_supervisor(vec![CHUNK_OVERFLOW.to_vec(), ACCEPTED.to_vec()]).await;
     let _agent = Agent::start_registered(
         &g,
@@ -655,7 +665,8 @@ async fn a_huge_content_length_to_the_agents_supervisor_ends_the_stream_cleanly(
     // review's exact input (which panicked the agent's task and leaked the
     // stream's stack).
     for _ in 0..3 {
-        let (st, _, mut s) = common::proxy::connect(g.gw().proxy_addr(), TOKEN, "sup-cl:48484").await;
+        let (st, _, mut s) =
+            common::proxy::connect(g.gw().proxy_addr(), TOKEN, "sup-cl:48484").await;
         assert_eq!(st, 200);
         s.write_all(b"POST /v1/restart HTTP/1.1\r\nContent-Length: 18446744073709551615\r\n\r\n{}")
             .await
@@ -671,7 +682,9 @@ async fn a_huge_content_length_to_the_agents_supervisor_ends_the_stream_cleanly(
     }
     // Every stream was closed on both sides (none leaked open) ...
     assert!(
-        eventually(WAIT, async || g.metric("cloudlink_relay_streams").await == 0.0).await,
+        eventually(WAIT, async || g.metric("cloudlink_relay_streams").await
+            == 0.0)
+        .await,
         "relay streams left open"
     );
     // ... and the supervisor goes on serving.

@@ -40,7 +40,10 @@ async fn a_data_directory_of_the_previous_release_opens_tightened_with_nothing_l
         .unwrap()
         .map(|e| e.unwrap().path())
         .collect();
-    assert!(files.iter().any(|f| f.ends_with("registry.sqlite3-wal")), "{files:?}");
+    assert!(
+        files.iter().any(|f| f.ends_with("registry.sqlite3-wal")),
+        "{files:?}"
+    );
     for f in &files {
         assert_eq!(mode(f), 0o600, "{}", f.display());
     }
@@ -63,10 +66,15 @@ async fn a_data_directory_of_the_previous_release_opens_tightened_with_nothing_l
         .call("GET", "/v1/actions/faff159f6232cce6fef4cc4c", None)
         .await;
     assert_eq!(st, 200, "{a}");
-    assert_eq!((a["device"].as_str(), a["action"].as_str()), (Some("fixture-one"), Some("reboot")));
+    assert_eq!(
+        (a["device"].as_str(), a["action"].as_str()),
+        (Some("fixture-one"), Some("reboot"))
+    );
     // And it takes new registrations after the ones it had.
     let key = cloudlink::keys::generate_private_key();
-    let r = g.register("fixture-three", &cloudlink::keys::public_key(&key)).await;
+    let r = g
+        .register("fixture-three", &cloudlink::keys::public_key(&key))
+        .await;
     assert_eq!(r["address"], "10.240.0.4");
     g.stop().await;
     // Upgraded to this build's schema.
@@ -111,7 +119,13 @@ async fn a_new_data_directory_is_private_from_the_start() {
     let api = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let gw = cloudlink::Gateway::start(c, udp, api).await.unwrap();
     assert_eq!(mode(&dir), 0o700);
-    for f in ["registry.sqlite3", "registry.sqlite3-wal", "registry.sqlite3-shm", "gateway.key", "api-token"] {
+    for f in [
+        "registry.sqlite3",
+        "registry.sqlite3-wal",
+        "registry.sqlite3-shm",
+        "gateway.key",
+        "api-token",
+    ] {
         assert_eq!(mode(&dir.join(f)), 0o600, "{f}");
     }
     gw.shutdown().await;

@@ -3,11 +3,11 @@
 
 mod common;
 
+use cloudlink::keys::{encode_key, generate_private_key, public_key};
 use common::*;
+use serde_json::{json, Value};
 use std::net::{Ipv4Addr, UdpSocket};
 use std::time::Duration;
-use cloudlink::keys::{encode_key, generate_private_key, public_key};
-use serde_json::{json, Value};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -466,7 +466,9 @@ async fn a_deletion_through_the_fleet_service_cuts_the_device_off_through_the_bu
         .unwrap();
     assert!(changed.value.is_some());
     // No call to the packet path was made: the reactor reads the event.
-    let deleted = events.wait_for(WAIT, |e| e["type"] == "device.deleted").await;
+    let deleted = events
+        .wait_for(WAIT, |e| e["type"] == "device.deleted")
+        .await;
     assert_eq!(deleted.data["device"], "fleet-doomed");
     let down = events.wait_for(WAIT, |e| e["type"] == "link.down").await;
     assert_eq!(down.data["reason"], "revoked");
@@ -476,7 +478,10 @@ async fn a_deletion_through_the_fleet_service_cuts_the_device_off_through_the_bu
         .set_read_timeout(Some(Duration::from_millis(500)))
         .unwrap();
     dev.send_initiation();
-    assert!(dev.receive_one().is_err(), "a deleted device gets no answer");
+    assert!(
+        dev.receive_one().is_err(),
+        "a deleted device gets no answer"
+    );
     g.stop().await;
 }
 
@@ -486,8 +491,11 @@ async fn a_deletion_through_the_fleet_service_cuts_the_device_off_through_the_bu
 async fn registrations_publish_one_event_per_device_and_one_per_batch() {
     let mut g = TestGateway::start().await;
     let mut events = g.events(None).await;
-    g.register("single-1", &public_key(&generate_private_key())).await;
-    let e = events.wait_for(WAIT, |e| e["type"] == "device.registered").await;
+    g.register("single-1", &public_key(&generate_private_key()))
+        .await;
+    let e = events
+        .wait_for(WAIT, |e| e["type"] == "device.registered")
+        .await;
     assert_eq!(e.data["device"], "single-1");
     assert_eq!(e.data["count"], 1);
     assert!(e.data["address"].as_str().is_some());
@@ -495,20 +503,32 @@ async fn registrations_publish_one_event_per_device_and_one_per_batch() {
         .map(|i| json!({"uuid": format!("batch-{i}"), "public_key": encode_key(&public_key(&generate_private_key()))}))
         .collect();
     let (st, b) = g
-        .call("POST", "/v1/devices/batch", Some(json!({"devices": devices})))
+        .call(
+            "POST",
+            "/v1/devices/batch",
+            Some(json!({"devices": devices})),
+        )
         .await;
     assert_eq!((st, b["created"].as_u64()), (200, Some(500)), "{b}");
-    let e = events.wait_for(WAIT, |e| e["type"] == "device.registered").await;
+    let e = events
+        .wait_for(WAIT, |e| e["type"] == "device.registered")
+        .await;
     assert_eq!(e.data["device"], Value::Null);
     assert_eq!(e.data["count"], 500);
     // Every device of the batch has its status, applied before the answer.
     let d = g.device("batch-499").await;
     assert_eq!(d["status"], "configuring", "{d}");
     let (st, _) = g
-        .call("PATCH", "/v1/devices/batch-7", Some(json!({"name": "seven"})))
+        .call(
+            "PATCH",
+            "/v1/devices/batch-7",
+            Some(json!({"name": "seven"})),
+        )
         .await;
     assert_eq!(st, 200);
-    let e = events.wait_for(WAIT, |e| e["type"] == "device.updated").await;
+    let e = events
+        .wait_for(WAIT, |e| e["type"] == "device.updated")
+        .await;
     assert_eq!(e.data["device"], "batch-7");
     assert_eq!(e.data["changed"], json!(["name"]));
     g.stop().await;

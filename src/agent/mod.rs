@@ -172,10 +172,7 @@ async fn session(cfg: &AgentConfig, stop: &mut tokio::sync::watch::Receiver<bool
         Ok(s) => s,
         Err(_) => return End::Lost("no UDP socket", false),
     };
-    crate::packet_path::udp_io::size_socket_buffers(
-        std::os::fd::AsRawFd::as_raw_fd(&socket),
-        1 << 20,
-    );
+    crate::udp_socket::size_socket_buffers(std::os::fd::AsRawFd::as_raw_fd(&socket), 1 << 20);
     if socket.connect(endpoint).await.is_err() {
         return End::Lost("the gateway's endpoint is unreachable", false);
     }

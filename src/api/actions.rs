@@ -210,7 +210,8 @@ async fn run(
     };
     params.app_id = app_given.or(stored_app);
     // Complete parameters, checked before anything is queued or sent.
-    supervisor_call(action, &params).map_err(|(field, message)| ApiError::bad_field(field, message))?;
+    supervisor_call(action, &params)
+        .map_err(|(field, message)| ApiError::bad_field(field, message))?;
     let key = headers
         .get("x-device-api-key")
         .and_then(|v| v.to_str().ok())

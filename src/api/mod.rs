@@ -13,7 +13,7 @@ mod devices;
 mod events_sse;
 mod listing;
 mod ops;
-pub mod session;
+pub mod sign_in;
 
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{header, HeaderValue, Method, StatusCode};
@@ -38,14 +38,15 @@ pub struct ApiState {
     pub fleet: Arc<crate::fleet::Fleet>,
     pub events: Arc<dyn EventBus>,
     pub metrics: Arc<Metrics>,
-    pub status: Arc<crate::device_status::DeviceStatus>,
+    pub status: Arc<crate::status::service::DeviceStatus>,
     pub relay: Arc<crate::relay::Relay>,
     pub action_queue: Arc<crate::action_queue::ActionQueue>,
     /// How long an action waits for the device's answer.
     pub action_timeout: std::time::Duration,
     pub token: String,
     /// Dashboard sign-ins.
-    pub sessions: session::Sessions,
+    /// Dashboard sign-ins (not WireGuard sessions: those are `path.sessions`).
+    pub sign_ins: sign_in::SignIns,
     /// Where the CONNECT proxy listens (for the dashboard's ssh line).
     pub proxy: std::net::SocketAddr,
     pub gateway_id: String,
@@ -74,13 +75,13 @@ pub fn router(state: SharedState) -> Router {
         )
         .route("/events", get(events_sse::events))
         .route("/summary", get(ops::summary))
-        .route("/session", get(session::current).delete(session::sign_out))
+        .route("/session", get(sign_in::current).delete(sign_in::sign_out))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             authenticate,
         ))
         // Sign-in is the one /v1 call without credentials.
-        .route("/session", post(session::sign_in));
+        .route("/session", post(sign_in::sign_in));
     Router::new()
         .nest("/v1", v1)
         .merge(dashboard::routes())
@@ -165,7 +166,7 @@ async fn method_not_allowed() -> ApiError {
 /// Authenticates a `/v1` request: `Authorization: Bearer <token>` (checked
 /// in constant time), or the dashboard's session cookie. With the cookie, a
 /// request that changes state must also carry the session's CSRF token and
-/// come from this host's page (`Origin`). Records how in an [`session::Auth`]
+/// come from this host's page (`Origin`). Records how in an [`sign_in::Auth`]
 /// extension.
 async fn authenticate(State(state): State<SharedState>, mut req: Request, next: Next) -> Response {
     let presented = req
@@ -178,7 +179,7 @@ async fn authenticate(State(state): State<SharedState>, mut req: Request, next: 
         });
     match presented {
         Some(t) if token_matches(t.trim(), &state.token) => {
-            req.extensions_mut().insert(session::Auth::Token);
+            req.extensions_mut().insert(sign_in::Auth::Token);
             return next.run(req).await;
         }
         Some(_) => {
@@ -191,7 +192,7 @@ async fn authenticate(State(state): State<SharedState>, mut req: Request, next: 
         }
         None => {}
     }
-    let Some(id) = session::cookie(req.headers()) else {
+    let Some(id) = sign_in::cookie(req.headers()) else {
         return ApiError::new(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
@@ -199,7 +200,7 @@ async fn authenticate(State(state): State<SharedState>, mut req: Request, next: 
         )
         .into_response();
     };
-    let Some(csrf) = state.sessions.check(id, std::time::Instant::now()) else {
+    let Some(csrf) = state.sign_ins.check(id, std::time::Instant::now()) else {
         return ApiError::new(
             StatusCode::UNAUTHORIZED,
             "session_expired",
@@ -209,21 +210,21 @@ async fn authenticate(State(state): State<SharedState>, mut req: Request, next: 
     };
     let safe = matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
     if !safe {
-        if !session::origin_matches(req.headers()) {
-            return session::origin_refused().into_response();
+        if !sign_in::origin_matches(req.headers()) {
+            return sign_in::origin_refused().into_response();
         }
         let sent = req
             .headers()
-            .get(session::CSRF_HEADER)
+            .get(sign_in::CSRF_HEADER)
             .and_then(|v| v.to_str().ok())
             .unwrap_or("");
         if !token_matches(sent, &csrf) {
-            return session::csrf_refused().into_response();
+            return sign_in::csrf_refused().into_response();
         }
     }
     let id = id.to_string();
     req.extensions_mut()
-        .insert(session::Auth::Session { id, csrf });
+        .insert(sign_in::Auth::Session { id, csrf });
     next.run(req).await
 }
 
@@ -264,6 +265,4 @@ pub(crate) async fn blocking<T: Send + 'static>(
     }
 }
 
-pub(crate) fn rfc3339(t: std::time::SystemTime) -> String {
-    humantime::format_rfc3339_millis(t).to_string()
-}
+pub(crate) use crate::bus::event::rfc3339;

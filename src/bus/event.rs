@@ -7,6 +7,12 @@
 use serde::Serialize;
 use std::sync::Arc;
 
+/// Times on the wire: RFC 3339 in UTC with milliseconds, as events and the
+/// API write them.
+pub fn rfc3339(t: std::time::SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "type")]
 pub enum Event {

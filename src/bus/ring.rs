@@ -195,7 +195,11 @@ mod tests {
         let hub = RingBus::new("e1".into(), "gw".into(), 3);
         assert_eq!(hub.as_of(), "e1-0");
         for _ in 0..5 {
-            hub.publish(Some("dev"), link("1.2.3.4:5", "handshake"), SystemTime::now());
+            hub.publish(
+                Some("dev"),
+                link("1.2.3.4:5", "handshake"),
+                SystemTime::now(),
+            );
         }
         assert_eq!(hub.last_id(), 5);
         // Ring holds 3, 4, 5.
@@ -221,7 +225,11 @@ mod tests {
     #[test]
     fn event_json_has_the_common_fields() {
         let hub = RingBus::new("boot".into(), "gw-1".into(), 10);
-        hub.publish(Some("dev-1"), link("1.2.3.4:5", "timeout"), SystemTime::now());
+        hub.publish(
+            Some("dev-1"),
+            link("1.2.3.4:5", "timeout"),
+            SystemTime::now(),
+        );
         let Read::Events(v) = hub.read_after(0, 10) else {
             panic!()
         };

@@ -269,10 +269,7 @@ fn bind_sockets(cfg: &LoadgenConfig) -> Result<Vec<UdpSocket>, LoadgenError> {
             };
             let s = UdpSocket::bind((ip, 0))?;
             s.set_nonblocking(true)?;
-            crate::packet_path::udp_io::size_socket_buffers(
-                std::os::fd::AsRawFd::as_raw_fd(&s),
-                4 << 20,
-            );
+            crate::udp_socket::size_socket_buffers(std::os::fd::AsRawFd::as_raw_fd(&s), 4 << 20);
             Ok(s)
         })
         .collect()

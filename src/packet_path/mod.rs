@@ -11,7 +11,7 @@
 //!   deliver packets addressed to the gateway;
 //! - [`send`]: encrypt an IP packet from the gateway to a device;
 //! - [`timers`]: boringtun's timers and the link timeout for every session;
-//! - [`redial`]: after a restart, handshakes the gateway initiates itself
+//! - [`initiate`]: after a restart, handshakes the gateway initiates itself
 //!   to the devices that were connected;
 //! - [`udp_io`]: the only part that touches sockets: worker threads that
 //!   move datagrams between the UDP socket and the stages above.
@@ -23,8 +23,8 @@
 
 pub mod admission;
 pub mod handshake;
+pub mod initiate;
 pub mod receive;
-pub mod redial;
 pub mod send;
 pub mod timers;
 pub mod transport;
@@ -211,14 +211,28 @@ impl PacketPath {
             LinkTransition::Down { endpoint, reason } => {
                 self.metrics.sessions.dec();
                 tracing::info!(device = %session.uuid, %endpoint, reason = reason.as_str(), "link down");
-                self.publish(session, Event::LinkDown, endpoint, reason.as_str(), None, at);
+                self.publish(
+                    session,
+                    Event::LinkDown,
+                    endpoint,
+                    reason.as_str(),
+                    None,
+                    at,
+                );
                 if let Some(o) = self.observer.get() {
                     o.link_changed(session, false, endpoint, Some(reason));
                 }
             }
             LinkTransition::Roamed { from, to } => {
                 tracing::info!(device = %session.uuid, %from, %to, "link roamed");
-                self.publish(session, Event::LinkRoamed, to, "endpoint_changed", Some(from), at);
+                self.publish(
+                    session,
+                    Event::LinkRoamed,
+                    to,
+                    "endpoint_changed",
+                    Some(from),
+                    at,
+                );
             }
         }
     }

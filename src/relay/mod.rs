@@ -61,15 +61,31 @@ pub struct Relay {
     path: Arc<PacketPath>,
     registry: Arc<Registry>,
     metrics: Arc<Metrics>,
-    /// Streams by device id, then by the gateway's local port.
-    devices: DashMap<u32, Arc<DeviceStreams>>,
+    /// Streams by device uuid, then by the gateway's local port.
+    devices: DashMap<Box<str>, Arc<DeviceStreams>>,
+    /// Devices whose link went down, and when: the link observer is called
+    /// under the session's lock, where no shard lock may be taken, so it
+    /// only queues here (a leaf lock) and [`sweep`](Relay::sweep) ends the
+    /// streams.
+    down: parking_lot::Mutex<Vec<(Box<str>, Instant)>>,
+    wake: Arc<tokio::sync::Notify>,
     pub connect_timeout: Duration,
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        // Ends the sweeper task.
+        self.wake.notify_one();
+    }
 }
 
 /// The streams of one device: one stack each, keyed by the gateway's local
 /// port (the destination port of the device's segments), so an inbound
 /// segment finds its stack in O(1).
 struct DeviceStreams {
+    /// When this entry was made: a link-down queued before it does not end
+    /// its streams.
+    created: Instant,
     streams: DashMap<u16, Arc<SharedStack>>,
     next_port: AtomicU16,
     /// Paces all of the device's streams together (see `netstack::Pacer`).
@@ -79,6 +95,7 @@ struct DeviceStreams {
 impl Default for DeviceStreams {
     fn default() -> Self {
         DeviceStreams {
+            created: Instant::now(),
             streams: DashMap::new(),
             next_port: AtomicU16::new(0),
             pacer: netstack::new_pacer(Instant::now()),
@@ -113,13 +130,38 @@ impl Relay {
         metrics: Arc<Metrics>,
         connect_timeout: Duration,
     ) -> Arc<Self> {
-        Arc::new(Relay {
+        let relay = Arc::new(Relay {
             path,
             registry,
             metrics,
             devices: DashMap::new(),
+            down: Default::default(),
+            wake: Default::default(),
             connect_timeout,
-        })
+        });
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let (wake, weak) = (relay.wake.clone(), Arc::downgrade(&relay));
+            rt.spawn(async move {
+                loop {
+                    wake.notified().await;
+                    match weak.upgrade() {
+                        Some(r) => r.sweep(),
+                        None => return,
+                    }
+                }
+            });
+        }
+        relay
+    }
+
+    /// Ends the streams of devices whose link went down.
+    fn sweep(&self) {
+        let down = std::mem::take(&mut *self.down.lock());
+        for (uuid, at) in down {
+            if let Some((_, d)) = self.devices.remove_if(&uuid, |_, d| d.created <= at) {
+                d.streams.iter().for_each(|s| s.kill());
+            }
+        }
     }
 
     /// Opens a TCP connection to `port` on device `uuid`.
@@ -143,9 +185,11 @@ impl Relay {
         let Some(session) = session else {
             return Err(ConnectError::LinkDown);
         };
+        // Link-downs queued so far are applied before a new entry is made.
+        self.sweep();
         let streams = self
             .devices
-            .entry(session.device_id)
+            .entry(session.uuid.clone())
             .or_insert_with(|| {
                 let d = DeviceStreams::default();
                 let mut seed = [0u8; 2];
@@ -215,7 +259,7 @@ impl Relay {
             device: uuid.to_owned(),
         };
         // A link-down between the check above and the insert: kill now.
-        if !session.is_connected() || self.devices.get(&session.device_id).is_none() {
+        if !session.is_connected() || self.devices.get(&*session.uuid).is_none() {
             stack.kill();
         }
         match tokio::time::timeout(self.connect_timeout, stack.established(handle)).await {
@@ -228,7 +272,7 @@ impl Relay {
 
     /// Ends every stream (gateway shutdown).
     pub fn shutdown(&self) {
-        let ids: Vec<u32> = self.devices.iter().map(|e| *e.key()).collect();
+        let ids: Vec<Box<str>> = self.devices.iter().map(|e| e.key().clone()).collect();
         for id in ids {
             if let Some((_, d)) = self.devices.remove(&id) {
                 d.streams.iter().for_each(|s| s.kill());
@@ -236,8 +280,8 @@ impl Relay {
         }
     }
 
-    /// TCP states of every stream socket, per device id (diagnostics).
-    pub fn socket_states(&self) -> Vec<(u32, Vec<String>)> {
+    /// TCP states of every stream socket, per device (diagnostics).
+    pub fn socket_states(&self) -> Vec<(String, Vec<String>)> {
         self.devices
             .iter()
             .map(|e| {
@@ -247,7 +291,7 @@ impl Relay {
                     .iter()
                     .flat_map(|s| s.socket_states())
                     .collect();
-                (*e.key(), states)
+                (e.key().to_string(), states)
             })
             .collect()
     }
@@ -286,7 +330,7 @@ impl TunnelSink for Relay {
             }
             6 => {
                 let stack = tcp_dst_port(packet).and_then(|port| {
-                    let d = self.devices.get(&session.device_id)?;
+                    let d = self.devices.get(&*session.uuid)?;
                     let s = d.streams.get(&port)?;
                     Some(s.clone())
                 });
@@ -310,12 +354,14 @@ impl LinkObserver for Relay {
         _down: Option<crate::link_state::DownReason>,
     ) {
         if !up {
-            // Called with the session lock held: only flag the stacks; their
-            // timer tasks abort the streams (stack → session is the lock
-            // order everywhere else).
-            if let Some((_, d)) = self.devices.remove(&session.device_id) {
-                d.streams.iter().for_each(|s| s.kill());
-            }
+            // Called with the session lock held: no shard lock here. Queue
+            // it; the sweeper flags the stacks dead and their timer tasks
+            // abort the streams (stack → session is the lock order
+            // everywhere else).
+            self.down
+                .lock()
+                .push((session.uuid.clone(), Instant::now()));
+            self.wake.notify_one();
         }
     }
 }

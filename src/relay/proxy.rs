@@ -155,7 +155,7 @@ async fn read_head(conn: &mut TcpStream) -> Result<(ConnectHead, Vec<u8>), Rejec
             match conn.read(&mut chunk).await {
                 Ok(0) | Err(_) => {
                     return Err(bad(
-                        "the connection closed before a complete request head".into(),
+                        "the connection closed before a complete request head".into()
                     ))
                 }
                 Ok(n) => buf.extend_from_slice(&chunk[..n]),
@@ -288,12 +288,15 @@ mod tests {
         assert_eq!(h.credential.as_deref(), Some(token));
         assert_eq!(h.target, Ok(("a".into(), 22)));
         let h = parse_connect(
-            format!("CONNECT a:22 HTTP/1.1\r\nproxy-authorization: Basic {basic}\r\n\r\n").as_bytes(),
+            format!("CONNECT a:22 HTTP/1.1\r\nproxy-authorization: Basic {basic}\r\n\r\n")
+                .as_bytes(),
         )
         .unwrap()
         .unwrap();
         assert_eq!(h.credential.as_deref(), Some(token));
-        let h = parse_connect(b"CONNECT bad_host:22 HTTP/1.1\r\n\r\n").unwrap().unwrap();
+        let h = parse_connect(b"CONNECT bad_host:22 HTTP/1.1\r\n\r\n")
+            .unwrap()
+            .unwrap();
         assert_eq!(h.credential, None);
         assert!(h.target.is_err());
         assert_eq!(parse_connect(b"CONNECT a:22 HTTP/1.1\r\n"), Ok(None));

@@ -1,4 +1,5 @@
-//! Browser sessions for the dashboard. A browser cannot keep the API token
+//! Dashboard sign-ins (the browser's "session" cookie; not a WireGuard
+//! session, which lives in the session table). A browser cannot keep the API token
 //! out of script reach and `EventSource` cannot send headers, so the page
 //! trades the token once for a session cookie:
 //!
@@ -38,7 +39,7 @@ struct Session {
 }
 
 #[derive(Default)]
-pub struct Sessions {
+pub struct SignIns {
     // One mutex: sign-ins and page requests are a few a second, and the
     // critical sections are a hash lookup.
     map: Mutex<HashMap<String, Session>>,
@@ -57,7 +58,7 @@ fn random_hex() -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-impl Sessions {
+impl SignIns {
     /// A new session: (id, csrf).
     fn create(&self, now: Instant) -> (String, String) {
         let (id, csrf) = (random_hex(), random_hex());
@@ -178,7 +179,7 @@ pub async fn sign_in(
         )
         .field("token"));
     }
-    let (id, csrf) = s.sessions.create(Instant::now());
+    let (id, csrf) = s.sign_ins.create(Instant::now());
     let mut r = Json(json!({
         "csrf_token": csrf,
         "idle_timeout_s": IDLE_TIMEOUT.as_secs(),
@@ -205,7 +206,7 @@ pub async fn current(Extension(auth): Extension<Auth>) -> Response {
 /// `DELETE /v1/session`: signs out.
 pub async fn sign_out(State(s): State<SharedState>, Extension(auth): Extension<Auth>) -> Response {
     if let Auth::Session { id, .. } = auth {
-        s.sessions.end(&id);
+        s.sign_ins.end(&id);
     }
     let mut r = StatusCode::NO_CONTENT.into_response();
     r.headers_mut().insert(header::SET_COOKIE, clear_cookie());

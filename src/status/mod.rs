@@ -32,6 +32,8 @@
 //! `heartbeat-timeout`, `offline` → `disconnected`, `unknown` →
 //! `configuring` until the device was ever heard from, `disconnected` after.
 
+pub mod service;
+
 use std::collections::BTreeSet;
 
 /// Heartbeat state.
