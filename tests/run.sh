@@ -8,7 +8,8 @@
 # ssh, sshd and ProxyCommand), iputils-ping, python3 (a plain HTTP server
 # standing in for a device's supervisor), chromium, chromium-driver and a
 # font (the dashboard's browser test). The interop tests need root for
-# `ip netns`.
+# `ip netns`. Then a short run of every fuzz target (cargo-fuzz on the
+# nightly toolchain; FUZZ_SECONDS=0 skips it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -41,3 +42,35 @@ fi
 # Benchmarks are not run here (see README, "Performance"), but they must build.
 cargo check --benches --quiet
 cargo nextest run --no-fail-fast "$@"
+
+# Fuzz smoke: every target for FUZZ_SECONDS (default 20) from its committed
+# corpus, so a panic reintroduced in a parser fails here (see fuzz/README.md).
+FUZZ_SECONDS=${FUZZ_SECONDS:-20}
+if [ "$FUZZ_SECONDS" != 0 ]; then
+    if ! cargo +nightly fuzz --version >/dev/null 2>&1; then
+        cargo install --locked cargo-fuzz
+    fi
+    (
+        cd fuzz
+        cargo +nightly fuzz build -O
+        for t in $(cargo +nightly fuzz list); do
+            echo "fuzz smoke: $t for ${FUZZ_SECONDS}s"
+            # A scratch copy of the corpus: the smoke must not change the tree.
+            scratch=$(mktemp -d)
+            cp -r "corpus/$t/." "$scratch/"
+            log=$(mktemp)
+            status=0
+            cargo +nightly fuzz run -O "$t" "$scratch" -- \
+                -max_total_time="$FUZZ_SECONDS" -rss_limit_mb=2048 -print_final_stats=1 \
+                >"$log" 2>&1 || status=$?
+            grep -E "^(Done|stat::average_exec_per_sec)" "$log" || true
+            rm -rf "$scratch"
+            if [ "$status" != 0 ]; then
+                tail -40 "$log"
+                echo "fuzz smoke: $t failed (exit $status); the crash input is in fuzz/artifacts/$t/"
+                exit 1
+            fi
+            rm -f "$log"
+        done
+    )
+fi
