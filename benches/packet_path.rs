@@ -134,8 +134,7 @@ fn bench(c: &mut Criterion) {
         let now = Instant::now();
         gw.path
             .handle_datagram(now, src, init, &mut gw.out, &mut tx);
-        gw.path
-            .process_handshakes(now, 1, &mut gw.out, &mut gw.reader, &mut tx);
+        gw.path.process_handshakes(now, 1, &mut gw.out, &mut tx);
         let TunnResult::WriteToNetwork(ka) = dev.decapsulate(None, &tx[0].1, &mut buf) else {
             panic!()
         };

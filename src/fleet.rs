@@ -138,6 +138,7 @@ impl Fleet {
                 Event::DeviceDeleted(DeviceDeleted {
                     address: d.address.to_string(),
                     slot: d.id,
+                    public_key: d.public_key,
                 }),
                 SystemTime::now(),
             )
@@ -158,6 +159,8 @@ fn device_ref(d: &Device) -> DeviceRef {
     DeviceRef {
         uuid: d.uuid.clone(),
         slot: d.id,
+        public_key: d.public_key,
+        address: d.address,
     }
 }
 
@@ -220,6 +223,14 @@ impl Reactor {
         match event {
             Event::DeviceRegistered(r) => {
                 for d in r.devices.iter() {
+                    self.path.directory.insert(
+                        d.public_key,
+                        crate::directory::Identity {
+                            uuid: d.uuid.as_str().into(),
+                            address: d.address,
+                            slot: d.slot,
+                        },
+                    );
                     self.status.registered(d.slot);
                 }
                 self.metrics
@@ -237,6 +248,8 @@ impl Reactor {
                 }
             }
             Event::DeviceDeleted(d) => {
+                // Out of the directory first: no new session from here on.
+                self.path.directory.remove(&d.public_key);
                 if let Some(uuid) = device {
                     self.path.revoke(uuid, Instant::now());
                     self.status.removed(d.slot);
@@ -260,6 +273,9 @@ fn reconcile(
     status: &crate::status::service::DeviceStatus,
     metrics: &crate::metrics::Metrics,
 ) {
+    if let Err(e) = path.directory.reload(&fleet.registry) {
+        tracing::error!(error = %e, "reloading the directory from the store failed");
+    }
     if let Err(e) = status.reconcile() {
         tracing::error!(error = %e, "reconciling device status with the store failed");
     }

@@ -90,10 +90,16 @@ impl Gateway {
         ));
         let metrics = Arc::new(Metrics::new());
         metrics.devices_registered.set(registry.count());
+        let directory = {
+            let r = registry.clone();
+            tokio::task::spawn_blocking(move || crate::directory::Directory::load(&r))
+                .await
+                .map_err(|e| Error::Config(format!("directory load task failed: {e}")))??
+        };
         let path = Arc::new(PacketPath::new(
             secret,
             plan.gateway(),
-            registry.clone(),
+            Arc::new(directory),
             events.clone(),
             metrics.clone(),
             PacketPathConfig {
@@ -167,10 +173,6 @@ impl Gateway {
         tokio::spawn(action_queue.clone().run_expiry(stop_status.subscribe()));
         let sockets = crate::packet_path::udp_io::worker_sockets(udp, config.workers)
             .map_err(Error::Socket)?;
-        let readers = sockets
-            .iter()
-            .map(|_| registry.reader())
-            .collect::<Result<Vec<_>, _>>()?;
         // Read before the workers start: nothing has come up yet, so this is
         // exactly who was connected when the gateway last stopped.
         let targets = {
@@ -179,8 +181,7 @@ impl Gateway {
                 .await
                 .map_err(|e| Error::Config(format!("redial list task failed: {e}")))??
         };
-        let threads =
-            PacketThreads::start(path.clone(), sockets, readers).map_err(Error::Socket)?;
+        let threads = PacketThreads::start(path.clone(), sockets).map_err(Error::Socket)?;
         let redialer = if targets.is_empty() || config.redial_rate == 0 {
             None
         } else {
@@ -190,13 +191,8 @@ impl Gateway {
                 "redialing the devices connected before the restart"
             );
             Some(
-                crate::redial::spawn(
-                    path.clone(),
-                    targets,
-                    registry.reader()?,
-                    config.redial_rate.max(1),
-                )
-                .map_err(Error::Socket)?,
+                crate::redial::spawn(path.clone(), targets, config.redial_rate.max(1))
+                    .map_err(Error::Socket)?,
             )
         };
         let endpoints_task = tokio::spawn(endpoints.run(registry.clone(), stop_status.subscribe()));

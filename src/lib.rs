@@ -14,6 +14,7 @@ pub mod auth;
 pub mod bus;
 pub mod config;
 pub mod data_dir;
+pub mod directory;
 pub mod error;
 pub mod fleet;
 pub mod gateway;

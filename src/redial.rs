@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use crate::link_state::DownReason;
 use crate::packet_path::{PacketPath, BUF_SIZE};
-use crate::registry::{RedialTarget, Registry, RegistryReader};
+use crate::registry::{RedialTarget, Registry};
 use crate::session_table::Session;
 
 /// Endpoint changes waiting to be written.
@@ -102,7 +102,6 @@ impl Redialer {
 pub fn spawn(
     path: Arc<PacketPath>,
     targets: Vec<RedialTarget>,
-    mut reader: RegistryReader,
     per_second: u32,
 ) -> std::io::Result<Redialer> {
     let stop = Arc::new(AtomicBool::new(false));
@@ -148,7 +147,7 @@ pub fn spawn(
                         break 'outer;
                     };
                     let now = Instant::now();
-                    if let Some(s) = path.redial(now, &t, &mut out, &mut reader, &mut tx) {
+                    if let Some(s) = path.redial(now, &t, &mut out, &mut tx) {
                         in_flight.push_back((s, now));
                         dialed += 1;
                     }

@@ -17,7 +17,7 @@ use parking_lot::Mutex;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, Ordering};
 
 use crate::keys::KeyBytes;
 
@@ -72,7 +72,7 @@ pub struct DevicePatch {
     pub app_id: Option<Option<u32>>,
 }
 
-/// What the handshake path needs to know of a device.
+/// Who a device to redial is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceIdentity {
     pub id: u32,
@@ -166,18 +166,14 @@ impl AddressPlan {
 }
 
 /// The registry: one write connection (serialised by a mutex: SQLite allows
-/// one writer anyway) and one read connection for the API. Packet workers
-/// open their own [`RegistryReader`].
+/// one writer anyway) and one read connection for the API. The packet path
+/// never reads it: it asks the in-memory `directory`.
 pub struct Registry {
     path: PathBuf,
     plan: AddressPlan,
     writer: Mutex<Writer>,
     reader: Mutex<Connection>,
     count: AtomicI64,
-    /// Bumped after every committed delete. The handshake path reads it
-    /// before its lookup and after inserting a session: if it moved, the
-    /// device may have been deleted in between, and the lookup is repeated.
-    deletions: AtomicU64,
 }
 
 struct Writer {
@@ -290,7 +286,6 @@ impl Registry {
             }),
             reader: Mutex::new(reader),
             count: AtomicI64::new(count),
-            deletions: AtomicU64::new(0),
         })
     }
 
@@ -306,18 +301,6 @@ impl Registry {
     /// Number of registered devices.
     pub fn count(&self) -> i64 {
         self.count.load(Ordering::Relaxed)
-    }
-
-    /// See the field's comment: a counter of committed deletes.
-    pub fn deletions(&self) -> u64 {
-        self.deletions.load(Ordering::Acquire)
-    }
-
-    /// A read connection of its own, for one packet worker.
-    pub fn reader(&self) -> Result<RegistryReader, RegistryError> {
-        Ok(RegistryReader {
-            conn: open_conn(&self.path, true)?,
-        })
     }
 
     /// Registers one device (fsync'd before it returns).
@@ -530,6 +513,31 @@ impl Registry {
     }
 
     /// Calls `f` with the id and status inputs of every device (at start).
+    /// Every device's key and identity, for the directory (blocking).
+    pub fn for_each_identity(
+        &self,
+        mut f: impl FnMut(KeyBytes, crate::directory::Identity),
+    ) -> Result<(), RegistryError> {
+        let r = self.reader.lock();
+        let mut st = r.prepare("SELECT id, uuid, public_key, address FROM devices")?;
+        let mut rows = st.query([])?;
+        while let Some(row) = rows.next()? {
+            let key: Vec<u8> = row.get(2)?;
+            let Ok(key) = KeyBytes::try_from(key) else {
+                continue;
+            };
+            f(
+                key,
+                crate::directory::Identity {
+                    slot: row.get::<_, i64>(0)? as u32,
+                    uuid: row.get::<_, String>(1)?.into_boxed_str(),
+                    address: Ipv4Addr::from(row.get::<_, i64>(3)? as u32),
+                },
+            );
+        }
+        Ok(())
+    }
+
     pub fn for_each_status(
         &self,
         mut f: impl FnMut(u32, crate::status::Stored),
@@ -598,7 +606,7 @@ impl Registry {
     }
 
     /// Deletes a device; returns it if it existed. Committed (fsync'd) before
-    /// it returns, and `deletions()` moves after the commit.
+    /// it returns.
     pub fn delete(&self, uuid: &str) -> Result<Option<Device>, RegistryError> {
         let w = self.writer.lock();
         let dev = w
@@ -612,7 +620,6 @@ impl Registry {
         drop(w);
         if dev.is_some() {
             self.count.fetch_sub(1, Ordering::Relaxed);
-            self.deletions.fetch_add(1, Ordering::AcqRel);
         }
         Ok(dev)
     }
@@ -730,32 +737,6 @@ fn allocate(
     Err(RegistryError::CidrExhausted(plan.net.to_string()))
 }
 
-/// A read-only connection owned by one packet worker, for the handshake
-/// path's "is this key registered?" question.
-pub struct RegistryReader {
-    conn: Connection,
-}
-
-impl RegistryReader {
-    pub fn by_public_key(
-        &mut self,
-        key: &KeyBytes,
-    ) -> Result<Option<DeviceIdentity>, RegistryError> {
-        let mut st = self
-            .conn
-            .prepare_cached("SELECT id, uuid, address FROM devices WHERE public_key = ?1")?;
-        Ok(st
-            .query_row([&key[..]], |r| {
-                Ok(DeviceIdentity {
-                    id: r.get::<_, i64>(0)? as u32,
-                    uuid: r.get::<_, String>(1)?.into_boxed_str(),
-                    address: Ipv4Addr::from(r.get::<_, i64>(2)? as u32),
-                })
-            })
-            .optional()?)
-    }
-}
-
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -801,17 +782,11 @@ mod tests {
         };
         assert_eq!(b.address, Ipv4Addr::new(10, 240, 0, 3));
         assert_eq!(r.count(), 2);
-        let mut reader = r.reader().unwrap();
-        assert_eq!(
-            reader
-                .by_public_key(&[2; 32])
-                .unwrap()
-                .unwrap()
-                .uuid
-                .as_ref(),
-            "b"
-        );
-        assert!(reader.by_public_key(&[9; 32]).unwrap().is_none());
+        let mut keys = Vec::new();
+        r.for_each_identity(|k, id| keys.push((k, id.uuid.to_string())))
+            .unwrap();
+        keys.sort();
+        assert_eq!(keys, vec![([1; 32], "a".into()), ([2; 32], "b".into())]);
     }
 
     #[test]

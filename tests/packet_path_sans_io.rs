@@ -3,6 +3,7 @@
 
 use boringtun::noise::{Tunn, TunnResult};
 use cloudlink::bus::{EventBus, Read, RingBus};
+use cloudlink::directory::Directory;
 use cloudlink::keys::{generate_private_key, public_key};
 use cloudlink::metrics::{DropReason, Metrics};
 use cloudlink::packet_path::{PacketPath, PacketPathConfig, TunnelSink, BUF_SIZE};
@@ -18,23 +19,41 @@ struct Rig {
     path: Arc<PacketPath>,
     events: Arc<dyn EventBus>,
     metrics: Arc<Metrics>,
-    reader: cloudlink::registry::RegistryReader,
     out: Vec<u8>,
     _dir: tempfile::TempDir,
 }
 
 const TIMEOUT: Duration = Duration::from_secs(90);
 
-fn rig() -> (Rig, Arc<Registry>) {
+/// The store and the directory the packet path reads, kept in step as the
+/// fleet reactor keeps them in the gateway.
+struct Reg {
+    registry: Arc<Registry>,
+    directory: Arc<Directory>,
+}
+
+impl Reg {
+    fn register(
+        &self,
+        d: NewDevice,
+    ) -> Result<cloudlink::registry::Registered, cloudlink::registry::RegistryError> {
+        let r = self.registry.register(d)?;
+        self.directory.reload(&self.registry)?;
+        Ok(r)
+    }
+}
+
+fn rig() -> (Rig, Reg) {
     let dir = tempfile::tempdir().unwrap();
     let plan = AddressPlan::new("10.240.0.0/12".parse().unwrap()).unwrap();
     let registry = Arc::new(Registry::open(dir.path(), plan).unwrap());
+    let directory = Arc::new(Directory::default());
     let events: Arc<dyn EventBus> = Arc::new(RingBus::new("sim".into(), "gw".into(), 1000));
     let metrics = Arc::new(Metrics::new());
     let path = Arc::new(PacketPath::new(
         StaticSecret::from(generate_private_key()),
         plan.gateway(),
-        registry.clone(),
+        directory.clone(),
         events.clone(),
         metrics.clone(),
         PacketPathConfig {
@@ -43,17 +62,18 @@ fn rig() -> (Rig, Arc<Registry>) {
             handshake_queue: 64,
         },
     ));
-    let reader = registry.reader().unwrap();
     (
         Rig {
             path,
             events,
             metrics,
-            reader,
             out: vec![0; BUF_SIZE],
             _dir: dir,
         },
-        registry,
+        Reg {
+            registry,
+            directory,
+        },
     )
 }
 
@@ -69,7 +89,7 @@ impl Rig {
             .handle_datagram(now, from, datagram, &mut self.out, &mut tx);
         // Initiations wait in the handshake queue until a worker runs them.
         self.path
-            .process_handshakes(now, usize::MAX, &mut self.out, &mut self.reader, &mut tx);
+            .process_handshakes(now, usize::MAX, &mut self.out, &mut tx);
         tx
     }
     fn event_types(&self) -> Vec<String> {
@@ -387,9 +407,7 @@ fn a_storm_queues_initiations_answers_cookies_and_never_starves_transport() {
     // Workers drain the queue a few at a time; the load lifts below 1/8.
     let mut done = 0;
     while !rig.path.handshakes.is_empty() {
-        done += rig
-            .path
-            .process_handshakes(now, 4, &mut rig.out, &mut rig.reader, &mut tx);
+        done += rig.path.process_handshakes(now, 4, &mut rig.out, &mut tx);
     }
     assert_eq!(done, cap);
     assert!(!rig.path.under_load());

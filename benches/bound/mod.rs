@@ -5,10 +5,11 @@
 #![allow(dead_code)]
 
 use cloudlink::bus::{EventBus, RingBus};
+use cloudlink::directory::Directory;
 use cloudlink::keys::{generate_private_key, public_key};
 use cloudlink::metrics::Metrics;
 use cloudlink::packet_path::{PacketPath, PacketPathConfig, Transmit, BUF_SIZE};
-use cloudlink::registry::{AddressPlan, NewDevice, Registry, RegistryReader};
+use cloudlink::registry::{AddressPlan, NewDevice, Registry};
 use parking_lot::Mutex;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -19,7 +20,6 @@ use x25519_dalek::StaticSecret;
 pub struct Gw {
     pub path: Arc<PacketPath>,
     pub registry: Arc<Registry>,
-    pub reader: RegistryReader,
     pub out: Vec<u8>,
     pub secret: StaticSecret,
     _dir: tempfile::TempDir,
@@ -33,10 +33,11 @@ pub fn gateway(devices: usize) -> (Gw, Vec<[u8; 32]>) {
     let events: Arc<dyn EventBus> = Arc::new(RingBus::new("bench".into(), "gw".into(), 100_000));
     let metrics = Arc::new(Metrics::new());
     let secret = StaticSecret::from(generate_private_key());
+    let directory = Arc::new(Directory::default());
     let path = Arc::new(PacketPath::new(
         secret.clone(),
         plan.gateway(),
-        registry.clone(),
+        directory.clone(),
         events,
         metrics,
         PacketPathConfig {
@@ -61,12 +62,12 @@ pub fn gateway(devices: usize) -> (Gw, Vec<[u8; 32]>) {
             )
             .unwrap();
     }
-    let reader = registry.reader().unwrap();
+    // As the gateway fills it at start.
+    directory.reload(&registry).unwrap();
     (
         Gw {
             path,
             registry,
-            reader,
             out: vec![0; BUF_SIZE],
             secret,
             _dir: dir,

@@ -8,9 +8,10 @@
 
 use boringtun::noise::{Tunn, TunnResult};
 use cloudlink::bus::{EventBus, RingBus};
+use cloudlink::directory::Directory;
 use cloudlink::metrics::{DropReason, Metrics};
 use cloudlink::packet_path::{PacketPath, PacketPathConfig, TunnelSink, BUF_SIZE};
-use cloudlink::registry::{AddressPlan, NewDevice, Registry, RegistryReader};
+use cloudlink::registry::{AddressPlan, NewDevice, Registry};
 use cloudlink::session_table::Session;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -51,7 +52,7 @@ impl std::ops::AddAssign for Reached {
 
 struct Registered {
     _dir: tempfile::TempDir,
-    registry: Arc<Registry>,
+    directory: Arc<Directory>,
     addresses: Vec<Ipv4Addr>,
 }
 
@@ -82,7 +83,7 @@ fn registered() -> &'static Registered {
         }
         Registered {
             _dir: dir,
-            registry,
+            directory: Arc::new(Directory::load(&registry).unwrap()),
             addresses,
         }
     })
@@ -141,7 +142,7 @@ pub fn run(data: &[u8]) -> Reached {
     let path = PacketPath::new(
         StaticSecret::from(GATEWAY_KEY),
         "10.240.0.1".parse().unwrap(),
-        reg.registry.clone(),
+        reg.directory.clone(),
         events,
         metrics.clone(),
         PacketPathConfig {
@@ -152,13 +153,21 @@ pub fn run(data: &[u8]) -> Reached {
     );
     let sink = Arc::new(CountingSink::default());
     let _ = path.set_sink(sink.clone());
-    let mut reader: RegistryReader = reg.registry.reader().unwrap();
     let gw_public = path.public_key();
     let gw_ip = path.gateway_address();
     let mut devices: Vec<Tunn> = DEVICE_KEYS
         .iter()
         .enumerate()
-        .map(|(i, k)| Tunn::new(StaticSecret::from(*k), gw_public, None, None, i as u32 + 1, None))
+        .map(|(i, k)| {
+            Tunn::new(
+                StaticSecret::from(*k),
+                gw_public,
+                None,
+                None,
+                i as u32 + 1,
+                None,
+            )
+        })
         .collect();
     let sources: Vec<SocketAddr> = SOURCES.iter().map(|s| s.parse().unwrap()).collect();
     let mut out = vec![0u8; BUF_SIZE];
@@ -178,12 +187,11 @@ pub fn run(data: &[u8]) -> Reached {
         dev: Option<&mut Tunn>,
         out: &mut [u8],
         dbuf: &mut [u8],
-        reader: &mut RegistryReader,
         reached: &mut Reached,
     ) {
         let mut tx: Vec<(SocketAddr, Vec<u8>)> = Vec::new();
         path.handle_datagram(now, from, datagram, out, &mut tx);
-        path.process_handshakes(now, usize::MAX, out, reader, &mut tx);
+        path.process_handshakes(now, usize::MAX, out, &mut tx);
         let Some(dev) = dev else { return };
         for (_, answer) in tx {
             let mut follow = Vec::new();
@@ -216,7 +224,16 @@ pub fn run(data: &[u8]) -> Reached {
                 let from = sources[input.byte().unwrap_or(0) as usize % sources.len()];
                 let len = input.byte().unwrap_or(0) as usize * 2;
                 let d = input.bytes(len).to_vec();
-                exchange(&path, now, from, &d, None, &mut out, &mut dbuf, &mut reader, &mut reached);
+                exchange(
+                    &path,
+                    now,
+                    from,
+                    &d,
+                    None,
+                    &mut out,
+                    &mut dbuf,
+                    &mut reached,
+                );
             }
             1 => {
                 let d = input.byte().unwrap_or(0) as usize % devices.len();
@@ -225,7 +242,16 @@ pub fn run(data: &[u8]) -> Reached {
                     TunnResult::WriteToNetwork(p) => p.to_vec(),
                     _ => continue,
                 };
-                exchange(&path, now, from, &init, Some(&mut devices[d]), &mut out, &mut dbuf, &mut reader, &mut reached);
+                exchange(
+                    &path,
+                    now,
+                    from,
+                    &init,
+                    Some(&mut devices[d]),
+                    &mut out,
+                    &mut dbuf,
+                    &mut reached,
+                );
             }
             2..=4 | 6 | 7 => {
                 let d = input.byte().unwrap_or(0) as usize % devices.len();
@@ -246,8 +272,21 @@ pub fn run(data: &[u8]) -> Reached {
                     let at = input.byte().unwrap_or(0) as usize % datagram.len();
                     datagram[at] ^= input.byte().unwrap_or(1).max(1);
                 }
-                let from = if op % 8 == 6 { sources[2 + d] } else { sources[d] };
-                exchange(&path, now, from, &datagram, Some(&mut devices[d]), &mut out, &mut dbuf, &mut reader, &mut reached);
+                let from = if op % 8 == 6 {
+                    sources[2 + d]
+                } else {
+                    sources[d]
+                };
+                exchange(
+                    &path,
+                    now,
+                    from,
+                    &datagram,
+                    Some(&mut devices[d]),
+                    &mut out,
+                    &mut dbuf,
+                    &mut reached,
+                );
             }
             _ => {
                 now += Duration::from_secs(input.byte().unwrap_or(1) as u64);

@@ -96,12 +96,14 @@ pub struct ActionOutcome {
     pub device_status: Option<u16>,
 }
 
-/// A device as the fleet reactor needs it: its uuid and the status
-/// tracker's slot. In-process only: never serialised.
+/// A device as the fleet reactor needs it (for the directory and the
+/// status tracker). In-process only: never serialised.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceRef {
     pub uuid: String,
     pub slot: u32,
+    pub public_key: crate::keys::KeyBytes,
+    pub address: std::net::Ipv4Addr,
 }
 
 /// `device.registered`: one device (`device` names it, with its address
@@ -137,4 +139,6 @@ pub struct DeviceDeleted {
     pub address: String,
     #[serde(skip)]
     pub slot: u32,
+    #[serde(skip)]
+    pub public_key: crate::keys::KeyBytes,
 }

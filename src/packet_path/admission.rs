@@ -30,7 +30,6 @@ use std::time::Instant;
 
 use super::{PacketPath, Transmit};
 use crate::metrics::{DropReason, HandshakeResult};
-use crate::registry::RegistryReader;
 
 /// Size of a handshake initiation.
 pub const INITIATION_LEN: usize = 148;
@@ -185,7 +184,6 @@ impl PacketPath {
         now: Instant,
         max: usize,
         out: &mut [u8],
-        reader: &mut RegistryReader,
         tx: &mut impl Transmit,
     ) -> usize {
         let mut done = 0;
@@ -196,7 +194,7 @@ impl PacketPath {
             self.metrics
                 .handshake_queue
                 .set(self.handshakes.len() as i64);
-            self.handle_initiation(now, q.src, &q.datagram, out, reader, tx);
+            self.handle_initiation(now, q.src, &q.datagram, out, tx);
             done += 1;
         }
         done

@@ -4,16 +4,17 @@
 //! 1. (admission already checked mac1, and mac2 when under load.)
 //! 2. `parse_handshake_anon` learns the initiator's static key (one DH).
 //! 3. The device's session, if it has one, takes the initiation (a rekey or
-//!    a reconnect). Otherwise the registry is asked; unknown keys are dropped
-//!    silently and counted, known ones get a new `Tunn` and session.
+//!    a reconnect). Otherwise the in-memory directory is asked (never the
+//!    store); unknown keys are dropped silently and counted, known ones get
+//!    a new `Tunn` and session.
 //! 4. The session's `Tunn` answers with a handshake response, which goes back
 //!    to the initiation's source; that source becomes the endpoint (a valid
 //!    initiation proves possession of the device's key and is replay
 //!    protected by its timestamp, as in the kernel's WireGuard).
 //!
-//! A deletion may commit while a first handshake is in flight: the
-//! registry's deletion counter is read before the lookup and after the
-//! session is inserted; if it moved, the lookup is repeated.
+//! A deletion may be applied while a first handshake is in flight: the
+//! directory's generation is read before the lookup and after the session
+//! is inserted; if it moved, the lookup is repeated.
 
 use boringtun::noise::handshake::parse_handshake_anon;
 use boringtun::noise::{Packet, Tunn, TunnResult};
@@ -27,7 +28,6 @@ use super::{PacketPath, Transmit};
 use crate::keys::KeyBytes;
 use crate::link_state::LinkState;
 use crate::metrics::{DropReason, HandshakeResult};
-use crate::registry::RegistryReader;
 use crate::session_table::{HintKey, Session, SessionState, SessionStats};
 
 impl PacketPath {
@@ -37,7 +37,6 @@ impl PacketPath {
         src: SocketAddr,
         datagram: &[u8],
         out: &mut [u8],
-        reader: &mut RegistryReader,
         tx: &mut impl Transmit,
     ) {
         let Ok(Packet::HandshakeInit(init)) = Tunn::parse_incoming_packet(datagram) else {
@@ -70,7 +69,7 @@ impl PacketPath {
         let key = half.peer_static_public;
         let (session, fresh) = match self.sessions.by_key(&key) {
             Some(s) => (s, false),
-            None => match self.create_session(key, src, reader) {
+            None => match self.create_session(key, src) {
                 Some(s) => (s, true),
                 None => return,
             },
@@ -131,26 +130,13 @@ impl PacketPath {
     }
 
     /// Creates the session of a registered device on its first handshake.
-    pub(crate) fn create_session(
-        &self,
-        key: KeyBytes,
-        src: SocketAddr,
-        reader: &mut RegistryReader,
-    ) -> Option<Arc<Session>> {
-        let deletions = self.registry.deletions();
-        let identity = match reader.by_public_key(&key) {
-            Ok(Some(id)) => id,
-            Ok(None) => {
-                tracing::trace!(%src, "handshake from an unregistered key");
-                self.metrics.handshake(HandshakeResult::UnknownKey);
-                self.metrics.dropped(DropReason::UnknownKey);
-                return None;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "registry lookup failed; handshake dropped");
-                self.metrics.dropped(DropReason::HandshakeFailed);
-                return None;
-            }
+    pub(crate) fn create_session(&self, key: KeyBytes, src: SocketAddr) -> Option<Arc<Session>> {
+        let generation = self.directory.generation();
+        let Some(identity) = self.directory.lookup(&key) else {
+            tracing::trace!(%src, "handshake from an unregistered key");
+            self.metrics.handshake(HandshakeResult::UnknownKey);
+            self.metrics.dropped(DropReason::UnknownKey);
+            return None;
         };
         let index = self.sessions.allocate_index();
         let tunn = Tunn::new(
@@ -163,7 +149,7 @@ impl PacketPath {
         );
         let session = Arc::new(Session {
             index,
-            device_id: identity.id,
+            device_id: identity.slot,
             uuid: identity.uuid,
             public_key: key,
             address: identity.address,
@@ -179,9 +165,7 @@ impl PacketPath {
         if let Err(existing) = self.sessions.insert_if_absent(session.clone()) {
             return Some(existing);
         }
-        if self.registry.deletions() != deletions
-            && !matches!(reader.by_public_key(&key), Ok(Some(_)))
-        {
+        if self.directory.generation() != generation && self.directory.lookup(&key).is_none() {
             self.sessions.remove(&session);
             self.metrics.handshake(HandshakeResult::UnknownKey);
             self.metrics.dropped(DropReason::UnknownKey);

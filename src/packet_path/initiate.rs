@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::{PacketPath, Transmit};
-use crate::registry::{RedialTarget, RegistryReader};
+use crate::registry::RedialTarget;
 use crate::session_table::Session;
 
 impl PacketPath {
@@ -28,13 +28,12 @@ impl PacketPath {
         _now: Instant,
         target: &RedialTarget,
         out: &mut [u8],
-        reader: &mut RegistryReader,
         tx: &mut impl Transmit,
     ) -> Option<Arc<Session>> {
         if self.sessions.by_key(&target.public_key).is_some() {
             return None;
         }
-        let session = self.create_session(target.public_key, target.endpoint, reader)?;
+        let session = self.create_session(target.public_key, target.endpoint)?;
         let mut st = session.state.lock();
         if st.last_handshake_at.is_some() {
             // Raced with the device's own handshake, which won.

@@ -40,7 +40,6 @@ use crate::bus::event::{Event, Link};
 use crate::bus::EventBus;
 use crate::link_state::{DownReason, LinkTransition};
 use crate::metrics::Metrics;
-use crate::registry::Registry;
 use crate::session_table::{Session, SessionTable};
 
 /// Largest UDP payload, plus room for boringtun's overhead.
@@ -124,7 +123,8 @@ pub struct PacketPath {
     pub handshakes: admission::HandshakeQueue,
     pub(crate) rate_window: admission::RateWindow,
     pub sessions: SessionTable,
-    pub registry: Arc<Registry>,
+    /// Who may connect (kept current by the fleet reactor).
+    pub directory: Arc<crate::directory::Directory>,
     pub events: Arc<dyn EventBus>,
     pub metrics: Arc<Metrics>,
     pub(crate) config: PacketPathConfig,
@@ -142,7 +142,7 @@ impl PacketPath {
     pub fn new(
         secret: StaticSecret,
         gateway_address: Ipv4Addr,
-        registry: Arc<Registry>,
+        directory: Arc<crate::directory::Directory>,
         events: Arc<dyn EventBus>,
         metrics: Arc<Metrics>,
         config: PacketPathConfig,
@@ -157,7 +157,7 @@ impl PacketPath {
             public,
             gateway_address,
             sessions: SessionTable::new(),
-            registry,
+            directory,
             events,
             metrics,
             config,

@@ -22,7 +22,6 @@ use std::time::{Duration, Instant};
 use super::send::socket_tx;
 use super::timers::{BUCKETS, TICK};
 use super::{PacketPath, Transmit, BUF_SIZE};
-use crate::registry::RegistryReader;
 use crate::udp_socket::{get_int, set_int, size_socket_buffers};
 
 /// Datagrams per `recvmmsg`/`sendmmsg`.
@@ -83,14 +82,8 @@ pub fn worker_sockets(first: UdpSocket, workers: usize) -> std::io::Result<Vec<A
 }
 
 impl PacketThreads {
-    /// Starts one worker per socket (each with its registry connection) and
-    /// the timer thread.
-    pub fn start(
-        path: Arc<PacketPath>,
-        sockets: Vec<Arc<UdpSocket>>,
-        readers: Vec<RegistryReader>,
-    ) -> std::io::Result<Self> {
-        assert_eq!(sockets.len(), readers.len());
+    /// Starts one worker per socket and the timer thread.
+    pub fn start(path: Arc<PacketPath>, sockets: Vec<Arc<UdpSocket>>) -> std::io::Result<Self> {
         for s in &sockets {
             size_socket_buffers(s.as_raw_fd(), 4 << 20);
             // The timeout only bounds how long a stop request waits.
@@ -99,12 +92,12 @@ impl PacketThreads {
         path.set_egress(&sockets[0]);
         let stop = Arc::new(AtomicBool::new(false));
         let mut handles = Vec::new();
-        for (i, (socket, reader)) in sockets.iter().cloned().zip(readers).enumerate() {
+        for (i, socket) in sockets.iter().cloned().enumerate() {
             let (path, stop) = (path.clone(), stop.clone());
             handles.push(
                 std::thread::Builder::new()
                     .name(format!("cloudlink-rx{i}"))
-                    .spawn(move || worker_loop(&path, &socket, reader, &stop))?,
+                    .spawn(move || worker_loop(&path, &socket, &stop))?,
             );
         }
         {
@@ -128,12 +121,7 @@ impl PacketThreads {
     }
 }
 
-fn worker_loop(
-    path: &PacketPath,
-    socket: &UdpSocket,
-    mut reader: RegistryReader,
-    stop: &AtomicBool,
-) {
+fn worker_loop(path: &PacketPath, socket: &UdpSocket, stop: &AtomicBool) {
     let fd = socket.as_raw_fd();
     let mut rx = RecvBatch::new();
     let mut tx = SendBatch::new(socket);
@@ -171,14 +159,7 @@ fn worker_loop(
                 std::thread::sleep(Duration::from_millis(10));
             }
         }
-        if path.process_handshakes(
-            Instant::now(),
-            HANDSHAKES_PER_TURN,
-            &mut out,
-            &mut reader,
-            &mut tx,
-        ) > 0
-        {
+        if path.process_handshakes(Instant::now(), HANDSHAKES_PER_TURN, &mut out, &mut tx) > 0 {
             tx.flush();
         }
     }
