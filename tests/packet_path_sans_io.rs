@@ -477,3 +477,79 @@ fn rekeys_from_a_shared_endpoint_are_answered_for_every_device() {
         1
     );
 }
+
+/// The fleet reactor applies device events from the bus; one that fell
+/// behind (the ring dropped events it had not read) rebuilds the directory
+/// and the status tracker from the store instead of missing a device.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_reactor_that_fell_behind_the_bus_reconciles_with_the_store() {
+    use cloudlink::fleet::{Fleet, Reactor};
+    use cloudlink::status::service::DeviceStatus;
+    let dir = tempfile::tempdir().unwrap();
+    let plan = AddressPlan::new("10.240.0.0/24".parse().unwrap()).unwrap();
+    let registry = Arc::new(Registry::open(dir.path(), plan).unwrap());
+    // A ring of two: three registrations push the first one out.
+    let bus: Arc<dyn EventBus> = Arc::new(RingBus::new("sim".into(), "gw".into(), 2));
+    let metrics = Arc::new(Metrics::new());
+    let directory = Arc::new(Directory::default());
+    let path = Arc::new(PacketPath::new(
+        StaticSecret::from(generate_private_key()),
+        plan.gateway(),
+        directory.clone(),
+        bus.clone(),
+        metrics.clone(),
+        PacketPathConfig {
+            link_timeout: TIMEOUT,
+            handshake_rate_limit: 0,
+            handshake_queue: 64,
+        },
+    ));
+    let status = Arc::new(
+        DeviceStatus::load(
+            registry.clone(),
+            bus.clone(),
+            Arc::downgrade(&path),
+            Duration::from_secs(900),
+            Duration::from_secs(15),
+        )
+        .unwrap(),
+    );
+    let fleet = Arc::new(Fleet::new(registry.clone(), bus.clone()));
+    let mut slots = Vec::new();
+    for i in 0..3u8 {
+        let c = fleet
+            .register(NewDevice {
+                uuid: format!("late-{i}"),
+                public_key: [i + 1; 32],
+                name: None,
+            })
+            .unwrap();
+        match c.value {
+            cloudlink::registry::Registered::Created(d) => slots.push(d.id),
+            _ => panic!(),
+        }
+    }
+    assert!(matches!(bus.read_after(0, 10), Read::Gap));
+    let (_stop, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(
+        Reactor {
+            fleet: fleet.clone(),
+            path: path.clone(),
+            status: status.clone(),
+            metrics: metrics.clone(),
+        }
+        .run(stop_rx),
+    );
+    fleet
+        .settled(Some(bus.last_id()), Duration::from_secs(10))
+        .await;
+    assert_eq!(directory.len(), 3);
+    for (i, slot) in slots.iter().enumerate() {
+        assert_eq!(
+            &*directory.lookup(&[i as u8 + 1; 32]).unwrap().uuid,
+            format!("late-{i}")
+        );
+        assert!(status.view(*slot).is_some(), "status slot of late-{i}");
+    }
+    assert_eq!(metrics.devices_registered.get(), 3);
+}
