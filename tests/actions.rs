@@ -706,20 +706,7 @@ async fn a_device_answering_401_does_not_sign_the_dashboard_out() {
     events.wait_for(WAIT, |e| e["type"] == "link.up").await;
 
     // The dashboard's way in: a session cookie, its CSRF token and Origin.
-    let r = g
-        .http
-        .post(g.url("/v1/session"))
-        .json(&json!({ "token": TOKEN }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    let cookie = r.headers()["set-cookie"].to_str().unwrap().to_string();
-    let cookie = cookie.split(';').next().unwrap().to_string();
-    let csrf = r.json::<Value>().await.unwrap()["csrf_token"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let (cookie, csrf) = g.sign_in().await;
     let r = g
         .http
         .post(g.url("/v1/devices/says-401/actions/reboot"))

@@ -10,18 +10,7 @@ use serde_json::{json, Value};
 use std::collections::HashSet;
 
 async fn sign_in(g: &TestGateway) -> (String, String) {
-    let r = g
-        .http
-        .post(g.url("/v1/session"))
-        .json(&json!({ "token": TOKEN }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    let cookie = r.headers()[SET_COOKIE].to_str().unwrap().to_string();
-    let b: Value = r.json().await.unwrap();
-    let id = cookie.split(';').next().unwrap().to_string();
-    (id, b["csrf_token"].as_str().unwrap().to_string())
+    g.sign_in().await
 }
 
 fn origin(g: &TestGateway) -> String {

@@ -104,6 +104,23 @@ impl TestGateway {
         body
     }
 
+    /// Signs in as the dashboard does: the session cookie (`name=value`)
+    /// and its CSRF token.
+    pub async fn sign_in(&self) -> (String, String) {
+        let r = self
+            .http
+            .post(self.url("/v1/session"))
+            .json(&json!({ "token": TOKEN }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let cookie = r.headers()["set-cookie"].to_str().unwrap().to_string();
+        let b: Value = r.json().await.unwrap();
+        let id = cookie.split(';').next().unwrap().to_string();
+        (id, b["csrf_token"].as_str().unwrap().to_string())
+    }
+
     pub async fn device(&self, uuid: &str) -> Value {
         let (st, body) = self.call("GET", &format!("/v1/devices/{uuid}"), None).await;
         assert_eq!(st, 200, "{body}");
