@@ -173,15 +173,15 @@ pub struct Reactor {
 }
 
 impl Reactor {
-    /// Follows the bus from its current end until `stop`, applying each
-    /// device event once, in order.
+    /// Follows the bus's device events from its current end until `stop`,
+    /// applying each once, in order (link and status events are not read).
     pub async fn run(self, mut stop: tokio::sync::watch::Receiver<bool>) {
         let bus = self.fleet.bus.clone();
-        let mut rx = bus.subscribe();
+        let mut rx = bus.subscribe_device_events();
         let mut cursor = *self.fleet.applied.borrow();
         loop {
             rx.borrow_and_update();
-            match bus.read_after(cursor, 256) {
+            match bus.read_device_events_after(cursor, 256) {
                 Read::Events(v) if !v.is_empty() => {
                     for e in &v {
                         self.apply(e.device.as_deref(), &e.event);

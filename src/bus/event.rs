@@ -39,6 +39,14 @@ pub enum Event {
 }
 
 impl Event {
+    /// A device-lifecycle event (`device.*`).
+    pub fn is_device_lifecycle(&self) -> bool {
+        matches!(
+            self,
+            Event::DeviceRegistered(_) | Event::DeviceUpdated(_) | Event::DeviceDeleted(_)
+        )
+    }
+
     /// The `type` field, as metrics label it.
     pub fn kind(&self) -> &'static str {
         match self {

@@ -79,6 +79,14 @@ pub trait EventBus: Send + Sync + 'static {
     fn read_after(&self, cursor: u64, max: usize) -> Read;
     /// Changes whenever an event is published or the bus closes.
     fn subscribe(&self) -> tokio::sync::watch::Receiver<u64>;
+    /// Up to `max` device-lifecycle events (`device.*`) after `cursor`,
+    /// skipping the others: what the fleet reactor follows (on JetStream, a
+    /// consumer filtered to the `device.*` subjects), so a storm of link
+    /// events costs it nothing. `Gap` when a device event it had not read
+    /// was dropped.
+    fn read_device_events_after(&self, cursor: u64, max: usize) -> Read;
+    /// Changes when a device-lifecycle event is published or the bus closes.
+    fn subscribe_device_events(&self) -> tokio::sync::watch::Receiver<u64>;
     /// No more events: readers end once they have what is kept.
     fn close(&self);
     /// The `resync` message for a consumer that must reload: the cursor it

@@ -36,17 +36,24 @@ pub struct RingBus {
     capacity: usize,
     inner: Mutex<Ring>,
     notify: tokio::sync::watch::Sender<u64>,
+    device_notify: tokio::sync::watch::Sender<u64>,
 }
 
 struct Ring {
     next_id: u64,
     events: VecDeque<StoredEvent>,
+    /// The device-lifecycle events again (rare: a copy of an `Arc`), so
+    /// their reader skips the rest without reading it.
+    device: VecDeque<StoredEvent>,
+    /// Id of the newest device event dropped from `device`.
+    device_dropped: u64,
     closed: bool,
 }
 
 impl RingBus {
     pub fn new(epoch: String, gateway: String, capacity: usize) -> Self {
         let (notify, _) = tokio::sync::watch::channel(0);
+        let (device_notify, _) = tokio::sync::watch::channel(0);
         RingBus {
             epoch,
             gateway,
@@ -54,9 +61,12 @@ impl RingBus {
             inner: Mutex::new(Ring {
                 next_id: 1,
                 events: VecDeque::new(),
+                device: VecDeque::new(),
+                device_dropped: 0,
                 closed: false,
             }),
             notify,
+            device_notify,
         }
     }
 
@@ -96,15 +106,28 @@ impl EventBus for RingBus {
         if ring.events.len() == self.capacity {
             ring.events.pop_front();
         }
-        ring.events.push_back(StoredEvent {
+        let lifecycle = event.is_device_lifecycle();
+        let stored = StoredEvent {
             id,
             msg_id: format!("{}-{}-{id}", self.gateway, self.epoch).into(),
             device: device.map(Into::into),
             event: Arc::new(event),
             json: json.into(),
-        });
+        };
+        if lifecycle {
+            if ring.device.len() == self.capacity {
+                if let Some(old) = ring.device.pop_front() {
+                    ring.device_dropped = old.id;
+                }
+            }
+            ring.device.push_back(stored.clone());
+        }
+        ring.events.push_back(stored);
         drop(ring);
         self.notify.send_replace(id);
+        if lifecycle {
+            self.device_notify.send_replace(id);
+        }
         id
     }
 
@@ -147,9 +170,27 @@ impl EventBus for RingBus {
         self.notify.subscribe()
     }
 
+    fn read_device_events_after(&self, cursor: u64, max: usize) -> Read {
+        let ring = self.inner.lock();
+        if cursor < ring.device_dropped {
+            return Read::Gap;
+        }
+        let from = ring.device.partition_point(|e| e.id <= cursor);
+        let out: Vec<StoredEvent> = ring.device.iter().skip(from).take(max).cloned().collect();
+        if out.is_empty() && ring.closed {
+            return Read::Closed;
+        }
+        Read::Events(out)
+    }
+
+    fn subscribe_device_events(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.device_notify.subscribe()
+    }
+
     fn close(&self) {
         self.inner.lock().closed = true;
         self.notify.send_modify(|_| {});
+        self.device_notify.send_modify(|_| {});
     }
 
     fn resync_json(&self, reason: &str, at: SystemTime) -> (u64, String, String) {
@@ -220,6 +261,31 @@ mod tests {
         assert_eq!(hub.resume_from(None), Ok(Resume::Live));
         hub.close();
         assert!(matches!(hub.read_after(5, 10), Read::Closed));
+    }
+
+    #[test]
+    fn device_events_are_read_apart() {
+        use crate::bus::event::DeviceDeleted;
+        let hub = RingBus::new("e".into(), "gw".into(), 2);
+        let del = |n: u8| {
+            Event::DeviceDeleted(DeviceDeleted {
+                address: "10.0.0.2".into(),
+                slot: n as u32,
+                public_key: [n; 32],
+            })
+        };
+        hub.publish(Some("a"), link("1.2.3.4:5", "handshake"), SystemTime::now()); // 1
+        hub.publish(Some("a"), del(1), SystemTime::now()); // 2
+        hub.publish(Some("a"), link("1.2.3.4:5", "handshake"), SystemTime::now()); // 3
+        hub.publish(Some("b"), del(2), SystemTime::now()); // 4
+        assert_eq!(ids(hub.read_device_events_after(0, 10)), vec![2, 4]);
+        assert_eq!(ids(hub.read_device_events_after(2, 10)), vec![4]);
+        assert_eq!(ids(hub.read_device_events_after(4, 10)), Vec::<u64>::new());
+        // The side ring keeps 2: a third drops event 2, and a reader that had
+        // not read it gets a gap.
+        hub.publish(Some("c"), del(3), SystemTime::now()); // 5
+        assert!(matches!(hub.read_device_events_after(1, 10), Read::Gap));
+        assert_eq!(ids(hub.read_device_events_after(2, 10)), vec![4, 5]);
     }
 
     #[test]
