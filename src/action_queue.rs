@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use crate::actions::{deliver_counted, Action, DeliveryError, Params};
+use crate::actions::{deliver_counted, supervisor_call, Action, DeliveryError, Params};
 use crate::bus::event::{ActionOutcome, Event};
 use crate::bus::EventBus;
 use crate::registry::{now_ms, Registry, RegistryError};
@@ -248,13 +248,16 @@ impl ActionQueue {
             let Some(action) = Action::parse(&a.action) else {
                 continue;
             };
+            let Ok((path, body)) = supervisor_call(action, &a.params) else {
+                continue;
+            };
             let _ = self.set_state(&a.id, "delivering", None);
             let result = deliver_counted(
                 &relay,
                 &self.metrics,
                 &device,
                 action,
-                &a.params,
+                (&path, &body),
                 key.as_deref(),
                 self.timeout,
                 true,

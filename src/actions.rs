@@ -176,7 +176,8 @@ pub async fn deliver(
 }
 
 /// The one delivery path, for immediate and queued actions alike:
-/// delivers `action`'s supervisor call and records its duration and result
+/// delivers `action`'s supervisor call (`path`, `body`, from
+/// [`supervisor_call`]) and records its duration and result
 /// (`cloudlink_action_duration_seconds`, `cloudlink_actions_total`; a
 /// queued action's failure is counted as `failed`, as it always was).
 #[allow(clippy::too_many_arguments)]
@@ -185,15 +186,13 @@ pub async fn deliver_counted(
     metrics: &crate::metrics::Metrics,
     uuid: &str,
     action: Action,
-    params: &Params,
+    (path, body): (&str, &Value),
     api_key: Option<&str>,
     timeout: Duration,
     queued: bool,
 ) -> Result<DeviceAnswer, DeliveryError> {
-    let (path, body) = supervisor_call(action, params)
-        .map_err(|(_, m)| DeliveryError::BadAnswer(format!("incomplete action: {m}")))?;
     let started = std::time::Instant::now();
-    let result = deliver(relay, uuid, &path, &body, api_key, timeout).await;
+    let result = deliver(relay, uuid, path, body, api_key, timeout).await;
     metrics
         .action_duration
         .observe(started.elapsed().as_secs_f64());

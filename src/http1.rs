@@ -52,35 +52,10 @@ pub struct Header {
     pub value: Vec<u8>,
 }
 
-/// Lookups shared by request and response heads.
-pub trait Headers {
-    fn headers(&self) -> &[Header];
-
-    /// Every value of `name` (case-insensitive), in order.
-    fn all<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
-        self.headers()
-            .iter()
-            .filter(move |h| h.name.eq_ignore_ascii_case(name))
-            .map(|h| h.value.as_slice())
-    }
-
-    /// The first value of `name` as text, trimmed; `None` when absent or
-    /// not UTF-8.
-    fn get(&self, name: &str) -> Option<&str> {
-        self.headers()
-            .iter()
-            .find(|h| h.name.eq_ignore_ascii_case(name))
-            .and_then(|h| std::str::from_utf8(&h.value).ok())
-            .map(str::trim)
-    }
-}
-
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RequestHead {
     pub method: String,
     pub target: String,
-    /// The minor version: 0 or 1.
-    pub version: u8,
     pub headers: Vec<Header>,
     /// Bytes of the head, blank line included.
     pub len: usize,
@@ -93,14 +68,15 @@ pub struct ResponseHead {
     pub len: usize,
 }
 
-impl Headers for RequestHead {
-    fn headers(&self) -> &[Header] {
-        &self.headers
-    }
-}
-impl Headers for ResponseHead {
-    fn headers(&self) -> &[Header] {
-        &self.headers
+impl RequestHead {
+    /// The first value of header `name` (case-insensitive) as text, trimmed;
+    /// `None` when absent or not UTF-8.
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .and_then(|h| std::str::from_utf8(&h.value).ok())
+            .map(str::trim)
     }
 }
 
@@ -122,7 +98,6 @@ pub fn parse_request_head(buf: &[u8], max_head: usize) -> Result<Option<RequestH
         httparse::Status::Complete(len) if len <= max_head => Ok(Some(RequestHead {
             method: req.method.unwrap_or_default().to_owned(),
             target: req.path.unwrap_or_default().to_owned(),
-            version: req.version.unwrap_or(1),
             headers: collect(req.headers),
             len,
         })),
@@ -206,7 +181,7 @@ pub fn framing(headers: &[Header], is_response: bool) -> Result<Framing, ParseEr
 
 /// Decodes a chunked body at the start of `buf`: the body and the bytes it
 /// took (trailers included), `Ok(None)` while incomplete.
-pub fn dechunk(buf: &[u8], max_body: usize) -> Result<Option<(Vec<u8>, usize)>, ParseError> {
+fn dechunk(buf: &[u8], max_body: usize) -> Result<Option<(Vec<u8>, usize)>, ParseError> {
     let mut out = Vec::new();
     let mut pos = 0usize;
     loop {

@@ -72,18 +72,9 @@ pub struct DevicePatch {
     pub app_id: Option<Option<u32>>,
 }
 
-/// Who a device to redial is.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DeviceIdentity {
-    pub id: u32,
-    pub uuid: Box<str>,
-    pub address: Ipv4Addr,
-}
-
 /// A device to redial after a restart.
 #[derive(Debug, Clone)]
 pub struct RedialTarget {
-    pub identity: DeviceIdentity,
     pub public_key: KeyBytes,
     pub endpoint: std::net::SocketAddr,
 }
@@ -480,31 +471,20 @@ impl Registry {
     pub fn redial_targets(&self) -> Result<Vec<RedialTarget>, RegistryError> {
         let r = self.reader.lock();
         let mut st = r.prepare(
-            "SELECT id, uuid, address, public_key, last_endpoint FROM devices WHERE last_endpoint IS NOT NULL",
+            "SELECT public_key, last_endpoint FROM devices WHERE last_endpoint IS NOT NULL",
         )?;
         let rows = st.query_map([], |row| {
-            let key: Vec<u8> = row.get(3)?;
-            let endpoint: String = row.get(4)?;
-            Ok((
-                DeviceIdentity {
-                    id: row.get::<_, i64>(0)? as u32,
-                    uuid: row.get::<_, String>(1)?.into_boxed_str(),
-                    address: Ipv4Addr::from(row.get::<_, i64>(2)? as u32),
-                },
-                key,
-                endpoint,
-            ))
+            Ok((row.get::<_, Vec<u8>>(0)?, row.get::<_, String>(1)?))
         })?;
         let mut out = Vec::new();
         for r in rows {
-            let (identity, key, endpoint) = r?;
+            let (key, endpoint) = r?;
             let (Ok(public_key), Ok(endpoint)) =
                 (KeyBytes::try_from(key.as_slice()), endpoint.parse())
             else {
                 continue;
             };
             out.push(RedialTarget {
-                identity,
                 public_key,
                 endpoint,
             });
@@ -512,7 +492,6 @@ impl Registry {
         Ok(out)
     }
 
-    /// Calls `f` with the id and status inputs of every device (at start).
     /// Every device's key and identity, for the directory (blocking).
     pub fn for_each_identity(
         &self,
@@ -538,6 +517,7 @@ impl Registry {
         Ok(())
     }
 
+    /// Calls `f` with the id and status inputs of every device (at start).
     pub fn for_each_status(
         &self,
         mut f: impl FnMut(u32, crate::status::Stored),

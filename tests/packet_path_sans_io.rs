@@ -44,11 +44,16 @@ impl Reg {
 }
 
 fn rig() -> (Rig, Reg) {
+    rig_with_ring(1000)
+}
+
+/// A rig whose event ring keeps `event_ring` events.
+fn rig_with_ring(event_ring: usize) -> (Rig, Reg) {
     let dir = tempfile::tempdir().unwrap();
     let plan = AddressPlan::new("10.240.0.0/12".parse().unwrap()).unwrap();
     let registry = Arc::new(Registry::open(dir.path(), plan).unwrap());
     let directory = Arc::new(Directory::default());
-    let events: Arc<dyn EventBus> = Arc::new(RingBus::new("sim".into(), "gw".into(), 1000));
+    let events: Arc<dyn EventBus> = Arc::new(RingBus::new("sim".into(), "gw".into(), event_ring));
     let metrics = Arc::new(Metrics::new());
     let path = Arc::new(PacketPath::new(
         StaticSecret::from(generate_private_key()),
@@ -485,25 +490,10 @@ fn rekeys_from_a_shared_endpoint_are_answered_for_every_device() {
 async fn a_fleet_reactor_that_fell_behind_the_bus_reconciles_with_the_store() {
     use cloudlink::fleet::{Fleet, Reactor};
     use cloudlink::status::service::DeviceStatus;
-    let dir = tempfile::tempdir().unwrap();
-    let plan = AddressPlan::new("10.240.0.0/24".parse().unwrap()).unwrap();
-    let registry = Arc::new(Registry::open(dir.path(), plan).unwrap());
     // A ring of two: three registrations push the first one out.
-    let bus: Arc<dyn EventBus> = Arc::new(RingBus::new("sim".into(), "gw".into(), 2));
-    let metrics = Arc::new(Metrics::new());
-    let directory = Arc::new(Directory::default());
-    let path = Arc::new(PacketPath::new(
-        StaticSecret::from(generate_private_key()),
-        plan.gateway(),
-        directory.clone(),
-        bus.clone(),
-        metrics.clone(),
-        PacketPathConfig {
-            link_timeout: TIMEOUT,
-            handshake_rate_limit: 0,
-            handshake_queue: 64,
-        },
-    ));
+    let (rig, reg) = rig_with_ring(2);
+    let (path, bus, metrics) = (rig.path.clone(), rig.events.clone(), rig.metrics.clone());
+    let (registry, directory) = (reg.registry.clone(), reg.directory.clone());
     let status = Arc::new(
         DeviceStatus::load(
             registry.clone(),

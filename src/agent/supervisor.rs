@@ -19,7 +19,7 @@ use smoltcp::iface::SocketHandle;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::http1::{parse_request, Headers, ParseError, RequestHead};
+use crate::http1::{parse_request, ParseError, RequestHead};
 use crate::relay::stream::{recv_into, SharedStack};
 
 /// Largest request head and body accepted.

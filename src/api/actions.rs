@@ -210,7 +210,7 @@ async fn run(
     };
     params.app_id = app_given.or(stored_app);
     // Complete parameters, checked before anything is queued or sent.
-    supervisor_call(action, &params)
+    let (path, call) = supervisor_call(action, &params)
         .map_err(|(field, message)| ApiError::bad_field(field, message))?;
     let key = headers
         .get("x-device-api-key")
@@ -269,7 +269,7 @@ async fn run(
         &s.metrics,
         uuid,
         action,
-        &params,
+        (&path, &call),
         key.as_deref(),
         s.action_timeout,
         false,

@@ -106,9 +106,10 @@ impl PacketPath {
                 session.count_rx(datagram.len());
                 self.transmit(tx, Some(session), src, response);
                 self.metrics.handshake(HandshakeResult::Completed);
-                st.last_handshake_at = Some(self.wall(now));
+                let at = self.wall(now);
+                st.last_handshake_at = Some(at);
                 if let Some(t) = st.link.on_authenticated(now, src, false) {
-                    self.announce(session, t, self.wall(now));
+                    self.announce(session, t, at);
                 }
                 tracing::debug!(device = %session.uuid, %src, "handshake completed");
                 self.drain_queued(session, &mut st, src, out, tx);

@@ -101,10 +101,11 @@ impl PacketPath {
         transport: bool,
     ) {
         if let Some(t) = st.link.on_authenticated(now, src, transport) {
+            let at = self.wall(now);
             if matches!(t, crate::link_state::LinkTransition::Up { .. }) {
-                st.connected_since = Some(self.wall(now));
+                st.connected_since = Some(at);
             }
-            self.announce(session, t, self.wall(now));
+            self.announce(session, t, at);
         }
     }
 

@@ -16,7 +16,6 @@ use tokio::net::{TcpListener, TcpStream};
 
 use super::{ConnectError, Relay};
 use crate::auth::token_matches;
-use crate::http1::Headers;
 use crate::metrics::Metrics;
 
 /// Longest request head accepted.
