@@ -15,6 +15,7 @@ pub mod bus;
 pub mod config;
 pub mod data_dir;
 pub mod directory;
+pub mod egress;
 pub mod error;
 pub mod fleet;
 pub mod gateway;

@@ -141,7 +141,7 @@ pub fn spawn(
                 let Some(socket) = path.egress_socket() else {
                     break;
                 };
-                let mut tx = crate::packet_path::send::socket_tx(&socket);
+                let mut tx = crate::packet_path::send::socket_tx(&socket, &path.metrics);
                 for _ in 0..per_tick.min(IN_FLIGHT - in_flight.len()) {
                     let Some(t) = next.next() else {
                         break 'outer;

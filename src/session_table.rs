@@ -23,7 +23,7 @@ use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 use parking_lot::Mutex;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
@@ -46,7 +46,6 @@ pub struct Session {
     /// Held only for one packet's crypto and bookkeeping, never across
     /// `.await`, and it serialises one device only.
     pub state: Mutex<SessionState>,
-    pub stats: SessionStats,
 }
 
 pub struct SessionState {
@@ -59,6 +58,9 @@ pub struct SessionState {
     /// The hint entered for the device's last initiation (see
     /// [`SessionTable::hint`]).
     pub hinted: Option<HintKey>,
+    /// Kept under the lock the packet path holds anyway: no atomic per
+    /// packet, and only authenticated datagrams count.
+    pub traffic: Traffic,
 }
 
 /// Where a handshake initiation came from, and its sender's index prefix.
@@ -68,13 +70,28 @@ pub struct HintKey {
     pub index_prefix: u32,
 }
 
-/// Counters of WireGuard datagrams to and from the device (bytes on the wire).
-#[derive(Default)]
-pub struct SessionStats {
-    pub rx_bytes: AtomicU64,
-    pub tx_bytes: AtomicU64,
-    pub rx_packets: AtomicU64,
-    pub tx_packets: AtomicU64,
+/// Counters of WireGuard datagrams to and from the device (bytes on the
+/// wire). Received datagrams count once they authenticated: junk naming a
+/// session's index moves nothing.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Traffic {
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+    pub rx_packets: u64,
+    pub tx_packets: u64,
+}
+
+impl Traffic {
+    #[inline]
+    pub(crate) fn rx(&mut self, bytes: usize) {
+        self.rx_bytes += bytes as u64;
+        self.rx_packets += 1;
+    }
+    #[inline]
+    pub(crate) fn tx(&mut self, bytes: usize) {
+        self.tx_bytes += bytes as u64;
+        self.tx_packets += 1;
+    }
 }
 
 /// A consistent copy of what the API shows of a session.
@@ -100,28 +117,15 @@ impl Session {
             endpoint: st.link.endpoint(),
             last_handshake_at: st.last_handshake_at,
             last_packet_at: st.link.last_authenticated().map(instant_to_wall),
-            rx_bytes: self.stats.rx_bytes.load(Ordering::Relaxed),
-            tx_bytes: self.stats.tx_bytes.load(Ordering::Relaxed),
-            rx_packets: self.stats.rx_packets.load(Ordering::Relaxed),
-            tx_packets: self.stats.tx_packets.load(Ordering::Relaxed),
+            rx_bytes: st.traffic.rx_bytes,
+            tx_bytes: st.traffic.tx_bytes,
+            rx_packets: st.traffic.rx_packets,
+            tx_packets: st.traffic.tx_packets,
         }
     }
 
     pub fn is_connected(&self) -> bool {
         self.state.lock().link.is_up()
-    }
-
-    pub(crate) fn count_rx(&self, bytes: usize) {
-        self.stats
-            .rx_bytes
-            .fetch_add(bytes as u64, Ordering::Relaxed);
-        self.stats.rx_packets.fetch_add(1, Ordering::Relaxed);
-    }
-    pub(crate) fn count_tx(&self, bytes: usize) {
-        self.stats
-            .tx_bytes
-            .fetch_add(bytes as u64, Ordering::Relaxed);
-        self.stats.tx_packets.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -130,9 +134,40 @@ pub fn instant_to_wall(t: Instant) -> SystemTime {
     SystemTime::now() - Instant::now().saturating_duration_since(t)
 }
 
+/// Fibonacci hashing of a 24-bit session index: one multiplication.
+#[derive(Default, Clone, Copy)]
+pub struct IndexHash;
+
+impl std::hash::BuildHasher for IndexHash {
+    type Hasher = IndexHasher;
+    fn build_hasher(&self) -> IndexHasher {
+        IndexHasher(0)
+    }
+}
+
+pub struct IndexHasher(u64);
+
+impl std::hash::Hasher for IndexHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ b as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+    fn write_u32(&mut self, i: u32) {
+        self.0 = (i as u64 ^ self.0).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
 #[derive(Default)]
 pub struct SessionTable {
-    by_index: DashMap<u32, Arc<Session>>,
+    /// Keyed by indices the gateway hands out itself (sequential from a
+    /// random start), so an unkeyed multiplicative hash is safe here and
+    /// spares the transport path a SipHash per packet; a peer only looks
+    /// indices up.
+    by_index: DashMap<u32, Arc<Session>, IndexHash>,
     by_key: DashMap<KeyBytes, Arc<Session>>,
     by_uuid: DashMap<Box<str>, Arc<Session>>,
     by_address: DashMap<Ipv4Addr, Arc<Session>>,

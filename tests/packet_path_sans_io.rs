@@ -4,6 +4,7 @@
 use boringtun::noise::{Tunn, TunnResult};
 use cloudlink::bus::{EventBus, Read, RingBus};
 use cloudlink::directory::Directory;
+use cloudlink::egress::Egress;
 use cloudlink::keys::{generate_private_key, public_key};
 use cloudlink::metrics::{DropReason, Metrics};
 use cloudlink::packet_path::{PacketPath, PacketPathConfig, TunnelSink, BUF_SIZE};
@@ -182,14 +183,20 @@ fn link_goes_up_and_times_out_on_simulated_time() {
     assert_eq!(rig.event_types(), ["link.up", "link.down", "link.up"]);
 }
 
+/// Keeps what it is given and answers each packet with a copy whose
+/// addresses are swapped.
 #[derive(Default)]
 struct Collect(Mutex<Vec<(String, Vec<u8>)>>);
 
 impl TunnelSink for Collect {
-    fn deliver(&self, session: &Arc<Session>, packet: &[u8]) {
+    fn deliver(&self, session: &Arc<Session>, packet: &[u8], answer: &dyn Egress) {
         self.0
             .lock()
             .push((session.uuid.to_string(), packet.to_vec()));
+        let mut reply = packet.to_vec();
+        let (src, dst) = reply[12..20].split_at_mut(4);
+        src.swap_with_slice(dst);
+        answer.send(&reply);
     }
 }
 
@@ -222,18 +229,30 @@ fn packets_for_the_gateway_reach_the_sink_and_replies_go_back() {
         TunnResult::WriteToNetwork(p) => p.to_vec(),
         _ => panic!(),
     };
-    rig.feed(now, from, &datagram);
+    let answered = rig.feed(now, from, &datagram);
     let got = sink.0.lock().clone();
     assert_eq!(got, vec![("sink-1".to_owned(), packet.clone())]);
 
-    // The gateway answers through the same session, to the device's endpoint.
+    // The sink's answer left with the received datagram's batch, encrypted
+    // in the same session, to the device's endpoint.
+    assert_eq!(answered.len(), 1);
+    assert_eq!(answered[0].0, from);
+    let mut echo = packet.clone();
+    echo[12..16].copy_from_slice(&gw_ip.octets());
+    echo[16..20].copy_from_slice(&device.address.octets());
+    match dev.decapsulate(None, &answered[0].1, &mut buf) {
+        TunnResult::WriteToTunnelV4(p, src) => {
+            assert_eq!(src, gw_ip);
+            assert_eq!(p, &echo[..]);
+        }
+        other => panic!("{other:?}"),
+    }
+
+    // Output made elsewhere goes through the same session too.
     let session = rig.path.sessions.by_uuid("sink-1").unwrap();
     let reply = ip_packet(gw_ip, device.address, b"pong");
     let mut tx = Vec::new();
-    let mut out = vec![0u8; BUF_SIZE];
-    rig.path
-        .send_ip_with(&session, &reply, &mut out, &mut tx)
-        .unwrap();
+    rig.path.send_ip_with(&session, &reply, &mut tx).unwrap();
     assert_eq!(tx.len(), 1);
     assert_eq!(tx[0].0, from);
     match dev.decapsulate(None, &tx[0].1, &mut buf) {
@@ -388,7 +407,8 @@ fn a_storm_queues_initiations_answers_cookies_and_never_starves_transport() {
     );
 
     // Meanwhile the connected device's packets are handled at once.
-    let rx_before = rig.metrics.rx_packets.get();
+    let session = rig.path.sessions.by_uuid("steady").unwrap();
+    let rx_before = session.snapshot().rx_packets;
     let ping = ip_packet(
         std::net::Ipv4Addr::new(10, 240, 0, 2),
         rig.path.gateway_address(),
@@ -400,8 +420,7 @@ fn a_storm_queues_initiations_answers_cookies_and_never_starves_transport() {
     };
     rig.path
         .handle_datagram(now, from, &data, &mut rig.out, &mut tx);
-    assert_eq!(rig.metrics.rx_packets.get(), rx_before + 1);
-    let session = rig.path.sessions.by_uuid("steady").unwrap();
+    assert_eq!(session.snapshot().rx_packets, rx_before + 1);
     assert!(session.snapshot().connected);
     assert_eq!(
         rig.metrics

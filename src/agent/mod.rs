@@ -25,8 +25,10 @@ use std::time::{Duration, Instant};
 use tokio::net::UdpSocket;
 use x25519_dalek::{PublicKey, StaticSecret};
 
+use crate::egress::Egress;
 use crate::keys::KeyBytes;
-use crate::relay::netstack::{Egress, NetStack};
+use crate::relay::netstack::NetStack;
+use crate::relay::stream::Wire;
 use crate::relay::stream::{relay, SharedStack};
 
 /// One forwarded port.
@@ -144,6 +146,15 @@ thread_local! {
     static ENCAP: RefCell<Vec<u8>> = RefCell::new(vec![0u8; 65_600]);
 }
 
+/// The agent's stacks reach the gateway through its one tunnel; the order
+/// is stack, then tunnel (the receive loop releases the tunnel before it
+/// feeds a stack).
+impl Wire for AgentEgress {
+    fn with_egress(&self, f: &mut dyn FnMut(&dyn Egress)) {
+        f(self)
+    }
+}
+
 impl Egress for AgentEgress {
     fn send(&self, packet: &[u8]) {
         ENCAP.with(|b| {
@@ -193,7 +204,7 @@ async fn session(cfg: &AgentConfig, stop: &mut tokio::sync::watch::Receiver<bool
     {
         let _ = socket.try_send(p);
     }
-    let egress: Arc<dyn Egress> = Arc::new(AgentEgress {
+    let egress: Arc<dyn Wire> = Arc::new(AgentEgress {
         tunn: tunn.clone(),
         socket: socket.clone(),
     });
@@ -294,7 +305,7 @@ async fn session(cfg: &AgentConfig, stop: &mut tokio::sync::watch::Receiver<bool
 /// costs the same however many connections are open.
 struct Connections {
     address: Ipv4Addr,
-    egress: Arc<dyn Egress>,
+    egress: Arc<dyn Wire>,
     forwards: Vec<Forward>,
     by_port: Arc<DashMap<u16, Arc<SharedStack>>>,
     reject: Arc<SharedStack>,

@@ -28,7 +28,7 @@ use super::{PacketPath, Transmit};
 use crate::keys::KeyBytes;
 use crate::link_state::LinkState;
 use crate::metrics::{DropReason, HandshakeResult};
-use crate::session_table::{HintKey, Session, SessionState, SessionStats};
+use crate::session_table::{HintKey, Session, SessionState};
 
 impl PacketPath {
     pub(crate) fn handle_initiation(
@@ -103,8 +103,8 @@ impl PacketPath {
         let mut st = session.state.lock();
         match st.tunn.decapsulate(Some(src.ip()), datagram, out) {
             TunnResult::WriteToNetwork(response) => {
-                session.count_rx(datagram.len());
-                self.transmit(tx, Some(session), src, response);
+                st.traffic.rx(datagram.len());
+                self.transmit(tx, Some(&mut st.traffic), src, response);
                 self.metrics.handshake(HandshakeResult::Completed);
                 let at = self.wall(now);
                 st.last_handshake_at = Some(at);
@@ -112,7 +112,7 @@ impl PacketPath {
                     self.announce(session, t, at);
                 }
                 tracing::debug!(device = %session.uuid, %src, "handshake completed");
-                self.drain_queued(session, &mut st, src, out, tx);
+                self.drain_queued(&mut st, src, out, tx);
                 let previous = st.hinted.replace(hint);
                 drop(st);
                 self.sessions.hint(session, hint, previous);
@@ -120,7 +120,6 @@ impl PacketPath {
             }
             other => {
                 if last_try {
-                    session.count_rx(datagram.len());
                     tracing::debug!(device = %session.uuid, result = ?other, "handshake initiation refused by the tunnel");
                     self.metrics.handshake(HandshakeResult::Invalid);
                     self.metrics.dropped(DropReason::HandshakeFailed);
@@ -160,8 +159,8 @@ impl PacketPath {
                 last_handshake_at: None,
                 connected_since: None,
                 hinted: None,
+                traffic: Default::default(),
             }),
-            stats: SessionStats::default(),
         });
         if let Err(existing) = self.sessions.insert_if_absent(session.clone()) {
             return Some(existing);

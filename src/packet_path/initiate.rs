@@ -41,7 +41,7 @@ impl PacketPath {
         }
         match st.tunn.format_handshake_initiation(out, false) {
             TunnResult::WriteToNetwork(initiation) => {
-                self.transmit(tx, Some(&session), target.endpoint, initiation);
+                self.transmit(tx, Some(&mut st.traffic), target.endpoint, initiation);
                 self.metrics.redials.inc();
                 tracing::debug!(device = %session.uuid, endpoint = %target.endpoint, "redialed after restart");
                 drop(st);

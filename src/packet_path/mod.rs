@@ -9,7 +9,8 @@
 //! - [`transport`]: decrypt in the device's session (found in O(1) from the
 //!   receiver index), learn the endpoint (roaming), enforce cryptokey routing,
 //!   deliver packets addressed to the gateway;
-//! - [`send`]: encrypt an IP packet from the gateway to a device;
+//! - [`send`]: encrypt IP packets from the gateway to a device, under the
+//!   session lock held once;
 //! - [`timers`]: boringtun's timers and the link timeout for every session;
 //! - [`initiate`]: after a restart, handshakes the gateway initiates itself
 //!   to the devices that were connected;
@@ -45,9 +46,14 @@ use crate::session_table::{Session, SessionTable};
 /// Largest UDP payload, plus room for boringtun's overhead.
 pub const BUF_SIZE: usize = 65_536 + 64;
 
-/// Where the packet path writes datagrams that must leave.
+/// Where the packet path writes datagrams that must leave: the I/O layer's
+/// one egress (which counts what it sends).
 pub trait Transmit {
     fn send(&mut self, to: SocketAddr, datagram: &[u8]);
+    /// Sends what is held back now. The transport stage calls it before it
+    /// releases a session whose sink answered, so that output made for the
+    /// device elsewhere right after cannot overtake the answers.
+    fn flush(&mut self) {}
 }
 
 /// Test and collection helper: keeps every datagram.
@@ -58,10 +64,13 @@ impl Transmit for Vec<(SocketAddr, Vec<u8>)> {
 }
 
 /// Receives the IP packets devices send to the gateway's tunnel address
-/// (the relay's TCP/IP stack plugs in here). Called on the packet path with
-/// the session's lock released: it must not block.
+/// (the relay's TCP/IP stacks plug in here). Called on the packet path with
+/// the device's session locked: it must not block, and may take only locks
+/// that come after the session's (a stack's, leaf locks). What it sends
+/// through `answer` is encrypted under that same lock and leaves with the
+/// worker's batch.
 pub trait TunnelSink: Send + Sync + 'static {
-    fn deliver(&self, session: &Arc<Session>, packet: &[u8]);
+    fn deliver(&self, session: &Arc<Session>, packet: &[u8], answer: &dyn crate::egress::Egress);
 }
 
 /// Told when a device's link goes up or down (device status builds on it).
@@ -130,7 +139,8 @@ pub struct PacketPath {
     pub(crate) config: PacketPathConfig,
     pub(crate) sink: OnceLock<Arc<dyn TunnelSink>>,
     pub(crate) observer: OnceLock<Arc<dyn LinkObserver>>,
-    /// The socket `send` uses for packets that do not answer a datagram.
+    /// The socket `send` uses for packets that do not answer a datagram
+    /// (the I/O layer's; set when the packet threads start).
     /// Weak: the packet threads own the socket, so stopping them closes it
     /// even while other parts (relay stacks) still hold the packet path.
     pub(crate) egress: OnceLock<std::sync::Weak<std::net::UdpSocket>>,
@@ -191,7 +201,7 @@ impl PacketPath {
         self.egress.get()?.upgrade()
     }
 
-    /// Sets the socket used by [`send`](Self::send_ip). Once.
+    /// Sets the socket used by [`send`](Self::with_session_egress). Once.
     pub fn set_egress(&self, socket: &Arc<std::net::UdpSocket>) {
         let _ = self.egress.set(Arc::downgrade(socket));
     }

@@ -1,5 +1,5 @@
 //! Stage 1, receive: every datagram from the UDP socket enters here. It is
-//! counted, classified by its WireGuard message type, and handed to
+//! classified by its WireGuard message type, and handed to
 //! admission (initiations, which queue for the handshake stage) or the
 //! transport stage (everything that names one of our sessions by receiver
 //! index). Anything else is dropped
@@ -26,8 +26,6 @@ impl PacketPath {
         out: &mut [u8],
         tx: &mut impl Transmit,
     ) {
-        self.metrics.rx_packets.inc();
-        self.metrics.rx_bytes.inc_by(datagram.len() as u64);
         let src = canonical(src);
         match Tunn::parse_incoming_packet(datagram) {
             Ok(Packet::HandshakeInit(_)) => self.admit_initiation(src, datagram, out, tx),
@@ -59,19 +57,18 @@ impl PacketPath {
         }
     }
 
-    /// Sends a datagram and counts it.
+    /// Hands a datagram to the I/O layer (which counts what it sends) and
+    /// counts it for the session it belongs to.
     #[inline]
     pub(crate) fn transmit(
         &self,
         tx: &mut impl Transmit,
-        session: Option<&crate::session_table::Session>,
+        traffic: Option<&mut crate::session_table::Traffic>,
         to: SocketAddr,
         datagram: &[u8],
     ) {
-        self.metrics.tx_packets.inc();
-        self.metrics.tx_bytes.inc_by(datagram.len() as u64);
-        if let Some(s) = session {
-            s.count_tx(datagram.len());
+        if let Some(t) = traffic {
+            t.tx(datagram.len());
         }
         tx.send(to, datagram);
     }

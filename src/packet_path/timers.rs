@@ -69,7 +69,7 @@ impl PacketPath {
             let mut expired = false;
             match st.tunn.update_timers(out) {
                 TunnResult::WriteToNetwork(datagram) => {
-                    self.transmit(tx, Some(&session), to, datagram)
+                    self.transmit(tx, Some(&mut st.traffic), to, datagram)
                 }
                 TunnResult::Err(WireGuardError::ConnectionExpired) => expired = true,
                 _ => {}

@@ -11,14 +11,17 @@
 //! - cryptokey routing: a decrypted packet whose inner source is not the
 //!   device's tunnel address is dropped and counted; a packet for anyone but
 //!   the gateway is dropped too, so nothing a device sends reaches another;
-//! - packets for the gateway go to the [`TunnelSink`](super::TunnelSink),
-//!   after the session lock is released.
+//! - packets for the gateway go to the [`TunnelSink`](super::TunnelSink)
+//!   with the session still locked, so its answers are encrypted under the
+//!   same lock (see `send`);
+//! - only datagrams that authenticated count towards the device's traffic.
 
 use boringtun::noise::TunnResult;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
 
+use super::send::SessionOutput;
 use super::{PacketPath, Transmit};
 use crate::metrics::DropReason;
 use crate::session_table::{Session, SessionState};
@@ -48,11 +51,11 @@ impl PacketPath {
             self.metrics.dropped(DropReason::UnknownSession);
             return;
         };
-        session.count_rx(datagram.len());
         let mut st = session.state.lock();
         match st.tunn.decapsulate(Some(src.ip()), datagram, out) {
             TunnResult::Done => {
                 // A keepalive, or a cookie reply that boringtun stored.
+                st.traffic.rx(datagram.len());
                 if kind != Kind::CookieReply {
                     self.authenticated(&session, &mut st, now, src, kind == Kind::Data);
                 }
@@ -62,14 +65,15 @@ impl PacketPath {
                 // answered: the device holds the new keys and saw us, which
                 // confirms the session as a transport packet would. boringtun
                 // sends the keepalive that confirms it to the device.
+                st.traffic.rx(datagram.len());
                 st.last_handshake_at = Some(self.wall(now));
                 self.authenticated(&session, &mut st, now, src, kind == Kind::HandshakeResponse);
-                self.transmit(tx, Some(&session), src, packet);
-                self.drain_queued(&session, &mut st, src, out, tx);
+                self.transmit(tx, Some(&mut st.traffic), src, packet);
+                self.drain_queued(&mut st, src, out, tx);
             }
             TunnResult::WriteToTunnelV4(packet, inner_src) => {
+                st.traffic.rx(datagram.len());
                 self.authenticated(&session, &mut st, now, src, true);
-                drop(st);
                 if inner_src != session.address {
                     tracing::trace!(device = %session.uuid, %inner_src, "inner source is not the device's address");
                     self.metrics.dropped(DropReason::SpoofedSource);
@@ -78,10 +82,11 @@ impl PacketPath {
                 {
                     self.metrics.dropped(DropReason::NotForGateway);
                 } else {
-                    self.deliver(&session, packet);
+                    self.deliver(&session, &mut st, packet, tx);
                 }
             }
             TunnResult::WriteToTunnelV6(_, _) => {
+                st.traffic.rx(datagram.len());
                 self.authenticated(&session, &mut st, now, src, true);
                 self.metrics.dropped(DropReason::Unsupported);
             }
@@ -109,10 +114,28 @@ impl PacketPath {
         }
     }
 
-    fn deliver(&self, session: &Arc<Session>, packet: &[u8]) {
-        match self.sink.get() {
-            Some(sink) => sink.deliver(session, packet),
-            None => self.metrics.dropped(DropReason::Unsupported),
+    /// Hands a packet for the gateway to the sink, with the session still
+    /// locked: its answers are encrypted under this lock (never a second
+    /// one) and leave with the batch, which is flushed before the lock goes
+    /// so that nothing sent for the device afterwards overtakes them.
+    fn deliver(
+        &self,
+        session: &Arc<Session>,
+        st: &mut SessionState,
+        packet: &[u8],
+        tx: &mut impl Transmit,
+    ) {
+        let Some(sink) = self.sink.get() else {
+            self.metrics.dropped(DropReason::Unsupported);
+            return;
+        };
+        let answered = {
+            let answer = SessionOutput::new(st, tx);
+            sink.deliver(session, packet, &answer);
+            answer.sent()
+        };
+        if answered {
+            tx.flush();
         }
     }
 
@@ -120,14 +143,13 @@ impl PacketPath {
     /// packets out one `decapsulate(None, &[])` call at a time, until `Done`.
     pub(crate) fn drain_queued(
         &self,
-        session: &Session,
         st: &mut SessionState,
         to: SocketAddr,
         out: &mut [u8],
         tx: &mut impl Transmit,
     ) {
         while let TunnResult::WriteToNetwork(packet) = st.tunn.decapsulate(None, &[], out) {
-            self.transmit(tx, Some(session), to, packet);
+            self.transmit(tx, Some(&mut st.traffic), to, packet);
         }
     }
 }

@@ -124,7 +124,7 @@ impl PacketThreads {
 fn worker_loop(path: &PacketPath, socket: &UdpSocket, stop: &AtomicBool) {
     let fd = socket.as_raw_fd();
     let mut rx = RecvBatch::new();
-    let mut tx = SendBatch::new(socket);
+    let mut tx = SendBatch::new(socket, &path.metrics);
     let mut out = vec![0u8; BUF_SIZE].into_boxed_slice();
     while !stop.load(Ordering::Relaxed) {
         // With handshakes waiting, only look at the socket; else block
@@ -137,6 +137,9 @@ fn worker_loop(path: &PacketPath, socket: &UdpSocket, stop: &AtomicBool) {
         match rx.recv(fd, flags) {
             Ok(n) => {
                 let now = Instant::now();
+                // Counted here, once per batch: no shared counter per packet.
+                path.metrics.rx_packets.inc_by(n as u64);
+                path.metrics.rx_bytes.inc_by(rx.bytes(n));
                 for i in 0..n {
                     let (src, datagram) = rx.get(i);
                     match src {
@@ -168,7 +171,7 @@ fn worker_loop(path: &PacketPath, socket: &UdpSocket, stop: &AtomicBool) {
 fn timer_loop(path: &PacketPath, socket: &UdpSocket, stop: &AtomicBool) {
     let mut out = vec![0u8; BUF_SIZE].into_boxed_slice();
     let mut scratch = Vec::new();
-    let mut tx = socket_tx(socket);
+    let mut tx = socket_tx(socket, &path.metrics);
     let mut next = Instant::now();
     let mut bucket = 0u32;
     while !stop.load(Ordering::Relaxed) {
@@ -244,6 +247,11 @@ impl RecvBatch {
         Ok(n as usize)
     }
 
+    /// Bytes in the first `n` datagrams of the last receive.
+    fn bytes(&self, n: usize) -> u64 {
+        self.hdrs[..n].iter().map(|h| h.msg_len as u64).sum()
+    }
+
     /// Source and bytes of datagram `i` of the last receive (no source if the
     /// address family is not IP).
     fn get(&self, i: usize) -> (Option<SocketAddr>, &[u8]) {
@@ -258,6 +266,7 @@ impl RecvBatch {
 /// Send side: datagrams of one batch, flushed with one `sendmmsg`.
 struct SendBatch<'a> {
     socket: &'a UdpSocket,
+    metrics: &'a crate::metrics::Metrics,
     slots: Vec<[u8; SEND_SLOT]>,
     lens: Vec<usize>,
     addrs: Vec<(libc::sockaddr_storage, libc::socklen_t)>,
@@ -267,9 +276,10 @@ struct SendBatch<'a> {
 }
 
 impl<'a> SendBatch<'a> {
-    fn new(socket: &'a UdpSocket) -> Self {
+    fn new(socket: &'a UdpSocket, metrics: &'a crate::metrics::Metrics) -> Self {
         SendBatch {
             socket,
+            metrics,
             slots: vec![[0u8; SEND_SLOT]; BATCH],
             lens: vec![0; BATCH],
             // SAFETY: all-zero is a valid sockaddr_storage / iovec / mmsghdr.
@@ -280,7 +290,14 @@ impl<'a> SendBatch<'a> {
         }
     }
 
-    fn flush(&mut self) {
+    fn send_now(&mut self) {
+        if self.n == 0 {
+            return;
+        }
+        self.metrics.tx_packets.inc_by(self.n as u64);
+        self.metrics
+            .tx_bytes
+            .inc_by(self.lens[..self.n].iter().map(|&l| l as u64).sum());
         let mut sent = 0;
         while sent < self.n {
             for i in sent..self.n {
@@ -321,15 +338,24 @@ impl<'a> SendBatch<'a> {
 }
 
 impl Transmit for SendBatch<'_> {
+    fn flush(&mut self) {
+        self.send_now();
+    }
+
     fn send(&mut self, to: SocketAddr, datagram: &[u8]) {
         if datagram.len() > SEND_SLOT {
+            // Alone, and after what the batch holds: a device's datagrams
+            // leave in the order they were encrypted.
+            self.send_now();
+            self.metrics.tx_packets.inc();
+            self.metrics.tx_bytes.inc_by(datagram.len() as u64);
             if let Err(e) = self.socket.send_to(datagram, to) {
                 tracing::trace!(%to, error = %e, "send failed");
             }
             return;
         }
         if self.n == BATCH {
-            self.flush();
+            self.send_now();
         }
         let i = self.n;
         self.slots[i][..datagram.len()].copy_from_slice(datagram);

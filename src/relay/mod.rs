@@ -18,17 +18,17 @@ pub mod stream;
 
 use dashmap::DashMap;
 use smoltcp::iface::SocketHandle;
-use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::egress::Egress;
 use crate::metrics::{DropReason, Metrics};
 use crate::packet_path::{LinkObserver, PacketPath, TunnelSink};
 use crate::registry::Registry;
 use crate::session_table::Session;
-use netstack::{Egress, NetStack};
-use stream::SharedStack;
+use netstack::NetStack;
+use stream::{SharedStack, Wire};
 
 /// Why a stream could not be opened.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -45,15 +45,22 @@ pub enum ConnectError {
     Internal(String),
 }
 
-/// Sends a stack's packets into the device's WireGuard session.
-struct SessionEgress {
+/// A stream's way to its device: the device's current WireGuard session,
+/// locked before the stack (the lock order is session, then stack, as on
+/// the packet path, which feeds a stack with the session locked).
+struct SessionWire {
     path: Arc<PacketPath>,
-    address: Ipv4Addr,
+    uuid: Box<str>,
 }
 
-impl Egress for SessionEgress {
-    fn send(&self, packet: &[u8]) {
-        let _ = self.path.send_ip(self.address, packet);
+impl Wire for SessionWire {
+    fn with_egress(&self, f: &mut dyn FnMut(&dyn Egress)) {
+        // The table's shard lock is released before the session is locked.
+        match self.path.sessions.by_uuid(&self.uuid) {
+            Some(session) => self.path.with_session_egress(&session, f),
+            // No session: the link is down and the stream is ending.
+            None => f(&crate::egress::Unreachable),
+        }
     }
 }
 
@@ -205,9 +212,9 @@ impl Relay {
                 Instant::now(),
                 streams.pacer.clone(),
             ),
-            Arc::new(SessionEgress {
+            Arc::new(SessionWire {
                 path: self.path.clone(),
-                address: session.address,
+                uuid: session.uuid.clone(),
             }),
         );
         stack.open_streams.store(1, Ordering::Release);
@@ -313,7 +320,7 @@ fn tcp_dst_port(packet: &[u8]) -> Option<u16> {
 }
 
 impl TunnelSink for Relay {
-    fn deliver(&self, session: &Arc<Session>, packet: &[u8]) {
+    fn deliver(&self, session: &Arc<Session>, packet: &[u8], answer: &dyn Egress) {
         if packet.len() < 20 {
             self.metrics.dropped(DropReason::Unsupported);
             return;
@@ -322,20 +329,20 @@ impl TunnelSink for Relay {
             1 => {
                 let mut out = [0u8; 1500];
                 match icmp::echo_reply(packet, &mut out) {
-                    Some(n) => {
-                        let _ = self.path.send_ip_to_session(session, &out[..n]);
-                    }
+                    Some(n) => answer.send(&out[..n]),
                     None => self.metrics.dropped(DropReason::Unsupported),
                 }
             }
             6 => {
+                // Shard locks are leaves: taken and released here, under the
+                // session lock, before the stack's lock.
                 let stack = tcp_dst_port(packet).and_then(|port| {
                     let d = self.devices.get(&*session.uuid)?;
                     let s = d.streams.get(&port)?;
                     Some(s.clone())
                 });
                 match stack {
-                    Some(stack) => stack.input(packet),
+                    Some(stack) => stack.input_with(packet, answer),
                     // A segment for a stream that no longer exists.
                     None => self.metrics.dropped(DropReason::NoStream),
                 }

@@ -66,10 +66,7 @@ pub fn release_pages(buf: &mut [u8]) {
     }
 }
 
-/// Where the stack's outgoing IP packets go.
-pub trait Egress: Send + Sync {
-    fn send(&self, packet: &[u8]);
-}
+use crate::egress::Egress;
 
 pub struct NetStack {
     iface: Interface,
@@ -300,11 +297,6 @@ impl Device for Dev<'_> {
     }
 }
 
-struct NoEgress;
-impl Egress for NoEgress {
-    fn send(&self, _: &[u8]) {}
-}
-
 impl NetStack {
     /// A stack answering on `local`, reaching everything through the tunnel.
     pub fn new(local: Ipv4Addr, now: Instant, pacer: SharedPacer) -> Self {
@@ -318,7 +310,7 @@ impl NetStack {
         let mut dev = Dev {
             rx: None,
             scratch: &mut scratch,
-            egress: &NoEgress,
+            egress: &crate::egress::Unreachable,
             emitted: 0,
             budget: &mut budget,
             throttled: false,

@@ -22,7 +22,18 @@ use std::task::Poll;
 use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
 
-use super::netstack::{Egress, NetStack};
+use super::netstack::NetStack;
+use crate::egress::Egress;
+
+/// How a shared stack reaches its peer. Every stack operation that can emit
+/// packets runs inside [`with_egress`](Wire::with_egress), which takes
+/// whatever orders the peer's output first (on the gateway: the device's
+/// session lock, so the lock order is session, then stack) and hands the
+/// stack an [`Egress`] that encrypts under it.
+pub trait Wire: Send + Sync {
+    /// Calls `f` exactly once.
+    fn with_egress(&self, f: &mut dyn FnMut(&dyn Egress));
+}
 
 /// Bytes a relay task copies per lock.
 const CHUNK: usize = 64 * 1024;
@@ -33,17 +44,14 @@ const IDLE: Duration = Duration::from_secs(1);
 /// `buf` (allocated on demand); `None` once the device sent FIN or the
 /// stream is gone.
 pub async fn recv_into(stack: &SharedStack, h: SocketHandle, buf: &mut Vec<u8>) -> Option<usize> {
-    poll_fn(|cx| {
+    let got = poll_fn(|cx| {
         let mut s = stack.stack.lock();
         let sock = s.tcp(h);
         if sock.can_recv() {
             if buf.is_empty() {
                 *buf = vec![0u8; CHUNK];
             }
-            let n = sock.recv_slice(buf).unwrap_or(0);
-            // The window opened: let the device know now.
-            s.poll(Instant::now(), &*stack.egress);
-            Poll::Ready(Some(n))
+            Poll::Ready(Some(sock.recv_slice(buf).unwrap_or(0)))
         } else if !sock.may_recv() {
             Poll::Ready(None)
         } else {
@@ -51,7 +59,12 @@ pub async fn recv_into(stack: &SharedStack, h: SocketHandle, buf: &mut Vec<u8>) 
             Poll::Pending
         }
     })
-    .await
+    .await;
+    if got.is_some() {
+        // The window opened: let the device know now.
+        stack.with(|_| ());
+    }
+    got
 }
 
 /// Waits until the stream's send buffer has room; returns how much, or 0
@@ -91,7 +104,7 @@ async fn readable_or_shed(
 
 pub struct SharedStack {
     stack: Mutex<NetStack>,
-    egress: Arc<dyn Egress>,
+    wire: Arc<dyn Wire>,
     timer: tokio::sync::Notify,
     /// Handles whose relay ended; removed once their TCP state allows.
     released: Mutex<Vec<SocketHandle>>,
@@ -101,10 +114,10 @@ pub struct SharedStack {
 }
 
 impl SharedStack {
-    pub fn new(stack: NetStack, egress: Arc<dyn Egress>) -> Arc<Self> {
+    pub fn new(stack: NetStack, wire: Arc<dyn Wire>) -> Arc<Self> {
         Arc::new(SharedStack {
             stack: Mutex::new(stack),
-            egress,
+            wire,
             timer: tokio::sync::Notify::new(),
             released: Mutex::new(Vec::new()),
             dead: AtomicBool::new(false),
@@ -112,23 +125,42 @@ impl SharedStack {
         })
     }
 
+    /// Runs `f` on the locked stack with the egress of its [`Wire`].
+    fn output<R: Default>(&self, f: impl FnOnce(&mut NetStack, &dyn Egress) -> R) -> R {
+        let mut f = Some(f);
+        let mut r = None;
+        self.wire.with_egress(&mut |egress| {
+            if let Some(f) = f.take() {
+                let mut s = self.stack.lock();
+                r = Some(self.guard(|| f(&mut s, egress)));
+            }
+        });
+        r.unwrap_or_default()
+    }
+
     /// One inbound packet from the tunnel.
     pub fn input(&self, packet: &[u8]) {
+        self.output(|s, egress| s.input(Instant::now(), packet, egress));
+        self.timer.notify_one();
+    }
+
+    /// One inbound packet from the tunnel, for a caller that already holds
+    /// what orders the peer's output and passes its `egress` (the gateway's
+    /// packet path, under the device's session lock).
+    pub fn input_with(&self, packet: &[u8], egress: &dyn Egress) {
         let mut s = self.stack.lock();
-        self.guard(|| s.input(Instant::now(), packet, &*self.egress));
+        self.guard(|| s.input(Instant::now(), packet, egress));
         drop(s);
         self.timer.notify_one();
     }
 
     /// Runs `f` on the stack, then egress.
     pub fn with<R: Default>(&self, f: impl FnOnce(&mut NetStack) -> R) -> R {
-        let mut s = self.stack.lock();
-        let r = self.guard(|| {
-            let r = f(&mut s);
-            s.poll(Instant::now(), &*self.egress);
+        let r = self.output(|s, egress| {
+            let r = f(s);
+            s.poll(Instant::now(), egress);
             r
         });
-        drop(s);
         self.timer.notify_one();
         r
     }
@@ -183,17 +215,15 @@ impl SharedStack {
     /// owner unregisters the stack there).
     pub async fn run_timers(self: Arc<Self>, try_exit: impl Fn() -> bool) {
         loop {
-            let delay = {
-                let mut guard = self.stack.lock();
-                let s = &mut *guard;
+            let delay = self.output(|s, egress| {
                 if self.is_dead() {
                     for h in s.sockets.iter().map(|(h, _)| h).collect::<Vec<_>>() {
                         s.tcp(h).abort();
                     }
                 }
-                self.guard(|| s.poll(Instant::now(), &*self.egress));
-                self.guard(|| s.release_idle_send_buffers(Instant::now()));
-                self.guard(|| s.release_idle_receive_buffers(Instant::now()));
+                s.poll(Instant::now(), egress);
+                s.release_idle_send_buffers(Instant::now());
+                s.release_idle_receive_buffers(Instant::now());
                 let mut released = self.released.lock();
                 released.retain(|h| {
                     let st = s.tcp(*h).state();
@@ -217,7 +247,7 @@ impl SharedStack {
                     delay
                 };
                 (delay, s.is_empty())
-            };
+            });
             let (delay, empty) = delay;
             if self.open_streams.load(Ordering::Acquire) == 0
                 && (self.is_dead() || (empty && try_exit()))
@@ -256,14 +286,13 @@ impl SharedStack {
 
     /// Gives a finished stream's socket back for removal.
     pub fn release(&self, h: SocketHandle) {
-        {
-            let mut s = self.stack.lock();
+        self.output(|s, egress| {
             let sock = s.tcp(h);
             if sock.is_open() {
                 sock.close();
             }
-            s.poll(Instant::now(), &*self.egress);
-        }
+            s.poll(Instant::now(), egress);
+        });
         self.released.lock().push(h);
         self.timer.notify_one();
     }
