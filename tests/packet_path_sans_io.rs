@@ -266,6 +266,45 @@ fn packets_for_the_gateway_reach_the_sink_and_replies_go_back() {
 }
 
 #[test]
+fn forged_datagrams_naming_a_session_move_no_counter_and_no_endpoint() {
+    let (mut rig, registry) = rig();
+    let key = generate_private_key();
+    registry
+        .register(NewDevice {
+            uuid: "count-1".into(),
+            public_key: public_key(&key),
+            name: None,
+        })
+        .unwrap();
+    let mut dev = client(&rig.path, key);
+    let from: SocketAddr = "192.0.2.20:4000".parse().unwrap();
+    let now = Instant::now();
+    connect(&mut rig, &mut dev, from, now);
+    let session = rig.path.sessions.by_uuid("count-1").unwrap();
+    let before = session.snapshot();
+    assert_eq!(before.rx_packets, 2, "the initiation and the keepalive");
+
+    // A real data packet with its ciphertext flipped, from another source:
+    // it names the session's index but does not decrypt.
+    let mut buf = vec![0u8; 2048];
+    let mut forged = match dev.encapsulate(&[0x45; 40], &mut buf) {
+        TunnResult::WriteToNetwork(p) => p.to_vec(),
+        _ => panic!(),
+    };
+    let last = forged.len() - 1;
+    forged[last] ^= 1;
+    let attacker: SocketAddr = "203.0.113.9:9".parse().unwrap();
+    for _ in 0..10 {
+        assert!(rig.feed(now, attacker, &forged).is_empty());
+    }
+    let after = session.snapshot();
+    assert_eq!(after.rx_packets, before.rx_packets);
+    assert_eq!(after.rx_bytes, before.rx_bytes);
+    assert_eq!(after.endpoint, from);
+    assert_eq!(rig.metrics.dropped_count(DropReason::DecryptFailed), 10);
+}
+
+#[test]
 fn an_unregistered_key_gets_no_answer_and_no_session() {
     let (mut rig, _registry) = rig();
     let mut dev = client(&rig.path, generate_private_key());
