@@ -28,8 +28,6 @@ use crate::registry::{Registry, RegistryError};
 pub struct Identity {
     pub uuid: Box<str>,
     pub address: Ipv4Addr,
-    /// The status tracker's slot for the device.
-    pub slot: u32,
 }
 
 #[derive(Default)]
@@ -121,7 +119,6 @@ mod tests {
             Identity {
                 uuid: "ghost".into(),
                 address: Ipv4Addr::new(10, 240, 0, 99),
-                slot: 99,
             },
         );
         d.reload(&reg).unwrap();

@@ -120,7 +120,6 @@ impl Fleet {
                     changed,
                     cloudlink_enabled: patch.cloudlink_enabled,
                     poll_interval_s: patch.poll_interval_s,
-                    slot: d.id,
                 }),
                 SystemTime::now(),
             )
@@ -137,7 +136,6 @@ impl Fleet {
                 Some(&d.uuid),
                 Event::DeviceDeleted(DeviceDeleted {
                     address: d.address.to_string(),
-                    slot: d.id,
                     public_key: d.public_key,
                 }),
                 SystemTime::now(),
@@ -158,7 +156,6 @@ impl Fleet {
 fn device_ref(d: &Device) -> DeviceRef {
     DeviceRef {
         uuid: d.uuid.clone(),
-        slot: d.id,
         public_key: d.public_key,
         address: d.address,
     }
@@ -228,10 +225,9 @@ impl Reactor {
                         crate::directory::Identity {
                             uuid: d.uuid.as_str().into(),
                             address: d.address,
-                            slot: d.slot,
                         },
                     );
-                    self.status.registered(d.slot);
+                    self.status.registered(&d.uuid);
                 }
                 self.metrics
                     .devices_registered
@@ -244,7 +240,7 @@ impl Reactor {
             Event::DeviceUpdated(u) => {
                 if let Some(uuid) = device {
                     self.status
-                        .settings(u.slot, uuid, u.poll_interval_s, u.cloudlink_enabled);
+                        .settings(uuid, u.poll_interval_s, u.cloudlink_enabled);
                 }
             }
             Event::DeviceDeleted(d) => {
@@ -252,7 +248,7 @@ impl Reactor {
                 self.path.directory.remove(&d.public_key);
                 if let Some(uuid) = device {
                     self.path.revoke(uuid, Instant::now());
-                    self.status.removed(d.slot);
+                    self.status.removed(uuid);
                     tracing::info!(device = %uuid, "device deleted");
                 }
                 self.metrics

@@ -28,7 +28,7 @@ use crate::session_table::Session;
 /// Endpoint changes waiting to be written.
 #[derive(Default)]
 pub struct EndpointBook {
-    dirty: Mutex<HashMap<u32, Option<String>>>,
+    dirty: Mutex<HashMap<Box<str>, Option<String>>>,
 }
 
 impl crate::packet_path::LinkObserver for EndpointBook {
@@ -46,14 +46,14 @@ impl crate::packet_path::LinkObserver for EndpointBook {
             (false, Some(DownReason::Shutdown)) => return,
             (false, _) => None,
         };
-        self.dirty.lock().insert(session.device_id, value);
+        self.dirty.lock().insert(session.uuid.clone(), value);
     }
 }
 
 impl EndpointBook {
     /// Writes what changed since the last call.
     pub fn flush(&self, registry: &Registry) {
-        let rows: Vec<(u32, Option<String>)> = self.dirty.lock().drain().collect();
+        let rows: Vec<(Box<str>, Option<String>)> = self.dirty.lock().drain().collect();
         if let Err(e) = registry.save_endpoints(&rows) {
             tracing::warn!(error = %e, "could not persist device endpoints");
         }

@@ -43,8 +43,6 @@ pub enum RegistryError {
 /// A registered device.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Device {
-    /// Row id: dense, stable while the device exists; indexes in-memory tables.
-    pub id: u32,
     pub uuid: String,
     pub public_key: KeyBytes,
     pub address: Ipv4Addr,
@@ -208,27 +206,26 @@ pub(crate) fn open_conn(path: &Path, read_only: bool) -> Result<Connection, Regi
 }
 
 fn row_to_device(row: &rusqlite::Row<'_>) -> rusqlite::Result<Device> {
-    let key: Vec<u8> = row.get(2)?;
-    let addr: i64 = row.get(3)?;
+    let key: Vec<u8> = row.get(1)?;
+    let addr: i64 = row.get(2)?;
     Ok(Device {
-        id: row.get::<_, i64>(0)? as u32,
-        uuid: row.get(1)?,
+        uuid: row.get(0)?,
         public_key: key.try_into().unwrap_or([0; 32]),
         address: Ipv4Addr::from(addr as u32),
-        name: row.get(4)?,
-        created_at_ms: row.get(5)?,
+        name: row.get(3)?,
+        created_at_ms: row.get(4)?,
         status: crate::status::Stored {
-            last_heartbeat_ms: row.get::<_, Option<i64>>(6)?.map(|v| v as u64),
-            poll_interval_s: row.get::<_, Option<i64>>(7)?.map(|v| v as u32),
-            cloudlink_enabled: row.get(8)?,
-            ever_linked: row.get(9)?,
+            last_heartbeat_ms: row.get::<_, Option<i64>>(5)?.map(|v| v as u64),
+            poll_interval_s: row.get::<_, Option<i64>>(6)?.map(|v| v as u32),
+            cloudlink_enabled: row.get(7)?,
+            ever_linked: row.get(8)?,
         },
-        app_id: row.get::<_, Option<i64>>(10)?.map(|v| v as u32),
-        has_device_api_key: row.get(11)?,
+        app_id: row.get::<_, Option<i64>>(9)?.map(|v| v as u32),
+        has_device_api_key: row.get(10)?,
     })
 }
 
-const DEVICE_COLUMNS: &str = "id, uuid, public_key, address, name, created_at, last_heartbeat_ms, poll_interval_s, cloudlink_enabled, ever_linked, app_id, device_api_key IS NOT NULL";
+const DEVICE_COLUMNS: &str = "uuid, public_key, address, name, created_at, last_heartbeat_ms, poll_interval_s, cloudlink_enabled, ever_linked, app_id, device_api_key IS NOT NULL";
 
 impl Registry {
     /// Opens (or creates) the registry in `dir/registry.sqlite3`.
@@ -347,10 +344,8 @@ impl Registry {
                     dev.name,
                     now
                 ])?;
-                let id = tx.last_insert_rowid() as u32;
                 created += 1;
                 results.push(Registered::Created(Device {
-                    id,
                     status: crate::status::Stored {
                         cloudlink_enabled: true,
                         ..Default::default()
@@ -424,7 +419,10 @@ impl Registry {
 
     /// Stores status inputs of many devices in one transaction. Rows of
     /// devices deleted meanwhile are simply not found.
-    pub fn save_status(&self, rows: &[(u32, crate::status::Stored)]) -> Result<(), RegistryError> {
+    pub fn save_status(
+        &self,
+        rows: &[(String, crate::status::Stored)],
+    ) -> Result<(), RegistryError> {
         if rows.is_empty() {
             return Ok(());
         }
@@ -432,11 +430,11 @@ impl Registry {
         let tx = w.conn.transaction()?;
         {
             let mut st = tx.prepare_cached(
-                "UPDATE devices SET last_heartbeat_ms = ?2, ever_linked = ?3 WHERE id = ?1",
+                "UPDATE devices SET last_heartbeat_ms = ?2, ever_linked = ?3 WHERE uuid = ?1",
             )?;
-            for (id, s) in rows {
+            for (uuid, s) in rows {
                 st.execute(params![
-                    *id as i64,
+                    uuid,
                     s.last_heartbeat_ms.map(|v| v as i64),
                     s.ever_linked
                 ])?;
@@ -449,7 +447,7 @@ impl Registry {
     /// Records the endpoints of devices whose link went up (`Some`) or
     /// down for good (`None`), in one transaction. A gateway stopping does
     /// not clear them: they are where it redials after the restart.
-    pub fn save_endpoints(&self, rows: &[(u32, Option<String>)]) -> Result<(), RegistryError> {
+    pub fn save_endpoints(&self, rows: &[(Box<str>, Option<String>)]) -> Result<(), RegistryError> {
         if rows.is_empty() {
             return Ok(());
         }
@@ -457,9 +455,9 @@ impl Registry {
         let tx = w.conn.transaction()?;
         {
             let mut st =
-                tx.prepare_cached("UPDATE devices SET last_endpoint = ?2 WHERE id = ?1")?;
-            for (id, e) in rows {
-                st.execute(params![*id as i64, e])?;
+                tx.prepare_cached("UPDATE devices SET last_endpoint = ?2 WHERE uuid = ?1")?;
+            for (uuid, e) in rows {
+                st.execute(params![&**uuid, e])?;
             }
         }
         tx.commit()?;
@@ -498,38 +496,43 @@ impl Registry {
         mut f: impl FnMut(KeyBytes, crate::directory::Identity),
     ) -> Result<(), RegistryError> {
         let r = self.reader.lock();
-        let mut st = r.prepare("SELECT id, uuid, public_key, address FROM devices")?;
+        let mut st = r.prepare("SELECT uuid, public_key, address FROM devices")?;
         let mut rows = st.query([])?;
         while let Some(row) = rows.next()? {
-            let key: Vec<u8> = row.get(2)?;
+            let key: Vec<u8> = row.get(1)?;
             let Ok(key) = KeyBytes::try_from(key) else {
                 continue;
             };
             f(
                 key,
                 crate::directory::Identity {
-                    slot: row.get::<_, i64>(0)? as u32,
-                    uuid: row.get::<_, String>(1)?.into_boxed_str(),
-                    address: Ipv4Addr::from(row.get::<_, i64>(3)? as u32),
+                    uuid: row.get::<_, String>(0)?.into_boxed_str(),
+                    address: Ipv4Addr::from(row.get::<_, i64>(2)? as u32),
                 },
             );
         }
         Ok(())
     }
 
-    /// Calls `f` with the id and status inputs of every device (at start).
+    /// Calls `f` with the uuid and status inputs of every device (at start).
     pub fn for_each_status(
         &self,
-        mut f: impl FnMut(u32, crate::status::Stored),
+        mut f: impl FnMut(&str, crate::status::Stored),
     ) -> Result<(), RegistryError> {
         let r = self.reader.lock();
         let mut st = r.prepare(
-            "SELECT id, last_heartbeat_ms, poll_interval_s, cloudlink_enabled, ever_linked FROM devices",
+            "SELECT uuid, last_heartbeat_ms, poll_interval_s, cloudlink_enabled, ever_linked FROM devices",
         )?;
         let mut rows = st.query([])?;
         while let Some(row) = rows.next()? {
             f(
-                row.get::<_, i64>(0)? as u32,
+                row.get_ref(0)?.as_str().map_err(|e| {
+                    rusqlite::Error::FromSqlConversionFailure(
+                        0,
+                        rusqlite::types::Type::Text,
+                        e.into(),
+                    )
+                })?,
                 crate::status::Stored {
                     last_heartbeat_ms: row.get::<_, Option<i64>>(1)?.map(|v| v as u64),
                     poll_interval_s: row.get::<_, Option<i64>>(2)?.map(|v| v as u32),
@@ -539,21 +542,6 @@ impl Registry {
             );
         }
         Ok(())
-    }
-
-    /// Ids of these uuids (`None` for unknown ones), in order.
-    pub fn ids(&self, uuids: &[String]) -> Result<Vec<Option<u32>>, RegistryError> {
-        let r = self.reader.lock();
-        let mut st = r.prepare_cached("SELECT id FROM devices WHERE uuid = ?1")?;
-        uuids
-            .iter()
-            .map(|u| {
-                Ok(st
-                    .query_row([u], |r| r.get::<_, i64>(0))
-                    .optional()?
-                    .map(|v| v as u32))
-            })
-            .collect()
     }
 }
 
@@ -576,13 +564,6 @@ impl Registry {
                 ))
             })
             .optional()?)
-    }
-
-    /// The uuid of a device id.
-    pub fn uuid_of(&self, id: u32) -> Result<Option<String>, RegistryError> {
-        let r = self.reader.lock();
-        let mut st = r.prepare_cached("SELECT uuid FROM devices WHERE id = ?1")?;
-        Ok(st.query_row([id as i64], |r| r.get(0)).optional()?)
     }
 
     /// Deletes a device; returns it if it existed. Committed (fsync'd) before
@@ -638,17 +619,17 @@ impl Registry {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    /// Calls `f(id, uuid, name, created_at_ms)` for every device whose uuid
+    /// Calls `f(uuid, name, created_at_ms)` for every device whose uuid
     /// or name contains `q` (all devices without `q`), in no set order. One
     /// pass over the table: what sorted listings are built from.
     pub fn for_each_listed(
         &self,
         q: Option<&str>,
-        mut f: impl FnMut(u32, &str, Option<&str>, i64),
+        mut f: impl FnMut(&str, Option<&str>, i64),
     ) -> Result<(), RegistryError> {
         let r = self.reader.lock();
         let mut st = r.prepare_cached(
-            "SELECT id, uuid, name, created_at FROM devices \
+            "SELECT uuid, name, created_at FROM devices \
              WHERE ?1 IS NULL OR uuid LIKE ?1 ESCAPE '\\' OR name LIKE ?1 ESCAPE '\\'",
         )?;
         let mut rows = st.query(params![q.map(like_pattern)])?;
@@ -656,9 +637,9 @@ impl Registry {
             let text = |i: usize, e: rusqlite::types::FromSqlError| {
                 rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, e.into())
             };
-            let uuid = row.get_ref(1)?.as_str().map_err(|e| text(1, e))?;
-            let name = row.get_ref(2)?.as_str_or_null().map_err(|e| text(2, e))?;
-            f(row.get::<_, i64>(0)? as u32, uuid, name, row.get(3)?);
+            let uuid = row.get_ref(0)?.as_str().map_err(|e| text(0, e))?;
+            let name = row.get_ref(1)?.as_str_or_null().map_err(|e| text(1, e))?;
+            f(uuid, name, row.get(2)?);
         }
         Ok(())
     }

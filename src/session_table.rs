@@ -37,8 +37,6 @@ const INDEX_SPACE: u32 = 1 << 24;
 pub struct Session {
     /// The 24-bit index given to boringtun; `receiver_idx >> 8` on the wire.
     pub index: u32,
-    /// The registry's id of the device.
-    pub device_id: u32,
     pub uuid: Box<str>,
     pub public_key: KeyBytes,
     pub address: Ipv4Addr,

@@ -39,6 +39,7 @@ async fn heartbeat_endpoint_and_its_errors() {
     assert_eq!(b["status_detail"], "heartbeat-only");
     assert_eq!(b["cloudlink"]["connected"], false);
 
+    let mut events = g.events(None).await;
     let (st, b) = g
         .call(
             "POST",
@@ -49,6 +50,32 @@ async fn heartbeat_endpoint_and_its_errors() {
     assert_eq!(st, 200);
     assert_eq!(b["heartbeat"]["poll_interval_s"], 60);
     assert_eq!(g.device("hb-1").await["heartbeat"]["poll_interval_s"], 60);
+    // A new interval is a setting change like any other: device.updated.
+    let wait = Duration::from_secs(10);
+    let e = events
+        .wait_for(wait, |e| e["type"] == "device.updated")
+        .await;
+    assert_eq!(e.data["device"], "hb-1");
+    assert_eq!(e.data["changed"], json!(["poll_interval_s"]));
+    assert_eq!(e.data["poll_interval_s"], 60);
+    // The same interval again is only a heartbeat: the next device.updated
+    // is the rename after it.
+    let (st, _) = g
+        .call(
+            "POST",
+            "/v1/devices/hb-1/heartbeat",
+            Some(json!({"poll_interval_s": 60})),
+        )
+        .await;
+    assert_eq!(st, 200);
+    let (st, _) = g
+        .call("PATCH", "/v1/devices/hb-1", Some(json!({"name": "hb"})))
+        .await;
+    assert_eq!(st, 200);
+    let e = events
+        .wait_for(wait, |e| e["type"] == "device.updated")
+        .await;
+    assert_eq!(e.data["changed"], json!(["name"]));
 
     let (st, e) = g.call("POST", "/v1/devices/nobody/heartbeat", None).await;
     assert_error(st, &e, 404, "device_not_found", "uuid");

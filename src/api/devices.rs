@@ -107,7 +107,7 @@ fn wg_quick(s: &SharedState, d: &Device) -> String {
 
 /// `heartbeat`, `status`, `status_detail` and `cloudlink_enabled` of a device.
 pub(super) fn status_fields(s: &SharedState, d: &Device, m: &mut Map<String, Value>) {
-    let Some(v) = s.status.view(d.id) else {
+    let Some(v) = s.status.view(&d.uuid) else {
         return;
     };
     m.insert(
@@ -473,26 +473,27 @@ pub async fn heartbeat(
     }
     let registry = s.registry.clone();
     let u = uuid.clone();
-    let device = match interval {
-        // The interval is a setting: stored before the answer.
-        Some(i) => {
-            blocking(move || {
-                registry.update(
-                    &u,
-                    &DevicePatch {
-                        poll_interval_s: Some(Some(i)),
-                        ..Default::default()
-                    },
-                )
-            })
-            .await?
-        }
-        None => blocking(move || registry.get(&u)).await?,
-    };
-    let Some(d) = device else {
+    let Some(mut d) = blocking(move || registry.get(&u)).await? else {
         return Err(ApiError::unknown_device(&uuid));
     };
-    s.status.heartbeat(d.id, &d.uuid, interval);
+    // A new interval is a setting: changed through the fleet (stored, and
+    // `device.updated` published) before the heartbeat counts. The same
+    // interval again changes nothing and publishes nothing.
+    if let Some(i) = interval.filter(|i| d.status.poll_interval_s != Some(*i)) {
+        let fleet = s.fleet.clone();
+        let patch = DevicePatch {
+            poll_interval_s: Some(Some(i)),
+            ..Default::default()
+        };
+        let u = uuid.clone();
+        let changed = blocking(move || fleet.update(&u, &patch)).await?;
+        s.fleet.settled(changed.cursor, SETTLE).await;
+        match changed.value {
+            Some(updated) => d = updated,
+            None => return Err(ApiError::unknown_device(&uuid)),
+        }
+    }
+    s.status.heartbeat(&d.uuid);
     Ok(Json(heartbeat_json(&s, &d)))
 }
 
@@ -536,16 +537,12 @@ pub async fn heartbeats(
         }
         None => return Err(ApiError::bad_field("uuids", "uuids is required")),
     };
-    let registry = s.registry.clone();
-    let (uuids, ids) = blocking(move || registry.ids(&uuids).map(|ids| (uuids, ids))).await?;
+    // The status tracker holds exactly the registered devices.
     let mut applied = 0usize;
     let mut unknown = Vec::new();
-    for (uuid, id) in uuids.into_iter().zip(ids) {
-        match id {
-            Some(id) => {
-                s.status.heartbeat(id, &uuid, None);
-                applied += 1;
-            }
+    for uuid in uuids {
+        match s.status.heartbeat(&uuid) {
+            Some(_) => applied += 1,
             None => unknown.push(uuid),
         }
     }

@@ -243,8 +243,10 @@ async fn by_uuid(
             }
             scanned += 1;
             after = Some(d.uuid.clone());
-            let keep =
-                !filter.active() || s.status.view(d.id).is_some_and(|v| filter.keeps(v.status));
+            let keep = !filter.active()
+                || s.status
+                    .view(&d.uuid)
+                    .is_some_and(|v| filter.keeps(v.status));
             if keep {
                 page.push(d);
             }
@@ -350,8 +352,8 @@ async fn sorted(
         let mut heap: BinaryHeap<Entry> = BinaryHeap::with_capacity(limit + 1);
         let mut more = false;
         s2.registry
-            .for_each_listed(text.as_deref(), |id, uuid, name, created| {
-                let view = s2.status.view(id);
+            .for_each_listed(text.as_deref(), |uuid, name, created| {
+                let view = s2.status.view(uuid);
                 if status_filter.active() && !view.is_some_and(|v| status_filter.keeps(v.status)) {
                     return;
                 }

@@ -109,7 +109,6 @@ pub struct ActionOutcome {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceRef {
     pub uuid: String,
-    pub slot: u32,
     pub public_key: crate::keys::KeyBytes,
     pub address: std::net::Ipv4Addr,
 }
@@ -137,16 +136,12 @@ pub struct DeviceUpdated {
     pub cloudlink_enabled: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub poll_interval_s: Option<Option<u32>>,
-    #[serde(skip)]
-    pub slot: u32,
 }
 
 /// `device.deleted`: the registration is gone; its session is cut off.
 #[derive(Debug, Clone, Serialize)]
 pub struct DeviceDeleted {
     pub address: String,
-    #[serde(skip)]
-    pub slot: u32,
     #[serde(skip)]
     pub public_key: crate::keys::KeyBytes,
 }

@@ -270,7 +270,6 @@ mod tests {
         let del = |n: u8| {
             Event::DeviceDeleted(DeviceDeleted {
                 address: "10.0.0.2".into(),
-                slot: n as u32,
                 public_key: [n; 32],
             })
         };

@@ -149,7 +149,6 @@ impl PacketPath {
         );
         let session = Arc::new(Session {
             index,
-            device_id: identity.slot,
             uuid: identity.uuid,
             public_key: key,
             address: identity.address,

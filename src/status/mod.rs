@@ -9,7 +9,8 @@
 //! clock and does no I/O, so every rule is tested on simulated time.
 //!
 //! Cost with 1,000,000 devices: per device a 16-byte slot in a dense vector
-//! indexed by the registry's row id, plus at most one entry in an ordered
+//! indexed by a slot number of the tracker's own ([`SlotIndex`]: devices are
+//! known by uuid outside this module), plus at most one entry in an ordered
 //! set of deadlines (the next moment its heartbeat turns `timeout` or
 //! `offline`). A heartbeat or an expiry is O(log n); nothing ever scans all
 //! devices after start.
@@ -501,6 +502,69 @@ impl StatusTracker {
     }
 }
 
+/// The status module's own dense slot numbers for devices, which the rest
+/// of the gateway knows only by uuid (the store's ids never leave the
+/// store). A freed slot is reused, so the tracker's vector is as long as
+/// the most devices registered at once. Costs about 100 bytes per device
+/// (the uuid once, shared by both directions).
+#[derive(Default)]
+pub struct SlotIndex {
+    by_uuid: std::collections::HashMap<std::sync::Arc<str>, u32>,
+    uuids: Vec<Option<std::sync::Arc<str>>>,
+    free: Vec<u32>,
+}
+
+impl SlotIndex {
+    pub fn get(&self, uuid: &str) -> Option<u32> {
+        self.by_uuid.get(uuid).copied()
+    }
+
+    pub fn uuid(&self, slot: u32) -> Option<&str> {
+        self.uuids.get(slot as usize)?.as_deref()
+    }
+
+    /// The device's slot, given one if it has none.
+    pub fn insert(&mut self, uuid: &str) -> u32 {
+        if let Some(slot) = self.get(uuid) {
+            return slot;
+        }
+        let uuid: std::sync::Arc<str> = uuid.into();
+        let slot = match self.free.pop() {
+            Some(slot) => {
+                self.uuids[slot as usize] = Some(uuid.clone());
+                slot
+            }
+            None => {
+                self.uuids.push(Some(uuid.clone()));
+                (self.uuids.len() - 1) as u32
+            }
+        };
+        self.by_uuid.insert(uuid, slot);
+        slot
+    }
+
+    /// Frees the device's slot; returns it.
+    pub fn remove(&mut self, uuid: &str) -> Option<u32> {
+        let slot = self.by_uuid.remove(uuid)?;
+        self.uuids[slot as usize] = None;
+        self.free.push(slot);
+        Some(slot)
+    }
+
+    /// Every device held, with its slot.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, u32)> {
+        self.by_uuid.iter().map(|(u, s)| (&**u, *s))
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_uuid.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_uuid.is_empty()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -723,5 +787,22 @@ mod tests {
             10,
         );
         assert_eq!(t2.status(7), Some(Status::HeartbeatOnly));
+    }
+
+    #[test]
+    fn slot_index_reuses_freed_slots_and_maps_both_ways() {
+        let mut i = SlotIndex::default();
+        let a = i.insert("a");
+        let b = i.insert("b");
+        assert_ne!(a, b);
+        assert_eq!(i.insert("a"), a, "a device keeps its slot");
+        assert_eq!(i.uuid(b), Some("b"));
+        assert_eq!(i.remove("a"), Some(a));
+        assert_eq!(i.get("a"), None);
+        assert_eq!(i.uuid(a), None);
+        assert_eq!(i.insert("c"), a, "the freed slot is reused");
+        assert_eq!(i.uuid(a), Some("c"));
+        assert_eq!(i.len(), 2);
+        assert_eq!(i.remove("zzz"), None);
     }
 }

@@ -10,8 +10,11 @@
 //! Persistence: heartbeat times and "cloudlink was ever up" are written in
 //! one transaction per second (not one fsync per heartbeat); a crash loses
 //! at most the last second of them, which only makes those heartbeats look
-//! a second older. Poll intervals and `cloudlink_enabled` are written by the
-//! API before it answers.
+//! a second older. Poll intervals and `cloudlink_enabled` are settings,
+//! stored by the fleet service before its `device.updated` reaches us.
+//!
+//! Devices are known by uuid; the tracker's dense slots stay inside
+//! ([`SlotIndex`], under the same lock).
 
 use parking_lot::Mutex;
 use std::sync::Arc;
@@ -20,15 +23,21 @@ use std::time::Duration;
 use crate::bus::event::{Event, StatusChanged, StatusName};
 use crate::bus::EventBus;
 use crate::registry::Registry;
-use crate::status::{Status, StatusChange, StatusTracker, Stored, View};
+use crate::status::{SlotIndex, Status, StatusChange, StatusTracker, Stored, View};
 
 pub struct DeviceStatus {
-    tracker: Mutex<StatusTracker>,
+    state: Mutex<Tracked>,
     /// For the `endpoint` of events (weak: the packet path holds us).
     path: std::sync::Weak<crate::packet_path::PacketPath>,
     events: Arc<dyn EventBus>,
     registry: Arc<Registry>,
     wake: tokio::sync::Notify,
+}
+
+/// The tracker and its slot numbers, under one lock.
+struct Tracked {
+    tracker: StatusTracker,
+    slots: SlotIndex,
 }
 
 /// Unix time in milliseconds: the tracker's clock.
@@ -45,14 +54,20 @@ impl DeviceStatus {
         default_poll_interval: Duration,
         grace: Duration,
     ) -> Result<Self, crate::registry::RegistryError> {
-        let mut tracker = StatusTracker::new(
-            default_poll_interval.as_secs().clamp(1, u32::MAX as u64) as u32,
-            grace.as_millis() as u64,
-        );
+        let mut t = Tracked {
+            tracker: StatusTracker::new(
+                default_poll_interval.as_secs().clamp(1, u32::MAX as u64) as u32,
+                grace.as_millis() as u64,
+            ),
+            slots: SlotIndex::default(),
+        };
         let now = now_ms();
-        registry.for_each_status(|id, stored| tracker.insert(id, stored, now))?;
+        registry.for_each_status(|uuid, stored| {
+            let slot = t.slots.insert(uuid);
+            t.tracker.insert(slot, stored, now)
+        })?;
         Ok(DeviceStatus {
-            tracker: Mutex::new(tracker),
+            state: Mutex::new(t),
             path,
             events,
             registry,
@@ -60,18 +75,21 @@ impl DeviceStatus {
         })
     }
 
-    pub fn view(&self, id: u32) -> Option<View> {
-        self.tracker.lock().view(id)
+    pub fn view(&self, uuid: &str) -> Option<View> {
+        let t = self.state.lock();
+        t.tracker.view(t.slots.get(uuid)?)
     }
 
     pub fn counts(&self) -> [u64; 6] {
-        self.tracker.lock().counts()
+        self.state.lock().tracker.counts()
     }
 
     /// A device was registered.
-    pub fn registered(&self, id: u32) {
-        self.tracker.lock().insert(
-            id,
+    pub fn registered(&self, uuid: &str) {
+        let mut t = self.state.lock();
+        let slot = t.slots.insert(uuid);
+        t.tracker.insert(
+            slot,
             Stored {
                 cloudlink_enabled: true,
                 ..Default::default()
@@ -86,28 +104,37 @@ impl DeviceStatus {
     pub fn reconcile(&self) -> Result<(), crate::registry::RegistryError> {
         let mut present = Vec::new();
         self.registry
-            .for_each_status(|id, stored| present.push((id, stored)))?;
+            .for_each_status(|uuid, stored| present.push((uuid.to_owned(), stored)))?;
         let now = now_ms();
-        let mut t = self.tracker.lock();
-        let max = present.iter().map(|p| p.0 as usize + 1).max().unwrap_or(0);
-        let mut keep = vec![false; t.slot_count().max(max)];
-        for (id, stored) in present {
-            keep[id as usize] = true;
-            if !t.contains(id) {
-                t.insert(id, stored, now);
+        let mut t = self.state.lock();
+        let keep: std::collections::HashSet<&str> =
+            present.iter().map(|(u, _)| u.as_str()).collect();
+        let gone: Vec<String> = t
+            .slots
+            .iter()
+            .filter(|(u, _)| !keep.contains(u))
+            .map(|(u, _)| u.to_owned())
+            .collect();
+        for uuid in gone {
+            if let Some(slot) = t.slots.remove(&uuid) {
+                t.tracker.remove(slot);
             }
         }
-        for (id, k) in keep.iter().enumerate() {
-            if !k && t.contains(id as u32) {
-                t.remove(id as u32);
+        for (uuid, stored) in present {
+            if t.slots.get(&uuid).is_none() {
+                let slot = t.slots.insert(&uuid);
+                t.tracker.insert(slot, stored, now);
             }
         }
         Ok(())
     }
 
     /// A device was deleted.
-    pub fn removed(&self, id: u32) {
-        self.tracker.lock().remove(id);
+    pub fn removed(&self, uuid: &str) {
+        let mut t = self.state.lock();
+        if let Some(slot) = t.slots.remove(uuid) {
+            t.tracker.remove(slot);
+        }
     }
 
     /// The device's current endpoint, if it has a session. Never called
@@ -119,35 +146,46 @@ impl DeviceStatus {
         Some(endpoint.to_string())
     }
 
-    pub fn heartbeat(&self, id: u32, uuid: &str, poll_interval_s: Option<u32>) -> Option<View> {
+    /// A heartbeat from the device; `None` if it is not registered.
+    pub fn heartbeat(&self, uuid: &str) -> Option<View> {
         let endpoint = self.endpoint_of(uuid);
-        let mut t = self.tracker.lock();
-        let change = t.heartbeat(id, now_ms(), poll_interval_s);
-        self.publish(&t, uuid, change, "heartbeat", endpoint.as_deref());
+        let mut t = self.state.lock();
+        let slot = t.slots.get(uuid)?;
+        let change = t.tracker.heartbeat(slot, now_ms(), None);
+        self.publish(&t.tracker, uuid, change, "heartbeat", endpoint.as_deref());
+        let view = t.tracker.view(slot);
         drop(t);
         self.wake.notify_one();
-        self.view(id)
+        view
     }
 
-    /// Settings changed through the API (already stored in the registry).
+    /// Settings changed (already stored in the registry).
     pub fn settings(
         &self,
-        id: u32,
         uuid: &str,
         poll_interval_s: Option<Option<u32>>,
         cloudlink_enabled: Option<bool>,
     ) {
         let endpoint = self.endpoint_of(uuid);
-        let mut t = self.tracker.lock();
+        let mut t = self.state.lock();
+        let Some(slot) = t.slots.get(uuid) else {
+            return;
+        };
         let now = now_ms();
         if let Some(i) = poll_interval_s {
-            let c = t.set_poll_interval(id, now, i);
-            self.publish(&t, uuid, c, "poll_interval_changed", endpoint.as_deref());
+            let c = t.tracker.set_poll_interval(slot, now, i);
+            self.publish(
+                &t.tracker,
+                uuid,
+                c,
+                "poll_interval_changed",
+                endpoint.as_deref(),
+            );
         }
         if let Some(e) = cloudlink_enabled {
-            let c = t.set_cloudlink_enabled(id, now, e);
+            let c = t.tracker.set_cloudlink_enabled(slot, now, e);
             self.publish(
-                &t,
+                &t.tracker,
                 uuid,
                 c,
                 "cloudlink_enabled_changed",
@@ -160,11 +198,20 @@ impl DeviceStatus {
 
     /// The device's link went up or down (called by the packet path, after
     /// the link event was published).
-    pub fn link(&self, id: u32, uuid: &str, up: bool, endpoint: std::net::SocketAddr) {
-        let mut t = self.tracker.lock();
-        let change = t.set_link(id, now_ms(), up);
+    pub fn link(&self, uuid: &str, up: bool, endpoint: std::net::SocketAddr) {
+        let mut t = self.state.lock();
+        let Some(slot) = t.slots.get(uuid) else {
+            return;
+        };
+        let change = t.tracker.set_link(slot, now_ms(), up);
         let reason = if up { "link.up" } else { "link.down" };
-        self.publish(&t, uuid, change, reason, Some(&endpoint.to_string()));
+        self.publish(
+            &t.tracker,
+            uuid,
+            change,
+            reason,
+            Some(&endpoint.to_string()),
+        );
     }
 
     fn publish(
@@ -187,7 +234,7 @@ impl DeviceStatus {
         let mut dirty = Vec::new();
         let mut next_flush = tokio::time::Instant::now() + Duration::from_secs(1);
         loop {
-            let next_deadline = self.tracker.lock().next_deadline();
+            let next_deadline = self.state.lock().tracker.next_deadline();
             let wake_at = match next_deadline {
                 Some(ms) => {
                     let in_ms = ms.saturating_sub(now_ms());
@@ -211,56 +258,59 @@ impl DeviceStatus {
         }
     }
 
-    /// Applies the transitions due by `now` and publishes them. The tracker
-    /// keeps ids, not uuids (memory), so the uuids of the devices due are
-    /// looked up first, off the lock; then the transitions are applied and
-    /// published under one lock, so they stay in order with concurrent
-    /// heartbeats. Nothing becomes due by `now` meanwhile: a deadline is
-    /// always set after the moment of the input that sets it.
+    /// Applies the transitions due by `now` and publishes them, under one
+    /// lock, so they stay in order with concurrent heartbeats. The endpoints
+    /// of the devices due are looked up first, off the lock (lock order:
+    /// session → tracker); nothing becomes due by `now` meanwhile: a
+    /// deadline is always set after the moment of the input that sets it.
     async fn expire(&self, now: u64, due: &mut Vec<StatusChange>) {
-        let mut ids = Vec::new();
-        self.tracker.lock().due(now, &mut ids);
-        if ids.is_empty() {
+        let mut slots = Vec::new();
+        let uuids: Vec<String> = {
+            let t = self.state.lock();
+            t.tracker.due(now, &mut slots);
+            slots
+                .iter()
+                .filter_map(|s| t.slots.uuid(*s).map(str::to_owned))
+                .collect()
+        };
+        if uuids.is_empty() {
             return;
         }
-        let registry = self.registry.clone();
-        let uuids: std::collections::HashMap<u32, String> =
-            tokio::task::spawn_blocking(move || {
-                ids.iter()
-                    .filter_map(|id| registry.uuid_of(*id).ok().flatten().map(|u| (*id, u)))
-                    .collect()
-            })
-            .await
-            .unwrap_or_default();
-        let endpoints: std::collections::HashMap<u32, String> = uuids
+        let endpoints: std::collections::HashMap<&str, String> = uuids
             .iter()
-            .filter_map(|(id, u)| self.endpoint_of(u).map(|e| (*id, e)))
+            .filter_map(|u| self.endpoint_of(u).map(|e| (u.as_str(), e)))
             .collect();
-        let mut t = self.tracker.lock();
+        let mut t = self.state.lock();
         due.clear();
-        t.poll(now, due);
+        t.tracker.poll(now, due);
         for c in due.iter() {
-            if let Some(uuid) = uuids.get(&c.id) {
-                let reason = match t.view(c.id).map(|v| v.heartbeat) {
+            if let Some(uuid) = t.slots.uuid(c.id) {
+                let reason = match t.tracker.view(c.id).map(|v| v.heartbeat) {
                     Some(crate::status::Heartbeat::Offline) => "heartbeat_offline",
                     _ => "heartbeat_timeout",
                 };
-                let endpoint = endpoints.get(&c.id).map(String::as_str);
-                publish_change(&*self.events, &t, uuid, *c, reason, endpoint);
+                let endpoint = endpoints.get(uuid).map(String::as_str);
+                publish_change(&*self.events, &t.tracker, uuid, *c, reason, endpoint);
             }
         }
     }
 
     async fn flush(&self, dirty: &mut Vec<(u32, Stored)>) {
         dirty.clear();
-        self.tracker.lock().take_dirty(dirty);
-        if dirty.is_empty() {
+        let rows: Vec<(String, Stored)> = {
+            let mut t = self.state.lock();
+            t.tracker.take_dirty(dirty);
+            dirty
+                .iter()
+                .filter_map(|(slot, st)| t.slots.uuid(*slot).map(|u| (u.to_owned(), *st)))
+                .collect()
+        };
+        if rows.is_empty() {
             return;
         }
-        let rows = std::mem::take(dirty);
         let registry = self.registry.clone();
-        match tokio::task::spawn_blocking(move || registry.save_status(&rows).map(|_| rows)).await {
-            Ok(Ok(rows)) => *dirty = rows,
+        match tokio::task::spawn_blocking(move || registry.save_status(&rows)).await {
+            Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::error!(error = %e, "could not persist heartbeat times"),
             Err(e) => tracing::error!(error = %e, "heartbeat persistence task failed"),
         }
@@ -275,7 +325,7 @@ impl crate::packet_path::LinkObserver for DeviceStatus {
         endpoint: std::net::SocketAddr,
         _down: Option<crate::link_state::DownReason>,
     ) {
-        self.link(session.device_id, &session.uuid, up, endpoint);
+        self.link(&session.uuid, up, endpoint);
     }
 }
 
