@@ -101,9 +101,11 @@ impl Fleet {
         patch: &DevicePatch,
     ) -> Result<Changed<Option<Device>>, RegistryError> {
         let d = self.registry.update(uuid, patch)?;
-        let cursor = d.as_ref().map(|d| {
+        let cursor = d.as_ref().map(|(before, d)| {
+            let rekeyed = before.public_key != d.public_key;
             let mut changed = Vec::new();
             for (set, name) in [
+                (patch.public_key.is_some(), "public_key"),
                 (patch.name.is_some(), "name"),
                 (patch.poll_interval_s.is_some(), "poll_interval_s"),
                 (patch.cloudlink_enabled.is_some(), "cloudlink_enabled"),
@@ -120,11 +122,17 @@ impl Fleet {
                     changed,
                     cloudlink_enabled: patch.cloudlink_enabled,
                     poll_interval_s: patch.poll_interval_s,
+                    public_key: rekeyed.then(|| crate::keys::encode_key(&d.public_key)),
+                    previous_key: rekeyed.then_some(before.public_key),
+                    address: d.address,
                 }),
                 SystemTime::now(),
             )
         });
-        Ok(Changed { value: d, cursor })
+        Ok(Changed {
+            value: d.map(|(_, after)| after),
+            cursor,
+        })
     }
 
     /// Deletes a device; `None` if there is no such device. Its session is
@@ -238,6 +246,27 @@ impl Reactor {
                 }
             }
             Event::DeviceUpdated(u) => {
+                if let (Some(uuid), Some(old)) = (device, u.previous_key) {
+                    // A key change: the old key may no longer connect, and
+                    // the session made with it goes; the device dials again
+                    // with its new key.
+                    self.path.directory.remove(&old);
+                    if let Some(new) = u
+                        .public_key
+                        .as_deref()
+                        .and_then(|k| crate::keys::decode_key(k).ok())
+                    {
+                        self.path.directory.insert(
+                            new,
+                            crate::directory::Identity {
+                                uuid: uuid.into(),
+                                address: u.address,
+                            },
+                        );
+                    }
+                    self.path.revoke(uuid, Instant::now());
+                    tracing::info!(device = %uuid, "device key changed");
+                }
                 if let Some(uuid) = device {
                     self.status
                         .settings(uuid, u.poll_interval_s, u.cloudlink_enabled);

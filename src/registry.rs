@@ -38,6 +38,9 @@ pub enum RegistryError {
         "the tunnel CIDR {0} is too small: it needs room for the gateway and at least one device"
     )]
     CidrTooSmall(String),
+    /// A key change named a key another device holds.
+    #[error("this public key belongs to device {uuid:?}; every device needs its own key")]
+    KeyTaken { uuid: String },
 }
 
 /// A registered device.
@@ -62,6 +65,8 @@ pub struct Device {
 #[derive(Debug, Clone, Default)]
 pub struct DevicePatch {
     pub name: Option<Option<String>>,
+    /// A new WireGuard key: the session made with the old one is cut off.
+    pub public_key: Option<KeyBytes>,
     /// `Some(None)` resets to the gateway's default.
     pub poll_interval_s: Option<Option<u32>>,
     pub cloudlink_enabled: Option<bool>,
@@ -371,15 +376,37 @@ impl Registry {
 
     /// Applies a patch in one transaction; returns the device as stored, or
     /// `None` if it does not exist.
-    pub fn update(&self, uuid: &str, patch: &DevicePatch) -> Result<Option<Device>, RegistryError> {
+    /// Applies `patch` in one transaction; the device before and after, or
+    /// `None` if there is no such device.
+    pub fn update(
+        &self,
+        uuid: &str,
+        patch: &DevicePatch,
+    ) -> Result<Option<(Device, Device)>, RegistryError> {
         let mut w = self.writer.lock();
         let tx = w.conn.transaction()?;
         let dev = {
             let mut get = tx.prepare_cached(&format!(
                 "SELECT {DEVICE_COLUMNS} FROM devices WHERE uuid = ?1"
             ))?;
-            if get.query_row([uuid], row_to_device).optional()?.is_none() {
+            let Some(before) = get.query_row([uuid], row_to_device).optional()? else {
                 return Ok(None);
+            };
+            if let Some(key) = &patch.public_key {
+                let holder: Option<String> = tx
+                    .query_row(
+                        "SELECT uuid FROM devices WHERE public_key = ?1 AND uuid != ?2",
+                        params![&key[..], uuid],
+                        |r| r.get(0),
+                    )
+                    .optional()?;
+                if let Some(holder) = holder {
+                    return Err(RegistryError::KeyTaken { uuid: holder });
+                }
+                tx.execute(
+                    "UPDATE devices SET public_key = ?2 WHERE uuid = ?1",
+                    params![uuid, &key[..]],
+                )?;
             }
             if let Some(name) = &patch.name {
                 tx.execute(
@@ -411,7 +438,7 @@ impl Registry {
                     params![uuid, app.map(|v| v as i64)],
                 )?;
             }
-            get.query_row([uuid], row_to_device)?
+            (before, get.query_row([uuid], row_to_device)?)
         };
         tx.commit()?;
         Ok(Some(dev))

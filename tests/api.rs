@@ -298,11 +298,21 @@ async fn single_device_patch_delete_and_unknown_routes() {
         .await;
     assert_eq!(st, 200);
     assert_eq!(d["name"], Value::Null);
+    // The address and uuid stay; a key can change (see link_events), but
+    // only to a valid one.
     let (st, e) = g
         .call(
             "PATCH",
             "/v1/devices/solo",
-            Some(json!({"public_key": key()})),
+            Some(json!({"address": "10.240.0.9"})),
+        )
+        .await;
+    assert_error(st, &e, 400, "invalid_field", Some("address"));
+    let (st, e) = g
+        .call(
+            "PATCH",
+            "/v1/devices/solo",
+            Some(json!({"public_key": "not a key"})),
         )
         .await;
     assert_error(st, &e, 400, "invalid_field", Some("public_key"));

@@ -485,6 +485,81 @@ async fn a_deletion_through_the_fleet_service_cuts_the_device_off_through_the_bu
     g.stop().await;
 }
 
+/// A key change through `PATCH` (the fleet service) cuts off the session
+/// made with the old key; the old key gets no answer, the new one connects
+/// with the device's same address; a key another device holds is refused
+/// and changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_change_cuts_the_old_key_off_and_lets_the_new_one_in() {
+    let mut g = TestGateway::start_with(|c| c.link_timeout = Duration::from_secs(30)).await;
+    let mut events = g.events(None).await;
+    let mut old = new_device(&g, "rekeyed", 21).await;
+    let other = g
+        .register("other", &public_key(&generate_private_key()))
+        .await;
+    old.connect();
+    events.wait_for(WAIT, |e| e["type"] == "link.up").await;
+    let before = g.device("rekeyed").await;
+
+    // Another device's key: 409, nothing changes, the session stays.
+    let (st, e) = g
+        .call(
+            "PATCH",
+            "/v1/devices/rekeyed",
+            Some(json!({"public_key": other["public_key"]})),
+        )
+        .await;
+    assert_eq!(st, 409, "{e}");
+    assert_eq!(e["error"], "public_key_taken");
+    assert_eq!(e["field"], "public_key");
+    assert_eq!(
+        g.device("rekeyed").await["public_key"],
+        before["public_key"]
+    );
+    assert!(g.gw().path.sessions.by_uuid("rekeyed").is_some());
+
+    let key = generate_private_key();
+    let new_pub = encode_key(&public_key(&key));
+    let (st, d) = g
+        .call(
+            "PATCH",
+            "/v1/devices/rekeyed",
+            Some(json!({"public_key": new_pub})),
+        )
+        .await;
+    assert_eq!(st, 200, "{d}");
+    assert_eq!(d["public_key"], new_pub);
+    assert_eq!(d["address"], before["address"]);
+    let e = events
+        .wait_for(WAIT, |e| e["type"] == "device.updated")
+        .await;
+    assert_eq!(e.data["changed"], json!(["public_key"]));
+    assert_eq!(e.data["public_key"], new_pub);
+    let down = events.wait_for(WAIT, |e| e["type"] == "link.down").await;
+    assert_eq!(down.data["device"], "rekeyed");
+    assert_eq!(down.data["reason"], "revoked");
+    // Applied before the answer (read-your-writes): the old session is gone.
+    assert!(g.gw().path.sessions.by_uuid("rekeyed").is_none());
+
+    old.socket
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    old.send_initiation();
+    assert!(old.receive_one().is_err(), "the old key gets no answer");
+
+    let gw_pub = cloudlink::keys::decode_key(d["gateway"]["public_key"].as_str().unwrap()).unwrap();
+    let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    let mut new = TestDevice::with_key(g.udp, &gw_pub, 22, socket, key);
+    new.connect();
+    let up = events.wait_for(WAIT, |e| e["type"] == "link.up").await;
+    assert_eq!(up.data["device"], "rekeyed");
+    assert_eq!(up.data["address"], before["address"]);
+    g.stop().await;
+}
+
 /// Registrations publish `device.registered`: one per device, and one for a
 /// whole batch with its count.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

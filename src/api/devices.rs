@@ -326,7 +326,9 @@ pub async fn get_one(
 }
 
 /// `PATCH /v1/devices/{uuid}`: mutable fields (`name`, `poll_interval_s`,
-/// `cloudlink_enabled`).
+/// `cloudlink_enabled`, `device_api_key`, `app_id`, and `public_key`: a key
+/// change, which cuts off the session made with the old key; the device
+/// keeps its uuid, address and status).
 pub async fn patch(
     State(s): State<SharedState>,
     Path(uuid): Path<String>,
@@ -337,19 +339,37 @@ pub async fn patch(
     for k in obj.keys() {
         if !matches!(
             k.as_str(),
-            "name" | "poll_interval_s" | "cloudlink_enabled" | "device_api_key" | "app_id"
+            "name"
+                | "poll_interval_s"
+                | "cloudlink_enabled"
+                | "device_api_key"
+                | "app_id"
+                | "public_key"
         ) {
-            let hint = if matches!(k.as_str(), "uuid" | "public_key" | "address") {
+            let hint = if matches!(k.as_str(), "uuid" | "address") {
                 format!("{k} cannot be changed; delete the device and register it again")
             } else {
                 format!(
-                    "unknown field {k:?}; PATCH takes name, poll_interval_s, cloudlink_enabled, device_api_key and app_id"
+                    "unknown field {k:?}; PATCH takes name, poll_interval_s, cloudlink_enabled, device_api_key, app_id and public_key"
                 )
             };
             return Err(ApiError::bad_field(k.clone(), hint));
         }
     }
     let mut patch = DevicePatch::default();
+    match obj.get("public_key") {
+        None => {}
+        Some(Value::String(k)) => {
+            patch.public_key =
+                Some(decode_key(k).map_err(|e| ApiError::bad_field("public_key", e.to_string()))?)
+        }
+        Some(_) => {
+            return Err(ApiError::bad_field(
+                "public_key",
+                "public_key must be a string (base64, as `wg pubkey` prints it)",
+            ))
+        }
+    }
     if obj.contains_key("name") {
         patch.name = Some(parse_name(obj.get("name"), "")?);
     }

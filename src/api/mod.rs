@@ -260,6 +260,12 @@ pub(crate) async fn blocking<T: Send + 'static>(
             "tunnel_cidr_exhausted",
             format!("the tunnel network {net} has no free address; delete devices or start with a larger --tunnel-cidr"),
         )),
+        Ok(Err(crate::registry::RegistryError::KeyTaken { uuid })) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "public_key_taken",
+            format!("this public key belongs to device {uuid:?}; every device needs its own key"),
+        )
+        .field("public_key")),
         Ok(Err(e)) => Err(ApiError::internal(e)),
         Err(e) => Err(ApiError::internal(e)),
     }

@@ -136,6 +136,16 @@ pub struct DeviceUpdated {
     pub cloudlink_enabled: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub poll_interval_s: Option<Option<u32>>,
+    /// The new key, after a key change.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub public_key: Option<String>,
+    /// The key before a key change (in-process: the reactor takes it out of
+    /// the directory).
+    #[serde(skip)]
+    pub previous_key: Option<crate::keys::KeyBytes>,
+    /// The device's address (in-process, for the directory).
+    #[serde(skip)]
+    pub address: std::net::Ipv4Addr,
 }
 
 /// `device.deleted`: the registration is gone; its session is cut off.
