@@ -286,6 +286,34 @@ impl ActionQueue {
         }
     }
 
+    /// A deleted device's queued actions fail (`device_deleted`): they must
+    /// never reach a device registered later under the same uuid. The fleet
+    /// reactor calls it on `device.deleted`.
+    pub async fn device_deleted(self: Arc<Self>, device: String) {
+        let q = self.clone();
+        let failed = tokio::task::spawn_blocking(move || -> Result<Vec<StoredAction>, RegistryError> {
+            let c = q.conn.lock();
+            let mut st = c.prepare_cached(&format!(
+                "UPDATE actions SET state = 'failed' WHERE device = ?1 AND state = 'queued' RETURNING {COLUMNS}"
+            ))?;
+            let rows = st.query_map([&device], row)?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+        .await;
+        match failed {
+            Ok(Ok(list)) => {
+                for a in list {
+                    self.metrics.action(&a.action, "failed");
+                    self.publish(&a, Event::ActionFailed, "device_deleted");
+                }
+            }
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "could not fail a deleted device's queued actions")
+            }
+            Err(e) => tracing::error!(error = %e, "queued-action cleanup task failed"),
+        }
+    }
+
     /// Marks queued actions whose TTL passed as expired, announcing each;
     /// runs every second until `stop`.
     pub async fn run_expiry(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {

@@ -175,6 +175,8 @@ pub struct Reactor {
     pub path: Arc<crate::packet_path::PacketPath>,
     pub status: Arc<crate::status::service::DeviceStatus>,
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Queued actions of a deleted device fail (none in tests without one).
+    pub actions: Option<Arc<crate::action_queue::ActionQueue>>,
 }
 
 impl Reactor {
@@ -278,6 +280,9 @@ impl Reactor {
                 if let Some(uuid) = device {
                     self.path.revoke(uuid, Instant::now());
                     self.status.removed(uuid);
+                    if let Some(q) = &self.actions {
+                        tokio::spawn(q.clone().device_deleted(uuid.to_owned()));
+                    }
                     tracing::info!(device = %uuid, "device deleted");
                 }
                 self.metrics

@@ -167,6 +167,7 @@ impl Gateway {
                 path: path.clone(),
                 status: status.clone(),
                 metrics: metrics.clone(),
+                actions: Some(action_queue.clone()),
             }
             .run(stop_status.subscribe()),
         );

@@ -550,6 +550,36 @@ async fn a_queued_action_that_cannot_be_delivered_fails() {
     g.stop().await;
 }
 
+/// Deleting a device fails its queued actions (`device_deleted`): a device
+/// registered later under the same uuid must never receive them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_device_fails_its_queued_actions() {
+    let mut g = gateway().await;
+    let mut events = g.events(None).await;
+    let key = cloudlink::keys::generate_private_key();
+    g.register("gone", &cloudlink::keys::public_key(&key)).await;
+    let (st, _, b) = act_with(&g, "gone", "reboot", "?queue_ttl=600", None).await;
+    assert_eq!(st, 202);
+    let id = b["id"].as_str().unwrap().to_owned();
+    let (st, _) = g.call("DELETE", "/v1/devices/gone", None).await;
+    assert_eq!(st, 204);
+    let m = events
+        .wait_for(WAIT, |e| e["type"] == "action.failed")
+        .await;
+    assert_eq!(m.data["action_id"], id.as_str());
+    assert_eq!(m.data["reason"], "device_deleted");
+    let (_, a) = g.call("GET", &format!("/v1/actions/{id}"), None).await;
+    assert_eq!(a["state"], "failed");
+    // The same uuid registered again, online: nothing queued reaches it.
+    g.register("gone", &cloudlink::keys::public_key(&key)).await;
+    let _agent = Agent::start_registered(&g, "gone", &key, &[], &[]).await;
+    events.wait_for(WAIT, |e| e["type"] == "link.up").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (_, a) = g.call("GET", &format!("/v1/actions/{id}"), None).await;
+    assert_eq!(a["state"], "failed", "{a}");
+    g.stop().await;
+}
+
 /// A device's supervisor that answers its n-th request with `answers[n]`
 /// (the last one from then on), byte for byte: how a hostile or broken
 /// device answers.

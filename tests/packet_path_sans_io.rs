@@ -584,6 +584,7 @@ async fn a_fleet_reactor_that_fell_behind_the_bus_reconciles_with_the_store() {
             path: path.clone(),
             status: status.clone(),
             metrics: metrics.clone(),
+            actions: None,
         }
         .run(stop_rx),
     );
