@@ -118,6 +118,22 @@ pub struct ServeArgs {
     /// Log filter (tracing's EnvFilter syntax) [default: info]
     #[arg(long, env = "CLOUDLINK_LOG")]
     pub log: Option<String>,
+    /// The gateway's WireGuard private key, from a file (a mounted secret; every gateway of a cluster uses the same) [default: <data-dir>/gateway.key, generated on first start]
+    #[arg(long, env = "CLOUDLINK_PRIVATE_KEY_FILE")]
+    pub private_key_file: Option<PathBuf>,
+    /// NATS servers (nats://host:port, comma-separated): turns on cluster mode [default: none, the gateway runs alone]
+    #[arg(long, env = "CLOUDLINK_NATS", value_delimiter = ',')]
+    pub nats: Option<Vec<String>>,
+    /// NATS credentials file (.creds) for cluster mode
+    #[arg(long, env = "CLOUDLINK_NATS_CREDS")]
+    pub nats_creds: Option<PathBuf>,
+    /// CA certificate (PEM) the NATS servers' TLS certificates are checked against; turns TLS on
+    #[arg(long, env = "CLOUDLINK_NATS_TLS_CA")]
+    pub nats_tls_ca: Option<PathBuf>,
+    /// Cluster mode: a gateway whose liveness lease was not refreshed for this long is gone [default: 15s]
+    #[arg(long, env = "CLOUDLINK_CLUSTER_LEASE", value_parser = humantime::parse_duration)]
+    #[serde(default, with = "opt_duration")]
+    pub cluster_lease: Option<Duration>,
 }
 
 /// `cloudlink loadgen` flags; environment variables are `CLOUDLINK_LOADGEN_*`.
@@ -372,6 +388,10 @@ pub struct GatewayConfig {
     pub connect_timeout: Duration,
     pub action_timeout: Duration,
     pub log: String,
+    /// `--private-key-file`; `None`: `<data-dir>/gateway.key`.
+    pub private_key_file: Option<PathBuf>,
+    /// Cluster mode (`--nats`); `None`: the gateway runs alone.
+    pub cluster: Option<crate::cluster::ClusterConfig>,
 }
 
 impl Default for GatewayConfig {
@@ -398,6 +418,8 @@ impl Default for GatewayConfig {
             connect_timeout: Duration::from_secs(10),
             action_timeout: Duration::from_secs(30),
             log: "info".into(),
+            private_key_file: None,
+            cluster: None,
         }
     }
 }
@@ -478,6 +500,30 @@ impl ServeArgs {
                 .or(file.action_timeout)
                 .unwrap_or(d.action_timeout),
             log: self.log.or(file.log).unwrap_or(d.log),
+            private_key_file: self.private_key_file.or(file.private_key_file),
+            cluster: {
+                let creds = self.nats_creds.or(file.nats_creds);
+                let tls_ca = self.nats_tls_ca.or(file.nats_tls_ca);
+                let lease = self.cluster_lease.or(file.cluster_lease);
+                match self.nats.or(file.nats) {
+                    Some(urls) => Some(crate::cluster::ClusterConfig {
+                        urls: urls
+                            .into_iter()
+                            .map(|u| u.trim().to_owned())
+                            .filter(|u| !u.is_empty())
+                            .collect(),
+                        creds,
+                        tls_ca,
+                        lease: lease.unwrap_or(Duration::from_secs(15)),
+                    }),
+                    None if creds.is_some() || tls_ca.is_some() || lease.is_some() => {
+                        return Err(Error::Config(
+                            "--nats-creds, --nats-tls-ca and --cluster-lease need --nats (cluster mode)".into(),
+                        ))
+                    }
+                    None => None,
+                }
+            },
         };
         c.validate()?;
         Ok(c)
@@ -509,6 +555,23 @@ impl GatewayConfig {
         }
         if let Some(t) = &self.token {
             check_token(t)?;
+        }
+        if let Some(c) = &self.cluster {
+            if c.urls.is_empty() {
+                return Err(Error::Config(
+                    "--nats needs at least one server URL (nats://host:port)".into(),
+                ));
+            }
+            if c.lease < Duration::from_secs(3) {
+                return Err(Error::Config("--cluster-lease must be at least 3s".into()));
+            }
+            if let Some(id) = &self.gateway_id {
+                if !crate::cluster::valid_gateway_id(id) {
+                    return Err(Error::Config(format!(
+                        "--gateway-id {id:?}: in cluster mode a gateway id is 1 to 64 of A-Z a-z 0-9 - _"
+                    )));
+                }
+            }
         }
         Ok(())
     }

@@ -18,6 +18,8 @@ pub enum Error {
     Registry(#[from] crate::registry::RegistryError),
     #[error("socket: {0}")]
     Socket(#[source] std::io::Error),
+    #[error("cluster: {0}")]
+    Cluster(#[from] crate::cluster::ClusterError),
 }
 
 impl Error {

@@ -37,6 +37,8 @@ pub struct Gateway {
     api_task: Option<tokio::task::JoinHandle<()>>,
     endpoints_task: Option<tokio::task::JoinHandle<()>>,
     redialer: Option<crate::redial::Redialer>,
+    /// Cluster mode's membership (`--nats`).
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 /// Runs a gateway until `shutdown` resolves, then stops it cleanly.
@@ -61,7 +63,19 @@ impl Gateway {
         config.validate()?;
         let dir = config.data_dir.clone();
         crate::data_dir::secure(&dir)?;
-        let secret = load_or_create_private_key(&dir.join("gateway.key"))?;
+        let secret = match &config.private_key_file {
+            // A mounted secret: it must be there (every gateway of a
+            // cluster has the same identity; generating one would split it).
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+                let key = crate::keys::decode_key(&text).map_err(|e| Error::KeyFile {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                })?;
+                x25519_dalek::StaticSecret::from(key)
+            }
+            None => load_or_create_private_key(&dir.join("gateway.key"))?,
+        };
         let token = resolve_token(&config, &dir)?;
         let plan = AddressPlan::new(config.tunnel_cidr)?;
         let registry = {
@@ -90,6 +104,13 @@ impl Gateway {
         ));
         let metrics = Arc::new(Metrics::new());
         metrics.devices_registered.set(registry.count());
+        // Before anything serves: a duplicate of a live gateway stops here.
+        let cluster = match &config.cluster {
+            Some(c) => {
+                Some(crate::cluster::Cluster::join(c, &gateway_id, &dir, metrics.clone()).await?)
+            }
+            None => None,
+        };
         let directory = {
             let r = registry.clone();
             tokio::task::spawn_blocking(move || crate::directory::Directory::load(&r))
@@ -262,6 +283,7 @@ impl Gateway {
             api_task: Some(api_task),
             endpoints_task: Some(endpoints_task),
             redialer,
+            cluster,
         })
     }
 
@@ -315,6 +337,9 @@ impl Gateway {
             {
                 tracing::warn!("API connections did not close within 5 s");
             }
+        }
+        if let Some(c) = &self.cluster {
+            c.leave().await;
         }
         tracing::info!("cloudlink gateway stopped");
     }

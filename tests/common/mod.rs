@@ -2,6 +2,7 @@
 //! an SSE reader and a boringtun device.
 #![allow(dead_code)]
 
+pub mod nats;
 pub mod netns;
 pub mod proxy;
 pub mod ssh;

@@ -1,0 +1,321 @@
+//! Each gateway's liveness lease: the key `<gateway-id>` in the KV bucket
+//! `cloudlink_gateways`, whose `max_age` is the lease (`--cluster-lease`,
+//! 15 s by default) and whose history is 1. The holder rewrites it every
+//! third of the lease; every write is a new message, so its age starts
+//! again. A gateway that stops writing (killed, cut off) ages out, and the
+//! server's limit marker tells every watcher so.
+//!
+//! Taking the lease at start:
+//! - no key: create it (create-if-absent, so two starting processes cannot
+//!   both win);
+//! - a key written by this gateway's previous boot (the boot id kept in the
+//!   data directory says so): a restart, take it over at once;
+//! - a key of another boot: watch it for a third of the lease and a second.
+//!   If it is rewritten, a live process holds the id: refuse to start. If
+//!   not, its holder is gone: take it over with compare-and-set on the
+//!   revision seen, so that of two newcomers only one wins.
+//!
+//! Each value carries a format version, the gateway id, the boot id and the
+//! start time.
+
+use async_nats::jetstream::kv;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::ClusterError;
+
+pub const BUCKET: &str = "cloudlink_gateways";
+/// File in the data directory holding the boot id of the last start.
+pub const BOOT_FILE: &str = "cluster-boot";
+/// Format version of a lease value.
+const VERSION: u32 = 1;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LeaseValue {
+    pub v: u32,
+    pub gateway: String,
+    pub boot: String,
+    pub started: String,
+}
+
+impl LeaseValue {
+    /// Parses a stored value; `None` for anything that is not a lease of a
+    /// known format (treated as another gateway's).
+    pub fn parse(bytes: &[u8]) -> Option<LeaseValue> {
+        serde_json::from_slice::<LeaseValue>(bytes)
+            .ok()
+            .filter(|v| v.v == VERSION)
+    }
+}
+
+pub struct Lease {
+    store: kv::Store,
+    id: String,
+    value: Bytes,
+    pub boot: String,
+    /// The revision of our last write (0: released).
+    revision: AtomicU64,
+    /// How often the lease is rewritten.
+    pub refresh: Duration,
+    /// Gateways whose lease is live, from the bucket's watch.
+    alive: parking_lot::Mutex<BTreeSet<String>>,
+    metrics: Arc<crate::metrics::Metrics>,
+}
+
+impl Lease {
+    /// Opens (or makes) the bucket and takes `id`'s lease as the module
+    /// docs say; then keeps it and watches the others in the background.
+    pub async fn acquire(
+        js: &async_nats::jetstream::Context,
+        id: &str,
+        lease: Duration,
+        boot_file: &Path,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> Result<Arc<Lease>, ClusterError> {
+        let store = open_bucket(js, lease).await?;
+        // The bucket's own max_age rules (the first gateway made it).
+        let max_age = match store.status().await {
+            Ok(s) if !s.info.config.max_age.is_zero() => s.info.config.max_age,
+            _ => lease,
+        };
+        if max_age != lease {
+            tracing::warn!(
+                bucket = BUCKET,
+                ?max_age,
+                ?lease,
+                "the lease bucket was made with another --cluster-lease; using the bucket's"
+            );
+        }
+        let previous_boot = std::fs::read_to_string(boot_file)
+            .ok()
+            .map(|s| s.trim().to_owned());
+        let boot = new_boot_id();
+        let value = Bytes::from(
+            serde_json::to_vec(&LeaseValue {
+                v: VERSION,
+                gateway: id.to_owned(),
+                boot: boot.clone(),
+                started: crate::bus::event::rfc3339(std::time::SystemTime::now()),
+            })
+            .expect("a lease value serialises"),
+        );
+        let revision = take(&store, id, &value, previous_boot.as_deref(), max_age).await?;
+        crate::data_dir::write_secret_file(boot_file, boot.as_bytes()).map_err(|e| {
+            ClusterError::File {
+                path: boot_file.to_owned(),
+                source: std::io::Error::other(e.to_string()),
+            }
+        })?;
+        tracing::info!(gateway = %id, %boot, "cluster lease taken");
+        let lease = Arc::new(Lease {
+            store,
+            id: id.to_owned(),
+            value,
+            boot,
+            revision: AtomicU64::new(revision),
+            refresh: max_age / 3,
+            alive: Default::default(),
+            metrics,
+        });
+        tokio::spawn(keep(Arc::downgrade(&lease)));
+        tokio::spawn(watch(Arc::downgrade(&lease)));
+        Ok(lease)
+    }
+
+    /// Gateway ids whose lease is live (this one included).
+    pub fn alive(&self) -> Vec<String> {
+        self.alive.lock().iter().cloned().collect()
+    }
+
+    /// Gives the lease up (a clean stop).
+    pub async fn release(&self) {
+        let rev = self.revision.swap(0, Ordering::AcqRel);
+        if rev != 0 {
+            if let Err(e) = self.store.delete_expect_revision(&self.id, Some(rev)).await {
+                tracing::warn!(error = %e, "could not release the cluster lease; it expires by itself");
+            }
+        }
+    }
+}
+
+async fn open_bucket(
+    js: &async_nats::jetstream::Context,
+    lease: Duration,
+) -> Result<kv::Store, ClusterError> {
+    if let Ok(store) = js.get_key_value(BUCKET).await {
+        return Ok(store);
+    }
+    match js
+        .create_key_value(kv::Config {
+            bucket: BUCKET.into(),
+            description: "cloudlink gateway liveness leases".into(),
+            history: 1,
+            max_age: lease,
+            // A lease that ages out leaves a marker watchers see.
+            limit_markers: Some(lease),
+            ..Default::default()
+        })
+        .await
+    {
+        Ok(store) => Ok(store),
+        // Another gateway made it meanwhile.
+        Err(_) => js.get_key_value(BUCKET).await.map_err(ClusterError::js),
+    }
+}
+
+/// Takes the key `id` for `value`; returns the revision written.
+async fn take(
+    store: &kv::Store,
+    id: &str,
+    value: &Bytes,
+    previous_boot: Option<&str>,
+    lease: Duration,
+) -> Result<u64, ClusterError> {
+    for _ in 0..5 {
+        let held = store.entry(id).await.map_err(ClusterError::js)?;
+        let held = held.filter(|e| e.operation == kv::Operation::Put);
+        let Some(entry) = held else {
+            match store.create(id, value.clone()).await {
+                Ok(rev) => return Ok(rev),
+                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(ClusterError::js(e)),
+            }
+        };
+        let current = LeaseValue::parse(&entry.value);
+        let ours = matches!((&current, previous_boot), (Some(c), Some(p)) if c.boot == p);
+        if ours {
+            tracing::info!(gateway = %id, "this gateway's previous boot held the lease: a restart, taking it over");
+        } else {
+            tracing::info!(gateway = %id, held_by = ?current.as_ref().map(|c| &c.boot), "the lease is held by another boot: watching whether it is refreshed");
+            // Another boot's: alive if it is rewritten while we watch.
+            let deadline = tokio::time::Instant::now() + lease / 3 + Duration::from_secs(1);
+            while tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                match store.entry(id).await.map_err(ClusterError::js)? {
+                    Some(e)
+                        if e.operation == kv::Operation::Put && e.revision != entry.revision =>
+                    {
+                        let c = LeaseValue::parse(&e.value);
+                        return Err(ClusterError::DuplicateGateway {
+                            id: id.to_owned(),
+                            boot: c.as_ref().map_or("?".into(), |c| c.boot.clone()),
+                            started: c.map_or("?".into(), |c| c.started),
+                        });
+                    }
+                    _ => {}
+                }
+            }
+        }
+        match store.update(id, value.clone(), entry.revision).await {
+            Ok(rev) => return Ok(rev),
+            // Someone else wrote it meanwhile: look again.
+            Err(_) => continue,
+        }
+    }
+    Err(ClusterError::JetStream(format!(
+        "the lease of {id:?} kept changing while this gateway tried to take it"
+    )))
+}
+
+/// Rewrites the lease every third of its age, with compare-and-set on our
+/// last revision: if another process took the id, this one says so loudly
+/// and stops refreshing instead of fighting over it.
+async fn keep(lease: std::sync::Weak<Lease>) {
+    loop {
+        let refresh = match lease.upgrade() {
+            Some(l) => l.refresh,
+            None => return,
+        };
+        tokio::time::sleep(refresh).await;
+        let Some(l) = lease.upgrade() else { return };
+        let rev = l.revision.load(Ordering::Acquire);
+        if rev == 0 {
+            return; // released
+        }
+        let started = std::time::Instant::now();
+        match l.store.update(&l.id, l.value.clone(), rev).await {
+            Ok(new) => {
+                let _ = l
+                    .revision
+                    .compare_exchange(rev, new, Ordering::AcqRel, Ordering::Acquire);
+                l.metrics
+                    .cluster_nats_rtt
+                    .set(started.elapsed().as_secs_f64());
+            }
+            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                tracing::error!(gateway = %l.id, "another process took this gateway's cluster lease; two gateways run with one --gateway-id");
+                l.metrics.cluster_lease_lost.inc();
+                return;
+            }
+            // NATS unreachable: keep trying; the lease may expire meanwhile.
+            Err(e) => tracing::warn!(error = %e, "could not refresh the cluster lease"),
+        }
+    }
+}
+
+/// Follows the bucket: which gateways are alive.
+async fn watch(lease: std::sync::Weak<Lease>) {
+    loop {
+        let Some(l) = lease.upgrade() else { return };
+        let mut w = match l.store.watch_with_history(">").await {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch the cluster leases; retrying");
+                drop(l);
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        drop(l);
+        while let Some(entry) = w.next().await {
+            let Some(l) = lease.upgrade() else { return };
+            let Ok(entry) = entry else { break };
+            let mut alive = l.alive.lock();
+            match entry.operation {
+                kv::Operation::Put => {
+                    alive.insert(entry.key);
+                }
+                kv::Operation::Delete | kv::Operation::Purge => {
+                    alive.remove(&entry.key);
+                }
+            }
+            l.metrics.cluster_gateways_alive.set(alive.len() as i64);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn new_boot_id() -> String {
+    let mut b = [0u8; 8];
+    rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut b);
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lease_values_round_trip_and_refuse_other_formats() {
+        let v = LeaseValue {
+            v: VERSION,
+            gateway: "gw-a".into(),
+            boot: "00ff".into(),
+            started: "2026-11-30T00:00:00Z".into(),
+        };
+        let bytes = serde_json::to_vec(&v).unwrap();
+        assert_eq!(LeaseValue::parse(&bytes), Some(v));
+        assert_eq!(LeaseValue::parse(b"{}"), None);
+        assert_eq!(LeaseValue::parse(b"\xff"), None);
+        assert_eq!(
+            LeaseValue::parse(br#"{"v":2,"gateway":"a","boot":"b","started":"c"}"#),
+            None
+        );
+    }
+}

@@ -1,0 +1,214 @@
+//! Cluster mode: several gateways behind one UDP name, sharing their state
+//! through NATS JetStream (`--nats`). Without `--nats` none of this runs and
+//! the gateway keeps everything embedded.
+//!
+//! What is here so far:
+//! - joining: connecting to the NATS servers (credentials, a private CA),
+//!   checking that the server is recent enough (2.11: KV limit markers,
+//!   which make an expired lease visible to watchers), the JetStream
+//!   context;
+//! - [`lease`]: each gateway's liveness lease, one key per `--gateway-id` in
+//!   a bucket whose `max_age` is the lease. A gateway restarted with its
+//!   data directory takes its own lease over at once; a second live process
+//!   with the same id is refused; the gateways alive are watched.
+//!
+//! Why NATS JetStream: it is an existing, replicated engine with the two
+//! primitives the protocol needs (compare-and-set on a key's revision, and
+//! watches), so nothing home-made decides who is alive or who owns what.
+
+pub mod lease;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// What `--nats*` and `--cluster-lease` say.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterConfig {
+    pub urls: Vec<String>,
+    pub creds: Option<PathBuf>,
+    pub tls_ca: Option<PathBuf>,
+    /// A gateway whose lease was not refreshed for this long is gone.
+    pub lease: Duration,
+}
+
+/// The oldest NATS server cluster mode runs on.
+pub const MIN_SERVER: (u64, u64) = (2, 11);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("cannot reach NATS at {urls}: {reason}")]
+    Connect { urls: String, reason: String },
+    #[error("the NATS server runs version {version}; cluster mode needs {}.{} or later (KV limit markers make an expired lease visible)", MIN_SERVER.0, MIN_SERVER.1)]
+    ServerTooOld { version: String },
+    #[error("NATS JetStream: {0}")]
+    JetStream(String),
+    #[error("gateway id {id:?} is held by a running gateway (boot {boot}, started {started}); its lease is being refreshed. Stop it, or give this gateway another --gateway-id")]
+    DuplicateGateway {
+        id: String,
+        boot: String,
+        started: String,
+    },
+    #[error("{0:?} cannot name a gateway in cluster mode: use 1 to 64 of A-Z a-z 0-9 - _")]
+    BadGatewayId(String),
+    #[error("{path}: {source}")]
+    File {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+impl ClusterError {
+    fn js(e: impl std::fmt::Display) -> Self {
+        ClusterError::JetStream(e.to_string())
+    }
+}
+
+/// Whether a server version string (`2.11.0`, `v2.12.1-RC.2`) is at least
+/// `min`. Total: anything unparsable is too old.
+pub fn version_at_least(version: &str, min: (u64, u64)) -> bool {
+    let v = version.trim().trim_start_matches('v');
+    let mut parts = v.split(['.', '-']);
+    let num = |p: Option<&str>| p.and_then(|s| s.parse::<u64>().ok());
+    match (num(parts.next()), num(parts.next())) {
+        (Some(major), Some(minor)) => (major, minor) >= min,
+        _ => false,
+    }
+}
+
+/// A gateway id usable as a KV key and a NATS subject token.
+pub fn valid_gateway_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// This gateway's membership of the cluster.
+pub struct Cluster {
+    pub client: async_nats::Client,
+    pub jetstream: async_nats::jetstream::Context,
+    pub gateway_id: String,
+    pub lease: Arc<lease::Lease>,
+}
+
+impl Cluster {
+    /// Connects, checks the server, and takes this gateway's lease (see
+    /// [`lease::Lease::acquire`]). `data_dir` keeps the boot id of the last
+    /// start, which is how a restart is told from a duplicate.
+    pub async fn join(
+        config: &ClusterConfig,
+        gateway_id: &str,
+        data_dir: &Path,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> Result<Arc<Cluster>, ClusterError> {
+        if !valid_gateway_id(gateway_id) {
+            return Err(ClusterError::BadGatewayId(gateway_id.to_owned()));
+        }
+        let client = connect(config).await?;
+        let version = client.server_info().version;
+        if !version_at_least(&version, MIN_SERVER) {
+            return Err(ClusterError::ServerTooOld { version });
+        }
+        tracing::info!(servers = %config.urls.join(","), %version, "connected to NATS");
+        let jetstream = async_nats::jetstream::new(client.clone());
+        let lease = lease::Lease::acquire(
+            &jetstream,
+            gateway_id,
+            config.lease,
+            &data_dir.join(lease::BOOT_FILE),
+            metrics,
+        )
+        .await?;
+        Ok(Arc::new(Cluster {
+            client,
+            jetstream,
+            gateway_id: gateway_id.to_owned(),
+            lease,
+        }))
+    }
+
+    /// A clean stop: the lease goes at once, so survivors need not wait
+    /// for it to expire.
+    pub async fn leave(&self) {
+        self.lease.release().await;
+        let _ = self.client.flush().await;
+    }
+}
+
+async fn connect(config: &ClusterConfig) -> Result<async_nats::Client, ClusterError> {
+    let urls = config.urls.join(",");
+    let fail = |reason: String| ClusterError::Connect {
+        urls: urls.clone(),
+        reason,
+    };
+    // After the first connection the client reconnects by itself, for
+    // ever: the gateway carries on without NATS until it is back.
+    let mut options = async_nats::ConnectOptions::new()
+        .name("cloudlink")
+        .max_reconnects(None)
+        .connection_timeout(Duration::from_secs(5));
+    if let Some(path) = &config.creds {
+        options = options
+            .credentials_file(path)
+            .await
+            .map_err(|e| fail(format!("credentials {}: {e}", path.display())))?;
+    }
+    if let Some(path) = &config.tls_ca {
+        if !path.exists() {
+            return Err(ClusterError::File {
+                path: path.clone(),
+                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
+            });
+        }
+        options = options
+            .add_root_certificates(path.clone())
+            .require_tls(true);
+    }
+    let addrs = config
+        .urls
+        .iter()
+        .map(|u| u.parse::<async_nats::ServerAddr>())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| fail(format!("bad URL: {e}")))?;
+    let client = options
+        .connect(addrs)
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+    Ok(client)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_versions() {
+        for (v, ok) in [
+            ("2.11.0", true),
+            ("2.15.1", true),
+            ("v2.12.1-RC.2", true),
+            ("3.0.0", true),
+            ("2.10.22", false),
+            ("2.9.10", false),
+            ("", false),
+            ("banana", false),
+            ("2", false),
+            ("2.x", false),
+            ("99999999999999999999999.1", false),
+        ] {
+            assert_eq!(version_at_least(v, MIN_SERVER), ok, "{v}");
+        }
+    }
+
+    #[test]
+    fn gateway_ids() {
+        assert!(valid_gateway_id("gw-a_1"));
+        assert!(!valid_gateway_id(""));
+        assert!(!valid_gateway_id("a.b"));
+        assert!(!valid_gateway_id("a b"));
+        assert!(!valid_gateway_id("*"));
+        assert!(!valid_gateway_id(&"x".repeat(65)));
+    }
+}
