@@ -24,6 +24,17 @@ pub struct Fleet {
     bus: Arc<dyn EventBus>,
     /// The last bus cursor the reactor applied.
     applied: tokio::sync::watch::Sender<u64>,
+    /// Cluster mode: the shared registry is the source of truth; `registry`
+    /// is its replica, and the replica (not this service) publishes the
+    /// `device.*` events, on every gateway.
+    shared: Option<Arc<crate::cluster::registry::SharedRegistry>>,
+}
+
+/// How long a cluster change waits for this gateway's replica to apply it.
+const REPLICA_WAIT: Duration = Duration::from_secs(5);
+
+fn cluster_error(e: crate::cluster::ClusterError) -> RegistryError {
+    RegistryError::Cluster(e.to_string())
 }
 
 /// A change and the bus cursor of its event (`None` when nothing changed).
@@ -34,12 +45,29 @@ pub struct Changed<T> {
 
 impl Fleet {
     pub fn new(registry: Arc<Registry>, bus: Arc<dyn EventBus>) -> Self {
+        Self::with_shared(registry, bus, None)
+    }
+
+    /// A fleet service over a cluster's shared registry (`Some`) or the
+    /// local one alone.
+    pub fn with_shared(
+        registry: Arc<Registry>,
+        bus: Arc<dyn EventBus>,
+        shared: Option<Arc<crate::cluster::registry::SharedRegistry>>,
+    ) -> Self {
         let (applied, _) = tokio::sync::watch::channel(bus.last_id());
         Fleet {
             registry,
             bus,
             applied,
+            shared,
         }
+    }
+
+    /// Runs a cluster operation from the blocking thread the API calls the
+    /// fleet on.
+    fn block_on<T>(f: impl std::future::Future<Output = T>) -> T {
+        tokio::runtime::Handle::current().block_on(f)
     }
 
     pub fn registry(&self) -> &Arc<Registry> {
@@ -48,6 +76,13 @@ impl Fleet {
 
     /// Registers one device (blocking: the store commits before it returns).
     pub fn register(&self, dev: NewDevice) -> Result<Changed<Registered>, RegistryError> {
+        if self.shared.is_some() {
+            let mut c = self.register_batch(vec![dev])?;
+            return Ok(Changed {
+                value: c.value.pop().expect("one result per device"),
+                cursor: c.cursor,
+            });
+        }
         let r = self.registry.register(dev)?;
         let cursor = match &r {
             Registered::Created(d) => Some(self.bus.publish(
@@ -71,6 +106,18 @@ impl Fleet {
         &self,
         devs: Vec<NewDevice>,
     ) -> Result<Changed<Vec<Registered>>, RegistryError> {
+        if let Some(shared) = &self.shared {
+            let (r, rev) = Self::block_on(async {
+                let (r, rev) = shared.register_batch(devs).await?;
+                shared.wait_applied(rev, REPLICA_WAIT).await;
+                Ok::<_, crate::cluster::ClusterError>((r, rev))
+            })
+            .map_err(cluster_error)?;
+            return Ok(Changed {
+                value: r,
+                cursor: (rev > 0).then(|| self.bus.last_id()),
+            });
+        }
         let r = self.registry.register_batch(devs)?;
         let created: Arc<[DeviceRef]> = r
             .iter()
@@ -100,6 +147,30 @@ impl Fleet {
         uuid: &str,
         patch: &DevicePatch,
     ) -> Result<Changed<Option<Device>>, RegistryError> {
+        if let Some(shared) = &self.shared {
+            use crate::cluster::registry::UpdateOutcome;
+            let outcome = Self::block_on(async {
+                let o = shared.update(uuid, patch).await?;
+                if let UpdateOutcome::Updated(_, rev) = &o {
+                    shared.wait_applied(*rev, REPLICA_WAIT).await;
+                }
+                Ok::<_, crate::cluster::ClusterError>(o)
+            })
+            .map_err(cluster_error)?;
+            return match outcome {
+                UpdateOutcome::NoDevice => Ok(Changed {
+                    value: None,
+                    cursor: None,
+                }),
+                UpdateOutcome::KeyTaken(uuid) => Err(RegistryError::KeyTaken { uuid }),
+                UpdateOutcome::Updated(change, _) => Ok(Changed {
+                    // The replica's row: it carries what the record does not
+                    // (heartbeat times).
+                    value: Some(self.registry.get(uuid)?.unwrap_or(change.1)),
+                    cursor: Some(self.bus.last_id()),
+                }),
+            };
+        }
         let d = self.registry.update(uuid, patch)?;
         let cursor = d.as_ref().map(|(before, d)| {
             let rekeyed = before.public_key != d.public_key;
@@ -138,6 +209,18 @@ impl Fleet {
     /// Deletes a device; `None` if there is no such device. Its session is
     /// cut off by the reactor when it reads `device.deleted`.
     pub fn delete(&self, uuid: &str) -> Result<Changed<Option<Device>>, RegistryError> {
+        if let Some(shared) = &self.shared {
+            let d = Self::block_on(async {
+                let d = shared.delete(uuid).await?;
+                if d.is_some() {
+                    shared.wait_gone(uuid, REPLICA_WAIT).await;
+                }
+                Ok::<_, crate::cluster::ClusterError>(d)
+            })
+            .map_err(cluster_error)?;
+            let cursor = d.as_ref().map(|_| self.bus.last_id());
+            return Ok(Changed { value: d, cursor });
+        }
         let d = self.registry.delete(uuid)?;
         let cursor = d.as_ref().map(|d| {
             self.bus.publish(

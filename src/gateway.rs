@@ -103,14 +103,22 @@ impl Gateway {
             config.event_ring,
         ));
         let metrics = Arc::new(Metrics::new());
-        metrics.devices_registered.set(registry.count());
-        // Before anything serves: a duplicate of a live gateway stops here.
+        // Before anything serves: a duplicate of a live gateway stops here,
+        // and the local registry is brought in line with the cluster's.
         let cluster = match &config.cluster {
-            Some(c) => {
-                Some(crate::cluster::Cluster::join(c, &gateway_id, &dir, metrics.clone()).await?)
-            }
+            Some(c) => Some(
+                crate::cluster::Cluster::join(
+                    c,
+                    &gateway_id,
+                    &dir,
+                    metrics.clone(),
+                    registry.clone(),
+                )
+                .await?,
+            ),
             None => None,
         };
+        metrics.devices_registered.set(registry.count());
         let directory = {
             let r = registry.clone();
             tokio::task::spawn_blocking(move || crate::directory::Directory::load(&r))
@@ -181,7 +189,11 @@ impl Gateway {
         let proxy_addr = proxy.local_addr().map_err(Error::Socket)?;
         let (stop_status, stop_status_rx) = tokio::sync::watch::channel(false);
         let status_task = tokio::spawn(status.clone().run(stop_status_rx));
-        let fleet = Arc::new(crate::fleet::Fleet::new(registry.clone(), events.clone()));
+        let fleet = Arc::new(crate::fleet::Fleet::with_shared(
+            registry.clone(),
+            events.clone(),
+            cluster.as_ref().map(|c| c.devices.clone()),
+        ));
         tokio::spawn(
             crate::fleet::Reactor {
                 fleet: fleet.clone(),
@@ -192,6 +204,9 @@ impl Gateway {
             }
             .run(stop_status.subscribe()),
         );
+        if let Some(c) = &cluster {
+            c.follow(events.clone());
+        }
         tokio::spawn(action_queue.clone().run_expiry(stop_status.subscribe()));
         let sockets = crate::packet_path::udp_io::worker_sockets(udp, config.workers)
             .map_err(Error::Socket)?;

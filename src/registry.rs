@@ -38,6 +38,9 @@ pub enum RegistryError {
         "the tunnel CIDR {0} is too small: it needs room for the gateway and at least one device"
     )]
     CidrTooSmall(String),
+    /// Cluster mode: the cluster's registry cannot be reached or refused.
+    #[error("the cluster's registry: {0}")]
+    Cluster(String),
     /// A key change named a key another device holds.
     #[error("this public key belongs to device {uuid:?}; every device needs its own key")]
     KeyTaken { uuid: String },
@@ -610,6 +613,91 @@ impl Registry {
             self.count.fetch_sub(1, Ordering::Relaxed);
         }
         Ok(dev)
+    }
+
+    /// Cluster mode: makes the local copy of `dev` what the cluster's
+    /// registry says (insert or replace, address and settings included);
+    /// a local row holding its key or address under another uuid (a change
+    /// not applied yet) goes first. Returns the row it replaced.
+    pub fn replica_upsert(
+        &self,
+        dev: &Device,
+        device_api_key: Option<&str>,
+    ) -> Result<Option<Device>, RegistryError> {
+        let mut w = self.writer.lock();
+        let tx = w.conn.transaction()?;
+        let before = tx
+            .query_row(
+                &format!("SELECT {DEVICE_COLUMNS} FROM devices WHERE uuid = ?1"),
+                [&dev.uuid],
+                row_to_device,
+            )
+            .optional()?;
+        let evicted = tx.execute(
+            "DELETE FROM devices WHERE (public_key = ?1 OR address = ?2) AND uuid != ?3",
+            params![&dev.public_key[..], u32::from(dev.address) as i64, dev.uuid],
+        )?;
+        tx.execute(
+            "INSERT INTO devices (uuid, public_key, address, name, created_at, poll_interval_s, cloudlink_enabled, app_id, device_api_key) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) \
+             ON CONFLICT(uuid) DO UPDATE SET public_key = ?2, address = ?3, name = ?4, created_at = ?5, \
+             poll_interval_s = ?6, cloudlink_enabled = ?7, app_id = ?8, device_api_key = ?9",
+            params![
+                dev.uuid,
+                &dev.public_key[..],
+                u32::from(dev.address) as i64,
+                dev.name,
+                dev.created_at_ms,
+                dev.status.poll_interval_s.map(|v| v as i64),
+                dev.status.cloudlink_enabled,
+                dev.app_id.map(|v| v as i64),
+                device_api_key,
+            ],
+        )?;
+        tx.commit()?;
+        drop(w);
+        let added = i64::from(before.is_none()) - evicted as i64;
+        self.count.fetch_add(added, Ordering::Relaxed);
+        Ok(before)
+    }
+
+    /// Whether a device holds `address` here.
+    pub fn address_taken(&self, address: Ipv4Addr) -> Result<bool, RegistryError> {
+        let r = self.reader.lock();
+        let mut st = r.prepare_cached("SELECT 1 FROM devices WHERE address = ?1")?;
+        Ok(st.exists([u32::from(address) as i64])?)
+    }
+
+    /// The highest tunnel address held here.
+    pub fn max_address(&self) -> Result<Option<Ipv4Addr>, RegistryError> {
+        let r = self.reader.lock();
+        let m: Option<i64> = r.query_row("SELECT max(address) FROM devices", [], |r| r.get(0))?;
+        Ok(m.map(|m| Ipv4Addr::from(m as u32)))
+    }
+
+    /// Every uuid in the local registry (cluster mode's initial sync).
+    pub fn uuids(&self) -> Result<Vec<String>, RegistryError> {
+        let r = self.reader.lock();
+        let mut st = r.prepare("SELECT uuid FROM devices")?;
+        let rows = st.query_map([], |r| r.get(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// A value of the `meta` table.
+    pub fn meta(&self, key: &str) -> Result<Option<String>, RegistryError> {
+        let r = self.reader.lock();
+        Ok(
+            r.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+                .optional()?,
+        )
+    }
+
+    pub fn set_meta(&self, key: &str, value: &str) -> Result<(), RegistryError> {
+        self.writer.lock().conn.execute(
+            "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = ?2",
+            params![key, value],
+        )?;
+        Ok(())
     }
 
     pub fn get(&self, uuid: &str) -> Result<Option<Device>, RegistryError> {

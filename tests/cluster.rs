@@ -33,6 +33,7 @@ fn free_port(udp: bool) -> u16 {
 struct Proc {
     child: Child,
     api: String,
+    udp: std::net::SocketAddr,
     log: Arc<Mutex<String>>,
 }
 
@@ -40,22 +41,21 @@ impl Proc {
     /// `cloudlink serve` in cluster mode, not waiting for it.
     fn spawn(dir: &Path, key: &Path, nats: &str, id: &str, extra: &[&str]) -> Proc {
         let api = format!("127.0.0.1:{}", free_port(false));
+        let udp: std::net::SocketAddr = format!("127.0.0.1:{}", free_port(true)).parse().unwrap();
         let mut child = Command::new(BIN)
             .arg("serve")
-            .args(["--listen", &format!("127.0.0.1:{}", free_port(true))])
+            .args(["--listen", &udp.to_string(), "--token", common::TOKEN])
             .args(["--api", &api, "--proxy", "127.0.0.1:0"])
             .arg("--data-dir")
             .arg(dir)
             .arg("--private-key-file")
             .arg(key)
-            .args([
-                "--nats",
-                nats,
-                "--gateway-id",
-                id,
-                "--endpoint",
-                "127.0.0.1:1",
-            ])
+            .args(if nats.is_empty() {
+                vec!["--gateway-id", id]
+            } else {
+                vec!["--nats", nats, "--gateway-id", id]
+            })
+            .args(["--endpoint", "127.0.0.1:1"])
             .args(extra)
             .env_remove("CLOUDLINK_TOKEN")
             .stdout(Stdio::null())
@@ -75,6 +75,7 @@ impl Proc {
         Proc {
             child,
             api: format!("http://{api}"),
+            udp,
             log,
         }
     }
@@ -311,4 +312,278 @@ fn a_server_older_than_2_11_is_refused() {
     assert!(!p.exit(Duration::from_secs(30)).success());
     let log = p.log();
     assert!(log.contains("needs 2.11 or later"), "{log}");
+}
+
+/// An API call with the shared token.
+async fn call(
+    base: &str,
+    method: &str,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> (u16, serde_json::Value) {
+    let c = reqwest::Client::new();
+    let mut rb = c
+        .request(method.parse().unwrap(), format!("{base}{path}"))
+        .bearer_auth(common::TOKEN);
+    if let Some(b) = body {
+        rb = rb.json(&b);
+    }
+    let r = rb.send().await.unwrap();
+    let st = r.status().as_u16();
+    let text = r.text().await.unwrap();
+    (
+        st,
+        serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+/// The shared registry: a device registered through one gateway dials the
+/// other; a device deleted through one is cut off on the other; batches
+/// and concurrent registrations on both never share an address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_registry_is_shared_between_gateways() {
+    use cloudlink::keys::{encode_key, generate_private_key, public_key};
+    use serde_json::json;
+    let nats = NatsServer::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let key = shared_key(tmp.path());
+    let gw_secret = cloudlink::keys::decode_key(&std::fs::read_to_string(&key).unwrap()).unwrap();
+    let gw_public = public_key(&gw_secret);
+    let mut a = Proc::spawn(&tmp.path().join("a"), &key, &nats.url, "gw-a", &[]);
+    let mut b = Proc::spawn(&tmp.path().join("b"), &key, &nats.url, "gw-b", &[]);
+    a.ready(Duration::from_secs(20));
+    b.ready(Duration::from_secs(20));
+
+    // Registered through A: B knows it at once (the answer waited for A's
+    // replica; B's follows within the watch's latency).
+    let dev_key = generate_private_key();
+    let (st, reg) = call(
+        &a.api,
+        "POST",
+        "/v1/devices",
+        Some(json!({"uuid": "shared-1", "public_key": encode_key(&public_key(&dev_key))})),
+    )
+    .await;
+    assert_eq!(st, 201, "{reg}");
+    let seen = Instant::now();
+    loop {
+        let (st, d) = call(&b.api, "GET", "/v1/devices/shared-1", None).await;
+        if st == 200 {
+            assert_eq!(d["address"], reg["address"]);
+            break;
+        }
+        assert!(
+            seen.elapsed() < Duration::from_secs(1),
+            "B did not see the device within 1 s"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    // A change through B reaches A (compare-and-set on the record).
+    let (st, d) = call(
+        &b.api,
+        "PATCH",
+        "/v1/devices/shared-1",
+        Some(json!({"name": "renamed on B", "poll_interval_s": 60})),
+    )
+    .await;
+    assert_eq!(st, 200, "{d}");
+    assert_eq!(d["name"], "renamed on B");
+    let seen = Instant::now();
+    loop {
+        let (_, d) = call(&a.api, "GET", "/v1/devices/shared-1", None).await;
+        if d["name"] == "renamed on B" {
+            assert_eq!(d["heartbeat"]["poll_interval_s"], 60);
+            break;
+        }
+        assert!(
+            seen.elapsed() < Duration::from_secs(1),
+            "A did not see the change within 1 s"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    // It dials B and its link comes up there.
+    let mut events_b = common::SseReader::connect(&format!("{}/v1/events", b.api), None).await;
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    let mut dev = common::TestDevice::with_key(b.udp, &gw_public, 31, socket, dev_key);
+    dev.connect();
+    let up = events_b
+        .wait_for(Duration::from_secs(10), |e| e["type"] == "link.up")
+        .await;
+    assert_eq!(up.data["device"], "shared-1");
+
+    // Another device, connected to A, deleted through B: A cuts it off.
+    let k2 = generate_private_key();
+    let (st, _) = call(
+        &b.api,
+        "POST",
+        "/v1/devices",
+        Some(json!({"uuid": "shared-2", "public_key": encode_key(&public_key(&k2))})),
+    )
+    .await;
+    assert_eq!(st, 201);
+    let mut events_a = common::SseReader::connect(&format!("{}/v1/events", a.api), None).await;
+    // A may be a few milliseconds behind B's answer.
+    let mut dev2 = None;
+    for _ in 0..100 {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let mut d = common::TestDevice::with_key(a.udp, &gw_public, 32, socket, k2);
+        d.send_initiation();
+        // The response is fed to the tunnel, which sends the keepalive.
+        if d.receive_one().is_ok() {
+            dev2 = Some(d);
+            break;
+        }
+    }
+    let _dev2 = dev2.expect("A answered shared-2's handshake");
+    events_a
+        .wait_for(Duration::from_secs(10), |e| {
+            e["type"] == "link.up" && e["device"] == "shared-2"
+        })
+        .await;
+    let t = Instant::now();
+    let (st, _) = call(&b.api, "DELETE", "/v1/devices/shared-2", None).await;
+    assert_eq!(st, 204);
+    let down = events_a
+        .wait_for(Duration::from_secs(5), |e| {
+            e["type"] == "link.down" && e["device"] == "shared-2"
+        })
+        .await;
+    let took = t.elapsed();
+    assert_eq!(down.data["reason"], "revoked");
+    assert!(
+        took < Duration::from_secs(1),
+        "A cut the device off after {took:?}"
+    );
+    eprintln!("deleted through B, cut off on A after {took:?}");
+
+    // A batch through B and a batch through A at the same time: every
+    // device on both gateways, no address twice.
+    let batch = |prefix: &str| {
+        let devices: Vec<_> = (0..150)
+            .map(|i| json!({"uuid": format!("{prefix}-{i}"), "public_key": encode_key(&public_key(&generate_private_key()))}))
+            .collect();
+        json!({ "devices": devices })
+    };
+    let (ra, rb) = tokio::join!(
+        call(&a.api, "POST", "/v1/devices/batch", Some(batch("from-a"))),
+        call(&b.api, "POST", "/v1/devices/batch", Some(batch("from-b"))),
+    );
+    assert_eq!(
+        (ra.0, ra.1["created"].as_u64()),
+        (200, Some(150)),
+        "{}",
+        ra.1
+    );
+    assert_eq!(
+        (rb.0, rb.1["created"].as_u64()),
+        (200, Some(150)),
+        "{}",
+        rb.1
+    );
+    for gw in [&a, &b] {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let (_, page) = call(&gw.api, "GET", "/v1/devices?limit=1000", None).await;
+            let list = page["devices"].as_array().cloned().unwrap_or_default();
+            let addrs: std::collections::HashSet<_> = list
+                .iter()
+                .map(|d| d["address"].as_str().unwrap().to_owned())
+                .collect();
+            if list.len() == 301 {
+                assert_eq!(addrs.len(), 301, "an address was handed out twice");
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} devices on {}",
+                list.len(),
+                gw.api
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    // The same key through the other gateway: refused, as on one gateway.
+    let (st, e) = call(
+        &a.api,
+        "POST",
+        "/v1/devices",
+        Some(json!({"uuid": "thief", "public_key": reg["public_key"]})),
+    )
+    .await;
+    assert_eq!(st, 409, "{e}");
+    assert_eq!(e["error"], "public_key_taken");
+    drop(dev);
+}
+
+/// A gateway that ran alone joins a cluster with its devices (nothing is
+/// dropped); a gateway that was away when a device was deleted drops it when
+/// it comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn joining_keeps_a_lone_gateways_devices_and_catches_up_after_an_absence() {
+    use cloudlink::keys::{encode_key, generate_private_key, public_key};
+    use serde_json::json;
+    let nats = NatsServer::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let key = shared_key(tmp.path());
+    let dir_a = tmp.path().join("a");
+    let mut alone = Proc::spawn(&dir_a, &key, "", "gw-a", &[]);
+    alone.ready(Duration::from_secs(20));
+    let mut addresses = Vec::new();
+    for i in 0..3 {
+        let (st, d) = call(
+            &alone.api,
+            "POST",
+            "/v1/devices",
+            Some(json!({"uuid": format!("old-{i}"), "public_key": encode_key(&public_key(&generate_private_key()))})),
+        )
+        .await;
+        assert_eq!(st, 201);
+        addresses.push(d["address"].as_str().unwrap().to_owned());
+    }
+    alone.terminate();
+
+    // First join: its devices go into the cluster's registry, addresses kept.
+    let mut a = Proc::spawn(&dir_a, &key, &nats.url, "gw-a", &[]);
+    a.ready(Duration::from_secs(20));
+    let mut b = Proc::spawn(&tmp.path().join("b"), &key, &nats.url, "gw-b", &[]);
+    b.ready(Duration::from_secs(20));
+    for (i, addr) in addresses.iter().enumerate() {
+        let (st, d) = call(&b.api, "GET", &format!("/v1/devices/old-{i}"), None).await;
+        assert_eq!(st, 200, "{d}");
+        assert_eq!(d["address"], addr.as_str());
+    }
+    // A is away while old-1 is deleted and new-1 registered through B.
+    a.terminate();
+    let (st, _) = call(&b.api, "DELETE", "/v1/devices/old-1", None).await;
+    assert_eq!(st, 204);
+    let (st, _) = call(
+        &b.api,
+        "POST",
+        "/v1/devices",
+        Some(json!({"uuid": "new-1", "public_key": encode_key(&public_key(&generate_private_key()))})),
+    )
+    .await;
+    assert_eq!(st, 201);
+    let mut a = Proc::spawn(&dir_a, &key, &nats.url, "gw-a", &[]);
+    a.ready(Duration::from_secs(20));
+    let (st, _) = call(&a.api, "GET", "/v1/devices/old-1", None).await;
+    assert_eq!(st, 404, "deleted while A was away");
+    for uuid in ["old-0", "old-2", "new-1"] {
+        let (st, _) = call(&a.api, "GET", &format!("/v1/devices/{uuid}"), None).await;
+        assert_eq!(st, 200, "{uuid}");
+    }
+    assert!(
+        a.log().contains("deleted while this gateway was away"),
+        "{}",
+        a.log()
+    );
+    b.terminate();
 }

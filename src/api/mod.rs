@@ -260,6 +260,11 @@ pub(crate) async fn blocking<T: Send + 'static>(
             "tunnel_cidr_exhausted",
             format!("the tunnel network {net} has no free address; delete devices or start with a larger --tunnel-cidr"),
         )),
+        Ok(Err(crate::registry::RegistryError::Cluster(why))) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "cluster_unavailable",
+            format!("the cluster's registry cannot take changes now ({why}); connected devices are not affected; retry later"),
+        )),
         Ok(Err(crate::registry::RegistryError::KeyTaken { uuid })) => Err(ApiError::new(
             StatusCode::CONFLICT,
             "public_key_taken",

@@ -17,6 +17,7 @@
 //! watches), so nothing home-made decides who is alive or who owns what.
 
 pub mod lease;
+pub mod registry;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -91,17 +92,24 @@ pub struct Cluster {
     pub jetstream: async_nats::jetstream::Context,
     pub gateway_id: String,
     pub lease: Arc<lease::Lease>,
+    /// The shared device registry (the local one is its replica).
+    pub devices: Arc<registry::SharedRegistry>,
+    /// The registry watch, from where the initial sync stopped, until
+    /// [`follow`](Cluster::follow) takes it.
+    watch: parking_lot::Mutex<Option<async_nats::jetstream::kv::Watch>>,
 }
 
 impl Cluster {
-    /// Connects, checks the server, and takes this gateway's lease (see
-    /// [`lease::Lease::acquire`]). `data_dir` keeps the boot id of the last
-    /// start, which is how a restart is told from a duplicate.
+    /// Connects, checks the server, takes this gateway's lease (see
+    /// [`lease::Lease::acquire`]; `data_dir` keeps the boot id of the last
+    /// start, which is how a restart is told from a duplicate), and brings
+    /// the local registry in line with the cluster's.
     pub async fn join(
         config: &ClusterConfig,
         gateway_id: &str,
         data_dir: &Path,
         metrics: Arc<crate::metrics::Metrics>,
+        local: Arc<crate::registry::Registry>,
     ) -> Result<Arc<Cluster>, ClusterError> {
         if !valid_gateway_id(gateway_id) {
             return Err(ClusterError::BadGatewayId(gateway_id.to_owned()));
@@ -121,12 +129,24 @@ impl Cluster {
             metrics,
         )
         .await?;
+        let devices = registry::SharedRegistry::open(&jetstream, local).await?;
+        let watch = devices.sync().await?;
         Ok(Arc::new(Cluster {
             client,
             jetstream,
             gateway_id: gateway_id.to_owned(),
             lease,
+            devices,
+            watch: parking_lot::Mutex::new(Some(watch)),
         }))
+    }
+
+    /// Starts applying the cluster's registry changes here, published on
+    /// `bus` for the fleet reactor. Once.
+    pub fn follow(&self, bus: Arc<dyn crate::bus::EventBus>) {
+        if let Some(w) = self.watch.lock().take() {
+            tokio::spawn(self.devices.clone().follow(w, bus));
+        }
     }
 
     /// A clean stop: the lease goes at once, so survivors need not wait
