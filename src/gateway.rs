@@ -113,6 +113,7 @@ impl Gateway {
                     &dir,
                     metrics.clone(),
                     registry.clone(),
+                    events.clone(),
                 )
                 .await?,
             ),
@@ -169,7 +170,7 @@ impl Gateway {
             )
         };
         let endpoints = Arc::new(crate::redial::EndpointBook::default());
-        path.set_link_observer(Arc::new(crate::packet_path::Observers(vec![
+        let mut observers: Vec<Arc<dyn crate::packet_path::LinkObserver>> = vec![
             relay.clone(),
             status.clone(),
             endpoints.clone(),
@@ -177,7 +178,11 @@ impl Gateway {
                 queue: action_queue.clone(),
                 runtime: tokio::runtime::Handle::current(),
             }),
-        ])));
+        ];
+        if let Some(c) = &cluster {
+            observers.push(c.ownership.clone());
+        }
+        path.set_link_observer(Arc::new(crate::packet_path::Observers(observers)));
         let proxy = tokio::net::TcpListener::bind(config.proxy)
             .await
             .map_err(|e| {
@@ -250,6 +255,7 @@ impl Gateway {
             handshake_rate: Default::default(),
             endpoint,
             ready: false.into(),
+            cluster: cluster.clone(),
         });
         let (stop_proxy, stop_proxy_rx) = tokio::sync::watch::channel(false);
         tokio::spawn(crate::relay::proxy::serve(

@@ -145,6 +145,10 @@ pub struct Metrics {
     pub cluster_nats_rtt: prometheus::Gauge,
     /// Times another process took this gateway's lease.
     pub cluster_lease_lost: IntCounter,
+    /// Devices this gateway holds in the cluster's ownership directory.
+    pub cluster_owned: IntGauge,
+    /// Devices of gateways whose lease expired that this gateway marked down.
+    pub cluster_reaped: IntCounter,
     relay_results: Vec<IntCounter>,
     handshakes: Vec<IntCounter>,
     dropped: Vec<IntCounter>,
@@ -243,6 +247,14 @@ impl Metrics {
                     .expect("unique metric");
                 g
             },
+            cluster_owned: gauge(
+                "cloudlink_cluster_owned_devices",
+                "Cluster mode: devices this gateway holds in the cluster's ownership directory.",
+            ),
+            cluster_reaped: counter(
+                "cloudlink_cluster_reaped_devices_total",
+                "Cluster mode: devices of a gateway whose lease expired that this gateway marked down (gateway_lost).",
+            ),
             cluster_lease_lost: counter(
                 "cloudlink_cluster_lease_lost_total",
                 "Cluster mode: times another process took this gateway's liveness lease (two gateways with one --gateway-id).",

@@ -587,3 +587,227 @@ async fn joining_keeps_a_lone_gateways_devices_and_catches_up_after_an_absence()
     );
     b.terminate();
 }
+
+/// The device's state on every gateway of the cluster, as the API shows it:
+/// (connected, owner).
+async fn view(gw: &Proc, uuid: &str) -> (bool, Option<String>) {
+    let (_, d) = call(&gw.api, "GET", &format!("/v1/devices/{uuid}"), None).await;
+    (
+        d["cloudlink"]["connected"].as_bool().unwrap_or(false),
+        d["cloudlink"]["gateway"].as_str().map(str::to_owned),
+    )
+}
+
+/// Ownership: a device connected to B shows `cloudlink.gateway` = B on
+/// every gateway. B is killed: within lease + 5 s every one of its devices
+/// is down with reason `gateway_lost`, exactly once across the survivors,
+/// and no sample ever shows a device with two owners.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_gateways_devices_go_down_exactly_once() {
+    use cloudlink::keys::{encode_key, generate_private_key, public_key};
+    use serde_json::json;
+    let nats = NatsServer::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let key = shared_key(tmp.path());
+    let gw_public =
+        public_key(&cloudlink::keys::decode_key(&std::fs::read_to_string(&key).unwrap()).unwrap());
+    let lease = ["--cluster-lease", "3s"];
+    let mut a = Proc::spawn(&tmp.path().join("a"), &key, &nats.url, "gw-a", &lease);
+    let mut b = Proc::spawn(&tmp.path().join("b"), &key, &nats.url, "gw-b", &lease);
+    let mut c = Proc::spawn(&tmp.path().join("c"), &key, &nats.url, "gw-c", &lease);
+    for p in [&mut a, &mut b, &mut c] {
+        p.ready(Duration::from_secs(20));
+    }
+    const N: usize = 20;
+    let mut devices = Vec::new();
+    for i in 0..N {
+        let k = generate_private_key();
+        let (st, _) = call(
+            &a.api,
+            "POST",
+            "/v1/devices",
+            Some(json!({"uuid": format!("held-{i}"), "public_key": encode_key(&public_key(&k))})),
+        )
+        .await;
+        assert_eq!(st, 201);
+        devices.push(k);
+    }
+    // B knows them within milliseconds; each connects to B.
+    let mut held = Vec::new();
+    for (i, k) in devices.into_iter().enumerate() {
+        let mut dev = None;
+        for _ in 0..50 {
+            let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            socket
+                .set_read_timeout(Some(Duration::from_millis(200)))
+                .unwrap();
+            let mut d = common::TestDevice::with_key(b.udp, &gw_public, 40 + i as u32, socket, k);
+            d.send_initiation();
+            if d.receive_one().is_ok() {
+                dev = Some(d);
+                break;
+            }
+        }
+        held.push(dev.expect("B answered the handshake"));
+    }
+    for i in 0..N {
+        let uuid = format!("held-{i}");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        for gw in [&a, &c] {
+            loop {
+                if view(gw, &uuid).await == (true, Some("gw-b".into())) {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "{uuid} not shown on gw-b by {}",
+                    gw.api
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+    let mut events_a = common::SseReader::connect(&format!("{}/v1/events", a.api), None).await;
+    let mut events_c = common::SseReader::connect(&format!("{}/v1/events", c.api), None).await;
+
+    let killed = Instant::now();
+    b.kill9();
+    // Sample both survivors every 100 ms until lease + 5 s.
+    let limit = Duration::from_secs(3 + 5);
+    let mut settled_at = None;
+    while killed.elapsed() < limit + Duration::from_secs(2) {
+        let mut all_down = true;
+        for i in 0..N {
+            let uuid = format!("held-{i}");
+            let (va, vc) = (view(&a, &uuid).await, view(&c, &uuid).await);
+            for v in [&va, &vc] {
+                if v.0 {
+                    all_down = false;
+                    assert_eq!(
+                        v.1.as_deref(),
+                        Some("gw-b"),
+                        "{uuid}: an owner other than gw-b appeared"
+                    );
+                }
+            }
+            if va.0 && vc.0 {
+                assert_eq!(va.1, vc.1, "{uuid} shown with two owners");
+            }
+        }
+        if all_down && settled_at.is_none() {
+            settled_at = Some(killed.elapsed());
+        }
+        if let Some(t) = settled_at {
+            assert!(
+                t <= limit,
+                "devices still shown on the dead gateway after {t:?}"
+            );
+        } else {
+            assert!(
+                killed.elapsed() <= limit,
+                "devices still shown on the dead gateway after lease + 5 s"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!("all devices of the killed gateway down after {settled_at:?}");
+    // Exactly one gateway_lost per device, across both survivors' streams.
+    let mut lost = std::collections::HashMap::<String, usize>::new();
+    for ev in [&mut events_a, &mut events_c] {
+        for m in ev.drain_for(Duration::from_millis(500)).await {
+            if m.data["type"] == "link.down" && m.data["reason"] == "gateway_lost" {
+                *lost
+                    .entry(m.data["device"].as_str().unwrap().to_owned())
+                    .or_default() += 1;
+            }
+        }
+    }
+    for i in 0..N {
+        assert_eq!(lost.get(&format!("held-{i}")), Some(&1), "{lost:?}");
+    }
+    let reaped = a
+        .metric("cloudlink_cluster_reaped_devices_total")
+        .unwrap_or(0.0)
+        + c.metric("cloudlink_cluster_reaped_devices_total")
+            .unwrap_or(0.0);
+    assert_eq!(reaped, N as f64);
+    drop(held);
+}
+
+/// A device that moves from A to B: B owns it; A's own link-down, later
+/// (its session timing out), does not mark the device down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_link_down_from_a_former_owner_changes_nothing() {
+    use cloudlink::keys::{encode_key, generate_private_key, public_key};
+    use serde_json::json;
+    let nats = NatsServer::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let key = shared_key(tmp.path());
+    let gw_public =
+        public_key(&cloudlink::keys::decode_key(&std::fs::read_to_string(&key).unwrap()).unwrap());
+    let opts = ["--link-timeout", "2s"];
+    let mut a = Proc::spawn(&tmp.path().join("a"), &key, &nats.url, "gw-a", &opts);
+    let mut b = Proc::spawn(&tmp.path().join("b"), &key, &nats.url, "gw-b", &opts);
+    a.ready(Duration::from_secs(20));
+    b.ready(Duration::from_secs(20));
+    let k = generate_private_key();
+    let (st, _) = call(
+        &a.api,
+        "POST",
+        "/v1/devices",
+        Some(json!({"uuid": "mover", "public_key": encode_key(&public_key(&k))})),
+    )
+    .await;
+    assert_eq!(st, 201);
+    let mut events_a = common::SseReader::connect(&format!("{}/v1/events", a.api), None).await;
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    let mut on_a = common::TestDevice::with_key(a.udp, &gw_public, 61, socket, k);
+    on_a.connect();
+    events_a
+        .wait_for(Duration::from_secs(5), |e| e["type"] == "link.up")
+        .await;
+    // The device moves to B (the load balancer sent it there).
+    let mut on_b = None;
+    for _ in 0..50 {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let mut d = common::TestDevice::with_key(b.udp, &gw_public, 62, socket, k);
+        d.send_initiation();
+        if d.receive_one().is_ok() {
+            on_b = Some(d);
+            break;
+        }
+    }
+    let mut on_b = on_b.expect("B answered");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while view(&a, "mover").await != (true, Some("gw-b".into())) {
+        assert!(
+            Instant::now() < deadline,
+            "A never showed the device on gw-b"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A's session goes silent and times out there: A's link-down.
+    events_a
+        .wait_for(Duration::from_secs(10), |e| e["type"] == "link.down")
+        .await;
+    // Keep the device alive on B meanwhile, then look again.
+    for _ in 0..5 {
+        on_b.keepalive();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for gw in [&a, &b] {
+        assert_eq!(
+            view(gw, "mover").await,
+            (true, Some("gw-b".into())),
+            "on {}",
+            gw.api
+        );
+    }
+    drop(on_a);
+}

@@ -140,12 +140,56 @@ pub(super) fn registration_json(d: &Device) -> Map<String, Value> {
     m
 }
 
+/// A device's cloudlink: its session here, or (cluster mode) the gateway
+/// that holds it. Byte counters are this gateway's: for a device held
+/// elsewhere they are 0 here.
 pub(super) fn cloudlink_json(s: &SharedState, uuid: &str) -> Value {
-    match s.path.sessions.by_uuid(uuid) {
-        Some(session) => {
-            let snap = session.snapshot();
+    // The cluster's ownership record is the truth: a session here that
+    // another gateway has taken over (the device moved) is not shown.
+    let owner = s
+        .cluster
+        .as_ref()
+        .and_then(|c| c.ownership.owner(uuid))
+        .map(|o| o.record);
+    let moved_away = owner.as_ref().is_some_and(|o| o.gateway != s.gateway_id);
+    let here = s
+        .path
+        .sessions
+        .by_uuid(uuid)
+        .map(|x| x.snapshot())
+        .filter(|snap| (snap.connected || s.cluster.is_none()) && !moved_away);
+    let elsewhere = || owner.clone().filter(|o| o.gateway != s.gateway_id);
+    match here {
+        None => match elsewhere() {
+            Some(o) => json!({
+                "connected": true,
+                "gateway": o.gateway,
+                "since": o.since,
+                "endpoint": o.endpoint,
+                "last_handshake_at": null,
+                "last_packet_at": null,
+                "rx_bytes": 0,
+                "tx_bytes": 0,
+                "rx_packets": 0,
+                "tx_packets": 0,
+            }),
+            None => json!({
+                "connected": false,
+                "gateway": null,
+                "since": null,
+                "endpoint": null,
+                "last_handshake_at": null,
+                "last_packet_at": null,
+                "rx_bytes": 0,
+                "tx_bytes": 0,
+                "rx_packets": 0,
+                "tx_packets": 0,
+            }),
+        },
+        Some(snap) => {
             json!({
                 "connected": snap.connected,
+                "gateway": snap.connected.then_some(s.gateway_id.as_str()),
                 "since": snap.since.map(rfc3339),
                 "endpoint": snap.endpoint.to_string(),
                 "last_handshake_at": snap.last_handshake_at.map(rfc3339),
@@ -156,17 +200,6 @@ pub(super) fn cloudlink_json(s: &SharedState, uuid: &str) -> Value {
                 "tx_packets": snap.tx_packets,
             })
         }
-        None => json!({
-            "connected": false,
-            "since": null,
-            "endpoint": null,
-            "last_handshake_at": null,
-            "last_packet_at": null,
-            "rx_bytes": 0,
-            "tx_bytes": 0,
-            "rx_packets": 0,
-            "tx_packets": 0,
-        }),
     }
 }
 

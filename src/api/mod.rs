@@ -55,6 +55,8 @@ pub struct ApiState {
     /// `host:port` written into device configs.
     pub endpoint: String,
     pub ready: AtomicBool,
+    /// Cluster mode: who holds devices connected elsewhere.
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 pub type SharedState = Arc<ApiState>;

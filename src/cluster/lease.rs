@@ -22,7 +22,7 @@ use async_nats::jetstream::kv;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -63,8 +63,12 @@ pub struct Lease {
     revision: AtomicU64,
     /// How often the lease is rewritten.
     pub refresh: Duration,
-    /// Gateways whose lease is live, from the bucket's watch.
-    alive: parking_lot::Mutex<BTreeSet<String>>,
+    /// Gateways whose lease is live, with their boot, from the bucket's
+    /// watch.
+    alive: parking_lot::Mutex<BTreeMap<String, String>>,
+    /// (gateway, boot) whose lease went: expired, released, or replaced by
+    /// a newer boot of the same gateway.
+    pub gone: tokio::sync::broadcast::Sender<(String, String)>,
     metrics: Arc<crate::metrics::Metrics>,
 }
 
@@ -121,6 +125,7 @@ impl Lease {
             revision: AtomicU64::new(revision),
             refresh: max_age / 3,
             alive: Default::default(),
+            gone: tokio::sync::broadcast::channel(1024).0,
             metrics,
         });
         tokio::spawn(keep(Arc::downgrade(&lease)));
@@ -130,7 +135,7 @@ impl Lease {
 
     /// Gateway ids whose lease is live (this one included).
     pub fn alive(&self) -> Vec<String> {
-        self.alive.lock().iter().cloned().collect()
+        self.alive.lock().keys().cloned().collect()
     }
 
     /// Gives the lease up (a clean stop).
@@ -277,15 +282,20 @@ async fn watch(lease: std::sync::Weak<Lease>) {
             let Some(l) = lease.upgrade() else { return };
             let Ok(entry) = entry else { break };
             let mut alive = l.alive.lock();
-            match entry.operation {
+            let previous = match entry.operation {
                 kv::Operation::Put => {
-                    alive.insert(entry.key);
+                    let boot = LeaseValue::parse(&entry.value).map_or_else(String::new, |v| v.boot);
+                    alive
+                        .insert(entry.key.clone(), boot.clone())
+                        .filter(|old| *old != boot)
                 }
-                kv::Operation::Delete | kv::Operation::Purge => {
-                    alive.remove(&entry.key);
-                }
-            }
+                kv::Operation::Delete | kv::Operation::Purge => alive.remove(&entry.key),
+            };
             l.metrics.cluster_gateways_alive.set(alive.len() as i64);
+            drop(alive);
+            if let Some(boot) = previous.filter(|b| !b.is_empty()) {
+                let _ = l.gone.send((entry.key, boot));
+            }
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }

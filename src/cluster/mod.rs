@@ -17,6 +17,7 @@
 //! watches), so nothing home-made decides who is alive or who owns what.
 
 pub mod lease;
+pub mod ownership;
 pub mod registry;
 
 use std::path::{Path, PathBuf};
@@ -94,6 +95,8 @@ pub struct Cluster {
     pub lease: Arc<lease::Lease>,
     /// The shared device registry (the local one is its replica).
     pub devices: Arc<registry::SharedRegistry>,
+    /// Which gateway holds each connected device.
+    pub ownership: Arc<ownership::Ownership>,
     /// The registry watch, from where the initial sync stopped, until
     /// [`follow`](Cluster::follow) takes it.
     watch: parking_lot::Mutex<Option<async_nats::jetstream::kv::Watch>>,
@@ -110,6 +113,7 @@ impl Cluster {
         data_dir: &Path,
         metrics: Arc<crate::metrics::Metrics>,
         local: Arc<crate::registry::Registry>,
+        bus: Arc<dyn crate::bus::EventBus>,
     ) -> Result<Arc<Cluster>, ClusterError> {
         if !valid_gateway_id(gateway_id) {
             return Err(ClusterError::BadGatewayId(gateway_id.to_owned()));
@@ -126,9 +130,32 @@ impl Cluster {
             gateway_id,
             config.lease,
             &data_dir.join(lease::BOOT_FILE),
-            metrics,
+            metrics.clone(),
         )
         .await?;
+        let ownership =
+            ownership::Ownership::open(&jetstream, gateway_id, &lease.boot, bus, metrics).await?;
+        // A gateway's lease went: reap its devices (one survivor does). A
+        // restarted gateway's previous boot is reaped a lease later, so the
+        // devices it redials come back without a down in between.
+        {
+            let mut gone = lease.gone.subscribe();
+            let own = Arc::downgrade(&ownership);
+            let me = gateway_id.to_owned();
+            let delay = lease.refresh * 3;
+            tokio::spawn(async move {
+                while let Ok((gateway, boot)) = gone.recv().await {
+                    let own = own.clone();
+                    let wait = if gateway == me { delay } else { Duration::ZERO };
+                    tokio::spawn(async move {
+                        tokio::time::sleep(wait).await;
+                        if let Some(o) = own.upgrade() {
+                            o.gateway_gone(&gateway, &boot).await;
+                        }
+                    });
+                }
+            });
+        }
         let devices = registry::SharedRegistry::open(&jetstream, local).await?;
         let watch = devices.sync().await?;
         Ok(Arc::new(Cluster {
@@ -137,6 +164,7 @@ impl Cluster {
             gateway_id: gateway_id.to_owned(),
             lease,
             devices,
+            ownership,
             watch: parking_lot::Mutex::new(Some(watch)),
         }))
     }
@@ -152,6 +180,8 @@ impl Cluster {
     /// A clean stop: the lease goes at once, so survivors need not wait
     /// for it to expire.
     pub async fn leave(&self) {
+        // The devices' link-downs (`shutdown`) first, then the lease.
+        self.ownership.flush().await;
         self.lease.release().await;
         let _ = self.client.flush().await;
     }

@@ -1,0 +1,390 @@
+//! Who holds each connected device, cluster-wide: the KV bucket
+//! `cloudlink_sessions`, key `s.<uuid>` → `{gateway, boot, endpoint, since}`.
+//!
+//! - Written from this gateway's link transitions (a [`LinkObserver`]: it
+//!   only notes the latest state per device; a task writes, so a burst of
+//!   link-ups or roams costs one write per device): on link-up and roam the
+//!   gateway takes the key (`create`, or `update` at the revision read, so a
+//!   newer owner's write is never lost to an older one's); on link-down it
+//!   deletes the key only if it still holds it (compare-and-set on the
+//!   revision of its own record), so a late link-down from a former owner
+//!   never marks a device that moved elsewhere as down.
+//! - Read from a watch into memory (`owner`), which the API uses to show a
+//!   device connected through another gateway, with `cloudlink.gateway`.
+//! - Reaping: when a gateway's lease goes (it aged out), exactly one
+//!   survivor wins `create` on `r.<gateway>.<boot>` and, for every device
+//!   that gateway still held, deletes the record at the revision it read
+//!   and publishes `link.down` with reason `gateway_lost`. A record the dead
+//!   gateway no longer holds (the device came back elsewhere first) is left
+//!   alone: its compare-and-set fails.
+//!
+//! [`LinkObserver`]: crate::packet_path::LinkObserver
+
+use async_nats::jetstream::kv;
+use bytes::Bytes;
+use dashmap::DashMap;
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use super::ClusterError;
+use crate::bus::event::{Event, Link};
+use crate::bus::EventBus;
+use crate::link_state::DownReason;
+
+pub const BUCKET: &str = "cloudlink_sessions";
+const VERSION: u32 = 1;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct OwnerRecord {
+    pub v: u32,
+    pub gateway: String,
+    pub boot: String,
+    pub endpoint: String,
+    pub since: String,
+    pub address: String,
+}
+
+impl OwnerRecord {
+    pub fn parse(bytes: &[u8]) -> Option<OwnerRecord> {
+        serde_json::from_slice::<OwnerRecord>(bytes)
+            .ok()
+            .filter(|r| r.v == VERSION)
+    }
+}
+
+/// A device's owner as this gateway last saw it.
+#[derive(Debug, Clone)]
+pub struct Owner {
+    pub record: OwnerRecord,
+    pub revision: u64,
+}
+
+/// The latest link state of a device, waiting to be written.
+#[derive(Debug, Clone)]
+enum Pending {
+    Up {
+        endpoint: String,
+        since: String,
+        address: String,
+    },
+    Down,
+}
+
+pub struct Ownership {
+    store: kv::Store,
+    me: String,
+    boot: String,
+    owners: DashMap<String, Owner>,
+    /// How many of `owners` are this boot's.
+    owned: std::sync::atomic::AtomicI64,
+    pending: parking_lot::Mutex<HashMap<String, Pending>>,
+    wake: tokio::sync::Notify,
+    /// Set once the first watch pass has been applied.
+    bus: Arc<dyn EventBus>,
+    metrics: Arc<crate::metrics::Metrics>,
+}
+
+fn skey(uuid: &str) -> String {
+    format!("s.{uuid}")
+}
+
+impl Ownership {
+    pub async fn open(
+        js: &async_nats::jetstream::Context,
+        me: &str,
+        boot: &str,
+        bus: Arc<dyn EventBus>,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> Result<Arc<Ownership>, ClusterError> {
+        let store = match js.get_key_value(BUCKET).await {
+            Ok(s) => s,
+            Err(_) => match js
+                .create_key_value(kv::Config {
+                    bucket: BUCKET.into(),
+                    description: "cloudlink: which gateway holds each connected device".into(),
+                    history: 1,
+                    ..Default::default()
+                })
+                .await
+            {
+                Ok(s) => s,
+                Err(_) => js.get_key_value(BUCKET).await.map_err(ClusterError::js)?,
+            },
+        };
+        let o = Arc::new(Ownership {
+            store,
+            me: me.to_owned(),
+            boot: boot.to_owned(),
+            owners: DashMap::new(),
+            owned: Default::default(),
+            pending: Default::default(),
+            wake: tokio::sync::Notify::new(),
+            bus,
+            metrics,
+        });
+        tokio::spawn(watch(Arc::downgrade(&o)));
+        tokio::spawn(write(Arc::downgrade(&o)));
+        Ok(o)
+    }
+
+    /// The device's owner, if it has one.
+    pub fn owner(&self, uuid: &str) -> Option<Owner> {
+        self.owners.get(uuid).map(|o| o.clone())
+    }
+
+    fn is_mine(&self, r: &OwnerRecord) -> bool {
+        r.gateway == self.me && r.boot == self.boot
+    }
+
+    /// Counts a change of the replica towards `cloudlink_cluster_owned_devices`.
+    fn count(&self, old: Option<&Owner>, new: Option<&OwnerRecord>) {
+        let delta = i64::from(new.is_some_and(|r| self.is_mine(r)))
+            - i64::from(old.is_some_and(|o| self.is_mine(&o.record)));
+        if delta != 0 {
+            let n = self
+                .owned
+                .fetch_add(delta, std::sync::atomic::Ordering::Relaxed)
+                + delta;
+            self.metrics.cluster_owned.set(n);
+        }
+    }
+
+    /// Writes everything noted so far (a clean stop calls it last).
+    pub async fn flush(&self) {
+        self.write_pending().await;
+    }
+
+    async fn write_pending(&self) {
+        let batch: Vec<(String, Pending)> = self.pending.lock().drain().collect();
+        let writes = batch.into_iter().map(|(uuid, p)| self.apply(uuid, p));
+        // A few hundred writes in flight at once, not one at a time.
+        let mut writes = futures_util::stream::iter(writes).buffer_unordered(256);
+        while writes.next().await.is_some() {}
+    }
+
+    async fn apply(&self, uuid: String, p: Pending) {
+        let key = skey(&uuid);
+        for _ in 0..5 {
+            let current = match self.store.entry(&key).await {
+                Ok(e) => e.filter(|e| e.operation == kv::Operation::Put),
+                Err(e) => {
+                    tracing::warn!(device = %uuid, error = %e, "cannot read a device's owner");
+                    return;
+                }
+            };
+            let ours = current
+                .as_ref()
+                .and_then(|e| OwnerRecord::parse(&e.value))
+                .is_some_and(|r| r.gateway == self.me && r.boot == self.boot);
+            let result = match &p {
+                Pending::Up {
+                    endpoint,
+                    since,
+                    address,
+                } => {
+                    let record = OwnerRecord {
+                        v: VERSION,
+                        gateway: self.me.clone(),
+                        boot: self.boot.clone(),
+                        endpoint: endpoint.clone(),
+                        since: since.clone(),
+                        address: address.clone(),
+                    };
+                    let value = Bytes::from(serde_json::to_vec(&record).expect("serialises"));
+                    match &current {
+                        None => self
+                            .store
+                            .create(&key, value)
+                            .await
+                            .map(|_| ())
+                            .map_err(|e| e.to_string()),
+                        Some(e) => self
+                            .store
+                            .update(&key, value, e.revision)
+                            .await
+                            .map(|_| ())
+                            .map_err(|e| e.to_string()),
+                    }
+                }
+                Pending::Down => match &current {
+                    // Someone else holds it now (the device moved): a late
+                    // link-down from here must not touch that.
+                    Some(e) if ours => self
+                        .store
+                        .delete_expect_revision(&key, Some(e.revision))
+                        .await
+                        .map_err(|e| e.to_string()),
+                    _ => return,
+                },
+            };
+            match result {
+                Ok(()) => return,
+                Err(e) => {
+                    tracing::debug!(device = %uuid, error = %e, "ownership write raced; reading again")
+                }
+            }
+        }
+    }
+
+    /// The lease of `gateway` (boot `boot`) went. Exactly one survivor
+    /// reaps its devices.
+    pub async fn gateway_gone(&self, gateway: &str, boot: &str) {
+        if gateway == self.me && boot == self.boot {
+            return;
+        }
+        let reap_key = format!("r.{gateway}.{boot}");
+        if self
+            .store
+            .create(&reap_key, Bytes::from(self.me.clone()))
+            .await
+            .is_err()
+        {
+            return; // another survivor reaps, or did
+        }
+        let theirs: Vec<(String, Owner)> = self
+            .owners
+            .iter()
+            .filter(|o| o.record.gateway == gateway && o.record.boot == boot)
+            .map(|o| (o.key().clone(), o.value().clone()))
+            .collect();
+        let mut reaped = 0u64;
+        for (uuid, owner) in theirs {
+            if self
+                .store
+                .delete_expect_revision(skey(&uuid), Some(owner.revision))
+                .await
+                .is_ok()
+            {
+                reaped += 1;
+                self.bus.publish(
+                    Some(&uuid),
+                    Event::LinkDown(Link {
+                        endpoint: owner.record.endpoint.clone(),
+                        reason: "gateway_lost".into(),
+                        previous_endpoint: None,
+                        address: owner.record.address.clone(),
+                    }),
+                    SystemTime::now(),
+                );
+                self.metrics.link_event("link.down");
+            }
+        }
+        self.metrics.cluster_reaped.inc_by(reaped);
+        tracing::warn!(%gateway, %boot, devices = reaped, "a gateway's lease expired; its devices are marked down (gateway_lost)");
+    }
+}
+
+impl crate::packet_path::LinkObserver for Ownership {
+    fn link_changed(
+        &self,
+        session: &crate::session_table::Session,
+        up: bool,
+        endpoint: std::net::SocketAddr,
+        _down: Option<DownReason>,
+    ) {
+        // Called with the session locked: only note it.
+        let p = if up {
+            Pending::Up {
+                endpoint: endpoint.to_string(),
+                since: crate::bus::event::rfc3339(SystemTime::now()),
+                address: session.address.to_string(),
+            }
+        } else {
+            Pending::Down
+        };
+        self.pending.lock().insert(session.uuid.to_string(), p);
+        self.wake.notify_one();
+    }
+}
+
+async fn write(o: std::sync::Weak<Ownership>) {
+    loop {
+        // Held for at most a second: the task ends soon after the last
+        // owner is gone.
+        let Some(me) = o.upgrade() else { return };
+        // Coalesce: whatever arrives within 20 ms is written together.
+        if tokio::time::timeout(Duration::from_secs(1), me.wake.notified())
+            .await
+            .is_ok()
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        me.write_pending().await;
+    }
+}
+
+async fn watch(o: std::sync::Weak<Ownership>) {
+    loop {
+        let Some(me) = o.upgrade() else { return };
+        let w = me.store.watch_with_history("s.>").await;
+        drop(me);
+        let mut w = match w {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch device ownership; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        while let Some(entry) = w.next().await {
+            let Some(me) = o.upgrade() else { return };
+            let Ok(entry) = entry else { break };
+            let uuid = entry
+                .key
+                .strip_prefix("s.")
+                .unwrap_or(&entry.key)
+                .to_owned();
+            match entry.operation {
+                kv::Operation::Put => match OwnerRecord::parse(&entry.value) {
+                    Some(record) => {
+                        me.count(me.owners.get(&uuid).as_deref(), Some(&record));
+                        me.owners.insert(
+                            uuid,
+                            Owner {
+                                record,
+                                revision: entry.revision,
+                            },
+                        );
+                    }
+                    None => {
+                        if let Some((_, old)) = me.owners.remove(&uuid) {
+                            me.count(Some(&old), None);
+                        }
+                    }
+                },
+                kv::Operation::Delete | kv::Operation::Purge => {
+                    if let Some((_, old)) = me.owners.remove(&uuid) {
+                        me.count(Some(&old), None);
+                    }
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn owner_records_parse_only_their_format() {
+        let r = OwnerRecord {
+            v: VERSION,
+            gateway: "gw-a".into(),
+            boot: "b1".into(),
+            endpoint: "192.0.2.1:5".into(),
+            since: "2026-11-30T00:00:00Z".into(),
+            address: "10.240.0.2".into(),
+        };
+        assert_eq!(
+            OwnerRecord::parse(&serde_json::to_vec(&r).unwrap()),
+            Some(r)
+        );
+        assert_eq!(OwnerRecord::parse(b"[]"), None);
+        assert_eq!(OwnerRecord::parse(br#"{"v":9}"#), None);
+    }
+}
