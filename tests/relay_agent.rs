@@ -182,8 +182,8 @@ async fn half_close_is_carried_in_each_direction() {
 
     // Device → client: the device greets and closes its side; the client
     // sees EOF, then still sends, and the device receives all of it.
-    let (st, _, s) = connect(proxy, TOKEN, "agent-half.cloudlink:7002").await;
-    assert_eq!(st, 200);
+    let (st, why, s) = connect(proxy, TOKEN, "agent-half.cloudlink:7002").await;
+    assert_eq!(st, 200, "{why}");
     let (mut rd, mut wr) = s.into_split();
     let mut greeting = String::new();
     tokio::time::timeout(WAIT, rd.read_to_string(&mut greeting))

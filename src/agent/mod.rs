@@ -200,9 +200,15 @@ async fn session(cfg: &AgentConfig, stop: &mut tokio::sync::watch::Receiver<bool
     )));
     let mut buf = vec![0u8; 65_600];
     let mut out = vec![0u8; 65_600];
-    if let TunnResult::WriteToNetwork(p) = tunn.lock().format_handshake_initiation(&mut out, false)
-    {
-        let _ = socket.try_send(p);
+    let first = match tunn.lock().format_handshake_initiation(&mut out, false) {
+        TunnResult::WriteToNetwork(p) => Some(p.len()),
+        _ => None,
+    };
+    if let Some(n) = first {
+        // Awaited, not `try_send`: a socket this new may not be known
+        // writable yet, and a dropped first initiation costs the device
+        // boringtun's 5 s retry.
+        let _ = socket.send(&out[..n]).await;
     }
     let egress: Arc<dyn Wire> = Arc::new(AgentEgress {
         tunn: tunn.clone(),
