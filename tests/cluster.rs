@@ -811,3 +811,70 @@ async fn a_late_link_down_from_a_former_owner_changes_nothing() {
     }
     drop(on_a);
 }
+
+/// A clean stop (SIGTERM) gives a gateway's devices up at once: the other
+/// gateway shows them disconnected right away, not a lease later, and does
+/// not reap them as lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clean_stop_gives_its_devices_up_at_once() {
+    use cloudlink::keys::{encode_key, generate_private_key, public_key};
+    use serde_json::json;
+    let nats = NatsServer::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let key = shared_key(tmp.path());
+    let gw_public =
+        public_key(&cloudlink::keys::decode_key(&std::fs::read_to_string(&key).unwrap()).unwrap());
+    // A long lease: only a clean hand-back can be this quick.
+    let lease = ["--cluster-lease", "60s"];
+    let mut a = Proc::spawn(&tmp.path().join("a"), &key, &nats.url, "gw-a", &lease);
+    let mut b = Proc::spawn(&tmp.path().join("b"), &key, &nats.url, "gw-b", &lease);
+    a.ready(Duration::from_secs(20));
+    b.ready(Duration::from_secs(20));
+    let k = generate_private_key();
+    let (st, _) = call(
+        &a.api,
+        "POST",
+        "/v1/devices",
+        Some(json!({"uuid": "leaver", "public_key": encode_key(&public_key(&k))})),
+    )
+    .await;
+    assert_eq!(st, 201);
+    let mut dev = None;
+    for _ in 0..50 {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let mut d = common::TestDevice::with_key(b.udp, &gw_public, 71, socket, k);
+        d.send_initiation();
+        if d.receive_one().is_ok() {
+            dev = Some(d);
+            break;
+        }
+    }
+    let _dev = dev.expect("B answered");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while view(&a, "leaver").await != (true, Some("gw-b".into())) {
+        assert!(
+            Instant::now() < deadline,
+            "A never showed the device on gw-b"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let stopped = Instant::now();
+    b.terminate();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while view(&a, "leaver").await != (false, None) {
+        assert!(
+            Instant::now() < deadline,
+            "still shown on the stopped gateway"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!("given up {:?} after SIGTERM", stopped.elapsed());
+    a.wait_metric(ALIVE, 1.0, Duration::from_secs(5));
+    assert_eq!(
+        a.metric("cloudlink_cluster_reaped_devices_total"),
+        Some(0.0)
+    );
+}
