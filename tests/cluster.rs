@@ -878,3 +878,94 @@ async fn a_clean_stop_gives_its_devices_up_at_once() {
         Some(0.0)
     );
 }
+
+/// Issue 12's own case: A holds the device and is paused (SIGSTOP) while the
+/// device moves to B; resumed (SIGCONT), A's timers find the device silent
+/// and bring its link down there; that late link-down does not mark the
+/// device down in the cluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_former_owner_does_not_mark_a_moved_device_down() {
+    use cloudlink::keys::{encode_key, generate_private_key, public_key};
+    use serde_json::json;
+    let nats = NatsServer::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let key = shared_key(tmp.path());
+    let gw_public =
+        public_key(&cloudlink::keys::decode_key(&std::fs::read_to_string(&key).unwrap()).unwrap());
+    // The pause stays well inside the lease: A is slow, not dead.
+    let opts = ["--link-timeout", "2s", "--cluster-lease", "30s"];
+    let mut a = Proc::spawn(&tmp.path().join("a"), &key, &nats.url, "gw-a", &opts);
+    let mut b = Proc::spawn(&tmp.path().join("b"), &key, &nats.url, "gw-b", &opts);
+    a.ready(Duration::from_secs(20));
+    b.ready(Duration::from_secs(20));
+    let k = generate_private_key();
+    let (st, _) = call(
+        &a.api,
+        "POST",
+        "/v1/devices",
+        Some(json!({"uuid": "paused", "public_key": encode_key(&public_key(&k))})),
+    )
+    .await;
+    assert_eq!(st, 201);
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    let mut on_a = common::TestDevice::with_key(a.udp, &gw_public, 81, socket, k);
+    on_a.connect();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while view(&b, "paused").await != (true, Some("gw-a".into())) {
+        assert!(
+            Instant::now() < deadline,
+            "B never showed the device on gw-a"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(a.child.id() as i32, libc::SIGSTOP) };
+    let mut on_b = None;
+    for _ in 0..50 {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let mut d = common::TestDevice::with_key(b.udp, &gw_public, 82, socket, k);
+        d.send_initiation();
+        if d.receive_one().is_ok() {
+            on_b = Some(d);
+            break;
+        }
+    }
+    let mut on_b = on_b.expect("B answered");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while view(&b, "paused").await != (true, Some("gw-b".into())) {
+        assert!(Instant::now() < deadline, "B never took the device over");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Longer than A's link timeout, then A runs again.
+    for _ in 0..8 {
+        on_b.keepalive();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // SAFETY: as above.
+    unsafe { libc::kill(a.child.id() as i32, libc::SIGCONT) };
+    // A's own link-down for it, after the pause.
+    a.wait_metric(
+        "cloudlink_link_events_total{type=\"link.down\"}",
+        1.0,
+        Duration::from_secs(10),
+    );
+    for _ in 0..6 {
+        on_b.keepalive();
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    for gw in [&a, &b] {
+        assert_eq!(
+            view(gw, "paused").await,
+            (true, Some("gw-b".into())),
+            "on {}",
+            gw.api
+        );
+    }
+    drop(on_a);
+}
