@@ -211,6 +211,29 @@ impl Gateway {
         );
         if let Some(c) = &cluster {
             c.follow(events.clone());
+            // After this gateway's lease was lost and taken again, claim the
+            // devices still connected here again (survivors reaped them).
+            let (lease, own, p) = (c.lease.clone(), c.ownership.clone(), Arc::downgrade(&path));
+            tokio::spawn(async move {
+                loop {
+                    lease.regained.notified().await;
+                    let Some(path) = p.upgrade() else { return };
+                    let mut all = Vec::new();
+                    path.sessions.collect_into(&mut all);
+                    for s in all {
+                        let snap = s.snapshot();
+                        if snap.connected {
+                            crate::packet_path::LinkObserver::link_changed(
+                                &*own,
+                                &s,
+                                true,
+                                snap.endpoint,
+                                None,
+                            );
+                        }
+                    }
+                }
+            });
         }
         tokio::spawn(action_queue.clone().run_expiry(stop_status.subscribe()));
         let sockets = crate::packet_path::udp_io::worker_sockets(udp, config.workers)

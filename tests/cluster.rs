@@ -969,3 +969,72 @@ async fn a_paused_former_owner_does_not_mark_a_moved_device_down() {
     }
     drop(on_a);
 }
+
+/// A gateway paused for longer than its lease: the survivor reaps its
+/// device (`gateway_lost`); resumed, the gateway takes its lease again
+/// (it is not a duplicate) and claims the device it still holds, which
+/// every gateway then shows connected through it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_back_from_a_long_pause_claims_its_devices_again() {
+    use cloudlink::keys::{encode_key, generate_private_key, public_key};
+    use serde_json::json;
+    let nats = NatsServer::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let key = shared_key(tmp.path());
+    let gw_public =
+        public_key(&cloudlink::keys::decode_key(&std::fs::read_to_string(&key).unwrap()).unwrap());
+    let opts = ["--cluster-lease", "3s"];
+    let mut a = Proc::spawn(&tmp.path().join("a"), &key, &nats.url, "gw-a", &opts);
+    let mut b = Proc::spawn(&tmp.path().join("b"), &key, &nats.url, "gw-b", &opts);
+    a.ready(Duration::from_secs(20));
+    b.ready(Duration::from_secs(20));
+    let k = generate_private_key();
+    let (st, _) = call(
+        &a.api,
+        "POST",
+        "/v1/devices",
+        Some(json!({"uuid": "sleeper", "public_key": encode_key(&public_key(&k))})),
+    )
+    .await;
+    assert_eq!(st, 201);
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    let mut dev = common::TestDevice::with_key(a.udp, &gw_public, 91, socket, k);
+    dev.connect();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while view(&b, "sleeper").await != (true, Some("gw-a".into())) {
+        assert!(
+            Instant::now() < deadline,
+            "B never showed the device on gw-a"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(a.child.id() as i32, libc::SIGSTOP) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while view(&b, "sleeper").await != (false, None) {
+        assert!(
+            Instant::now() < deadline,
+            "B never reaped the paused gateway's device"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // SAFETY: as above.
+    unsafe { libc::kill(a.child.id() as i32, libc::SIGCONT) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while view(&b, "sleeper").await != (true, Some("gw-a".into())) {
+        dev.keepalive();
+        assert!(
+            Instant::now() < deadline,
+            "the device was not claimed again:\n{}",
+            a.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let log = a.log();
+    assert!(log.contains("taken again"), "{log}");
+    assert!(!log.contains("another process took"), "{log}");
+    b.wait_metric(ALIVE, 2.0, Duration::from_secs(5));
+}

@@ -69,6 +69,11 @@ pub struct Lease {
     /// (gateway, boot) whose lease went: expired, released, or replaced by
     /// a newer boot of the same gateway.
     pub gone: tokio::sync::broadcast::Sender<(String, String)>,
+    /// Told when this gateway took its lease again after it had expired
+    /// (the process was paused or cut off from NATS for longer than the
+    /// lease): survivors have reaped its devices meanwhile, so the ones
+    /// still connected here must be claimed again.
+    pub regained: tokio::sync::Notify,
     metrics: Arc<crate::metrics::Metrics>,
 }
 
@@ -126,6 +131,7 @@ impl Lease {
             refresh: max_age / 3,
             alive: Default::default(),
             gone: tokio::sync::broadcast::channel(1024).0,
+            regained: tokio::sync::Notify::new(),
             metrics,
         });
         tokio::spawn(keep(Arc::downgrade(&lease)));
@@ -254,9 +260,33 @@ async fn keep(lease: std::sync::Weak<Lease>) {
                     .set(started.elapsed().as_secs_f64());
             }
             Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
-                tracing::error!(gateway = %l.id, "another process took this gateway's cluster lease; two gateways run with one --gateway-id");
-                l.metrics.cluster_lease_lost.inc();
-                return;
+                let held = match l.store.entry(&l.id).await {
+                    Ok(e) => e.filter(|e| e.operation == kv::Operation::Put),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "could not read the cluster lease");
+                        continue;
+                    }
+                };
+                match held {
+                    // It aged out while this process could not refresh it:
+                    // take it again (create-if-absent: a newcomer with our
+                    // id may have been faster, and then it wins).
+                    None => match l.store.create(&l.id, l.value.clone()).await {
+                        Ok(new) => {
+                            l.revision.store(new, Ordering::Release);
+                            tracing::warn!(gateway = %l.id, "this gateway's cluster lease had expired (paused or cut off for longer than the lease); taken again, its connected devices are claimed again");
+                            l.regained.notify_one();
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "could not take the expired cluster lease again")
+                        }
+                    },
+                    Some(_) => {
+                        tracing::error!(gateway = %l.id, "another process took this gateway's cluster lease; two gateways run with one --gateway-id");
+                        l.metrics.cluster_lease_lost.inc();
+                        return;
+                    }
+                }
             }
             // NATS unreachable: keep trying; the lease may expire meanwhile.
             Err(e) => tracing::warn!(error = %e, "could not refresh the cluster lease"),
