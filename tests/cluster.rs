@@ -1038,3 +1038,29 @@ async fn a_gateway_back_from_a_long_pause_claims_its_devices_again() {
     assert!(!log.contains("another process took"), "{log}");
     b.wait_metric(ALIVE, 2.0, Duration::from_secs(5));
 }
+
+/// A bucket with no device record but a stray claim (left by a crash
+/// between a registration's steps): a gateway joins at once, it does not
+/// wait for records that will never come.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registry_holding_only_a_stray_claim_does_not_hold_a_gateway_up() {
+    let nats = NatsServer::start();
+    let client = async_nats::connect(&nats.url).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let kv = js
+        .create_key_value(async_nats::jetstream::kv::Config {
+            bucket: "cloudlink_devices".into(),
+            history: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    kv.create("a.167772170", bytes::Bytes::from_static(b"crashed-midway"))
+        .await
+        .unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let key = shared_key(tmp.path());
+    let mut a = Proc::spawn(&tmp.path().join("a"), &key, &nats.url, "gw-a", &[]);
+    let took = a.ready(Duration::from_secs(20));
+    assert!(took < Duration::from_secs(10), "{took:?}");
+}

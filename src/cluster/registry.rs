@@ -39,6 +39,10 @@ use crate::keys::{decode_key, encode_key, KeyBytes};
 use crate::registry::{AddressPlan, Device, DevicePatch, NewDevice, Registered, Registry};
 
 pub const BUCKET: &str = "cloudlink_devices";
+/// A record that is always there (no uuid can be `_`), so the first pass of
+/// the watch over `d.>` always has something to deliver and ends, whatever
+/// else the bucket holds.
+const SENTINEL: &str = "d._";
 const VERSION: u32 = 1;
 /// Registrations of a batch in flight at once.
 const PARALLEL: usize = 64;
@@ -134,6 +138,11 @@ impl SharedRegistry {
                 Err(_) => js.get_key_value(BUCKET).await.map_err(ClusterError::js)?,
             },
         };
+        match store.create(SENTINEL, Bytes::from_static(b"{}")).await {
+            Ok(_) => {}
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
+            Err(e) => return Err(ClusterError::js(e)),
+        }
         let plan = local.plan();
         let start = u32::from(plan.gateway()) + 1;
         Ok(Arc::new(SharedRegistry {
@@ -440,38 +449,28 @@ impl SharedRegistry {
             .watch_with_history("d.>")
             .await
             .map_err(ClusterError::js)?;
-        let empty = self
-            .store
-            .status()
-            .await
-            .map(|s| s.values() == 0)
-            .unwrap_or(false);
         let mut seen = HashSet::new();
-        if !empty {
-            loop {
-                let next = tokio::time::timeout(Duration::from_secs(30), watch.next())
-                    .await
-                    .map_err(|_| {
-                        ClusterError::JetStream(
-                            "the device registry did not arrive within 30 s".into(),
-                        )
-                    })?;
-                let Some(entry) = next else {
-                    return Err(ClusterError::JetStream("the registry watch ended".into()));
-                };
-                let entry = entry.map_err(ClusterError::js)?;
-                if entry.operation == kv::Operation::Put {
-                    if let Some(r) = DeviceRecord::parse(&entry.value) {
-                        self.local
-                            .replica_upsert(&r.device(), r.device_api_key.as_deref())
-                            .map_err(ClusterError::js)?;
-                        seen.insert(r.uuid);
-                    }
+        loop {
+            let next = tokio::time::timeout(Duration::from_secs(30), watch.next())
+                .await
+                .map_err(|_| {
+                    ClusterError::JetStream("the device registry did not arrive within 30 s".into())
+                })?;
+            let Some(entry) = next else {
+                return Err(ClusterError::JetStream("the registry watch ended".into()));
+            };
+            let entry = entry.map_err(ClusterError::js)?;
+            if entry.operation == kv::Operation::Put {
+                if let Some(r) = DeviceRecord::parse(&entry.value) {
+                    self.local
+                        .replica_upsert(&r.device(), r.device_api_key.as_deref())
+                        .map_err(ClusterError::js)?;
+                    seen.insert(r.uuid);
                 }
-                self.applied.send_replace(entry.revision);
-                if entry.delta == 0 {
-                    break;
-                }
+            }
+            self.applied.send_replace(entry.revision);
+            if entry.delta == 0 {
+                break;
             }
         }
         let first_join = self
@@ -601,6 +600,10 @@ impl SharedRegistry {
             };
             let revision = entry.revision;
             let more = entry.delta > 0;
+            if entry.key == SENTINEL {
+                self.applied.send_replace(revision);
+                continue;
+            }
             let uuid = entry
                 .key
                 .strip_prefix("d.")
