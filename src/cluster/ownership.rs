@@ -87,6 +87,19 @@ pub struct Ownership {
     metrics: Arc<crate::metrics::Metrics>,
 }
 
+/// Whether a link-up (or roam) noted here at `since` may replace `current`:
+/// a record of this boot always; another gateway's (or an earlier boot's)
+/// only if it is not newer than ours, so that of two gateways claiming one
+/// device the later link-up wins, whatever order the writes land in. Times
+/// are RFC 3339 with milliseconds, UTC: they compare as strings.
+fn may_claim(current: Option<&OwnerRecord>, me: &str, boot: &str, since: &str) -> bool {
+    match current {
+        None => true,
+        Some(c) if c.gateway == me && c.boot == boot => true,
+        Some(c) => since >= c.since.as_str(),
+    }
+}
+
 fn skey(uuid: &str) -> String {
     format!("s.{uuid}")
 }
@@ -193,6 +206,10 @@ impl Ownership {
                         since: since.clone(),
                         address: address.clone(),
                     };
+                    let held = current.as_ref().and_then(|e| OwnerRecord::parse(&e.value));
+                    if !may_claim(held.as_ref(), &self.me, &self.boot, since) {
+                        return; // a later link-up elsewhere holds it
+                    }
                     let value = Bytes::from(serde_json::to_vec(&record).expect("serialises"));
                     match &current {
                         None => self
@@ -369,6 +386,29 @@ async fn watch(o: std::sync::Weak<Ownership>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_later_link_up_wins() {
+        let rec = |gateway: &str, boot: &str, since: &str| OwnerRecord {
+            v: VERSION,
+            gateway: gateway.into(),
+            boot: boot.into(),
+            endpoint: "192.0.2.1:5".into(),
+            since: since.into(),
+            address: "10.240.0.2".into(),
+        };
+        let t1 = "2026-11-30T20:00:00.100Z";
+        let t2 = "2026-11-30T20:00:00.200Z";
+        assert!(may_claim(None, "a", "b1", t1));
+        // Our own record, even with a later time on it.
+        assert!(may_claim(Some(&rec("a", "b1", t2)), "a", "b1", t1));
+        // Another gateway's: only by a link-up not older than it.
+        assert!(!may_claim(Some(&rec("b", "x", t2)), "a", "b1", t1));
+        assert!(may_claim(Some(&rec("b", "x", t1)), "a", "b1", t2));
+        // Our previous boot's record is another boot's.
+        assert!(!may_claim(Some(&rec("a", "b0", t2)), "a", "b1", t1));
+        assert!(may_claim(Some(&rec("a", "b0", t1)), "a", "b1", t2));
+    }
 
     #[test]
     fn owner_records_parse_only_their_format() {
