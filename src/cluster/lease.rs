@@ -159,11 +159,9 @@ async fn open_bucket(
     js: &async_nats::jetstream::Context,
     lease: Duration,
 ) -> Result<kv::Store, ClusterError> {
-    if let Ok(store) = js.get_key_value(BUCKET).await {
-        return Ok(store);
-    }
-    match js
-        .create_key_value(kv::Config {
+    super::open_bucket(
+        js,
+        kv::Config {
             bucket: BUCKET.into(),
             description: "cloudlink gateway liveness leases".into(),
             history: 1,
@@ -171,13 +169,9 @@ async fn open_bucket(
             // A lease that ages out leaves a marker watchers see.
             limit_markers: Some(lease),
             ..Default::default()
-        })
-        .await
-    {
-        Ok(store) => Ok(store),
-        // Another gateway made it meanwhile.
-        Err(_) => js.get_key_value(BUCKET).await.map_err(ClusterError::js),
-    }
+        },
+    )
+    .await
 }
 
 /// Takes the key `id` for `value`; returns the revision written.

@@ -187,6 +187,22 @@ impl Cluster {
     }
 }
 
+/// The KV bucket `config.bucket`, made with `config` if it does not exist
+/// yet (a gateway starting at the same moment may make it first).
+pub(crate) async fn open_bucket(
+    js: &async_nats::jetstream::Context,
+    config: async_nats::jetstream::kv::Config,
+) -> Result<async_nats::jetstream::kv::Store, ClusterError> {
+    if let Ok(store) = js.get_key_value(&config.bucket).await {
+        return Ok(store);
+    }
+    let bucket = config.bucket.clone();
+    match js.create_key_value(config).await {
+        Ok(store) => Ok(store),
+        Err(_) => js.get_key_value(bucket).await.map_err(ClusterError::js),
+    }
+}
+
 async fn connect(config: &ClusterConfig) -> Result<async_nats::Client, ClusterError> {
     let urls = config.urls.join(",");
     let fail = |reason: String| ClusterError::Connect {

@@ -112,21 +112,16 @@ impl Ownership {
         bus: Arc<dyn EventBus>,
         metrics: Arc<crate::metrics::Metrics>,
     ) -> Result<Arc<Ownership>, ClusterError> {
-        let store = match js.get_key_value(BUCKET).await {
-            Ok(s) => s,
-            Err(_) => match js
-                .create_key_value(kv::Config {
-                    bucket: BUCKET.into(),
-                    description: "cloudlink: which gateway holds each connected device".into(),
-                    history: 1,
-                    ..Default::default()
-                })
-                .await
-            {
-                Ok(s) => s,
-                Err(_) => js.get_key_value(BUCKET).await.map_err(ClusterError::js)?,
+        let store = super::open_bucket(
+            js,
+            kv::Config {
+                bucket: BUCKET.into(),
+                description: "cloudlink: which gateway holds each connected device".into(),
+                history: 1,
+                ..Default::default()
             },
-        };
+        )
+        .await?;
         let o = Arc::new(Ownership {
             store,
             me: me.to_owned(),

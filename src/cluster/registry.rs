@@ -123,21 +123,16 @@ impl SharedRegistry {
         js: &async_nats::jetstream::Context,
         local: Arc<Registry>,
     ) -> R<Arc<SharedRegistry>> {
-        let store = match js.get_key_value(BUCKET).await {
-            Ok(s) => s,
-            Err(_) => match js
-                .create_key_value(kv::Config {
-                    bucket: BUCKET.into(),
-                    description: "cloudlink device registry".into(),
-                    history: 1,
-                    ..Default::default()
-                })
-                .await
-            {
-                Ok(s) => s,
-                Err(_) => js.get_key_value(BUCKET).await.map_err(ClusterError::js)?,
+        let store = super::open_bucket(
+            js,
+            kv::Config {
+                bucket: BUCKET.into(),
+                description: "cloudlink device registry".into(),
+                history: 1,
+                ..Default::default()
             },
-        };
+        )
+        .await?;
         match store.create(SENTINEL, Bytes::from_static(b"{}")).await {
             Ok(_) => {}
             Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
