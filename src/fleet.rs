@@ -55,7 +55,7 @@ impl Fleet {
         bus: Arc<dyn EventBus>,
         shared: Option<Arc<crate::cluster::registry::SharedRegistry>>,
     ) -> Self {
-        let (applied, _) = tokio::sync::watch::channel(bus.last_id());
+        let (applied, _) = tokio::sync::watch::channel(bus.local_last_id());
         Fleet {
             registry,
             bus,
@@ -115,7 +115,7 @@ impl Fleet {
             .map_err(cluster_error)?;
             return Ok(Changed {
                 value: r,
-                cursor: (rev > 0).then(|| self.bus.last_id()),
+                cursor: (rev > 0).then(|| self.bus.local_last_id()),
             });
         }
         let r = self.registry.register_batch(devs)?;
@@ -167,7 +167,7 @@ impl Fleet {
                     // The replica's row: it carries what the record does not
                     // (heartbeat times).
                     value: Some(self.registry.get(uuid)?.unwrap_or(change.1)),
-                    cursor: Some(self.bus.last_id()),
+                    cursor: Some(self.bus.local_last_id()),
                 }),
             };
         }
@@ -218,7 +218,7 @@ impl Fleet {
                 Ok::<_, crate::cluster::ClusterError>(d)
             })
             .map_err(cluster_error)?;
-            let cursor = d.as_ref().map(|_| self.bus.last_id());
+            let cursor = d.as_ref().map(|_| self.bus.local_last_id());
             return Ok(Changed { value: d, cursor });
         }
         let d = self.registry.delete(uuid)?;
@@ -274,7 +274,9 @@ impl Reactor {
             match bus.read_device_events_after(cursor, 256) {
                 Read::Events(v) if !v.is_empty() => {
                     for e in &v {
-                        self.apply(e.device.as_deref(), &e.event);
+                        if let Some(event) = &e.event {
+                            self.apply(e.device.as_deref(), event);
+                        }
                         cursor = e.id;
                     }
                     self.fleet.applied.send_replace(cursor);
@@ -296,7 +298,7 @@ impl Reactor {
                         reconcile(&fleet, &path, &status, &metrics)
                     })
                     .await;
-                    cursor = bus.last_id();
+                    cursor = bus.local_last_id();
                     self.fleet.applied.send_replace(cursor);
                     continue;
                 }

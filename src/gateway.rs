@@ -97,14 +97,11 @@ impl Gateway {
             }
         };
         let gateway_id = config.gateway_id.clone().unwrap_or(hostname);
-        let events: Arc<dyn EventBus> = Arc::new(RingBus::new(
-            boot_epoch(),
-            gateway_id.clone(),
-            config.event_ring,
-        ));
+        let ring = RingBus::new(boot_epoch(), gateway_id.clone(), config.event_ring);
         let metrics = Arc::new(Metrics::new());
         // Before anything serves: a duplicate of a live gateway stops here,
         // and the local registry is brought in line with the cluster's.
+        let mut events_alone = None;
         let cluster = match &config.cluster {
             Some(c) => Some(
                 crate::cluster::Cluster::join(
@@ -113,11 +110,22 @@ impl Gateway {
                     &dir,
                     metrics.clone(),
                     registry.clone(),
-                    events.clone(),
+                    ring,
+                    config.event_ring,
                 )
                 .await?,
             ),
-            None => None,
+            None => {
+                events_alone = Some(ring);
+                None
+            }
+        };
+        // In cluster mode the bus is the cluster's stream (see
+        // `cluster::events`); alone, the ring.
+        let events: Arc<dyn EventBus> = match (&cluster, events_alone) {
+            (Some(c), _) => c.events.clone(),
+            (None, Some(ring)) => Arc::new(ring),
+            (None, None) => unreachable!("one of the two is set"),
         };
         metrics.devices_registered.set(registry.count());
         let directory = {

@@ -149,6 +149,12 @@ pub struct Metrics {
     pub cluster_owned: IntGauge,
     /// Devices of gateways whose lease expired that this gateway marked down.
     pub cluster_reaped: IntCounter,
+    /// Devices in the cluster's ownership directory (connected anywhere).
+    pub cluster_directory: IntGauge,
+    /// Events waiting to reach the cluster's stream (NATS unreachable).
+    pub cluster_events_buffered: IntGauge,
+    /// Events dropped because the buffer was full.
+    pub cluster_events_dropped: IntCounter,
     relay_results: Vec<IntCounter>,
     handshakes: Vec<IntCounter>,
     dropped: Vec<IntCounter>,
@@ -254,6 +260,18 @@ impl Metrics {
             cluster_reaped: counter(
                 "cloudlink_cluster_reaped_devices_total",
                 "Cluster mode: devices of a gateway whose lease expired that this gateway marked down (gateway_lost).",
+            ),
+            cluster_directory: gauge(
+                "cloudlink_cluster_directory_devices",
+                "Cluster mode: devices in the cluster's ownership directory (connected through any gateway), as this gateway sees it.",
+            ),
+            cluster_events_buffered: gauge(
+                "cloudlink_cluster_events_buffered",
+                "Cluster mode: events published here that wait to reach the cluster's stream (NATS unreachable).",
+            ),
+            cluster_events_dropped: counter(
+                "cloudlink_cluster_events_dropped_total",
+                "Cluster mode: events dropped because the buffer for an unreachable NATS was full.",
             ),
             cluster_lease_lost: counter(
                 "cloudlink_cluster_lease_lost_total",

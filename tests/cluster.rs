@@ -354,6 +354,8 @@ async fn the_registry_is_shared_between_gateways() {
     a.ready(Duration::from_secs(20));
     b.ready(Duration::from_secs(20));
 
+    // The cluster's event stream, as A serves it, from before anything.
+    let mut events_a0 = common::SseReader::connect(&format!("{}/v1/events", a.api), None).await;
     // Registered through A: B knows it at once (the answer waited for A's
     // replica; B's follows within the watch's latency).
     let dev_key = generate_private_key();
@@ -415,6 +417,22 @@ async fn the_registry_is_shared_between_gateways() {
         .wait_for(Duration::from_secs(10), |e| e["type"] == "link.up")
         .await;
     assert_eq!(up.data["device"], "shared-1");
+    // A's stream is the cluster's: it shows B's link-up, under the same
+    // id; both gateways name B as the owner.
+    let up_a = events_a0
+        .wait_for(Duration::from_secs(5), |e| {
+            e["type"] == "link.up" && e["device"] == "shared-1"
+        })
+        .await;
+    assert_eq!(up_a.data["gateway"], "gw-b");
+    assert_eq!(up_a.id, up.id, "one stream, one id per event");
+    for gw in [&a, &b] {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while view(gw, "shared-1").await != (true, Some("gw-b".into())) {
+            assert!(Instant::now() < deadline, "{} does not show gw-b", gw.api);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
 
     // Another device, connected to A, deleted through B: A cuts it off.
     let k2 = generate_private_key();
@@ -520,6 +538,43 @@ async fn the_registry_is_shared_between_gateways() {
     .await;
     assert_eq!(st, 409, "{e}");
     assert_eq!(e["error"], "public_key_taken");
+    // Every change is on the stream once, whichever gateway made it and
+    // however many applied it.
+    let later = events_a0.drain_for(Duration::from_millis(1000)).await;
+    // The whole stream again, from its start (a bare stream sequence).
+    let all = common::SseReader::connect(&format!("{}/v1/events", a.api), Some("0"))
+        .await
+        .drain_for(Duration::from_millis(1000))
+        .await;
+    let count = |ty: &str, dev: &str| {
+        all.iter()
+            .filter(|m| m.data["type"] == ty && m.data["device"] == dev)
+            .count()
+    };
+    assert_eq!(count("device.registered", "shared-1"), 1);
+    assert_eq!(count("device.updated", "shared-1"), 1);
+    assert_eq!(count("device.registered", "shared-2"), 1);
+    assert_eq!(count("device.deleted", "shared-2"), 1);
+    let batched: u64 = all
+        .iter()
+        .filter(|m| m.data["type"] == "device.registered" && m.data["device"].is_null())
+        .map(|m| m.data["count"].as_u64().unwrap())
+        .sum::<u64>()
+        + all
+            .iter()
+            .filter(|m| {
+                m.data["type"] == "device.registered"
+                    && m.data["device"].as_str().is_some_and(|d| d.starts_with("from-"))
+            })
+            .count() as u64;
+    assert_eq!(batched, 300, "each batch device registered once");
+    // A consumer resumes on B where it left A: the stream sequence.
+    let mut resumed =
+        common::SseReader::connect(&format!("{}/v1/events", b.api), up_a.id.as_deref()).await;
+    let next = resumed.next(Duration::from_secs(5)).await;
+    assert_ne!(next.data["type"], "resync", "{:?}", next.data);
+    let after_up = later.first().expect("events after the link-up");
+    assert_eq!(next.id, after_up.id);
     drop(dev);
 }
 
@@ -711,19 +766,20 @@ async fn a_dead_gateways_devices_go_down_exactly_once() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     eprintln!("all devices of the killed gateway down after {settled_at:?}");
-    // Exactly one gateway_lost per device, across both survivors' streams.
-    let mut lost = std::collections::HashMap::<String, usize>::new();
+    // The stream is the cluster's: each survivor's shows exactly one
+    // gateway_lost per device (one survivor reaped, both show it).
     for ev in [&mut events_a, &mut events_c] {
-        for m in ev.drain_for(Duration::from_millis(500)).await {
+        let mut lost = std::collections::HashMap::<String, usize>::new();
+        for m in ev.drain_for(Duration::from_millis(1500)).await {
             if m.data["type"] == "link.down" && m.data["reason"] == "gateway_lost" {
                 *lost
                     .entry(m.data["device"].as_str().unwrap().to_owned())
                     .or_default() += 1;
             }
         }
-    }
-    for i in 0..N {
-        assert_eq!(lost.get(&format!("held-{i}")), Some(&1), "{lost:?}");
+        for i in 0..N {
+            assert_eq!(lost.get(&format!("held-{i}")), Some(&1), "{lost:?}");
+        }
     }
     let reaped = a
         .metric("cloudlink_cluster_reaped_devices_total")

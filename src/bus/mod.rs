@@ -31,7 +31,9 @@ pub struct StoredEvent {
     /// Unique per publication, stable across retries: for deduplication.
     pub msg_id: Arc<str>,
     pub device: Option<Arc<str>>,
-    pub event: Arc<Event>,
+    /// The typed event (`None` for one read back from a cluster's stream:
+    /// only its JSON travels).
+    pub event: Option<Arc<Event>>,
     /// Its JSON, made once when it was published.
     pub json: Arc<str>,
 }
@@ -61,10 +63,38 @@ pub enum Read {
     Closed,
 }
 
+/// How far an event goes (cluster mode: see `cluster::events`). A single
+/// gateway keeps every event here whatever it says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reach {
+    /// Everywhere: this gateway is where it happened, and the only one
+    /// publishing it.
+    Cluster,
+    /// This gateway's own consumers only: another gateway publishes it
+    /// cluster-wide (what this one derived from a change made elsewhere).
+    Local,
+}
+
 pub trait EventBus: Send + Sync + 'static {
     /// Publishes `event` about `device` (none for fleet-wide events such as
-    /// a batch registration), made at `at`. Returns its cursor.
-    fn publish(&self, device: Option<&str>, event: Event, at: SystemTime) -> u64;
+    /// a batch registration), made at `at`. Returns its cursor on this
+    /// gateway's own ring (what the fleet reactor follows).
+    fn publish(&self, device: Option<&str>, event: Event, at: SystemTime) -> u64 {
+        self.publish_reach(device, event, at, Reach::Cluster)
+    }
+    /// [`publish`](Self::publish), saying how far the event goes.
+    fn publish_reach(
+        &self,
+        device: Option<&str>,
+        event: Event,
+        at: SystemTime,
+        reach: Reach,
+    ) -> u64;
+    /// The position of this gateway's own ring (the fleet reactor's cursor;
+    /// `last_id` is the stream's, which in cluster mode is the cluster's).
+    fn local_last_id(&self) -> u64 {
+        self.last_id()
+    }
     /// The cursor of the last published event (0 before the first).
     fn last_id(&self) -> u64;
     /// The resume token of `cursor` (an SSE id, `Last-Event-ID`).

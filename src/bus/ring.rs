@@ -18,6 +18,7 @@ use std::time::SystemTime;
 
 use super::{Event, EventBus, InvalidEventId, Read, Resume, StoredEvent};
 
+
 /// The fields every event carries besides its own.
 #[derive(Debug, Serialize)]
 struct Envelope<'a> {
@@ -88,7 +89,13 @@ impl EventBus for RingBus {
         format!("{}-{}", self.epoch, cursor)
     }
 
-    fn publish(&self, device: Option<&str>, event: Event, at: SystemTime) -> u64 {
+    fn publish_reach(
+        &self,
+        device: Option<&str>,
+        event: Event,
+        at: SystemTime,
+        _reach: super::Reach,
+    ) -> u64 {
         let at = humantime::format_rfc3339_millis(at).to_string();
         let mut ring = self.inner.lock();
         let id = ring.next_id;
@@ -111,7 +118,7 @@ impl EventBus for RingBus {
             id,
             msg_id: format!("{}-{}-{id}", self.gateway, self.epoch).into(),
             device: device.map(Into::into),
-            event: Arc::new(event),
+            event: Some(Arc::new(event)),
             json: json.into(),
         };
         if lifecycle {

@@ -16,6 +16,7 @@
 //! primitives the protocol needs (compare-and-set on a key's revision, and
 //! watches), so nothing home-made decides who is alive or who owns what.
 
+pub mod events;
 pub mod lease;
 pub mod ownership;
 pub mod registry;
@@ -97,6 +98,8 @@ pub struct Cluster {
     pub devices: Arc<registry::SharedRegistry>,
     /// Which gateway holds each connected device.
     pub ownership: Arc<ownership::Ownership>,
+    /// The cluster's event stream, and this gateway's bus.
+    pub events: Arc<events::ClusterBus>,
     /// The registry watch, from where the initial sync stopped, until
     /// [`follow`](Cluster::follow) takes it.
     watch: parking_lot::Mutex<Option<async_nats::jetstream::kv::Watch>>,
@@ -113,7 +116,8 @@ impl Cluster {
         data_dir: &Path,
         metrics: Arc<crate::metrics::Metrics>,
         local: Arc<crate::registry::Registry>,
-        bus: Arc<dyn crate::bus::EventBus>,
+        ring: crate::bus::RingBus,
+        event_buffer: usize,
     ) -> Result<Arc<Cluster>, ClusterError> {
         if !valid_gateway_id(gateway_id) {
             return Err(ClusterError::BadGatewayId(gateway_id.to_owned()));
@@ -133,6 +137,9 @@ impl Cluster {
             metrics.clone(),
         )
         .await?;
+        let events =
+            events::ClusterBus::open(&jetstream, ring, event_buffer, metrics.clone()).await?;
+        let bus: Arc<dyn crate::bus::EventBus> = events.clone();
         let ownership =
             ownership::Ownership::open(&jetstream, gateway_id, &lease.boot, bus, metrics).await?;
         // A gateway's lease went: reap its devices (one survivor does). A
@@ -156,7 +163,7 @@ impl Cluster {
                 }
             });
         }
-        let devices = registry::SharedRegistry::open(&jetstream, local).await?;
+        let devices = registry::SharedRegistry::open(&jetstream, local, gateway_id).await?;
         let watch = devices.sync().await?;
         Ok(Arc::new(Cluster {
             client,
@@ -165,6 +172,7 @@ impl Cluster {
             lease,
             devices,
             ownership,
+            events,
             watch: parking_lot::Mutex::new(Some(watch)),
         }))
     }
@@ -182,6 +190,7 @@ impl Cluster {
     pub async fn leave(&self) {
         // The devices' link-downs (`shutdown`) first, then the lease.
         self.ownership.flush().await;
+        self.events.flush(Duration::from_secs(2)).await;
         self.lease.release().await;
         let _ = self.client.flush().await;
     }

@@ -34,7 +34,7 @@ use std::time::{Duration, SystemTime};
 
 use super::ClusterError;
 use crate::bus::event::{DeviceDeleted, DeviceRef, DeviceRegistered, DeviceUpdated, Event};
-use crate::bus::EventBus;
+use crate::bus::{EventBus, Reach};
 use crate::keys::{decode_key, encode_key, KeyBytes};
 use crate::registry::{AddressPlan, Device, DevicePatch, NewDevice, Registered, Registry};
 
@@ -60,6 +60,10 @@ pub struct DeviceRecord {
     pub cloudlink_enabled: bool,
     pub app_id: Option<u32>,
     pub device_api_key: Option<String>,
+    /// The gateway that wrote this version: it alone announces the change
+    /// cluster-wide (every gateway announces it to its own reactor).
+    #[serde(default)]
+    pub by: String,
 }
 
 impl DeviceRecord {
@@ -114,6 +118,11 @@ pub struct SharedRegistry {
     next: AtomicU32,
     /// The last bucket revision the replica applied.
     applied: tokio::sync::watch::Sender<u64>,
+    /// This gateway's id (records name their writer).
+    me: String,
+    /// Devices this gateway is deleting: their deletion is announced
+    /// cluster-wide from here.
+    deleting: parking_lot::Mutex<std::collections::HashSet<String>>,
 }
 
 type R<T> = Result<T, ClusterError>;
@@ -122,6 +131,7 @@ impl SharedRegistry {
     pub async fn open(
         js: &async_nats::jetstream::Context,
         local: Arc<Registry>,
+        me: &str,
     ) -> R<Arc<SharedRegistry>> {
         let store = super::open_bucket(
             js,
@@ -146,6 +156,8 @@ impl SharedRegistry {
             local,
             next: AtomicU32::new(start),
             applied: tokio::sync::watch::channel(0).0,
+            me: me.to_owned(),
+            deleting: Default::default(),
         }))
     }
 
@@ -210,6 +222,7 @@ impl SharedRegistry {
             cloudlink_enabled: true,
             app_id: None,
             device_api_key: None,
+            by: self.me.clone(),
         };
         match self.store.create(&dk, record.bytes()).await {
             Ok(rev) => Ok((Registered::Created(record.device()), rev)),
@@ -322,6 +335,7 @@ impl SharedRegistry {
                 )));
             };
             let mut after = before.clone();
+            after.by = self.me.clone();
             if let Some(n) = &patch.name {
                 after.name = n.clone();
             }
@@ -395,11 +409,15 @@ impl SharedRegistry {
             else {
                 return Ok(None);
             };
-            match self
+            self.deleting.lock().insert(uuid.to_owned());
+            let deleted = self
                 .store
                 .delete_expect_revision(&dk, Some(entry.revision))
-                .await
-            {
+                .await;
+            if deleted.is_err() {
+                self.deleting.lock().remove(uuid);
+            }
+            match deleted {
                 Ok(()) => {
                     let rec = DeviceRecord::parse(&entry.value);
                     if let Some(r) = &rec {
@@ -552,6 +570,7 @@ impl SharedRegistry {
                 cloudlink_enabled: d.status.cloudlink_enabled,
                 app_id: d.app_id,
                 device_api_key: api_key,
+                by: self.me.clone(),
             };
             match self.store.create(dev_key(uuid), record.bytes()).await {
                 Ok(_) => {}
@@ -573,6 +592,8 @@ impl SharedRegistry {
     /// watch ends for good.
     pub async fn follow(self: Arc<Self>, mut watch: kv::Watch, bus: Arc<dyn EventBus>) {
         let mut burst: Vec<DeviceRef> = Vec::new();
+        // Whether the burst's devices were registered here.
+        let mut burst_mine = false;
         loop {
             let entry = match watch.next().await {
                 Some(Ok(e)) => e,
@@ -611,6 +632,11 @@ impl SharedRegistry {
                         continue;
                     };
                     let after = r.device();
+                    let mine = r.by == self.me;
+                    if mine != burst_mine {
+                        flush(&*bus, &mut burst, burst_mine);
+                        burst_mine = mine;
+                    }
                     match self
                         .local
                         .replica_upsert(&after, r.device_api_key.as_deref())
@@ -621,8 +647,8 @@ impl SharedRegistry {
                             address: after.address,
                         }),
                         Ok(Some(before)) => {
-                            flush(&*bus, &mut burst);
-                            publish_update(&*bus, &before, &after);
+                            flush(&*bus, &mut burst, burst_mine);
+                            publish_update(&*bus, &before, &after, reach(mine));
                         }
                         Err(e) => {
                             tracing::error!(device = %uuid, error = %e, "could not apply a registry change")
@@ -630,16 +656,18 @@ impl SharedRegistry {
                     }
                 }
                 kv::Operation::Delete | kv::Operation::Purge => {
-                    flush(&*bus, &mut burst);
+                    flush(&*bus, &mut burst, burst_mine);
+                    let mine = self.deleting.lock().remove(&uuid);
                     match self.local.delete(&uuid) {
                         Ok(Some(d)) => {
-                            bus.publish(
+                            bus.publish_reach(
                                 Some(&uuid),
                                 Event::DeviceDeleted(DeviceDeleted {
                                     address: d.address.to_string(),
                                     public_key: d.public_key,
                                 }),
                                 SystemTime::now(),
+                                reach(mine),
                             );
                         }
                         Ok(None) => {}
@@ -650,7 +678,7 @@ impl SharedRegistry {
                 }
             }
             if !more || burst.len() >= 10_000 {
-                flush(&*bus, &mut burst);
+                flush(&*bus, &mut burst, burst_mine);
             }
             self.applied.send_replace(revision);
         }
@@ -672,14 +700,24 @@ fn judge(existing: &DeviceRecord, key: &KeyBytes) -> Registered {
     }
 }
 
+/// A change written here goes cluster-wide; one written elsewhere only to
+/// this gateway's reactor (its writer announces it).
+fn reach(mine: bool) -> Reach {
+    if mine {
+        Reach::Cluster
+    } else {
+        Reach::Local
+    }
+}
+
 /// Publishes new devices seen together as one `device.registered`.
-fn flush(bus: &dyn EventBus, burst: &mut Vec<DeviceRef>) {
+fn flush(bus: &dyn EventBus, burst: &mut Vec<DeviceRef>, mine: bool) {
     if burst.is_empty() {
         return;
     }
     let devices: Arc<[DeviceRef]> = std::mem::take(burst).into();
     let single = devices.len() == 1;
-    bus.publish(
+    bus.publish_reach(
         single.then(|| devices[0].uuid.as_str()),
         Event::DeviceRegistered(DeviceRegistered {
             count: devices.len(),
@@ -688,10 +726,11 @@ fn flush(bus: &dyn EventBus, burst: &mut Vec<DeviceRef>) {
             devices: devices.clone(),
         }),
         SystemTime::now(),
+        reach(mine),
     );
 }
 
-fn publish_update(bus: &dyn EventBus, before: &Device, after: &Device) {
+fn publish_update(bus: &dyn EventBus, before: &Device, after: &Device, reach: Reach) {
     let mut changed = Vec::new();
     let rekeyed = before.public_key != after.public_key;
     if rekeyed {
@@ -714,7 +753,7 @@ fn publish_update(bus: &dyn EventBus, before: &Device, after: &Device) {
     if before.app_id != after.app_id {
         changed.push("app_id");
     }
-    bus.publish(
+    bus.publish_reach(
         Some(&after.uuid),
         Event::DeviceUpdated(DeviceUpdated {
             changed,
@@ -725,6 +764,7 @@ fn publish_update(bus: &dyn EventBus, before: &Device, after: &Device) {
             address: after.address,
         }),
         SystemTime::now(),
+        reach,
     );
 }
 
@@ -745,6 +785,7 @@ mod tests {
             cloudlink_enabled: true,
             app_id: None,
             device_api_key: Some("secret".into()),
+            by: "gw-a".into(),
         };
         assert_eq!(DeviceRecord::parse(&r.bytes()), Some(r.clone()));
         let d = r.device();
