@@ -189,6 +189,15 @@ impl Gateway {
         ];
         if let Some(c) = &cluster {
             observers.push(c.ownership.clone());
+            // Link-ups and link-downs go cluster-wide from the ownership
+            // directory, once its write has landed.
+            path.set_link_reach(crate::bus::Reach::Local);
+            let p = Arc::downgrade(&path);
+            c.ownership.set_on_moved(move |uuid| {
+                if let Some(path) = p.upgrade() {
+                    path.hand_over(uuid, std::time::Instant::now());
+                }
+            });
         }
         path.set_link_observer(Arc::new(crate::packet_path::Observers(observers)));
         let proxy = tokio::net::TcpListener::bind(config.proxy)

@@ -23,6 +23,9 @@ pub enum DownReason {
     Timeout,
     Revoked,
     Shutdown,
+    /// Cluster mode: another gateway took the device over (it now dials
+    /// that one); announced cluster-wide as that gateway's `link.moved`.
+    Moved,
 }
 
 impl DownReason {
@@ -31,6 +34,7 @@ impl DownReason {
             DownReason::Timeout => "timeout",
             DownReason::Revoked => "revoked",
             DownReason::Shutdown => "shutdown",
+            DownReason::Moved => "moved",
         }
     }
 }

@@ -114,7 +114,7 @@ pub const RELAY_RESULTS: [&str; 8] = [
     "timeout",
 ];
 
-pub const LINK_EVENT_TYPES: [&str; 3] = ["link.up", "link.down", "link.roamed"];
+pub const LINK_EVENT_TYPES: [&str; 4] = ["link.up", "link.down", "link.roamed", "link.moved"];
 
 pub struct Metrics {
     pub registry: Registry,

@@ -790,10 +790,10 @@ async fn a_dead_gateways_devices_go_down_exactly_once() {
     drop(held);
 }
 
-/// A device that moves from A to B: B owns it; A's own link-down, later
-/// (its session timing out), does not mark the device down.
+/// A device that moves from A to B: B owns it, A drops its session at once,
+/// and consumers see one `link.moved` from A to B, never a `link.down`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_late_link_down_from_a_former_owner_changes_nothing() {
+async fn a_device_that_moves_is_announced_as_moved_not_down_and_up() {
     use cloudlink::keys::{encode_key, generate_private_key, public_key};
     use serde_json::json;
     let nats = NatsServer::start();
@@ -848,15 +848,30 @@ async fn a_late_link_down_from_a_former_owner_changes_nothing() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    // A's session goes silent and times out there: A's link-down.
-    events_a
-        .wait_for(Duration::from_secs(10), |e| e["type"] == "link.down")
+    // A let its session go when B took the device over.
+    a.wait_metric("cloudlink_sessions", 0.0, Duration::from_secs(2));
+    let moved = events_a
+        .wait_for(Duration::from_secs(5), |e| e["type"] == "link.moved")
         .await;
-    // Keep the device alive on B meanwhile, then look again.
-    for _ in 0..5 {
+    assert_eq!(moved.data["device"], "mover");
+    assert_eq!(moved.data["from"], "gw-a");
+    assert_eq!(moved.data["to"], "gw-b");
+    assert_eq!(moved.data["gateway"], "gw-b");
+    // Keep the device alive on B for longer than A's link timeout: nothing
+    // else about it appears, on either gateway's stream.
+    for _ in 0..15 {
         on_b.keepalive();
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    let rest = events_a.drain_for(Duration::from_millis(300)).await;
+    assert!(
+        rest.iter().all(|e| !e.data["type"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("link.")),
+        "after the move: {:?}",
+        rest.iter().map(|e| &e.data).collect::<Vec<_>>()
+    );
     for gw in [&a, &b] {
         assert_eq!(
             view(gw, "mover").await,
@@ -865,6 +880,10 @@ async fn a_late_link_down_from_a_former_owner_changes_nothing() {
             gw.api
         );
     }
+    assert_eq!(
+        a.metric("cloudlink_link_events_total{type=\"link.down\"}"),
+        Some(0.0)
+    );
     drop(on_a);
 }
 
@@ -977,6 +996,7 @@ async fn a_paused_former_owner_does_not_mark_a_moved_device_down() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let mut events_b = common::SseReader::connect(&format!("{}/v1/events", b.api), None).await;
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(a.child.id() as i32, libc::SIGSTOP) };
     let mut on_b = None;
@@ -1005,16 +1025,22 @@ async fn a_paused_former_owner_does_not_mark_a_moved_device_down() {
     }
     // SAFETY: as above.
     unsafe { libc::kill(a.child.id() as i32, libc::SIGCONT) };
-    // A's own link-down for it, after the pause.
-    a.wait_metric(
-        "cloudlink_link_events_total{type=\"link.down\"}",
-        1.0,
-        Duration::from_secs(10),
-    );
+    // A, running again, lets its session go: its timers found the device
+    // silent, or its watch saw B's claim, whichever came first.
+    a.wait_metric("cloudlink_sessions", 0.0, Duration::from_secs(10));
     for _ in 0..6 {
         on_b.keepalive();
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+    // The stream shows the move once and no link-down.
+    let seen = events_b.drain_for(Duration::from_millis(500)).await;
+    let of = |ty: &str| {
+        seen.iter()
+            .filter(|e| e.data["type"] == ty && e.data["device"] == "paused")
+            .count()
+    };
+    assert_eq!(of("link.moved"), 1, "{:?}", seen.iter().map(|e| &e.data).collect::<Vec<_>>());
+    assert_eq!(of("link.down"), 0);
     for gw in [&a, &b] {
         assert_eq!(
             view(gw, "paused").await,
@@ -1067,6 +1093,7 @@ async fn a_gateway_back_from_a_long_pause_claims_its_devices_again() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let mut events_b = common::SseReader::connect(&format!("{}/v1/events", b.api), None).await;
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(a.child.id() as i32, libc::SIGSTOP) };
     let deadline = Instant::now() + Duration::from_secs(10);

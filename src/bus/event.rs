@@ -22,6 +22,8 @@ pub enum Event {
     LinkDown(Link),
     #[serde(rename = "link.roamed")]
     LinkRoamed(Link),
+    #[serde(rename = "link.moved")]
+    LinkMoved(Moved),
     #[serde(rename = "status.changed")]
     StatusChanged(StatusChanged),
     #[serde(rename = "action.completed")]
@@ -53,6 +55,7 @@ impl Event {
             Event::LinkUp(_) => "link.up",
             Event::LinkDown(_) => "link.down",
             Event::LinkRoamed(_) => "link.roamed",
+            Event::LinkMoved(_) => "link.moved",
             Event::StatusChanged(_) => "status.changed",
             Event::ActionCompleted(_) => "action.completed",
             Event::ActionFailed(_) => "action.failed",
@@ -71,6 +74,20 @@ pub struct Link {
     pub reason: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub previous_endpoint: Option<String>,
+    pub address: String,
+}
+
+/// `link.moved` (cluster mode): the device's link came up on gateway `to`
+/// while gateway `from` held it (a load balancer moved it, it roamed). Its
+/// link never went down: `from` dropped its session without a `link.down`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Moved {
+    pub from: String,
+    pub to: String,
+    pub endpoint: String,
+    /// Its endpoint as `from` knew it.
+    pub previous_endpoint: String,
+    pub reason: String,
     pub address: String,
 }
 

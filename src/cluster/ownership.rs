@@ -30,7 +30,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use super::ClusterError;
-use crate::bus::event::{Event, Link};
+use crate::bus::event::{Event, Link, Moved};
 use crate::bus::EventBus;
 use crate::link_state::DownReason;
 
@@ -69,8 +69,22 @@ enum Pending {
         endpoint: String,
         since: String,
         address: String,
+        at: SystemTime,
     },
-    Down,
+    Down {
+        endpoint: String,
+        reason: DownReason,
+        address: String,
+        at: SystemTime,
+    },
+}
+
+/// What a write of [`Pending`] came to.
+enum Written {
+    /// Done (or nothing to do): announce this, if anything.
+    Done(Option<Event>),
+    /// NATS did not answer: keep it for the next round.
+    Retry,
 }
 
 pub struct Ownership {
@@ -85,6 +99,9 @@ pub struct Ownership {
     /// Set once the first watch pass has been applied.
     bus: Arc<dyn EventBus>,
     metrics: Arc<crate::metrics::Metrics>,
+    /// Told when another gateway takes over a device this one held (the
+    /// gateway drops its session there: `PacketPath::hand_over`).
+    on_moved: std::sync::OnceLock<Box<dyn Fn(&str) + Send + Sync>>,
 }
 
 /// Whether a link-up (or roam) noted here at `since` may replace `current`:
@@ -132,10 +149,16 @@ impl Ownership {
             wake: tokio::sync::Notify::new(),
             bus,
             metrics,
+            on_moved: std::sync::OnceLock::new(),
         });
         tokio::spawn(watch(Arc::downgrade(&o)));
         tokio::spawn(write(Arc::downgrade(&o)));
         Ok(o)
+    }
+
+    /// Sets what is told when another gateway takes a device over. Once.
+    pub fn set_on_moved(&self, f: impl Fn(&str) + Send + Sync + 'static) {
+        let _ = self.on_moved.set(Box::new(f));
     }
 
     /// The device's owner, if it has one.
@@ -165,33 +188,60 @@ impl Ownership {
         self.write_pending().await;
     }
 
-    async fn write_pending(&self) {
+    /// Writes what is pending; `false` if some of it must wait for NATS.
+    async fn write_pending(&self) -> bool {
         let batch: Vec<(String, Pending)> = self.pending.lock().drain().collect();
-        let writes = batch.into_iter().map(|(uuid, p)| self.apply(uuid, p));
+        let writes = batch.into_iter().map(|(uuid, p)| async move {
+            let w = self.apply(&uuid, &p).await;
+            (uuid, p, w)
+        });
         // A few hundred writes in flight at once, not one at a time.
         let mut writes = futures_util::stream::iter(writes).buffer_unordered(256);
-        while writes.next().await.is_some() {}
+        let mut all = true;
+        while let Some((uuid, p, w)) = writes.next().await {
+            match w {
+                Written::Done(Some(event)) => {
+                    // The link event goes cluster-wide only now that the
+                    // directory agrees: a former owner's late link-down,
+                    // whose write fails, announces nothing.
+                    let at = match &p {
+                        Pending::Up { at, .. } | Pending::Down { at, .. } => *at,
+                    };
+                    self.metrics.link_event(event.kind());
+                    self.bus.publish(Some(&uuid), event, at);
+                }
+                Written::Done(None) => {}
+                Written::Retry => {
+                    all = false;
+                    // Unless a newer state was noted meanwhile.
+                    self.pending.lock().entry(uuid).or_insert(p);
+                }
+            }
+        }
+        all
     }
 
-    async fn apply(&self, uuid: String, p: Pending) {
-        let key = skey(&uuid);
+    async fn apply(&self, uuid: &str, p: &Pending) -> Written {
+        let key = skey(uuid);
         for _ in 0..5 {
             let current = match self.store.entry(&key).await {
                 Ok(e) => e.filter(|e| e.operation == kv::Operation::Put),
                 Err(e) => {
-                    tracing::warn!(device = %uuid, error = %e, "cannot read a device's owner");
-                    return;
+                    tracing::debug!(device = %uuid, error = %e, "cannot read a device's owner; will retry");
+                    return Written::Retry;
                 }
             };
             let ours = current
                 .as_ref()
                 .and_then(|e| OwnerRecord::parse(&e.value))
                 .is_some_and(|r| r.gateway == self.me && r.boot == self.boot);
-            let result = match &p {
+            let held = current.as_ref().and_then(|e| OwnerRecord::parse(&e.value));
+            let result = match p {
                 Pending::Up {
                     endpoint,
                     since,
                     address,
+                    ..
                 } => {
                     let record = OwnerRecord {
                         v: VERSION,
@@ -201,9 +251,8 @@ impl Ownership {
                         since: since.clone(),
                         address: address.clone(),
                     };
-                    let held = current.as_ref().and_then(|e| OwnerRecord::parse(&e.value));
                     if !may_claim(held.as_ref(), &self.me, &self.boot, since) {
-                        return; // a later link-up elsewhere holds it
+                        return Written::Done(None); // a later link-up elsewhere holds it
                     }
                     let value = Bytes::from(serde_json::to_vec(&record).expect("serialises"));
                     match &current {
@@ -221,7 +270,7 @@ impl Ownership {
                             .map_err(|e| e.to_string()),
                     }
                 }
-                Pending::Down => match &current {
+                Pending::Down { .. } => match &current {
                     // Someone else holds it now (the device moved): a late
                     // link-down from here must not touch that.
                     Some(e) if ours => self
@@ -229,16 +278,18 @@ impl Ownership {
                         .delete_expect_revision(&key, Some(e.revision))
                         .await
                         .map_err(|e| e.to_string()),
-                    _ => return,
+                    _ => return Written::Done(None),
                 },
             };
             match result {
-                Ok(()) => return,
+                Ok(()) => return Written::Done(Some(link_event(&self.me, held.as_ref(), p))),
                 Err(e) => {
                     tracing::debug!(device = %uuid, error = %e, "ownership write raced; reading again")
                 }
             }
         }
+        // Five compare-and-set races in a row, or NATS failing the writes.
+        Written::Retry
     }
 
     /// The lease of `gateway` (boot `boot`) went. Exactly one survivor
@@ -295,17 +346,31 @@ impl crate::packet_path::LinkObserver for Ownership {
         session: &crate::session_table::Session,
         up: bool,
         endpoint: std::net::SocketAddr,
-        _down: Option<DownReason>,
+        down: Option<DownReason>,
     ) {
         // Called with the session locked: only note it.
-        let p = if up {
-            Pending::Up {
+        let at = SystemTime::now();
+        let p = match down {
+            // Handed over: the new owner's record stays as it is.
+            Some(DownReason::Moved) => return,
+            Some(reason) => Pending::Down {
                 endpoint: endpoint.to_string(),
-                since: crate::bus::event::rfc3339(SystemTime::now()),
+                reason,
                 address: session.address.to_string(),
-            }
-        } else {
-            Pending::Down
+                at,
+            },
+            None if up => Pending::Up {
+                endpoint: endpoint.to_string(),
+                since: crate::bus::event::rfc3339(at),
+                address: session.address.to_string(),
+                at,
+            },
+            None => Pending::Down {
+                endpoint: endpoint.to_string(),
+                reason: DownReason::Timeout,
+                address: session.address.to_string(),
+                at,
+            },
         };
         self.pending.lock().insert(session.uuid.to_string(), p);
         self.wake.notify_one();
@@ -324,7 +389,48 @@ async fn write(o: std::sync::Weak<Ownership>) {
         {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        me.write_pending().await;
+        if !me.write_pending().await {
+            // NATS is away: the rest waits for the next round.
+            drop(me);
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+}
+
+/// The event announcing a write that landed: `link.up`, or `link.moved`
+/// when another gateway held the device; `link.down` for our own record's
+/// deletion.
+fn link_event(me: &str, held: Option<&OwnerRecord>, p: &Pending) -> Event {
+    match p {
+        Pending::Up {
+            endpoint, address, ..
+        } => match held.filter(|h| h.gateway != me) {
+            Some(h) => Event::LinkMoved(Moved {
+                from: h.gateway.clone(),
+                to: me.to_owned(),
+                endpoint: endpoint.clone(),
+                previous_endpoint: h.endpoint.clone(),
+                reason: "handshake".into(),
+                address: address.clone(),
+            }),
+            None => Event::LinkUp(Link {
+                endpoint: endpoint.clone(),
+                reason: "handshake".into(),
+                previous_endpoint: None,
+                address: address.clone(),
+            }),
+        },
+        Pending::Down {
+            endpoint,
+            reason,
+            address,
+            ..
+        } => Event::LinkDown(Link {
+            endpoint: endpoint.clone(),
+            reason: reason.as_str().into(),
+            previous_endpoint: None,
+            address: address.clone(),
+        }),
     }
 }
 
@@ -352,6 +458,17 @@ async fn watch(o: std::sync::Weak<Ownership>) {
             match entry.operation {
                 kv::Operation::Put => match OwnerRecord::parse(&entry.value) {
                     Some(record) => {
+                        let was_mine = me
+                            .owners
+                            .get(&uuid)
+                            .is_some_and(|o| me.is_mine(&o.record));
+                        if was_mine && !me.is_mine(&record) {
+                            // Another gateway took the device over: drop
+                            // our session without a link-down.
+                            if let Some(f) = me.on_moved.get() {
+                                f(&uuid);
+                            }
+                        }
                         me.count(me.owners.get(&uuid).as_deref(), Some(&record));
                         me.owners.insert(
                             uuid,

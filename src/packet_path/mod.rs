@@ -139,6 +139,11 @@ pub struct PacketPath {
     pub(crate) config: PacketPathConfig,
     pub(crate) sink: OnceLock<Arc<dyn TunnelSink>>,
     pub(crate) observer: OnceLock<Arc<dyn LinkObserver>>,
+    /// How far `link.up` and `link.down` published here go: everywhere
+    /// (unset), or in cluster mode this gateway only, because the ownership
+    /// directory announces them cluster-wide once its write has landed
+    /// (`cluster::ownership`).
+    link_reach: OnceLock<crate::bus::Reach>,
     /// The socket `send` uses for packets that do not answer a datagram
     /// (the I/O layer's; set when the packet threads start).
     /// Weak: the packet threads own the socket, so stopping them closes it
@@ -173,6 +178,7 @@ impl PacketPath {
             config,
             sink: OnceLock::new(),
             observer: OnceLock::new(),
+            link_reach: OnceLock::new(),
             egress: OnceLock::new(),
             // Set-up, not a stage: the I/O layer re-anchors from then on.
             wall_anchor: parking_lot::RwLock::new((Instant::now(), SystemTime::now())),
@@ -196,6 +202,12 @@ impl PacketPath {
         let _ = self.observer.set(observer);
     }
 
+    /// Cluster mode: link-ups and link-downs are announced cluster-wide by
+    /// the ownership directory, not here. Once.
+    pub fn set_link_reach(&self, reach: crate::bus::Reach) {
+        let _ = self.link_reach.set(reach);
+    }
+
     /// The egress socket, while the packet threads run.
     pub fn egress_socket(&self) -> Option<Arc<std::net::UdpSocket>> {
         self.egress.get()?.upgrade()
@@ -213,28 +225,36 @@ impl PacketPath {
             LinkTransition::Up { endpoint } => {
                 self.metrics.sessions.inc();
                 tracing::info!(device = %session.uuid, %endpoint, "link up");
-                self.publish(session, Event::LinkUp, endpoint, "handshake", None, at);
+                self.publish(session, Event::LinkUp, endpoint, "handshake", None, at, self.reach());
                 if let Some(o) = self.observer.get() {
                     o.link_changed(session, true, endpoint, None);
                 }
             }
             LinkTransition::Down { endpoint, reason } => {
                 self.metrics.sessions.dec();
-                tracing::info!(device = %session.uuid, %endpoint, reason = reason.as_str(), "link down");
-                self.publish(
-                    session,
-                    Event::LinkDown,
-                    endpoint,
-                    reason.as_str(),
-                    None,
-                    at,
-                );
+                if reason == DownReason::Moved {
+                    // Not down: the gateway that took it over announces
+                    // `link.moved`.
+                    tracing::info!(device = %session.uuid, %endpoint, "link moved to another gateway; session dropped here");
+                } else {
+                    tracing::info!(device = %session.uuid, %endpoint, reason = reason.as_str(), "link down");
+                    self.publish(
+                        session,
+                        Event::LinkDown,
+                        endpoint,
+                        reason.as_str(),
+                        None,
+                        at,
+                        self.reach(),
+                    );
+                }
                 if let Some(o) = self.observer.get() {
                     o.link_changed(session, false, endpoint, Some(reason));
                 }
             }
             LinkTransition::Roamed { from, to } => {
                 tracing::info!(device = %session.uuid, %from, %to, "link roamed");
+                // Only the device's gateway sees it roam.
                 self.publish(
                     session,
                     Event::LinkRoamed,
@@ -242,6 +262,7 @@ impl PacketPath {
                     "endpoint_changed",
                     Some(from),
                     at,
+                    crate::bus::Reach::Cluster,
                 );
             }
         }
@@ -255,6 +276,7 @@ impl PacketPath {
         reason: &str,
         previous: Option<SocketAddr>,
         at: SystemTime,
+        reach: crate::bus::Reach,
     ) {
         let event = kind(Link {
             endpoint: endpoint.to_string(),
@@ -262,8 +284,18 @@ impl PacketPath {
             previous_endpoint: previous.map(|p| p.to_string()),
             address: session.address.to_string(),
         });
-        self.metrics.link_event(event.kind());
-        self.events.publish(Some(&session.uuid), event, at);
+        if reach == crate::bus::Reach::Cluster {
+            self.metrics.link_event(event.kind());
+        }
+        self.events
+            .publish_reach(Some(&session.uuid), event, at, reach);
+    }
+
+    fn reach(&self) -> crate::bus::Reach {
+        self.link_reach
+            .get()
+            .copied()
+            .unwrap_or(crate::bus::Reach::Cluster)
     }
 
     /// The wall-clock time of `now`, from the anchor the I/O layer keeps
@@ -287,12 +319,23 @@ impl PacketPath {
     /// was up, `link.down` (`revoked`) is published. The fleet reactor calls
     /// it on `device.deleted`.
     pub fn revoke(&self, uuid: &str, now: Instant) {
+        self.drop_session(uuid, DownReason::Revoked, now);
+    }
+
+    /// Cluster mode: another gateway took the device over. Its session
+    /// here goes at once, without a `link.down` (the device is not down:
+    /// the other gateway announces `link.moved`).
+    pub fn hand_over(&self, uuid: &str, now: Instant) {
+        self.drop_session(uuid, DownReason::Moved, now);
+    }
+
+    fn drop_session(&self, uuid: &str, reason: DownReason, now: Instant) {
         if let Some(session) = self.sessions.by_uuid(uuid) {
             // Out of the table first (shard locks), then the session's state:
             // never a shard lock under a session lock.
             self.sessions.remove(&session);
             let mut st = session.state.lock();
-            if let Some(t) = st.link.close(crate::link_state::DownReason::Revoked) {
+            if let Some(t) = st.link.close(reason) {
                 st.connected_since = None;
                 self.announce(&session, t, self.wall(now));
             }

@@ -323,8 +323,13 @@ impl crate::packet_path::LinkObserver for DeviceStatus {
         session: &crate::session_table::Session,
         up: bool,
         endpoint: std::net::SocketAddr,
-        _down: Option<crate::link_state::DownReason>,
+        down: Option<crate::link_state::DownReason>,
     ) {
+        // A device another gateway took over is still connected: its
+        // status does not change (the ownership watch keeps it up).
+        if down == Some(crate::link_state::DownReason::Moved) {
+            return;
+        }
         self.link(&session.uuid, up, endpoint);
     }
 }
