@@ -34,18 +34,27 @@ struct Proc {
     child: Child,
     api: String,
     udp: std::net::SocketAddr,
+    proxy: u16,
     log: Arc<Mutex<String>>,
 }
 
 impl Proc {
     /// `cloudlink serve` in cluster mode, not waiting for it.
     fn spawn(dir: &Path, key: &Path, nats: &str, id: &str, extra: &[&str]) -> Proc {
+        Self::spawn_on("127.0.0.1", dir, key, nats, id, extra)
+    }
+
+    /// The same, its UDP port on `host` (`0.0.0.0`: reachable from test
+    /// namespaces).
+    fn spawn_on(host: &str, dir: &Path, key: &Path, nats: &str, id: &str, extra: &[&str]) -> Proc {
         let api = format!("127.0.0.1:{}", free_port(false));
-        let udp: std::net::SocketAddr = format!("127.0.0.1:{}", free_port(true)).parse().unwrap();
+        let proxy = free_port(false);
+        let port = free_port(true);
+        let udp: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let mut child = Command::new(BIN)
             .arg("serve")
-            .args(["--listen", &udp.to_string(), "--token", common::TOKEN])
-            .args(["--api", &api, "--proxy", "127.0.0.1:0"])
+            .args(["--listen", &format!("{host}:{port}"), "--token", common::TOKEN])
+            .args(["--api", &api, "--proxy", &format!("127.0.0.1:{proxy}")])
             .arg("--data-dir")
             .arg(dir)
             .arg("--private-key-file")
@@ -76,6 +85,7 @@ impl Proc {
             child,
             api: format!("http://{api}"),
             udp,
+            proxy,
             log,
         }
     }
@@ -1093,7 +1103,6 @@ async fn a_gateway_back_from_a_long_pause_claims_its_devices_again() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let mut events_b = common::SseReader::connect(&format!("{}/v1/events", b.api), None).await;
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(a.child.id() as i32, libc::SIGSTOP) };
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -1146,4 +1155,189 @@ async fn a_registry_holding_only_a_stray_claim_does_not_hold_a_gateway_up() {
     let mut a = Proc::spawn(&tmp.path().join("a"), &key, &nats.url, "gw-a", &[]);
     let took = a.ready(Duration::from_secs(20));
     assert!(took < Duration::from_secs(10), "{took:?}");
+}
+
+/// Degraded mode: NATS stopped for 30 s. The device A holds (an unmodified
+/// wireguard-go peer) keeps its tunnel and ssh to it through A works the
+/// whole time; changes answer 503 at once; a device that links up on A
+/// meanwhile is claimed when NATS is back, its `link.up` then reaching the
+/// cluster's stream once; nothing is reaped, and no event is doubled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tunnels_and_ssh_survive_a_nats_outage() {
+    use cloudlink::keys::{encode_key, generate_private_key, public_key};
+    use common::netns::{wg_keypair, Netns, WgGoDevice};
+    use common::ssh::{wait_until, SshFixture};
+    use serde_json::json;
+    let mut nats = NatsServer::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let key = shared_key(tmp.path());
+    let gw_public =
+        public_key(&cloudlink::keys::decode_key(&std::fs::read_to_string(&key).unwrap()).unwrap());
+    // A lease much shorter than the outage: every lease lapses meanwhile.
+    // wireguard-go keeps the link with 25 s keepalives.
+    let opts = ["--cluster-lease", "6s", "--link-timeout", "60s"];
+    let mut a = Proc::spawn_on("0.0.0.0", &tmp.path().join("a"), &key, &nats.url, "gw-a", &opts);
+    let mut b = Proc::spawn(&tmp.path().join("b"), &key, &nats.url, "gw-b", &opts);
+    a.ready(Duration::from_secs(20));
+    b.ready(Duration::from_secs(20));
+
+    // A wireguard-go device with sshd, connected through A.
+    let tag = format!("n{}", std::process::id() % 10_000);
+    let subnet = (std::process::id() % 10 + 190) as u16;
+    let ns = Netns::create(&tag, subnet);
+    let (private, public) = wg_keypair();
+    let (st, reg) = call(
+        &a.api,
+        "POST",
+        "/v1/devices",
+        Some(json!({"uuid": "steady", "public_key": public})),
+    )
+    .await;
+    assert_eq!(st, 201, "{reg}");
+    let mut dev = WgGoDevice::configure(ns, &reg, &private, a.udp.port(), &tag);
+    dev.wait_handshake();
+    let ssh = SshFixture::new();
+    let listen = format!("{}:22", dev.address);
+    let child = ssh.start_sshd(&["ip", "netns", "exec", &dev.ns.name], &listen);
+    dev.ns.children.push(child);
+    let (nsname, addr) = (dev.ns.name.clone(), dev.address.clone());
+    wait_until(Duration::from_secs(10), || {
+        Command::new("ip")
+            .args(["netns", "exec", &nsname, "sh", "-c"])
+            .arg(format!("ss -ltn | grep -q '{addr}:22 '"))
+            .status()
+            .is_ok_and(|s| s.success())
+    });
+    let ssh_echo = |word: &str| {
+        let o = tokio::task::block_in_place(|| {
+            ssh.ssh(a.proxy, common::TOKEN, "steady.balena", 22, &format!("echo {word}"), None)
+        });
+        assert!(
+            o.status.success(),
+            "ssh failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert_eq!(String::from_utf8_lossy(&o.stdout), format!("{word}\n"));
+    };
+    ssh_echo("before");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while view(&b, "steady").await != (true, Some("gw-a".into())) {
+        assert!(Instant::now() < deadline, "B never showed steady on gw-a");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A second device, registered now, first dials during the outage.
+    let k2 = generate_private_key();
+    let (st, _) = call(
+        &a.api,
+        "POST",
+        "/v1/devices",
+        Some(json!({"uuid": "newcomer", "public_key": encode_key(&public_key(&k2))})),
+    )
+    .await;
+    assert_eq!(st, 201);
+    // Where the stream stood before the outage.
+    let mut before = common::SseReader::connect(&format!("{}/v1/events", b.api), None).await;
+    let (_, listing) = call(&b.api, "GET", "/v1/devices?limit=1", None).await;
+    let as_of = listing["as_of"].as_str().unwrap().to_owned();
+
+    nats.stop();
+    let outage = Instant::now();
+    // Changes are refused at once, saying why.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let t = Instant::now();
+    let (st, e) = call(
+        &a.api,
+        "POST",
+        "/v1/devices",
+        Some(json!({"uuid": "refused", "public_key": encode_key(&public_key(&generate_private_key()))})),
+    )
+    .await;
+    assert_eq!(st, 503, "{e}");
+    assert_eq!(e["error"], "cluster_unavailable");
+    assert!(t.elapsed() < Duration::from_secs(2), "503 after {:?}", t.elapsed());
+    // The newcomer links up on A meanwhile.
+    let mut newcomer = None;
+    for _ in 0..50 {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let mut d = common::TestDevice::with_key(a.udp, &gw_public, 91, socket, k2);
+        d.send_initiation();
+        if d.receive_one().is_ok() {
+            newcomer = Some(d);
+            break;
+        }
+    }
+    let mut newcomer = newcomer.expect("A answered the newcomer during the outage");
+    // ssh works throughout.
+    ssh_echo("during-1");
+    while outage.elapsed() < Duration::from_secs(25) {
+        newcomer.keepalive();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    ssh_echo("during-2");
+    while outage.elapsed() < Duration::from_secs(30) {
+        newcomer.keepalive();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    assert!(a.metric("cloudlink_cluster_events_buffered").unwrap_or(0.0) >= 1.0);
+    nats.restart();
+    let back = Instant::now();
+
+    // Ownership converges: both gateways show both devices on A.
+    for uuid in ["steady", "newcomer"] {
+        for gw in [&a, &b] {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while view(gw, uuid).await != (true, Some("gw-a".into())) {
+                assert!(
+                    Instant::now() < deadline,
+                    "{uuid} not shown on gw-a by {} {:?} after NATS came back: {:?}\n{}",
+                    gw.api,
+                    back.elapsed(),
+                    view(gw, uuid).await,
+                    gw.log()
+                );
+                newcomer.keepalive();
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        }
+    }
+    a.wait_metric("cloudlink_cluster_events_buffered", 0.0, Duration::from_secs(10));
+    // Past a lease and the reaping grace: nothing was reaped.
+    while back.elapsed() < Duration::from_secs(12) {
+        newcomer.keepalive();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    ssh_echo("after");
+    for gw in [&a, &b] {
+        assert_eq!(gw.metric("cloudlink_cluster_reaped_devices_total"), Some(0.0));
+    }
+    // The events of the outage arrived, once each: the live reader and a
+    // consumer resuming from before the outage see the same.
+    let resumed = common::SseReader::connect(&format!("{}/v1/events", b.api), Some(&as_of))
+        .await
+        .drain_for(Duration::from_millis(1000))
+        .await;
+    let live = before.drain_for(Duration::from_millis(500)).await;
+    let on_a = common::SseReader::connect(&format!("{}/v1/events", a.api), Some(&as_of))
+        .await
+        .drain_for(Duration::from_millis(1000))
+        .await;
+    for seen in [&live, &resumed, &on_a] {
+        let of = |ty: &str, dev: &str| {
+            seen.iter()
+                .filter(|e| e.data["type"] == ty && e.data["device"] == dev)
+                .count()
+        };
+        let all: Vec<_> = seen.iter().map(|e| &e.data).collect();
+        assert_eq!(of("link.up", "newcomer"), 1, "{all:?}");
+        assert_eq!(of("link.down", "steady"), 0, "{all:?}");
+        assert_eq!(of("link.up", "steady"), 0, "{all:?}");
+        assert_eq!(of("link.down", "newcomer"), 0, "{all:?}");
+        assert_eq!(seen.iter().filter(|e| e.data["type"] == "resync").count(), 0);
+        let ids: std::collections::HashSet<_> = seen.iter().map(|e| e.id.clone()).collect();
+        assert_eq!(ids.len(), seen.len(), "an event twice: {all:?}");
+    }
+    drop(dev);
 }

@@ -98,6 +98,7 @@ impl ClusterBus {
         local: RingBus,
         capacity: usize,
         metrics: Arc<crate::metrics::Metrics>,
+        health: Arc<super::NatsHealth>,
     ) -> Result<Arc<ClusterBus>, ClusterError> {
         let mut s = js
             .get_or_create_stream(stream::Config {
@@ -133,7 +134,7 @@ impl ClusterBus {
             metrics,
         });
         tokio::spawn(send(Arc::downgrade(&bus), js.clone()));
-        tokio::spawn(follow(Arc::downgrade(&bus), s, start));
+        tokio::spawn(follow(Arc::downgrade(&bus), s, start, health));
         let mut rx = bus.notify.subscribe();
         let _ = tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|n| *n >= last)).await;
         Ok(bus)
@@ -409,10 +410,17 @@ async fn send(bus: std::sync::Weak<ClusterBus>, js: jetstream::Context) {
 }
 
 /// Copies the stream into the view from `start`, for as long as the bus
-/// lives; made again from where it stopped after any failure.
-async fn follow(bus: std::sync::Weak<ClusterBus>, stream: jetstream::stream::Stream, start: u64) {
+/// lives; the consumer is made again from where it stopped after any
+/// failure or reconnect.
+async fn follow(
+    bus: std::sync::Weak<ClusterBus>,
+    stream: jetstream::stream::Stream,
+    start: u64,
+    health: Arc<super::NatsHealth>,
+) {
     let mut next = start;
     loop {
+        let connection = health.connections();
         let consumer = stream
             .create_consumer(consumer::pull::OrderedConfig {
                 deliver_policy: consumer::DeliverPolicy::ByStartSequence {
@@ -443,7 +451,10 @@ async fn follow(bus: std::sync::Weak<ClusterBus>, stream: jetstream::stream::Str
             let item = tokio::time::timeout(Duration::from_secs(1), messages.next()).await;
             let Some(b) = bus.upgrade() else { return };
             match item {
-                Err(_) => continue, // nothing new; check the bus is alive
+                // Nothing new. A consumer made before a reconnect may be
+                // one the server no longer has: make it again.
+                Err(_) if health.connections() != connection => break,
+                Err(_) => continue,
                 Ok(Some(Ok(m))) => {
                     let Ok(info) = m.info() else { continue };
                     let seq = info.stream_sequence;

@@ -144,6 +144,14 @@ impl Lease {
         self.alive.lock().keys().cloned().collect()
     }
 
+    /// The boot holding `gateway`'s lease in the bucket now, if any.
+    pub async fn holder_boot(&self, gateway: &str) -> Option<String> {
+        let e = self.store.entry(gateway).await.ok()??;
+        (e.operation == kv::Operation::Put)
+            .then(|| LeaseValue::parse(&e.value).map(|v| v.boot))
+            .flatten()
+    }
+
     /// Gives the lease up (a clean stop).
     pub async fn release(&self) {
         let rev = self.revision.swap(0, Ordering::AcqRel);

@@ -46,6 +46,8 @@ pub enum ClusterError {
     ServerTooOld { version: String },
     #[error("NATS JetStream: {0}")]
     JetStream(String),
+    #[error("NATS is unreachable from this gateway")]
+    Unreachable,
     #[error("gateway id {id:?} is held by a running gateway (boot {boot}, started {started}); its lease is being refreshed. Stop it, or give this gateway another --gateway-id")]
     DuplicateGateway {
         id: String,
@@ -88,6 +90,57 @@ pub fn valid_gateway_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
+/// Whether this gateway reaches NATS now, and since when: told by the
+/// client's connection events. Changes refuse at once while it does not
+/// (503 `cluster_unavailable`, not a request timeout later), and a lease
+/// that vanished while the connection was away is not taken for a dead
+/// gateway until its holder had time to take it again.
+#[derive(Debug)]
+pub struct NatsHealth {
+    /// `None` while disconnected.
+    up_since: parking_lot::Mutex<Option<std::time::Instant>>,
+    /// Counts connections made: a reader that must start over after a
+    /// reconnect (a consumer the restarted server forgot) compares it.
+    connections: std::sync::atomic::AtomicU64,
+}
+
+impl NatsHealth {
+    fn new() -> Arc<Self> {
+        Arc::new(NatsHealth {
+            up_since: parking_lot::Mutex::new(Some(std::time::Instant::now())),
+            connections: std::sync::atomic::AtomicU64::new(1),
+        })
+    }
+
+    fn set(&self, up: bool) {
+        let mut s = self.up_since.lock();
+        match (up, s.is_some()) {
+            (true, false) => {
+                *s = Some(std::time::Instant::now());
+                self.connections
+                    .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+                tracing::info!("connected to NATS again");
+            }
+            (false, _) => *s = None,
+            _ => {}
+        }
+    }
+
+    pub fn connected(&self) -> bool {
+        self.up_since.lock().is_some()
+    }
+
+    /// How many connections were made so far.
+    pub fn connections(&self) -> u64 {
+        self.connections.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// How long the connection has been up (`None`: it is down).
+    pub fn up_for(&self) -> Option<Duration> {
+        self.up_since.lock().map(|t| t.elapsed())
+    }
+}
+
 /// This gateway's membership of the cluster.
 pub struct Cluster {
     pub client: async_nats::Client,
@@ -100,6 +153,7 @@ pub struct Cluster {
     pub ownership: Arc<ownership::Ownership>,
     /// The cluster's event stream, and this gateway's bus.
     pub events: Arc<events::ClusterBus>,
+    pub health: Arc<NatsHealth>,
     /// The registry watch, from where the initial sync stopped, until
     /// [`follow`](Cluster::follow) takes it.
     watch: parking_lot::Mutex<Option<async_nats::jetstream::kv::Watch>>,
@@ -122,7 +176,8 @@ impl Cluster {
         if !valid_gateway_id(gateway_id) {
             return Err(ClusterError::BadGatewayId(gateway_id.to_owned()));
         }
-        let client = connect(config).await?;
+        let health = NatsHealth::new();
+        let client = connect(config, health.clone()).await?;
         let version = client.server_info().version;
         if !version_at_least(&version, MIN_SERVER) {
             return Err(ClusterError::ServerTooOld { version });
@@ -138,24 +193,49 @@ impl Cluster {
         )
         .await?;
         let events =
-            events::ClusterBus::open(&jetstream, ring, event_buffer, metrics.clone()).await?;
+            events::ClusterBus::open(&jetstream, ring, event_buffer, metrics.clone(), health.clone())
+                .await?;
         let bus: Arc<dyn crate::bus::EventBus> = events.clone();
         let ownership =
             ownership::Ownership::open(&jetstream, gateway_id, &lease.boot, bus, metrics).await?;
         // A gateway's lease went: reap its devices (one survivor does). A
         // restarted gateway's previous boot is reaped a lease later, so the
         // devices it redials come back without a down in between.
+        //
+        // A lease that vanished while this gateway's own connection was
+        // away (NATS restarted or was unreachable for longer than a lease:
+        // every lease aged out at once) proves nothing about its holder:
+        // reaping waits until the connection has been back for a refresh
+        // period and two seconds, and is skipped if the same boot holds the
+        // lease again by then.
         {
             let mut gone = lease.gone.subscribe();
             let own = Arc::downgrade(&ownership);
+            let leases = Arc::downgrade(&lease);
             let me = gateway_id.to_owned();
-            let delay = lease.refresh * 3;
+            let (delay, lease_age, refresh) = (lease.refresh * 3, config.lease, lease.refresh);
+            let health = health.clone();
             tokio::spawn(async move {
                 while let Ok((gateway, boot)) = gone.recv().await {
-                    let own = own.clone();
-                    let wait = if gateway == me { delay } else { Duration::ZERO };
+                    let (own, leases, health) = (own.clone(), leases.clone(), health.clone());
+                    let me = me.clone();
                     tokio::spawn(async move {
-                        tokio::time::sleep(wait).await;
+                        if gateway == me {
+                            tokio::time::sleep(delay).await;
+                        } else if health.up_for().is_none_or(|d| d < lease_age) {
+                            let settle = refresh + Duration::from_secs(2);
+                            while health.up_for().is_none_or(|d| d < settle) {
+                                tokio::time::sleep(Duration::from_millis(250)).await;
+                            }
+                            let back = match leases.upgrade() {
+                                Some(l) => l.holder_boot(&gateway).await,
+                                None => return,
+                            };
+                            if back.as_deref() == Some(boot.as_str()) {
+                                tracing::info!(%gateway, "a gateway's lease lapsed during a NATS outage and was taken again: not reaping");
+                                return;
+                            }
+                        }
                         if let Some(o) = own.upgrade() {
                             o.gateway_gone(&gateway, &boot).await;
                         }
@@ -163,7 +243,7 @@ impl Cluster {
                 }
             });
         }
-        let devices = registry::SharedRegistry::open(&jetstream, local, gateway_id).await?;
+        let devices = registry::SharedRegistry::open(&jetstream, local, gateway_id, health.clone()).await?;
         let watch = devices.sync().await?;
         Ok(Arc::new(Cluster {
             client,
@@ -173,6 +253,7 @@ impl Cluster {
             devices,
             ownership,
             events,
+            health,
             watch: parking_lot::Mutex::new(Some(watch)),
         }))
     }
@@ -212,7 +293,10 @@ pub(crate) async fn open_bucket(
     }
 }
 
-async fn connect(config: &ClusterConfig) -> Result<async_nats::Client, ClusterError> {
+async fn connect(
+    config: &ClusterConfig,
+    health: Arc<NatsHealth>,
+) -> Result<async_nats::Client, ClusterError> {
     let urls = config.urls.join(",");
     let fail = |reason: String| ClusterError::Connect {
         urls: urls.clone(),
@@ -223,7 +307,18 @@ async fn connect(config: &ClusterConfig) -> Result<async_nats::Client, ClusterEr
     let mut options = async_nats::ConnectOptions::new()
         .name("cloudlink")
         .max_reconnects(None)
-        .connection_timeout(Duration::from_secs(5));
+        .connection_timeout(Duration::from_secs(5))
+        .event_callback(move |event| {
+            match event {
+                async_nats::Event::Connected => health.set(true),
+                async_nats::Event::Disconnected => {
+                    tracing::warn!("lost the connection to NATS: connected devices stay up; registry changes answer 503 until it is back");
+                    health.set(false);
+                }
+                _ => {}
+            }
+            async {}
+        });
     if let Some(path) = &config.creds {
         options = options
             .credentials_file(path)

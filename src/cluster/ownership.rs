@@ -281,7 +281,13 @@ impl Ownership {
                     _ => return Written::Done(None),
                 },
             };
+            // A record already ours (a link-down and a link-up coalesced,
+            // or devices claimed again after a lapsed lease that nobody
+            // reaped): the cluster never saw the link go, nothing to say.
+            let already = held.as_ref().is_some_and(|h| self.is_mine(h))
+                && matches!(p, Pending::Up { .. });
             match result {
+                Ok(()) if already => return Written::Done(None),
                 Ok(()) => return Written::Done(Some(link_event(&self.me, held.as_ref(), p))),
                 Err(e) => {
                     tracing::debug!(device = %uuid, error = %e, "ownership write raced; reading again")

@@ -123,6 +123,7 @@ pub struct SharedRegistry {
     /// Devices this gateway is deleting: their deletion is announced
     /// cluster-wide from here.
     deleting: parking_lot::Mutex<std::collections::HashSet<String>>,
+    health: Arc<super::NatsHealth>,
 }
 
 type R<T> = Result<T, ClusterError>;
@@ -132,6 +133,7 @@ impl SharedRegistry {
         js: &async_nats::jetstream::Context,
         local: Arc<Registry>,
         me: &str,
+        health: Arc<super::NatsHealth>,
     ) -> R<Arc<SharedRegistry>> {
         let store = super::open_bucket(
             js,
@@ -158,12 +160,14 @@ impl SharedRegistry {
             applied: tokio::sync::watch::channel(0).0,
             me: me.to_owned(),
             deleting: Default::default(),
+            health,
         }))
     }
 
     /// Registers devices (up to [`PARALLEL`] at a time); the answers in
     /// order, and the highest revision written.
     pub async fn register_batch(&self, devs: Vec<NewDevice>) -> R<(Vec<Registered>, u64)> {
+        self.reachable()?;
         let mut out = Vec::with_capacity(devs.len());
         let mut top = 0;
         let mut devs = devs.into_iter().peekable();
@@ -318,6 +322,7 @@ impl SharedRegistry {
     /// Applies `patch` with compare-and-set; the device before and after
     /// and the revision written, or `None` if there is no such device.
     pub async fn update(&self, uuid: &str, patch: &DevicePatch) -> R<UpdateOutcome> {
+        self.reachable()?;
         let dk = dev_key(uuid);
         for _ in 0..10 {
             let Some(entry) = self
@@ -398,6 +403,7 @@ impl SharedRegistry {
 
     /// Deletes a device (compare-and-set), then gives its claims back.
     pub async fn delete(&self, uuid: &str) -> R<Option<Device>> {
+        self.reachable()?;
         let dk = dev_key(uuid);
         for _ in 0..10 {
             let Some(entry) = self
@@ -434,6 +440,16 @@ impl SharedRegistry {
         Err(ClusterError::JetStream(format!(
             "the record of {uuid:?} kept changing"
         )))
+    }
+
+    /// Refuses at once while NATS is unreachable (rather than after a
+    /// request timeout).
+    fn reachable(&self) -> R<()> {
+        if self.health.connected() {
+            Ok(())
+        } else {
+            Err(ClusterError::Unreachable)
+        }
     }
 
     /// Waits (at most `timeout`) until the replica applied `revision`.

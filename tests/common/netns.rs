@@ -154,6 +154,13 @@ pub fn setconf_text(wg_quick: &str, private_key: &str) -> String {
         .join("\n")
 }
 
+/// A key pair from `wg genkey` / `wg pubkey`: (private, public).
+pub fn wg_keypair() -> (String, String) {
+    let private = run("wg", &["genkey"]);
+    let public = run_stdin("wg", &["pubkey"], &private);
+    (private.trim().to_owned(), public.trim().to_owned())
+}
+
 /// A wireguard-go device in its own namespace, registered with the gateway
 /// and configured from the `wg_quick` text the API returned.
 pub struct WgGoDevice {
@@ -166,20 +173,32 @@ pub struct WgGoDevice {
 
 impl WgGoDevice {
     pub async fn start(g: &TestGateway, uuid: &str, tag: &str, subnet: impl Into<u16>) -> Self {
-        let mut ns = Netns::create(tag, subnet);
-        // Device configs name the address the namespace can reach (what
-        // --endpoint says in production; the test gateway has a placeholder).
-        let endpoint = format!("{}:{}", ns.host_ip, g.udp.port());
-        let private = run("wg", &["genkey"]);
-        let public = run_stdin("wg", &["pubkey"], &private);
+        let ns = Netns::create(tag, subnet);
+        let (private, public) = wg_keypair();
         let (st, reg) = g
             .call(
                 "POST",
                 "/v1/devices",
-                Some(serde_json::json!({"uuid": uuid, "public_key": public.trim()})),
+                Some(serde_json::json!({"uuid": uuid, "public_key": public})),
             )
             .await;
         assert_eq!(st, 201, "{reg}");
+        Self::configure(ns, &reg, &private, g.udp.port(), tag)
+    }
+
+    /// Brings wireguard-go up in `ns` for a device registered as `reg` (the
+    /// API's answer), dialling the gateway's UDP `port` on the host side of
+    /// the namespace's link.
+    pub fn configure(
+        mut ns: Netns,
+        reg: &serde_json::Value,
+        private: &str,
+        port: u16,
+        tag: &str,
+    ) -> Self {
+        // Device configs name the address the namespace can reach (what
+        // --endpoint says in production; the test gateway has a placeholder).
+        let endpoint = format!("{}:{}", ns.host_ip, port);
         let address = reg["address"].as_str().unwrap().to_owned();
         let gw_addr = reg["gateway"]["address"].as_str().unwrap().to_owned();
         let wg_quick = reg["wg_quick"]
@@ -206,7 +225,7 @@ impl WgGoDevice {
             std::thread::sleep(Duration::from_millis(50));
         }
         let conf_path = tempfile::NamedTempFile::new().unwrap();
-        std::fs::write(conf_path.path(), setconf_text(&wg_quick, private.trim())).unwrap();
+        std::fs::write(conf_path.path(), setconf_text(&wg_quick, private)).unwrap();
         ns.exec(&["wg", "setconf", &iface, conf_path.path().to_str().unwrap()]);
         ns.exec(&["ip", "addr", "add", &format!("{address}/32"), "dev", &iface]);
         ns.exec(&["ip", "link", "set", &iface, "up"]);
