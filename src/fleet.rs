@@ -275,7 +275,7 @@ impl Reactor {
                 Read::Events(v) if !v.is_empty() => {
                     for e in &v {
                         if let Some(event) = &e.event {
-                            self.apply(e.device.as_deref(), event);
+                            self.apply(e.device.as_deref(), event, e.reach);
                         }
                         cursor = e.id;
                     }
@@ -311,7 +311,9 @@ impl Reactor {
         }
     }
 
-    fn apply(&self, device: Option<&str>, event: &Event) {
+    /// `reach`: how far the event went, and so how far what follows from
+    /// it does (a status change).
+    fn apply(&self, device: Option<&str>, event: &Event, reach: crate::bus::Reach) {
         match event {
             Event::DeviceRegistered(r) => {
                 for d in r.devices.iter() {
@@ -356,7 +358,7 @@ impl Reactor {
                 }
                 if let Some(uuid) = device {
                     self.status
-                        .settings(uuid, u.poll_interval_s, u.cloudlink_enabled);
+                        .settings(uuid, u.poll_interval_s, u.cloudlink_enabled, reach);
                 }
             }
             Event::DeviceDeleted(d) => {

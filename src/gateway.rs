@@ -228,6 +228,22 @@ impl Gateway {
         );
         if let Some(c) = &cluster {
             c.follow(events.clone());
+            // Status cluster-wide: links from the ownership directory,
+            // heartbeats shared between gateways.
+            let st = Arc::downgrade(&status);
+            c.ownership.set_on_link(move |uuid, up, endpoint, reach| {
+                if let Some(status) = st.upgrade() {
+                    status.link_from_cluster(uuid, up, endpoint, reach);
+                }
+            });
+            crate::cluster::heartbeats::share(c.client.clone(), c.gateway_id.clone(), &status);
+            crate::cluster::counters::share(
+                c.client.clone(),
+                c.gateway_id.clone(),
+                Arc::downgrade(&path),
+                c.counters.clone(),
+                Arc::downgrade(&c.ownership),
+            );
             // After this gateway's lease was lost and taken again, claim the
             // devices still connected here again (survivors reaped them).
             let (lease, own, p) = (c.lease.clone(), c.ownership.clone(), Arc::downgrade(&path));

@@ -1270,6 +1270,10 @@ async fn tunnels_and_ssh_survive_a_nats_outage() {
         }
     }
     let mut newcomer = newcomer.expect("A answered the newcomer during the outage");
+    // A heartbeat posted to A meanwhile: its status change waits in A's
+    // buffer for the stream.
+    let (st, _) = call(&a.api, "POST", "/v1/devices/steady/heartbeat", Some(json!({}))).await;
+    assert_eq!(st, 200);
     // ssh works throughout.
     ssh_echo("during-1");
     while outage.elapsed() < Duration::from_secs(25) {
@@ -1335,9 +1339,125 @@ async fn tunnels_and_ssh_survive_a_nats_outage() {
         assert_eq!(of("link.down", "steady"), 0, "{all:?}");
         assert_eq!(of("link.up", "steady"), 0, "{all:?}");
         assert_eq!(of("link.down", "newcomer"), 0, "{all:?}");
+        // The heartbeat's status change, buffered during the outage.
+        assert_eq!(
+            seen.iter()
+                .filter(|e| e.data["type"] == "status.changed"
+                    && e.data["device"] == "steady"
+                    && e.data["reason"] == "heartbeat")
+                .count(),
+            1,
+            "{all:?}"
+        );
         assert_eq!(seen.iter().filter(|e| e.data["type"] == "resync").count(), 0);
         let ids: std::collections::HashSet<_> = seen.iter().map(|e| e.id.clone()).collect();
         assert_eq!(ids.len(), seen.len(), "an event twice: {all:?}");
     }
     drop(dev);
+}
+
+/// Status is the cluster's: a heartbeat posted to B counts on A, a device
+/// connected to B is `operational` in A's listing, summary and filters, its
+/// traffic counters reach A (lagging by up to 10 s), and each status change
+/// is on the stream once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_heartbeats_and_counters_are_the_clusters() {
+    use cloudlink::keys::{encode_key, generate_private_key, public_key};
+    use serde_json::json;
+    let nats = NatsServer::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let key = shared_key(tmp.path());
+    let gw_public =
+        public_key(&cloudlink::keys::decode_key(&std::fs::read_to_string(&key).unwrap()).unwrap());
+    let mut a = Proc::spawn(&tmp.path().join("a"), &key, &nats.url, "gw-a", &[]);
+    let mut b = Proc::spawn(&tmp.path().join("b"), &key, &nats.url, "gw-b", &[]);
+    a.ready(Duration::from_secs(20));
+    b.ready(Duration::from_secs(20));
+    let mut events = common::SseReader::connect(&format!("{}/v1/events", a.api), None).await;
+    let k = generate_private_key();
+    let (st, _) = call(
+        &a.api,
+        "POST",
+        "/v1/devices",
+        Some(json!({"uuid": "st-1", "public_key": encode_key(&public_key(&k))})),
+    )
+    .await;
+    assert_eq!(st, 201);
+    let wait_on = |gw: &Proc, what: &'static str, ok: fn(&serde_json::Value) -> bool| {
+        let api = gw.api.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(12);
+            loop {
+                let (_, d) = call(&api, "GET", "/v1/devices/st-1", None).await;
+                if ok(&d) {
+                    return d;
+                }
+                assert!(Instant::now() < deadline, "{what} on {api}: {d}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    // A heartbeat through B: A knows within a second.
+    let t = Instant::now();
+    let (st, _) = call(&b.api, "POST", "/v1/devices/st-1/heartbeat", Some(json!({}))).await;
+    assert_eq!(st, 200);
+    let d = wait_on(&a, "heartbeat online", |d| d["heartbeat"]["state"] == "online").await;
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    assert_eq!(d["status_detail"], "heartbeat-only");
+    // Connected through B: operational on A.
+    let mut socket_dev = None;
+    for _ in 0..50 {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let mut d = common::TestDevice::with_key(b.udp, &gw_public, 95, socket, k);
+        d.send_initiation();
+        if d.receive_one().is_ok() {
+            socket_dev = Some(d);
+            break;
+        }
+    }
+    let mut dev = socket_dev.expect("B answered");
+    for _ in 0..5 {
+        dev.keepalive();
+    }
+    wait_on(&a, "operational", |d| d["status"] == "operational").await;
+    let (_, summary) = call(&a.api, "GET", "/v1/summary", None).await;
+    assert_eq!(summary["by_status"]["operational"], 1, "{summary}");
+    assert_eq!(summary["connected"], 1, "{summary}");
+    assert_eq!(summary["sessions"], 0, "{summary}");
+    let (_, page) = call(&a.api, "GET", "/v1/devices?status=operational", None).await;
+    assert_eq!(page["devices"][0]["uuid"], "st-1", "{page}");
+    // Its traffic, as B counted it, within the sharing period.
+    let d = wait_on(&a, "counters from B", |d| {
+        d["cloudlink"]["rx_packets"].as_u64().unwrap_or(0) >= 5
+    })
+    .await;
+    assert_eq!(d["cloudlink"]["gateway"], "gw-b");
+    let (_, on_b) = call(&b.api, "GET", "/v1/devices/st-1", None).await;
+    assert!(
+        on_b["cloudlink"]["rx_bytes"].as_u64() >= d["cloudlink"]["rx_bytes"].as_u64(),
+        "{on_b} vs {d}"
+    );
+    // Each status change once on the stream, announced by B.
+    let seen = events.drain_for(Duration::from_millis(500)).await;
+    let changes: Vec<_> = seen
+        .iter()
+        .filter(|e| e.data["type"] == "status.changed")
+        .map(|e| {
+            (
+                e.data["reason"].as_str().unwrap().to_owned(),
+                e.data["to"]["status"].as_str().unwrap().to_owned(),
+                e.data["gateway"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        changes,
+        vec![
+            ("heartbeat".into(), "reduced-functionality".into(), "gw-b".into()),
+            ("link.up".into(), "operational".into(), "gw-b".into()),
+        ]
+    );
 }

@@ -141,8 +141,8 @@ pub(super) fn registration_json(d: &Device) -> Map<String, Value> {
 }
 
 /// A device's cloudlink: its session here, or (cluster mode) the gateway
-/// that holds it. Byte counters are this gateway's: for a device held
-/// elsewhere they are 0 here.
+/// that holds it, with the counters that gateway last shared (they lag by
+/// up to `cluster::counters::PERIOD`).
 pub(super) fn cloudlink_json(s: &SharedState, uuid: &str) -> Value {
     // The cluster's ownership record is the truth: a session here that
     // another gateway has taken over (the device moved) is not shown.
@@ -161,18 +161,30 @@ pub(super) fn cloudlink_json(s: &SharedState, uuid: &str) -> Value {
     let elsewhere = || owner.clone().filter(|o| o.gateway != s.gateway_id);
     match here {
         None => match elsewhere() {
-            Some(o) => json!({
-                "connected": true,
-                "gateway": o.gateway,
-                "since": o.since,
-                "endpoint": o.endpoint,
-                "last_handshake_at": null,
-                "last_packet_at": null,
-                "rx_bytes": 0,
-                "tx_bytes": 0,
-                "rx_packets": 0,
-                "tx_packets": 0,
-            }),
+            Some(o) => {
+                let c = s
+                    .cluster
+                    .as_ref()
+                    .and_then(|c| c.counters.get(uuid, &o.gateway))
+                    .unwrap_or_default();
+                let at = |ms: u64| {
+                    (ms > 0).then(|| {
+                        rfc3339(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms))
+                    })
+                };
+                json!({
+                    "connected": true,
+                    "gateway": o.gateway,
+                    "since": o.since,
+                    "endpoint": o.endpoint,
+                    "last_handshake_at": at(c.last_handshake_ms),
+                    "last_packet_at": at(c.last_packet_ms),
+                    "rx_bytes": c.rx_bytes,
+                    "tx_bytes": c.tx_bytes,
+                    "rx_packets": c.rx_packets,
+                    "tx_packets": c.tx_packets,
+                })
+            }
             None => json!({
                 "connected": false,
                 "gateway": null,

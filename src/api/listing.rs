@@ -357,7 +357,24 @@ async fn sorted(
                 if status_filter.active() && !view.is_some_and(|v| status_filter.keeps(v.status)) {
                     return;
                 }
-                let session = || s2.path.sessions.by_uuid(uuid).map(|x| x.snapshot());
+                // A session here, unless the device is held elsewhere
+                // (cluster mode): then what its owner shared.
+                let owner = s2
+                    .cluster
+                    .as_ref()
+                    .and_then(|c| c.ownership.owner(uuid))
+                    .filter(|o| o.record.gateway != s2.gateway_id);
+                let session = || {
+                    s2.path
+                        .sessions
+                        .by_uuid(uuid)
+                        .map(|x| x.snapshot())
+                        .filter(|_| owner.is_none())
+                };
+                let remote = || {
+                    let o = owner.as_ref()?;
+                    s2.cluster.as_ref()?.counters.get(uuid, &o.record.gateway)
+                };
                 let key = match column.as_str() {
                     "name" => name.map_or(Key::Null, |n| Key::Str(n.to_lowercase())),
                     "status" => view.map_or(Key::Null, |v| Key::Int(status_rank(v.status))),
@@ -365,14 +382,26 @@ async fn sorted(
                         .and_then(|v| v.last_heartbeat_ms)
                         .map_or(Key::Null, |ms| Key::Int(ms as i64)),
                     "cloudlink" => Key::Int(view.is_some_and(|v| v.link_up) as i64),
-                    "endpoint" => session()
-                        .filter(|x| x.connected)
-                        .map_or(Key::Null, |x| Key::Str(x.endpoint.to_string())),
-                    "connected_since" => {
-                        millis(session().filter(|x| x.connected).and_then(|x| x.since))
-                    }
-                    "rx_bytes" => Key::Int(session().map_or(0, |x| x.rx_bytes) as i64),
-                    "tx_bytes" => Key::Int(session().map_or(0, |x| x.tx_bytes) as i64),
+                    "endpoint" => match &owner {
+                        Some(o) => Key::Str(o.record.endpoint.clone()),
+                        None => session()
+                            .filter(|x| x.connected)
+                            .map_or(Key::Null, |x| Key::Str(x.endpoint.to_string())),
+                    },
+                    "connected_since" => match &owner {
+                        Some(o) => humantime::parse_rfc3339(&o.record.since)
+                            .ok()
+                            .map_or(Key::Null, |t| millis(Some(t))),
+                        None => millis(session().filter(|x| x.connected).and_then(|x| x.since)),
+                    },
+                    "rx_bytes" => Key::Int(match &owner {
+                        Some(_) => remote().map_or(0, |c| c.rx_bytes),
+                        None => session().map_or(0, |x| x.rx_bytes),
+                    } as i64),
+                    "tx_bytes" => Key::Int(match &owner {
+                        Some(_) => remote().map_or(0, |c| c.tx_bytes),
+                        None => session().map_or(0, |x| x.tx_bytes),
+                    } as i64),
                     _ => Key::Int(created),
                 };
                 let e = Entry {

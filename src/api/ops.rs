@@ -82,9 +82,12 @@ pub async fn summary(State(s): State<SharedState>) -> impl IntoResponse {
         "devices": s.registry.count(),
         "by_status": by_status,
         "by_status_detail": by_detail,
-        // Links up now (the session table also keeps disconnected sessions
-        // until they expire).
+        // Links up now on this gateway (the session table also keeps
+        // disconnected sessions until they expire).
         "sessions": s.metrics.sessions.get(),
+        // Devices connected through any gateway of the cluster (this
+        // gateway's links when it runs alone).
+        "connected": s.cluster.as_ref().map_or(s.metrics.sessions.get(), |c| c.ownership.connected() as i64),
         "handshakes_total": completed,
         "handshakes_per_s": (rate * 10.0).round() / 10.0,
         "proxy": s.proxy.to_string(),

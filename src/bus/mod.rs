@@ -36,6 +36,9 @@ pub struct StoredEvent {
     pub event: Option<Arc<Event>>,
     /// Its JSON, made once when it was published.
     pub json: Arc<str>,
+    /// How far it went: in-process consumers that publish what follows from
+    /// an event (the status of a changed device) publish it as far.
+    pub reach: Reach,
 }
 
 /// A resume token that is not one this bus hands out.

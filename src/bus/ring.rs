@@ -94,7 +94,7 @@ impl EventBus for RingBus {
         device: Option<&str>,
         event: Event,
         at: SystemTime,
-        _reach: super::Reach,
+        reach: super::Reach,
     ) -> u64 {
         let at = humantime::format_rfc3339_millis(at).to_string();
         let mut ring = self.inner.lock();
@@ -120,6 +120,7 @@ impl EventBus for RingBus {
             device: device.map(Into::into),
             event: Some(Arc::new(event)),
             json: json.into(),
+            reach,
         };
         if lifecycle {
             if ring.device.len() == self.capacity {

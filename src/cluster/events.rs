@@ -219,6 +219,7 @@ impl ClusterBus {
             device,
             event: None,
             json: json.into(),
+            reach: Reach::Cluster,
         });
         v.last = seq;
         drop(v);

@@ -16,7 +16,9 @@
 //! primitives the protocol needs (compare-and-set on a key's revision, and
 //! watches), so nothing home-made decides who is alive or who owns what.
 
+pub mod counters;
 pub mod events;
+pub mod heartbeats;
 pub mod lease;
 pub mod ownership;
 pub mod registry;
@@ -154,6 +156,8 @@ pub struct Cluster {
     /// The cluster's event stream, and this gateway's bus.
     pub events: Arc<events::ClusterBus>,
     pub health: Arc<NatsHealth>,
+    /// Traffic counters of devices held by other gateways.
+    pub counters: Arc<counters::RemoteCounters>,
     /// The registry watch, from where the initial sync stopped, until
     /// [`follow`](Cluster::follow) takes it.
     watch: parking_lot::Mutex<Option<async_nats::jetstream::kv::Watch>>,
@@ -254,6 +258,7 @@ impl Cluster {
             ownership,
             events,
             health,
+            counters: Default::default(),
             watch: parking_lot::Mutex::new(Some(watch)),
         }))
     }

@@ -81,11 +81,18 @@ enum Pending {
 
 /// What a write of [`Pending`] came to.
 enum Written {
-    /// Done (or nothing to do): announce this, if anything.
-    Done(Option<Event>),
+    /// It landed: the directory agrees with this gateway; announce this, if
+    /// anything.
+    Landed(Option<Event>),
+    /// Nothing to write: another gateway holds the device.
+    Skipped,
     /// NATS did not answer: keep it for the next round.
     Retry,
 }
+
+/// Told what the directory says about a device's link: (uuid, up, its
+/// endpoint, how far to announce the status change that follows).
+type LinkHook = Box<dyn Fn(&str, bool, Option<&str>, crate::bus::Reach) + Send + Sync>;
 
 pub struct Ownership {
     store: kv::Store,
@@ -102,6 +109,11 @@ pub struct Ownership {
     /// Told when another gateway takes over a device this one held (the
     /// gateway drops its session there: `PacketPath::hand_over`).
     on_moved: std::sync::OnceLock<Box<dyn Fn(&str) + Send + Sync>>,
+    /// Told every link change the directory shows (device status).
+    on_link: std::sync::OnceLock<LinkHook>,
+    /// Devices whose record this gateway is deleting (its own link-down):
+    /// the writer announces that, not the watch.
+    releasing: parking_lot::Mutex<std::collections::HashSet<String>>,
 }
 
 /// Whether a link-up (or roam) noted here at `since` may replace `current`:
@@ -150,6 +162,8 @@ impl Ownership {
             bus,
             metrics,
             on_moved: std::sync::OnceLock::new(),
+            on_link: std::sync::OnceLock::new(),
+            releasing: Default::default(),
         });
         tokio::spawn(watch(Arc::downgrade(&o)));
         tokio::spawn(write(Arc::downgrade(&o)));
@@ -159,6 +173,36 @@ impl Ownership {
     /// Sets what is told when another gateway takes a device over. Once.
     pub fn set_on_moved(&self, f: impl Fn(&str) + Send + Sync + 'static) {
         let _ = self.on_moved.set(Box::new(f));
+    }
+
+    /// Sets what is told each link change the directory shows, and tells it
+    /// the devices held elsewhere so far. Once.
+    pub fn set_on_link(
+        &self,
+        f: impl Fn(&str, bool, Option<&str>, crate::bus::Reach) + Send + Sync + 'static,
+    ) {
+        if self.on_link.set(Box::new(f)).is_ok() {
+            let elsewhere: Vec<(String, String)> = self
+                .owners
+                .iter()
+                .filter(|o| !self.is_mine(&o.record))
+                .map(|o| (o.key().clone(), o.record.endpoint.clone()))
+                .collect();
+            for (uuid, endpoint) in elsewhere {
+                self.tell_link(&uuid, true, Some(&endpoint), crate::bus::Reach::Local);
+            }
+        }
+    }
+
+    fn tell_link(&self, uuid: &str, up: bool, endpoint: Option<&str>, reach: crate::bus::Reach) {
+        if let Some(f) = self.on_link.get() {
+            f(uuid, up, endpoint, reach);
+        }
+    }
+
+    /// Devices connected through any gateway, as the directory says.
+    pub fn connected(&self) -> usize {
+        self.owners.len()
     }
 
     /// The device's owner, if it has one.
@@ -183,6 +227,18 @@ impl Ownership {
         }
     }
 
+    /// A record went: the device is down unless it comes up again (its
+    /// owner's own write, or the reaper's, already said so cluster-wide).
+    fn forget(&self, uuid: &str) {
+        if let Some((_, old)) = self.owners.remove(uuid) {
+            self.count(Some(&old), None);
+            let own_release = self.releasing.lock().remove(uuid);
+            if !own_release {
+                self.tell_link(uuid, false, None, crate::bus::Reach::Local);
+            }
+        }
+    }
+
     /// Writes everything noted so far (a clean stop calls it last).
     pub async fn flush(&self) {
         self.write_pending().await;
@@ -200,17 +256,22 @@ impl Ownership {
         let mut all = true;
         while let Some((uuid, p, w)) = writes.next().await {
             match w {
-                Written::Done(Some(event)) => {
+                Written::Landed(event) => {
                     // The link event goes cluster-wide only now that the
                     // directory agrees: a former owner's late link-down,
-                    // whose write fails, announces nothing.
-                    let at = match &p {
-                        Pending::Up { at, .. } | Pending::Down { at, .. } => *at,
+                    // whose write fails, announces nothing; and so does the
+                    // status change that follows.
+                    let (at, up, endpoint) = match &p {
+                        Pending::Up { at, endpoint, .. } => (*at, true, endpoint),
+                        Pending::Down { at, endpoint, .. } => (*at, false, endpoint),
                     };
-                    self.metrics.link_event(event.kind());
-                    self.bus.publish(Some(&uuid), event, at);
+                    if let Some(event) = event {
+                        self.metrics.link_event(event.kind());
+                        self.bus.publish(Some(&uuid), event, at);
+                    }
+                    self.tell_link(&uuid, up, Some(endpoint), crate::bus::Reach::Cluster);
                 }
-                Written::Done(None) => {}
+                Written::Skipped => {}
                 Written::Retry => {
                     all = false;
                     // Unless a newer state was noted meanwhile.
@@ -252,7 +313,7 @@ impl Ownership {
                         address: address.clone(),
                     };
                     if !may_claim(held.as_ref(), &self.me, &self.boot, since) {
-                        return Written::Done(None); // a later link-up elsewhere holds it
+                        return Written::Skipped; // a later link-up elsewhere holds it
                     }
                     let value = Bytes::from(serde_json::to_vec(&record).expect("serialises"));
                     match &current {
@@ -273,12 +334,19 @@ impl Ownership {
                 Pending::Down { .. } => match &current {
                     // Someone else holds it now (the device moved): a late
                     // link-down from here must not touch that.
-                    Some(e) if ours => self
-                        .store
-                        .delete_expect_revision(&key, Some(e.revision))
-                        .await
-                        .map_err(|e| e.to_string()),
-                    _ => return Written::Done(None),
+                    Some(e) if ours => {
+                        self.releasing.lock().insert(uuid.to_owned());
+                        let r = self
+                            .store
+                            .delete_expect_revision(&key, Some(e.revision))
+                            .await
+                            .map_err(|e| e.to_string());
+                        if r.is_err() {
+                            self.releasing.lock().remove(uuid);
+                        }
+                        r
+                    }
+                    _ => return Written::Skipped,
                 },
             };
             // A record already ours (a link-down and a link-up coalesced,
@@ -287,8 +355,8 @@ impl Ownership {
             let already = held.as_ref().is_some_and(|h| self.is_mine(h))
                 && matches!(p, Pending::Up { .. });
             match result {
-                Ok(()) if already => return Written::Done(None),
-                Ok(()) => return Written::Done(Some(link_event(&self.me, held.as_ref(), p))),
+                Ok(()) if already => return Written::Landed(None),
+                Ok(()) => return Written::Landed(Some(link_event(&self.me, held.as_ref(), p))),
                 Err(e) => {
                     tracing::debug!(device = %uuid, error = %e, "ownership write raced; reading again")
                 }
@@ -328,6 +396,12 @@ impl Ownership {
                 .is_ok()
             {
                 reaped += 1;
+                self.tell_link(
+                    &uuid,
+                    false,
+                    Some(&owner.record.endpoint),
+                    crate::bus::Reach::Cluster,
+                );
                 self.bus.publish(
                     Some(&uuid),
                     Event::LinkDown(Link {
@@ -476,6 +550,9 @@ async fn watch(o: std::sync::Weak<Ownership>) {
                             }
                         }
                         me.count(me.owners.get(&uuid).as_deref(), Some(&record));
+                        if !me.is_mine(&record) {
+                            me.tell_link(&uuid, true, Some(&record.endpoint), crate::bus::Reach::Local);
+                        }
                         me.owners.insert(
                             uuid,
                             Owner {
@@ -484,18 +561,11 @@ async fn watch(o: std::sync::Weak<Ownership>) {
                             },
                         );
                     }
-                    None => {
-                        if let Some((_, old)) = me.owners.remove(&uuid) {
-                            me.count(Some(&old), None);
-                        }
-                    }
+                    None => me.forget(&uuid),
                 },
-                kv::Operation::Delete | kv::Operation::Purge => {
-                    if let Some((_, old)) = me.owners.remove(&uuid) {
-                        me.count(Some(&old), None);
-                    }
-                }
+                kv::Operation::Delete | kv::Operation::Purge => me.forget(&uuid),
             }
+            me.metrics.cluster_directory.set(me.owners.len() as i64);
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }

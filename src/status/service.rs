@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::bus::event::{Event, StatusChanged, StatusName};
-use crate::bus::EventBus;
+use crate::bus::{EventBus, Reach};
 use crate::registry::Registry;
 use crate::status::{SlotIndex, Status, StatusChange, StatusTracker, Stored, View};
 
@@ -32,12 +32,20 @@ pub struct DeviceStatus {
     events: Arc<dyn EventBus>,
     registry: Arc<Registry>,
     wake: tokio::sync::Notify,
+    /// Cluster mode: link inputs come from the ownership directory (see
+    /// [`link_from_cluster`](Self::link_from_cluster)), not from this
+    /// gateway's sessions; heartbeats taken here are told to `shared`.
+    cluster: std::sync::OnceLock<Box<dyn Fn(&str, u64) + Send + Sync>>,
 }
 
 /// The tracker and its slot numbers, under one lock.
 struct Tracked {
     tracker: StatusTracker,
     slots: SlotIndex,
+    /// Cluster mode: devices whose last heartbeat another gateway took.
+    /// That gateway announces their heartbeat expiry; this one only
+    /// applies it.
+    heard_elsewhere: std::collections::HashSet<u32>,
 }
 
 /// Unix time in milliseconds: the tracker's clock.
@@ -60,6 +68,7 @@ impl DeviceStatus {
                 grace.as_millis() as u64,
             ),
             slots: SlotIndex::default(),
+            heard_elsewhere: Default::default(),
         };
         let now = now_ms();
         registry.for_each_status(|uuid, stored| {
@@ -72,7 +81,15 @@ impl DeviceStatus {
             events,
             registry,
             wake: tokio::sync::Notify::new(),
+            cluster: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Cluster mode: link changes come from the ownership directory, and
+    /// `share` is told each heartbeat taken here (uuid, Unix ms) for the
+    /// other gateways. Once.
+    pub fn join_cluster(&self, share: impl Fn(&str, u64) + Send + Sync + 'static) {
+        let _ = self.cluster.set(Box::new(share));
     }
 
     pub fn view(&self, uuid: &str) -> Option<View> {
@@ -134,6 +151,7 @@ impl DeviceStatus {
         let mut t = self.state.lock();
         if let Some(slot) = t.slots.remove(uuid) {
             t.tracker.remove(slot);
+            t.heard_elsewhere.remove(&slot);
         }
     }
 
@@ -149,14 +167,48 @@ impl DeviceStatus {
     /// A heartbeat from the device; `None` if it is not registered.
     pub fn heartbeat(&self, uuid: &str) -> Option<View> {
         let endpoint = self.endpoint_of(uuid);
+        let now = now_ms();
         let mut t = self.state.lock();
         let slot = t.slots.get(uuid)?;
-        let change = t.tracker.heartbeat(slot, now_ms(), None);
-        self.publish(&t.tracker, uuid, change, "heartbeat", endpoint.as_deref());
+        let change = t.tracker.heartbeat(slot, now, None);
+        t.heard_elsewhere.remove(&slot);
+        self.publish(&t.tracker, uuid, change, "heartbeat", endpoint.as_deref(), Reach::Cluster);
         let view = t.tracker.view(slot);
         drop(t);
+        if let Some(share) = self.cluster.get() {
+            share(uuid, now);
+        }
         self.wake.notify_one();
         view
+    }
+
+    /// Cluster mode: another gateway took a heartbeat from the device at
+    /// `at_ms`. Applied here; that gateway announces what it changed.
+    pub fn heartbeat_elsewhere(&self, uuid: &str, at_ms: u64) {
+        let endpoint = self.endpoint_of(uuid);
+        let mut t = self.state.lock();
+        let Some(slot) = t.slots.get(uuid) else {
+            return;
+        };
+        let change = t.tracker.heartbeat(slot, at_ms.min(now_ms()), None);
+        t.heard_elsewhere.insert(slot);
+        self.publish(&t.tracker, uuid, change, "heartbeat", endpoint.as_deref(), Reach::Local);
+        drop(t);
+        self.wake.notify_one();
+    }
+
+    /// Cluster mode: the ownership directory says the device's link is up
+    /// (through some gateway) or down. `reach` is `Cluster` on the gateway
+    /// whose write it was (the owner's link-up or link-down, the reaper's
+    /// `gateway_lost`), `Local` on the others.
+    pub fn link_from_cluster(&self, uuid: &str, up: bool, endpoint: Option<&str>, reach: Reach) {
+        let mut t = self.state.lock();
+        let Some(slot) = t.slots.get(uuid) else {
+            return;
+        };
+        let change = t.tracker.set_link(slot, now_ms(), up);
+        let reason = if up { "link.up" } else { "link.down" };
+        self.publish(&t.tracker, uuid, change, reason, endpoint, reach);
     }
 
     /// Settings changed (already stored in the registry).
@@ -165,6 +217,7 @@ impl DeviceStatus {
         uuid: &str,
         poll_interval_s: Option<Option<u32>>,
         cloudlink_enabled: Option<bool>,
+        reach: Reach,
     ) {
         let endpoint = self.endpoint_of(uuid);
         let mut t = self.state.lock();
@@ -180,6 +233,7 @@ impl DeviceStatus {
                 c,
                 "poll_interval_changed",
                 endpoint.as_deref(),
+                reach,
             );
         }
         if let Some(e) = cloudlink_enabled {
@@ -190,6 +244,7 @@ impl DeviceStatus {
                 c,
                 "cloudlink_enabled_changed",
                 endpoint.as_deref(),
+                reach,
             );
         }
         drop(t);
@@ -211,6 +266,7 @@ impl DeviceStatus {
             change,
             reason,
             Some(&endpoint.to_string()),
+            Reach::Cluster,
         );
     }
 
@@ -221,9 +277,10 @@ impl DeviceStatus {
         change: Option<StatusChange>,
         reason: &str,
         endpoint: Option<&str>,
+        reach: Reach,
     ) {
         if let Some(c) = change {
-            publish_change(&*self.events, t, uuid, c, reason, endpoint);
+            publish_change(&*self.events, t, uuid, c, reason, endpoint, reach);
         }
     }
 
@@ -290,7 +347,12 @@ impl DeviceStatus {
                     _ => "heartbeat_timeout",
                 };
                 let endpoint = endpoints.get(uuid).map(String::as_str);
-                publish_change(&*self.events, &t.tracker, uuid, *c, reason, endpoint);
+                let reach = if t.heard_elsewhere.contains(&c.id) {
+                    Reach::Local
+                } else {
+                    Reach::Cluster
+                };
+                publish_change(&*self.events, &t.tracker, uuid, *c, reason, endpoint, reach);
             }
         }
     }
@@ -325,9 +387,10 @@ impl crate::packet_path::LinkObserver for DeviceStatus {
         endpoint: std::net::SocketAddr,
         down: Option<crate::link_state::DownReason>,
     ) {
-        // A device another gateway took over is still connected: its
-        // status does not change (the ownership watch keeps it up).
-        if down == Some(crate::link_state::DownReason::Moved) {
+        // In cluster mode the ownership directory says whether a device is
+        // connected (a session here may be one another gateway has taken
+        // over): see `link_from_cluster`.
+        if self.cluster.get().is_some() || down == Some(crate::link_state::DownReason::Moved) {
             return;
         }
         self.link(&session.uuid, up, endpoint);
@@ -341,6 +404,7 @@ fn publish_change(
     c: StatusChange,
     reason: &str,
     endpoint: Option<&str>,
+    reach: Reach,
 ) {
     let s = |x: Status| StatusName {
         status: x.name(),
@@ -348,7 +412,7 @@ fn publish_change(
     };
     let view = t.view(c.id);
     tracing::info!(device = %uuid, from = ?c.from, to = ?c.to, "status changed");
-    events.publish(
+    events.publish_reach(
         Some(uuid),
         Event::StatusChanged(StatusChanged {
             endpoint: endpoint.map(str::to_owned),
@@ -359,5 +423,6 @@ fn publish_change(
             cloudlink: view.is_some_and(|v| v.link_up),
         }),
         std::time::SystemTime::now(),
+        reach,
     );
 }
