@@ -76,6 +76,7 @@ impl Gateway {
             }
             None => load_or_create_private_key(&dir.join("gateway.key"))?,
         };
+        let session_key = crate::cluster::sign_outs::session_key(&secret.to_bytes());
         let token = resolve_token(&config, &dir)?;
         let plan = AddressPlan::new(config.tunnel_cidr)?;
         let registry = {
@@ -305,7 +306,11 @@ impl Gateway {
             action_queue: action_queue.clone(),
             action_timeout: config.action_timeout,
             token,
-            sign_ins: Default::default(),
+            sign_ins: match &cluster {
+                // Every gateway of the cluster checks the same cookies.
+                Some(_) => crate::api::sign_in::SignIns::signed(session_key),
+                None => Default::default(),
+            },
             proxy: proxy_addr,
             gateway_id: gateway_id.clone(),
             handshake_rate: Default::default(),
@@ -313,6 +318,9 @@ impl Gateway {
             ready: false.into(),
             cluster: cluster.clone(),
         });
+        if let Some(c) = &cluster {
+            crate::cluster::sign_outs::share(&c.jetstream, Arc::downgrade(&api_state)).await?;
+        }
         let (stop_proxy, stop_proxy_rx) = tokio::sync::watch::channel(false);
         tokio::spawn(crate::relay::proxy::serve(
             proxy,

@@ -1461,3 +1461,87 @@ async fn status_heartbeats_and_counters_are_the_clusters() {
         ]
     );
 }
+
+/// A dashboard session made on A works on B (the cookie is signed with the
+/// cluster's key), and signing out on B ends it on A too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_sessions_work_on_every_gateway() {
+    let nats = NatsServer::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let key = shared_key(tmp.path());
+    let mut a = Proc::spawn(&tmp.path().join("a"), &key, &nats.url, "gw-a", &[]);
+    let mut b = Proc::spawn(&tmp.path().join("b"), &key, &nats.url, "gw-b", &[]);
+    a.ready(Duration::from_secs(20));
+    b.ready(Duration::from_secs(20));
+    let http = reqwest::Client::new();
+    let r = http
+        .post(format!("{}/v1/session", a.api))
+        .json(&serde_json::json!({"token": common::TOKEN}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let cookie = r
+        .headers()
+        .get("set-cookie")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned();
+    let csrf = r.json::<serde_json::Value>().await.unwrap()["csrf_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let get = |api: String| {
+        let (http, cookie) = (http.clone(), cookie.clone());
+        async move {
+            http.get(format!("{api}/v1/devices"))
+                .header("cookie", cookie)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    assert_eq!(get(a.api.clone()).await, 200);
+    assert_eq!(get(b.api.clone()).await, 200);
+    // A forged or foreign cookie is refused.
+    let forged = cookie.replace("c1.", "c1.1");
+    let st = http
+        .get(format!("{}/v1/devices", b.api))
+        .header("cookie", forged)
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(st, 401);
+    // Signed out through B (its own page: Origin and CSRF token).
+    let host_b = b.api.strip_prefix("http://").unwrap().to_owned();
+    let r = http
+        .delete(format!("{}/v1/session", b.api))
+        .header("cookie", &cookie)
+        .header("origin", format!("http://{host_b}"))
+        .header("x-csrf-token", &csrf)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    assert_eq!(get(b.api.clone()).await, 401);
+    let t = Instant::now();
+    while get(a.api.clone()).await != 401 {
+        assert!(t.elapsed() < Duration::from_secs(2), "still signed in on A");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A gateway started later knows the sign-out too.
+    let mut c = Proc::spawn(&tmp.path().join("c"), &key, &nats.url, "gw-c", &[]);
+    c.ready(Duration::from_secs(20));
+    let t = Instant::now();
+    while get(c.api.clone()).await != 401 {
+        assert!(t.elapsed() < Duration::from_secs(2), "signed in on C");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

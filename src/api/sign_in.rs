@@ -9,10 +9,21 @@
 //! - `DELETE /v1/session` ends the session on the server.
 //!
 //! A request authenticated by the cookie that changes state must carry the
-//! CSRF token in `X-CSRF-Token` and an `Origin` naming this host. Sessions
-//! live in memory only (a restart signs everyone out), expire after
-//! [`IDLE_TIMEOUT`] unused, and are bounded in number ([`MAX_SESSIONS`]):
-//! the oldest go first.
+//! CSRF token in `X-CSRF-Token` and an `Origin` naming this host. A lone
+//! gateway keeps sessions in memory only (a restart signs everyone out);
+//! they expire after [`IDLE_TIMEOUT`] unused, and are bounded in number
+//! ([`MAX_SESSIONS`]): the oldest go first.
+//!
+//! In cluster mode a session must work on whichever gateway the browser's
+//! next request reaches, so the cookie is signed instead
+//! (`c1.<expiry ms>.<nonce>.<mac>`, a keyed BLAKE2s over expiry and nonce;
+//! the CSRF token is another MAC of the nonce): every gateway of the
+//! cluster holds the key, derived from the WireGuard identity they share,
+//! and checks a cookie without asking anyone. Such a session lasts
+//! [`IDLE_TIMEOUT`] from sign-in (it cannot be touched). Signing out
+//! revokes the nonce cluster-wide (the KV bucket `cloudlink_signouts`,
+//! kept until the session would have expired, watched by every gateway,
+//! so a gateway that restarts learns every revocation again).
 
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -43,6 +54,73 @@ pub struct SignIns {
     // One mutex: sign-ins and page requests are a few a second, and the
     // critical sections are a hash lookup.
     map: Mutex<HashMap<String, Session>>,
+    /// Cluster mode: sessions are signed cookies (see the module docs).
+    signed: Option<Signed>,
+}
+
+struct Signed {
+    key: [u8; 32],
+    /// Revoked nonces (signed out), with the expiry of their session.
+    revoked: Mutex<HashMap<String, u64>>,
+    /// Told each sign-out here (nonce, expiry ms), to revoke it everywhere.
+    share: std::sync::OnceLock<Box<dyn Fn(&str, u64) + Send + Sync>>,
+}
+
+/// A signed cookie's parts: (expiry ms, nonce, mac), if it has that shape.
+/// Total: any input gets an answer.
+pub fn parse_signed(cookie: &str) -> Option<(u64, &str, &str)> {
+    let mut parts = cookie.split('.');
+    if parts.next()? != "c1" {
+        return None;
+    }
+    let expiry = parts.next()?.parse().ok()?;
+    let nonce = parts.next()?;
+    let mac = parts.next()?;
+    let hex = |x: &str, len: usize| x.len() == len && x.bytes().all(|b| b.is_ascii_hexdigit());
+    (parts.next().is_none() && hex(nonce, 32) && hex(mac, 64)).then_some((expiry, nonce, mac))
+}
+
+fn mac_hex(key: &[u8; 32], parts: &[&[u8]]) -> String {
+    use blake2::digest::{KeyInit, Mac};
+    let mut m = <blake2::Blake2sMac256 as KeyInit>::new_from_slice(key).expect("a 32-byte key");
+    for p in parts {
+        m.update(p);
+        m.update(b"|");
+    }
+    m.finalize()
+        .into_bytes()
+        .iter()
+        .map(|x| format!("{x:02x}"))
+        .collect()
+}
+
+fn wall_ms() -> u64 {
+    crate::registry::now_ms() as u64
+}
+
+impl Signed {
+    fn cookie(&self, expiry: u64, nonce: &str) -> String {
+        let e = expiry.to_string();
+        let mac = mac_hex(&self.key, &[b"session", e.as_bytes(), nonce.as_bytes()]);
+        format!("c1.{e}.{nonce}.{mac}")
+    }
+    fn csrf(&self, nonce: &str) -> String {
+        mac_hex(&self.key, &[b"csrf", nonce.as_bytes()])
+    }
+    /// The CSRF token of a valid, unexpired, not revoked cookie.
+    fn check(&self, cookie: &str, now_ms: u64) -> Option<String> {
+        let (expiry, nonce, _) = parse_signed(cookie)?;
+        let want = self.cookie(expiry, nonce);
+        let ok = token_matches(cookie, &want) && expiry > now_ms;
+        (ok && !self.revoked.lock().contains_key(nonce)).then(|| self.csrf(nonce))
+    }
+    fn revoke(&self, nonce: &str, expiry: u64, now_ms: u64) {
+        let mut r = self.revoked.lock();
+        r.retain(|_, e| *e > now_ms);
+        if expiry > now_ms {
+            r.insert(nonce.to_owned(), expiry);
+        }
+    }
 }
 
 /// How a request was authenticated (set by the auth middleware).
@@ -59,8 +137,42 @@ fn random_hex() -> String {
 }
 
 impl SignIns {
+    /// Cluster mode: signed sessions under `key` (the cluster's secret).
+    pub fn signed(key: [u8; 32]) -> Self {
+        SignIns {
+            map: Default::default(),
+            signed: Some(Signed {
+                key,
+                revoked: Default::default(),
+                share: std::sync::OnceLock::new(),
+            }),
+        }
+    }
+
+    /// Cluster mode: `share` is told each sign-out here (nonce, expiry in
+    /// Unix ms). Once.
+    pub fn share_sign_outs(&self, share: impl Fn(&str, u64) + Send + Sync + 'static) {
+        if let Some(s) = &self.signed {
+            let _ = s.share.set(Box::new(share));
+        }
+    }
+
+    /// Cluster mode: a sign-out elsewhere (or replayed after a restart).
+    pub fn revoke(&self, nonce: &str, expiry_ms: u64) {
+        if let Some(s) = &self.signed {
+            s.revoke(nonce, expiry_ms, wall_ms());
+        }
+    }
+
     /// A new session: (id, csrf).
     fn create(&self, now: Instant) -> (String, String) {
+        if let Some(s) = &self.signed {
+            let mut b = [0u8; 16];
+            rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut b);
+            let nonce: String = b.iter().map(|x| format!("{x:02x}")).collect();
+            let expiry = wall_ms() + IDLE_TIMEOUT.as_millis() as u64;
+            return (s.cookie(expiry, &nonce), s.csrf(&nonce));
+        }
         let (id, csrf) = (random_hex(), random_hex());
         let mut m = self.map.lock();
         m.retain(|_, s| now.duration_since(s.last_used) < IDLE_TIMEOUT);
@@ -84,6 +196,9 @@ impl SignIns {
 
     /// The CSRF token of a live session, touching it.
     pub fn check(&self, id: &str, now: Instant) -> Option<String> {
+        if let Some(s) = &self.signed {
+            return s.check(id, wall_ms());
+        }
         let mut m = self.map.lock();
         let s = m.get_mut(id)?;
         if now.duration_since(s.last_used) >= IDLE_TIMEOUT {
@@ -95,6 +210,15 @@ impl SignIns {
     }
 
     fn end(&self, id: &str) {
+        if let Some(s) = &self.signed {
+            if let Some((expiry, nonce, _)) = parse_signed(id) {
+                s.revoke(nonce, expiry, wall_ms());
+                if let Some(share) = s.share.get() {
+                    share(nonce, expiry);
+                }
+            }
+            return;
+        }
         self.map.lock().remove(id);
     }
 
@@ -135,7 +259,7 @@ pub fn origin_matches(headers: &HeaderMap) -> bool {
 
 fn set_cookie(id: &str) -> HeaderValue {
     HeaderValue::from_str(&format!("{COOKIE}={id}; HttpOnly; SameSite=Strict; Path=/"))
-        .expect("hex is a valid header value")
+        .expect("hex, digits and dots make a valid header value")
 }
 
 fn clear_cookie() -> HeaderValue {
@@ -227,4 +351,40 @@ pub fn csrf_refused() -> ApiError {
         "csrf_token_invalid",
         "a request that changes state with the session cookie must carry the session's X-CSRF-Token header (from sign-in or GET /v1/session)",
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signed_sessions_check_on_any_holder_of_the_key_until_revoked() {
+        let a = SignIns::signed([7; 32]);
+        let b = SignIns::signed([7; 32]);
+        let other = SignIns::signed([8; 32]);
+        let (cookie, csrf) = a.create(Instant::now());
+        assert_eq!(b.check(&cookie, Instant::now()), Some(csrf.clone()));
+        assert_eq!(other.check(&cookie, Instant::now()), None);
+        // Any change to the cookie breaks it.
+        let (e, n, m) = parse_signed(&cookie).unwrap();
+        let later = format!("c1.{}.{n}.{m}", e + 1);
+        assert_eq!(b.check(&later, Instant::now()), None);
+        let expired = a.signed.as_ref().unwrap().cookie(wall_ms() - 1, n);
+        assert_eq!(a.check(&expired, Instant::now()), None);
+        // Signed out on A, revoked on B when told.
+        a.end(&cookie);
+        assert_eq!(a.check(&cookie, Instant::now()), None);
+        assert!(b.check(&cookie, Instant::now()).is_some());
+        b.revoke(n, e);
+        assert_eq!(b.check(&cookie, Instant::now()), None);
+    }
+
+    #[test]
+    fn cookie_parsing_is_total() {
+        for bad in ["", "c1", "c1...", "c1.x.y.z", "c2.1.aa.bb", "c1.1.2.3.4", "\u{0}", "c1.99999999999999999999999.a.b"] {
+            assert_eq!(parse_signed(bad), None, "{bad:?}");
+        }
+        let ok = format!("c1.5.{}.{}", "a".repeat(32), "b".repeat(64));
+        assert!(parse_signed(&ok).is_some());
+    }
 }

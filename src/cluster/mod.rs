@@ -22,6 +22,7 @@ pub mod heartbeats;
 pub mod lease;
 pub mod ownership;
 pub mod registry;
+pub mod sign_outs;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
