@@ -134,6 +134,9 @@ pub struct ServeArgs {
     #[arg(long, env = "CLOUDLINK_CLUSTER_LEASE", value_parser = humantime::parse_duration)]
     #[serde(default, with = "opt_duration")]
     pub cluster_lease: Option<Duration>,
+    /// Cluster mode: copies JetStream keeps of the cluster's state (1 to 5) [default: 3 when the NATS cluster has at least 3 servers, else 1]
+    #[arg(long, env = "CLOUDLINK_NATS_REPLICAS", value_parser = clap::value_parser!(u8).range(1..=5))]
+    pub nats_replicas: Option<u8>,
 }
 
 /// `cloudlink loadgen` flags; environment variables are `CLOUDLINK_LOADGEN_*`.
@@ -505,6 +508,7 @@ impl ServeArgs {
                 let creds = self.nats_creds.or(file.nats_creds);
                 let tls_ca = self.nats_tls_ca.or(file.nats_tls_ca);
                 let lease = self.cluster_lease.or(file.cluster_lease);
+                let replicas = self.nats_replicas.or(file.nats_replicas);
                 match self.nats.or(file.nats) {
                     Some(urls) => Some(crate::cluster::ClusterConfig {
                         urls: urls
@@ -515,10 +519,15 @@ impl ServeArgs {
                         creds,
                         tls_ca,
                         lease: lease.unwrap_or(Duration::from_secs(15)),
+                        replicas: replicas.map(usize::from),
                     }),
-                    None if creds.is_some() || tls_ca.is_some() || lease.is_some() => {
+                    None if creds.is_some()
+                        || tls_ca.is_some()
+                        || lease.is_some()
+                        || replicas.is_some() =>
+                    {
                         return Err(Error::Config(
-                            "--nats-creds, --nats-tls-ca and --cluster-lease need --nats (cluster mode)".into(),
+                            "--nats-creds, --nats-tls-ca, --nats-replicas and --cluster-lease need --nats (cluster mode)".into(),
                         ))
                     }
                     None => None,

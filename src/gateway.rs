@@ -319,7 +319,8 @@ impl Gateway {
             cluster: cluster.clone(),
         });
         if let Some(c) = &cluster {
-            crate::cluster::sign_outs::share(&c.jetstream, Arc::downgrade(&api_state)).await?;
+            crate::cluster::sign_outs::share(&c.jetstream, Arc::downgrade(&api_state), c.replicas)
+                .await?;
         }
         let (stop_proxy, stop_proxy_rx) = tokio::sync::watch::channel(false);
         tokio::spawn(crate::relay::proxy::serve(

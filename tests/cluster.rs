@@ -1545,3 +1545,87 @@ async fn dashboard_sessions_work_on_every_gateway() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// On a three-server NATS cluster (what production runs): the gateways keep
+/// three copies of every bucket and of the stream, so a NATS server killed
+/// under them loses nothing. Registration, ownership and the event stream
+/// go on through the two left, and no gateway is taken for dead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_three_server_nats_cluster_survives_losing_a_server() {
+    use cloudlink::keys::{encode_key, generate_private_key, public_key};
+    use serde_json::json;
+    let mut nats = common::nats::NatsCluster::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let key = shared_key(tmp.path());
+    let gw_public =
+        public_key(&cloudlink::keys::decode_key(&std::fs::read_to_string(&key).unwrap()).unwrap());
+    let mut a = Proc::spawn(&tmp.path().join("a"), &key, &nats.urls, "gw-a", &[]);
+    let mut b = Proc::spawn(&tmp.path().join("b"), &key, &nats.urls, "gw-b", &[]);
+    a.ready(Duration::from_secs(30));
+    b.ready(Duration::from_secs(30));
+    assert!(a.log().contains("replicas=3"), "{}", a.log());
+    let mut events = common::SseReader::connect(&format!("{}/v1/events", a.api), None).await;
+    let connect_to_b = |k: [u8; 32], n: u32| {
+        for _ in 0..100 {
+            let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            socket
+                .set_read_timeout(Some(Duration::from_millis(200)))
+                .unwrap();
+            let mut d = common::TestDevice::with_key(b.udp, &gw_public, n, socket, k);
+            d.send_initiation();
+            if d.receive_one().is_ok() {
+                return d;
+            }
+        }
+        panic!("B never answered");
+    };
+    let register = |uuid: &'static str, k: [u8; 32], api: String| async move {
+        // Right after a server is lost the client may still be moving to
+        // another one: 503 cluster_unavailable, then it works.
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let (st, e) = call(
+                &api,
+                "POST",
+                "/v1/devices",
+                Some(json!({"uuid": uuid, "public_key": encode_key(&public_key(&k))})),
+            )
+            .await;
+            if st == 201 {
+                return;
+            }
+            assert!(st == 503 && Instant::now() < deadline, "{st} {e}");
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    };
+    let k1 = generate_private_key();
+    register("r3-1", k1, a.api.clone()).await;
+    let _d1 = connect_to_b(k1, 101);
+    events
+        .wait_for(Duration::from_secs(10), |e| {
+            e["type"] == "link.up" && e["device"] == "r3-1"
+        })
+        .await;
+
+    nats.kill(0);
+    let k2 = generate_private_key();
+    register("r3-2", k2, b.api.clone()).await;
+    let _d2 = connect_to_b(k2, 102);
+    let up = events
+        .wait_for(Duration::from_secs(20), |e| {
+            e["type"] == "link.up" && e["device"] == "r3-2"
+        })
+        .await;
+    assert_eq!(up.data["gateway"], "gw-b");
+    for uuid in ["r3-1", "r3-2"] {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while view(&a, uuid).await != (true, Some("gw-b".into())) {
+            assert!(Instant::now() < deadline, "{uuid} not shown on gw-b by A");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    for gw in [&a, &b] {
+        assert_eq!(gw.metric("cloudlink_cluster_reaped_devices_total"), Some(0.0));
+        assert_eq!(gw.metric("cloudlink_cluster_gateways_alive"), Some(2.0));
+    }
+}

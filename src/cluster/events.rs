@@ -99,6 +99,7 @@ impl ClusterBus {
         capacity: usize,
         metrics: Arc<crate::metrics::Metrics>,
         health: Arc<super::NatsHealth>,
+        replicas: usize,
     ) -> Result<Arc<ClusterBus>, ClusterError> {
         let mut s = js
             .get_or_create_stream(stream::Config {
@@ -108,11 +109,25 @@ impl ClusterBus {
                 max_messages: 10_000_000,
                 max_age: Duration::from_secs(7 * 24 * 3600),
                 duplicate_window: DUPLICATE_WINDOW,
+                num_replicas: replicas,
                 ..Default::default()
             })
             .await
             .map_err(ClusterError::js)?;
-        let info = s.info().await.map_err(ClusterError::js)?;
+        // As for buckets: a replicated stream made a moment ago answers once
+        // its copies have a leader.
+        let mut tries = 0;
+        let info = loop {
+            match s.info().await {
+                Ok(i) => break i.clone(),
+                Err(e) if tries < 60 => {
+                    tries += 1;
+                    tracing::debug!(error = %e, "the event stream does not answer yet");
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                Err(e) => return Err(ClusterError::js(e)),
+            }
+        };
         let epoch = format!("c{:x}", info.created.unix_timestamp());
         let last = info.state.last_sequence;
         let capacity = capacity.max(1);

@@ -86,8 +86,9 @@ impl Lease {
         lease: Duration,
         boot_file: &Path,
         metrics: Arc<crate::metrics::Metrics>,
+        replicas: usize,
     ) -> Result<Arc<Lease>, ClusterError> {
-        let store = open_bucket(js, lease).await?;
+        let store = open_bucket(js, lease, replicas).await?;
         // The bucket's own max_age rules (the first gateway made it).
         let max_age = match store.status().await {
             Ok(s) if !s.info.config.max_age.is_zero() => s.info.config.max_age,
@@ -166,6 +167,7 @@ impl Lease {
 async fn open_bucket(
     js: &async_nats::jetstream::Context,
     lease: Duration,
+    replicas: usize,
 ) -> Result<kv::Store, ClusterError> {
     super::open_bucket(
         js,
@@ -178,6 +180,7 @@ async fn open_bucket(
             limit_markers: Some(lease),
             ..Default::default()
         },
+        replicas,
     )
     .await
 }

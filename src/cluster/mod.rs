@@ -36,6 +36,9 @@ pub struct ClusterConfig {
     pub tls_ca: Option<PathBuf>,
     /// A gateway whose lease was not refreshed for this long is gone.
     pub lease: Duration,
+    /// Copies of each bucket and of the event stream (`None`: 3 when the
+    /// NATS cluster has at least 3 servers, else 1).
+    pub replicas: Option<usize>,
 }
 
 /// The oldest NATS server cluster mode runs on.
@@ -157,6 +160,8 @@ pub struct Cluster {
     /// The cluster's event stream, and this gateway's bus.
     pub events: Arc<events::ClusterBus>,
     pub health: Arc<NatsHealth>,
+    /// Copies JetStream keeps of each bucket and of the stream.
+    pub replicas: usize,
     /// Traffic counters of devices held by other gateways.
     pub counters: Arc<counters::RemoteCounters>,
     /// The registry watch, from where the initial sync stopped, until
@@ -187,7 +192,14 @@ impl Cluster {
         if !version_at_least(&version, MIN_SERVER) {
             return Err(ClusterError::ServerTooOld { version });
         }
-        tracing::info!(servers = %config.urls.join(","), %version, "connected to NATS");
+        // Enough copies that losing a NATS server loses nothing, where
+        // there are servers to hold them. A bucket keeps the count it was
+        // made with.
+        let servers = client.server_info().connect_urls.len().max(1);
+        let replicas = config
+            .replicas
+            .unwrap_or(if servers >= 3 { 3 } else { 1 });
+        tracing::info!(servers = %config.urls.join(","), %version, cluster_servers = servers, replicas, "connected to NATS");
         let jetstream = async_nats::jetstream::new(client.clone());
         let lease = lease::Lease::acquire(
             &jetstream,
@@ -195,14 +207,23 @@ impl Cluster {
             config.lease,
             &data_dir.join(lease::BOOT_FILE),
             metrics.clone(),
+            replicas,
         )
         .await?;
         let events =
-            events::ClusterBus::open(&jetstream, ring, event_buffer, metrics.clone(), health.clone())
+            events::ClusterBus::open(
+            &jetstream,
+            ring,
+            event_buffer,
+            metrics.clone(),
+            health.clone(),
+            replicas,
+        )
                 .await?;
         let bus: Arc<dyn crate::bus::EventBus> = events.clone();
         let ownership =
-            ownership::Ownership::open(&jetstream, gateway_id, &lease.boot, bus, metrics).await?;
+            ownership::Ownership::open(&jetstream, gateway_id, &lease.boot, bus, metrics, replicas)
+                .await?;
         // A gateway's lease went: reap its devices (one survivor does). A
         // restarted gateway's previous boot is reaped a lease later, so the
         // devices it redials come back without a down in between.
@@ -248,7 +269,8 @@ impl Cluster {
                 }
             });
         }
-        let devices = registry::SharedRegistry::open(&jetstream, local, gateway_id, health.clone()).await?;
+        let devices = registry::SharedRegistry::open(&jetstream, local, gateway_id, health.clone(), replicas)
+                .await?;
         let watch = devices.sync().await?;
         Ok(Arc::new(Cluster {
             client,
@@ -259,6 +281,7 @@ impl Cluster {
             ownership,
             events,
             health,
+            replicas,
             counters: Default::default(),
             watch: parking_lot::Mutex::new(Some(watch)),
         }))
@@ -287,16 +310,33 @@ impl Cluster {
 /// yet (a gateway starting at the same moment may make it first).
 pub(crate) async fn open_bucket(
     js: &async_nats::jetstream::Context,
-    config: async_nats::jetstream::kv::Config,
+    mut config: async_nats::jetstream::kv::Config,
+    replicas: usize,
 ) -> Result<async_nats::jetstream::kv::Store, ClusterError> {
-    if let Ok(store) = js.get_key_value(&config.bucket).await {
-        return Ok(store);
-    }
+    config.num_replicas = replicas;
     let bucket = config.bucket.clone();
-    match js.create_key_value(config).await {
-        Ok(store) => Ok(store),
-        Err(_) => js.get_key_value(bucket).await.map_err(ClusterError::js),
+    let store = match js.get_key_value(&bucket).await {
+        Ok(store) => store,
+        Err(_) => match js.create_key_value(config).await {
+            Ok(store) => store,
+            Err(_) => js.get_key_value(&bucket).await.map_err(ClusterError::js)?,
+        },
+    };
+    // A replicated bucket another gateway has just made answers only once
+    // its copies have elected a leader (a few hundred milliseconds): wait
+    // for it rather than fail the start.
+    let mut last = None;
+    for _ in 0..60 {
+        match store.get("_probe").await {
+            Ok(_) => return Ok(store),
+            Err(e) => last = Some(e),
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
     }
+    Err(ClusterError::JetStream(format!(
+        "the bucket {bucket} does not answer: {}",
+        last.map_or_else(String::new, |e| e.to_string())
+    )))
 }
 
 async fn connect(

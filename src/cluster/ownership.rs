@@ -140,6 +140,7 @@ impl Ownership {
         boot: &str,
         bus: Arc<dyn EventBus>,
         metrics: Arc<crate::metrics::Metrics>,
+        replicas: usize,
     ) -> Result<Arc<Ownership>, ClusterError> {
         let store = super::open_bucket(
             js,
@@ -149,6 +150,7 @@ impl Ownership {
                 history: 1,
                 ..Default::default()
             },
+            replicas,
         )
         .await?;
         let o = Arc::new(Ownership {

@@ -134,6 +134,7 @@ impl SharedRegistry {
         local: Arc<Registry>,
         me: &str,
         health: Arc<super::NatsHealth>,
+        replicas: usize,
     ) -> R<Arc<SharedRegistry>> {
         let store = super::open_bucket(
             js,
@@ -143,6 +144,7 @@ impl SharedRegistry {
                 history: 1,
                 ..Default::default()
             },
+            replicas,
         )
         .await?;
         match store.create(SENTINEL, Bytes::from_static(b"{}")).await {

@@ -19,6 +19,7 @@ pub const BUCKET: &str = "cloudlink_signouts";
 pub async fn share(
     js: &async_nats::jetstream::Context,
     api: std::sync::Weak<crate::api::ApiState>,
+    replicas: usize,
 ) -> Result<(), ClusterError> {
     let store = super::open_bucket(
         js,
@@ -29,6 +30,7 @@ pub async fn share(
             max_age: crate::api::sign_in::IDLE_TIMEOUT + Duration::from_secs(60),
             ..Default::default()
         },
+        replicas,
     )
     .await?;
     let Some(state) = api.upgrade() else {

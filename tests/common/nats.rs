@@ -97,3 +97,99 @@ impl Drop for NatsServer {
         self.stop();
     }
 }
+
+/// Three `nats-server`s routed into one cluster (`cloudlink-test`), each
+/// with JetStream in its own temporary directory: what a production
+/// deployment runs, so that replicated buckets survive a server.
+pub struct NatsCluster {
+    pub nodes: Vec<Option<Child>>,
+    /// Every node's client URL, comma-separated (what `--nats` takes).
+    pub urls: String,
+    monitors: Vec<u16>,
+    _dirs: Vec<tempfile::TempDir>,
+}
+
+fn http_ok(port: u16, path: &str) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    if s
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes())
+        .is_err()
+    {
+        return false;
+    }
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out.starts_with("HTTP/1.1 200") || out.starts_with("HTTP/1.0 200")
+}
+
+impl NatsCluster {
+    pub fn start() -> Self {
+        let bin = server_binary();
+        let ports: Vec<(u16, u16, u16)> = (0..3).map(|_| (free_port(), free_port(), free_port())).collect();
+        let mut nodes = Vec::new();
+        let mut dirs = Vec::new();
+        for (i, (client, route, monitor)) in ports.iter().enumerate() {
+            let dir = tempfile::tempdir().unwrap();
+            let routes: Vec<String> = ports
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| *j != i)
+                .map(|(_, (_, r, _))| format!("nats://127.0.0.1:{r}"))
+                .collect();
+            let child = Command::new(&bin)
+                .args(["-a", "127.0.0.1", "-p", &client.to_string()])
+                .args(["-n", &format!("n{i}"), "--cluster_name", "cloudlink-test"])
+                .args(["--cluster", &format!("nats://127.0.0.1:{route}")])
+                .args(["--routes", &routes.join(",")])
+                .args(["-m", &monitor.to_string()])
+                .arg("-js")
+                .arg("-sd")
+                .arg(dir.path())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap_or_else(|e| panic!("{}: {e}", bin.display()));
+            nodes.push(Some(child));
+            dirs.push(dir);
+        }
+        let c = NatsCluster {
+            nodes,
+            urls: ports
+                .iter()
+                .map(|(p, _, _)| format!("nats://127.0.0.1:{p}"))
+                .collect::<Vec<_>>()
+                .join(","),
+            monitors: ports.iter().map(|(_, _, m)| *m).collect(),
+            _dirs: dirs,
+        };
+        // Healthy means JetStream is up and the cluster has a meta leader.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for m in &c.monitors {
+            while !http_ok(*m, "/healthz") {
+                assert!(Instant::now() < deadline, "the NATS cluster did not become healthy");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        c
+    }
+
+    /// Kills node `i` (SIGKILL), as a crashed server.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.nodes[i].take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for NatsCluster {
+    fn drop(&mut self) {
+        for i in 0..self.nodes.len() {
+            self.kill(i);
+        }
+    }
+}
