@@ -53,7 +53,12 @@ impl Proc {
         let udp: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let mut child = Command::new(BIN)
             .arg("serve")
-            .args(["--listen", &format!("{host}:{port}"), "--token", common::TOKEN])
+            .args([
+                "--listen",
+                &format!("{host}:{port}"),
+                "--token",
+                common::TOKEN,
+            ])
             .args(["--api", &api, "--proxy", &format!("127.0.0.1:{proxy}")])
             .arg("--data-dir")
             .arg(dir)
@@ -574,7 +579,9 @@ async fn the_registry_is_shared_between_gateways() {
             .iter()
             .filter(|m| {
                 m.data["type"] == "device.registered"
-                    && m.data["device"].as_str().is_some_and(|d| d.starts_with("from-"))
+                    && m.data["device"]
+                        .as_str()
+                        .is_some_and(|d| d.starts_with("from-"))
             })
             .count() as u64;
     assert_eq!(batched, 300, "each batch device registered once");
@@ -663,9 +670,29 @@ async fn view(gw: &Proc, uuid: &str) -> (bool, Option<String>) {
     )
 }
 
+/// Every device in a gateway's listing: uuid → (connected, owner).
+async fn listing(gw: &Proc) -> std::collections::HashMap<String, (bool, Option<String>)> {
+    let (st, page) = call(&gw.api, "GET", "/v1/devices?limit=1000", None).await;
+    assert_eq!(st, 200, "{page}");
+    page["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            (
+                d["uuid"].as_str().unwrap().to_owned(),
+                (
+                    d["cloudlink"]["connected"].as_bool().unwrap_or(false),
+                    d["cloudlink"]["gateway"].as_str().map(str::to_owned),
+                ),
+            )
+        })
+        .collect()
+}
+
 /// Ownership: a device connected to B shows `cloudlink.gateway` = B on
 /// every gateway. B is killed: within lease + 5 s every one of its devices
-/// is down with reason `gateway_lost`, exactly once across the survivors,
+/// is down with reason `gateway_lost`, exactly once on each survivor's stream,
 /// and no sample ever shows a device with two owners.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_gateways_devices_go_down_exactly_once() {
@@ -737,14 +764,17 @@ async fn a_dead_gateways_devices_go_down_exactly_once() {
 
     let killed = Instant::now();
     b.kill9();
-    // Sample both survivors every 100 ms until lease + 5 s.
+    // Sample both survivors' listings every 100 ms until lease + 5 s.
     let limit = Duration::from_secs(3 + 5);
     let mut settled_at = None;
+    let mut samples = 0;
     while killed.elapsed() < limit + Duration::from_secs(2) {
         let mut all_down = true;
+        let (la, lc) = (listing(&a).await, listing(&c).await);
+        samples += 1;
         for i in 0..N {
             let uuid = format!("held-{i}");
-            let (va, vc) = (view(&a, &uuid).await, view(&c, &uuid).await);
+            let (va, vc) = (la[&uuid].clone(), lc[&uuid].clone());
             for v in [&va, &vc] {
                 if v.0 {
                     all_down = false;
@@ -775,7 +805,7 @@ async fn a_dead_gateways_devices_go_down_exactly_once() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    eprintln!("all devices of the killed gateway down after {settled_at:?}");
+    eprintln!("all devices of the killed gateway down after {settled_at:?} ({samples} samples of both listings)");
     // The stream is the cluster's: each survivor's shows exactly one
     // gateway_lost per device (one survivor reaped, both show it).
     for ev in [&mut events_a, &mut events_c] {
@@ -875,10 +905,8 @@ async fn a_device_that_moves_is_announced_as_moved_not_down_and_up() {
     }
     let rest = events_a.drain_for(Duration::from_millis(300)).await;
     assert!(
-        rest.iter().all(|e| !e.data["type"]
-            .as_str()
-            .unwrap_or("")
-            .starts_with("link.")),
+        rest.iter()
+            .all(|e| !e.data["type"].as_str().unwrap_or("").starts_with("link.")),
         "after the move: {:?}",
         rest.iter().map(|e| &e.data).collect::<Vec<_>>()
     );
@@ -1049,8 +1077,25 @@ async fn a_paused_former_owner_does_not_mark_a_moved_device_down() {
             .filter(|e| e.data["type"] == ty && e.data["device"] == "paused")
             .count()
     };
-    assert_eq!(of("link.moved"), 1, "{:?}", seen.iter().map(|e| &e.data).collect::<Vec<_>>());
+    assert_eq!(
+        of("link.moved"),
+        1,
+        "{:?}",
+        seen.iter().map(|e| &e.data).collect::<Vec<_>>()
+    );
     assert_eq!(of("link.down"), 0);
+    // Nor does its status drop: the device was connected all along.
+    assert!(
+        !seen.iter().any(|e| e.data["type"] == "status.changed"
+            && e.data["device"] == "paused"
+            && e.data["cloudlink"] == false),
+        "{:?}",
+        seen.iter().map(|e| &e.data).collect::<Vec<_>>()
+    );
+    for gw in [&a, &b] {
+        let (_, d) = call(&gw.api, "GET", "/v1/devices/paused", None).await;
+        assert_eq!(d["status_detail"], "cloudlink-only", "on {}: {d}", gw.api);
+    }
     for gw in [&a, &b] {
         assert_eq!(
             view(gw, "paused").await,
@@ -1176,7 +1221,14 @@ async fn tunnels_and_ssh_survive_a_nats_outage() {
     // A lease much shorter than the outage: every lease lapses meanwhile.
     // wireguard-go keeps the link with 25 s keepalives.
     let opts = ["--cluster-lease", "6s", "--link-timeout", "60s"];
-    let mut a = Proc::spawn_on("0.0.0.0", &tmp.path().join("a"), &key, &nats.url, "gw-a", &opts);
+    let mut a = Proc::spawn_on(
+        "0.0.0.0",
+        &tmp.path().join("a"),
+        &key,
+        &nats.url,
+        "gw-a",
+        &opts,
+    );
     let mut b = Proc::spawn(&tmp.path().join("b"), &key, &nats.url, "gw-b", &opts);
     a.ready(Duration::from_secs(20));
     b.ready(Duration::from_secs(20));
@@ -1210,7 +1262,14 @@ async fn tunnels_and_ssh_survive_a_nats_outage() {
     });
     let ssh_echo = |word: &str| {
         let o = tokio::task::block_in_place(|| {
-            ssh.ssh(a.proxy, common::TOKEN, "steady.balena", 22, &format!("echo {word}"), None)
+            ssh.ssh(
+                a.proxy,
+                common::TOKEN,
+                "steady.balena",
+                22,
+                &format!("echo {word}"),
+                None,
+            )
         });
         assert!(
             o.status.success(),
@@ -1254,7 +1313,11 @@ async fn tunnels_and_ssh_survive_a_nats_outage() {
     .await;
     assert_eq!(st, 503, "{e}");
     assert_eq!(e["error"], "cluster_unavailable");
-    assert!(t.elapsed() < Duration::from_secs(2), "503 after {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "503 after {:?}",
+        t.elapsed()
+    );
     // The newcomer links up on A meanwhile.
     let mut newcomer = None;
     for _ in 0..50 {
@@ -1272,7 +1335,13 @@ async fn tunnels_and_ssh_survive_a_nats_outage() {
     let mut newcomer = newcomer.expect("A answered the newcomer during the outage");
     // A heartbeat posted to A meanwhile: its status change waits in A's
     // buffer for the stream.
-    let (st, _) = call(&a.api, "POST", "/v1/devices/steady/heartbeat", Some(json!({}))).await;
+    let (st, _) = call(
+        &a.api,
+        "POST",
+        "/v1/devices/steady/heartbeat",
+        Some(json!({})),
+    )
+    .await;
     assert_eq!(st, 200);
     // ssh works throughout.
     ssh_echo("during-1");
@@ -1307,7 +1376,11 @@ async fn tunnels_and_ssh_survive_a_nats_outage() {
             }
         }
     }
-    a.wait_metric("cloudlink_cluster_events_buffered", 0.0, Duration::from_secs(10));
+    a.wait_metric(
+        "cloudlink_cluster_events_buffered",
+        0.0,
+        Duration::from_secs(10),
+    );
     // Past a lease and the reaping grace: nothing was reaped.
     while back.elapsed() < Duration::from_secs(12) {
         newcomer.keepalive();
@@ -1315,7 +1388,10 @@ async fn tunnels_and_ssh_survive_a_nats_outage() {
     }
     ssh_echo("after");
     for gw in [&a, &b] {
-        assert_eq!(gw.metric("cloudlink_cluster_reaped_devices_total"), Some(0.0));
+        assert_eq!(
+            gw.metric("cloudlink_cluster_reaped_devices_total"),
+            Some(0.0)
+        );
     }
     // The events of the outage arrived, once each: the live reader and a
     // consumer resuming from before the outage see the same.
@@ -1349,7 +1425,10 @@ async fn tunnels_and_ssh_survive_a_nats_outage() {
             1,
             "{all:?}"
         );
-        assert_eq!(seen.iter().filter(|e| e.data["type"] == "resync").count(), 0);
+        assert_eq!(
+            seen.iter().filter(|e| e.data["type"] == "resync").count(),
+            0
+        );
         let ids: std::collections::HashSet<_> = seen.iter().map(|e| e.id.clone()).collect();
         assert_eq!(ids.len(), seen.len(), "an event twice: {all:?}");
     }
@@ -1399,9 +1478,18 @@ async fn status_heartbeats_and_counters_are_the_clusters() {
     };
     // A heartbeat through B: A knows within a second.
     let t = Instant::now();
-    let (st, _) = call(&b.api, "POST", "/v1/devices/st-1/heartbeat", Some(json!({}))).await;
+    let (st, _) = call(
+        &b.api,
+        "POST",
+        "/v1/devices/st-1/heartbeat",
+        Some(json!({})),
+    )
+    .await;
     assert_eq!(st, 200);
-    let d = wait_on(&a, "heartbeat online", |d| d["heartbeat"]["state"] == "online").await;
+    let d = wait_on(&a, "heartbeat online", |d| {
+        d["heartbeat"]["state"] == "online"
+    })
+    .await;
     assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
     assert_eq!(d["status_detail"], "heartbeat-only");
     // Connected through B: operational on A.
@@ -1456,7 +1544,11 @@ async fn status_heartbeats_and_counters_are_the_clusters() {
     assert_eq!(
         changes,
         vec![
-            ("heartbeat".into(), "reduced-functionality".into(), "gw-b".into()),
+            (
+                "heartbeat".into(),
+                "reduced-functionality".into(),
+                "gw-b".into()
+            ),
             ("link.up".into(), "operational".into(), "gw-b".into()),
         ]
     );
@@ -1625,7 +1717,10 @@ async fn a_three_server_nats_cluster_survives_losing_a_server() {
         }
     }
     for gw in [&a, &b] {
-        assert_eq!(gw.metric("cloudlink_cluster_reaped_devices_total"), Some(0.0));
+        assert_eq!(
+            gw.metric("cloudlink_cluster_reaped_devices_total"),
+            Some(0.0)
+        );
         assert_eq!(gw.metric("cloudlink_cluster_gateways_alive"), Some(2.0));
     }
 }

@@ -58,12 +58,15 @@ pub struct SignIns {
     signed: Option<Signed>,
 }
 
+/// Told a sign-out: (nonce, expiry in Unix ms).
+type ShareSignOut = Box<dyn Fn(&str, u64) + Send + Sync>;
+
 struct Signed {
     key: [u8; 32],
     /// Revoked nonces (signed out), with the expiry of their session.
     revoked: Mutex<HashMap<String, u64>>,
     /// Told each sign-out here (nonce, expiry ms), to revoke it everywhere.
-    share: std::sync::OnceLock<Box<dyn Fn(&str, u64) + Send + Sync>>,
+    share: std::sync::OnceLock<ShareSignOut>,
 }
 
 /// A signed cookie's parts: (expiry ms, nonce, mac), if it has that shape.
@@ -381,7 +384,16 @@ mod tests {
 
     #[test]
     fn cookie_parsing_is_total() {
-        for bad in ["", "c1", "c1...", "c1.x.y.z", "c2.1.aa.bb", "c1.1.2.3.4", "\u{0}", "c1.99999999999999999999999.a.b"] {
+        for bad in [
+            "",
+            "c1",
+            "c1...",
+            "c1.x.y.z",
+            "c2.1.aa.bb",
+            "c1.1.2.3.4",
+            "\u{0}",
+            "c1.99999999999999999999999.a.b",
+        ] {
             assert_eq!(parse_signed(bad), None, "{bad:?}");
         }
         let ok = format!("c1.5.{}.{}", "a".repeat(32), "b".repeat(64));

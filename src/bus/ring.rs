@@ -18,7 +18,6 @@ use std::time::SystemTime;
 
 use super::{Event, EventBus, InvalidEventId, Read, Resume, StoredEvent};
 
-
 /// The fields every event carries besides its own.
 #[derive(Debug, Serialize)]
 struct Envelope<'a> {

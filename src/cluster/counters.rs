@@ -58,7 +58,7 @@ impl RemoteCounters {
     }
 
     /// Applies a message; `false` if it is not one.
-    fn apply(&self, me: &str, bytes: &[u8]) -> bool {
+    pub fn apply(&self, me: &str, bytes: &[u8]) -> bool {
         let Ok(batch) = serde_json::from_slice::<Batch>(bytes) else {
             return false;
         };

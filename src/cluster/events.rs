@@ -37,7 +37,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use super::ClusterError;
-use crate::bus::{Event, EventBus, InvalidEventId, Read, Reach, Resume, RingBus, StoredEvent};
+use crate::bus::{Event, EventBus, InvalidEventId, Reach, Read, Resume, RingBus, StoredEvent};
 
 pub const STREAM: &str = "CLOUDLINK_EVENTS";
 const SUBJECT_PREFIX: &str = "cloudlink.events";
@@ -131,7 +131,10 @@ impl ClusterBus {
         let epoch = format!("c{:x}", info.created.unix_timestamp());
         let last = info.state.last_sequence;
         let capacity = capacity.max(1);
-        let start = last.saturating_sub(capacity as u64 - 1).max(info.state.first_sequence).max(1);
+        let start = last
+            .saturating_sub(capacity as u64 - 1)
+            .max(info.state.first_sequence)
+            .max(1);
         let (notify, _) = tokio::sync::watch::channel(0);
         let bus = Arc::new(ClusterBus {
             gateway: local.gateway().to_owned(),
@@ -246,8 +249,7 @@ impl ClusterBus {
 fn subject_token(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 128
-        && s
-            .bytes()
+        && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 

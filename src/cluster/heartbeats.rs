@@ -77,7 +77,9 @@ pub fn share(
         };
         // The client subscribes again by itself after a reconnect.
         while let Some(m) = sub.next().await {
-            let Some(status) = status.upgrade() else { return };
+            let Some(status) = status.upgrade() else {
+                return;
+            };
             match Heard::parse(&m.payload) {
                 Some(h) if h.gateway != me => status.heartbeat_elsewhere(&h.uuid, h.at_ms),
                 Some(_) => {}

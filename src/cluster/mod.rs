@@ -196,9 +196,7 @@ impl Cluster {
         // there are servers to hold them. A bucket keeps the count it was
         // made with.
         let servers = client.server_info().connect_urls.len().max(1);
-        let replicas = config
-            .replicas
-            .unwrap_or(if servers >= 3 { 3 } else { 1 });
+        let replicas = config.replicas.unwrap_or(if servers >= 3 { 3 } else { 1 });
         tracing::info!(servers = %config.urls.join(","), %version, cluster_servers = servers, replicas, "connected to NATS");
         let jetstream = async_nats::jetstream::new(client.clone());
         let lease = lease::Lease::acquire(
@@ -210,8 +208,7 @@ impl Cluster {
             replicas,
         )
         .await?;
-        let events =
-            events::ClusterBus::open(
+        let events = events::ClusterBus::open(
             &jetstream,
             ring,
             event_buffer,
@@ -219,7 +216,7 @@ impl Cluster {
             health.clone(),
             replicas,
         )
-                .await?;
+        .await?;
         let bus: Arc<dyn crate::bus::EventBus> = events.clone();
         let ownership =
             ownership::Ownership::open(&jetstream, gateway_id, &lease.boot, bus, metrics, replicas)
@@ -269,7 +266,8 @@ impl Cluster {
                 }
             });
         }
-        let devices = registry::SharedRegistry::open(&jetstream, local, gateway_id, health.clone(), replicas)
+        let devices =
+            registry::SharedRegistry::open(&jetstream, local, gateway_id, health.clone(), replicas)
                 .await?;
         let watch = devices.sync().await?;
         Ok(Arc::new(Cluster {

@@ -92,6 +92,9 @@ enum Written {
 
 /// Told what the directory says about a device's link: (uuid, up, its
 /// endpoint, how far to announce the status change that follows).
+/// Told a device another gateway took over (its uuid).
+type MovedHook = Box<dyn Fn(&str) + Send + Sync>;
+
 type LinkHook = Box<dyn Fn(&str, bool, Option<&str>, crate::bus::Reach) + Send + Sync>;
 
 pub struct Ownership {
@@ -108,7 +111,7 @@ pub struct Ownership {
     metrics: Arc<crate::metrics::Metrics>,
     /// Told when another gateway takes over a device this one held (the
     /// gateway drops its session there: `PacketPath::hand_over`).
-    on_moved: std::sync::OnceLock<Box<dyn Fn(&str) + Send + Sync>>,
+    on_moved: std::sync::OnceLock<MovedHook>,
     /// Told every link change the directory shows (device status).
     on_link: std::sync::OnceLock<LinkHook>,
     /// Devices whose record this gateway is deleting (its own link-down):
@@ -354,8 +357,8 @@ impl Ownership {
             // A record already ours (a link-down and a link-up coalesced,
             // or devices claimed again after a lapsed lease that nobody
             // reaped): the cluster never saw the link go, nothing to say.
-            let already = held.as_ref().is_some_and(|h| self.is_mine(h))
-                && matches!(p, Pending::Up { .. });
+            let already =
+                held.as_ref().is_some_and(|h| self.is_mine(h)) && matches!(p, Pending::Up { .. });
             match result {
                 Ok(()) if already => return Written::Landed(None),
                 Ok(()) => return Written::Landed(Some(link_event(&self.me, held.as_ref(), p))),
@@ -540,10 +543,7 @@ async fn watch(o: std::sync::Weak<Ownership>) {
             match entry.operation {
                 kv::Operation::Put => match OwnerRecord::parse(&entry.value) {
                     Some(record) => {
-                        let was_mine = me
-                            .owners
-                            .get(&uuid)
-                            .is_some_and(|o| me.is_mine(&o.record));
+                        let was_mine = me.owners.get(&uuid).is_some_and(|o| me.is_mine(&o.record));
                         if was_mine && !me.is_mine(&record) {
                             // Another gateway took the device over: drop
                             // our session without a link-down.
@@ -553,7 +553,12 @@ async fn watch(o: std::sync::Weak<Ownership>) {
                         }
                         me.count(me.owners.get(&uuid).as_deref(), Some(&record));
                         if !me.is_mine(&record) {
-                            me.tell_link(&uuid, true, Some(&record.endpoint), crate::bus::Reach::Local);
+                            me.tell_link(
+                                &uuid,
+                                true,
+                                Some(&record.endpoint),
+                                crate::bus::Reach::Local,
+                            );
                         }
                         me.owners.insert(
                             uuid,

@@ -98,4 +98,3 @@ pub fn session_key(private_key: &[u8; 32]) -> [u8; 32] {
     h.update(private_key);
     h.finalize().into()
 }
-

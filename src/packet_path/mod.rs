@@ -225,7 +225,7 @@ impl PacketPath {
             LinkTransition::Up { endpoint } => {
                 self.metrics.sessions.inc();
                 tracing::info!(device = %session.uuid, %endpoint, "link up");
-                self.publish(session, Event::LinkUp, endpoint, "handshake", None, at, self.reach());
+                self.publish(session, Event::LinkUp, endpoint, "handshake", None, at);
                 if let Some(o) = self.observer.get() {
                     o.link_changed(session, true, endpoint, None);
                 }
@@ -245,7 +245,6 @@ impl PacketPath {
                         reason.as_str(),
                         None,
                         at,
-                        self.reach(),
                     );
                 }
                 if let Some(o) = self.observer.get() {
@@ -254,7 +253,6 @@ impl PacketPath {
             }
             LinkTransition::Roamed { from, to } => {
                 tracing::info!(device = %session.uuid, %from, %to, "link roamed");
-                // Only the device's gateway sees it roam.
                 self.publish(
                     session,
                     Event::LinkRoamed,
@@ -262,7 +260,6 @@ impl PacketPath {
                     "endpoint_changed",
                     Some(from),
                     at,
-                    crate::bus::Reach::Cluster,
                 );
             }
         }
@@ -276,7 +273,6 @@ impl PacketPath {
         reason: &str,
         previous: Option<SocketAddr>,
         at: SystemTime,
-        reach: crate::bus::Reach,
     ) {
         let event = kind(Link {
             endpoint: endpoint.to_string(),
@@ -284,6 +280,12 @@ impl PacketPath {
             previous_endpoint: previous.map(|p| p.to_string()),
             address: session.address.to_string(),
         });
+        // Only the device's gateway sees it roam: that goes everywhere.
+        // Ups and downs go as far as `link_reach` says.
+        let reach = match event {
+            Event::LinkRoamed(_) => crate::bus::Reach::Cluster,
+            _ => self.reach(),
+        };
         if reach == crate::bus::Reach::Cluster {
             self.metrics.link_event(event.kind());
         }

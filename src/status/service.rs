@@ -35,8 +35,11 @@ pub struct DeviceStatus {
     /// Cluster mode: link inputs come from the ownership directory (see
     /// [`link_from_cluster`](Self::link_from_cluster)), not from this
     /// gateway's sessions; heartbeats taken here are told to `shared`.
-    cluster: std::sync::OnceLock<Box<dyn Fn(&str, u64) + Send + Sync>>,
+    cluster: std::sync::OnceLock<ShareHeartbeat>,
 }
+
+/// Told a heartbeat taken here: (uuid, Unix ms).
+type ShareHeartbeat = Box<dyn Fn(&str, u64) + Send + Sync>;
 
 /// The tracker and its slot numbers, under one lock.
 struct Tracked {
@@ -172,7 +175,14 @@ impl DeviceStatus {
         let slot = t.slots.get(uuid)?;
         let change = t.tracker.heartbeat(slot, now, None);
         t.heard_elsewhere.remove(&slot);
-        self.publish(&t.tracker, uuid, change, "heartbeat", endpoint.as_deref(), Reach::Cluster);
+        self.publish(
+            &t.tracker,
+            uuid,
+            change,
+            "heartbeat",
+            endpoint.as_deref(),
+            Reach::Cluster,
+        );
         let view = t.tracker.view(slot);
         drop(t);
         if let Some(share) = self.cluster.get() {
@@ -192,7 +202,14 @@ impl DeviceStatus {
         };
         let change = t.tracker.heartbeat(slot, at_ms.min(now_ms()), None);
         t.heard_elsewhere.insert(slot);
-        self.publish(&t.tracker, uuid, change, "heartbeat", endpoint.as_deref(), Reach::Local);
+        self.publish(
+            &t.tracker,
+            uuid,
+            change,
+            "heartbeat",
+            endpoint.as_deref(),
+            Reach::Local,
+        );
         drop(t);
         self.wake.notify_one();
     }

@@ -115,8 +115,7 @@ fn http_ok(port: u16, path: &str) -> bool {
         return false;
     };
     let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-    if s
-        .write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes())
+    if s.write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes())
         .is_err()
     {
         return false;
@@ -129,7 +128,9 @@ fn http_ok(port: u16, path: &str) -> bool {
 impl NatsCluster {
     pub fn start() -> Self {
         let bin = server_binary();
-        let ports: Vec<(u16, u16, u16)> = (0..3).map(|_| (free_port(), free_port(), free_port())).collect();
+        let ports: Vec<(u16, u16, u16)> = (0..3)
+            .map(|_| (free_port(), free_port(), free_port()))
+            .collect();
         let mut nodes = Vec::new();
         let mut dirs = Vec::new();
         for (i, (client, route, monitor)) in ports.iter().enumerate() {
@@ -170,7 +171,10 @@ impl NatsCluster {
         let deadline = Instant::now() + Duration::from_secs(30);
         for m in &c.monitors {
             while !http_ok(*m, "/healthz") {
-                assert!(Instant::now() < deadline, "the NATS cluster did not become healthy");
+                assert!(
+                    Instant::now() < deadline,
+                    "the NATS cluster did not become healthy"
+                );
                 std::thread::sleep(Duration::from_millis(100));
             }
         }

@@ -1,0 +1,13 @@
+//! What other gateways write to NATS, as this one reads it: registry
+//! records, ownership records, leases, shared heartbeats and counters. A
+//! gateway of another version (or anything with access to the NATS account)
+//! can write any bytes there.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    let _ = cloudlink::cluster::registry::DeviceRecord::parse(data);
+    let _ = cloudlink::cluster::ownership::OwnerRecord::parse(data);
+    let _ = cloudlink::cluster::lease::LeaseValue::parse(data);
+    let _ = cloudlink::cluster::heartbeats::Heard::parse(data);
+    let _ = cloudlink::cluster::counters::RemoteCounters::default().apply("gw-a", data);
+});
