@@ -101,31 +101,36 @@ impl ClusterBus {
         health: Arc<super::NatsHealth>,
         replicas: usize,
     ) -> Result<Arc<ClusterBus>, ClusterError> {
-        let mut s = js
-            .get_or_create_stream(stream::Config {
-                name: STREAM.into(),
-                description: Some("cloudlink: link, status, action and device events".into()),
-                subjects: vec![format!("{SUBJECT_PREFIX}.>")],
-                max_messages: 10_000_000,
-                max_age: Duration::from_secs(7 * 24 * 3600),
-                duplicate_window: DUPLICATE_WINDOW,
-                num_replicas: replicas,
-                ..Default::default()
-            })
-            .await
-            .map_err(ClusterError::js)?;
-        // As for buckets: a replicated stream made a moment ago answers once
-        // its copies have a leader.
-        let mut tries = 0;
-        let info = loop {
-            match s.info().await {
-                Ok(i) => break i.clone(),
-                Err(e) if tries < 60 => {
-                    tries += 1;
-                    tracing::debug!(error = %e, "the event stream does not answer yet");
-                    tokio::time::sleep(Duration::from_millis(250)).await;
+        // As for buckets: a NATS cluster just started, or a replicated
+        // stream made a moment ago, answers once it has a leader.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        let (s, info) = loop {
+            let attempt = async {
+                let mut s = js
+                    .get_or_create_stream(stream::Config {
+                        name: STREAM.into(),
+                        description: Some(
+                            "cloudlink: link, status, action and device events".into(),
+                        ),
+                        subjects: vec![format!("{SUBJECT_PREFIX}.>")],
+                        max_messages: 10_000_000,
+                        max_age: Duration::from_secs(7 * 24 * 3600),
+                        duplicate_window: DUPLICATE_WINDOW,
+                        num_replicas: replicas,
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(ClusterError::js)?;
+                let info = s.info().await.map_err(ClusterError::js)?.clone();
+                Ok::<_, ClusterError>((s, info))
+            };
+            match attempt.await {
+                Ok(x) => break x,
+                Err(e) if tokio::time::Instant::now() < deadline => {
+                    tracing::info!(error = %e, "the event stream does not answer yet; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
                 }
-                Err(e) => return Err(ClusterError::js(e)),
+                Err(e) => return Err(e),
             }
         };
         let epoch = format!("c{:x}", info.created.unix_timestamp());
@@ -432,12 +437,13 @@ async fn send(bus: std::sync::Weak<ClusterBus>, js: jetstream::Context) {
 /// failure or reconnect.
 async fn follow(
     bus: std::sync::Weak<ClusterBus>,
-    stream: jetstream::stream::Stream,
+    mut stream: jetstream::stream::Stream,
     start: u64,
     health: Arc<super::NatsHealth>,
 ) {
     let mut next = start;
     loop {
+        let mut idle = 0u32;
         let connection = health.connections();
         let consumer = stream
             .create_consumer(consumer::pull::OrderedConfig {
@@ -472,8 +478,29 @@ async fn follow(
                 // Nothing new. A consumer made before a reconnect may be
                 // one the server no longer has: make it again.
                 Err(_) if health.connections() != connection => break,
-                Err(_) => continue,
+                Err(_) => {
+                    // Quiet for a while: check that the stream is as
+                    // quiet. A consumer whose server went away (a NATS
+                    // cluster losing a server) can fall silent without an
+                    // error; then it is made again from where it stopped.
+                    idle += 1;
+                    if idle % 5 == 0 {
+                        drop(b);
+                        if let Ok(info) = stream.info().await {
+                            if info.state.last_sequence >= next {
+                                tracing::debug!(
+                                    next,
+                                    last = info.state.last_sequence,
+                                    "the event stream's reader fell silent; reading again"
+                                );
+                                break;
+                            }
+                        }
+                    }
+                    continue;
+                }
                 Ok(Some(Ok(m))) => {
+                    idle = 0;
                     let Ok(info) = m.info() else { continue };
                     let seq = info.stream_sequence;
                     let msg_id = m

@@ -312,29 +312,65 @@ pub(crate) async fn open_bucket(
     replicas: usize,
 ) -> Result<async_nats::jetstream::kv::Store, ClusterError> {
     config.num_replicas = replicas;
+    // A NATS cluster that has just started (or is electing leaders) times
+    // requests out for a while: keep trying for a minute before giving up,
+    // as gateways and NATS servers are often started together.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        match open_bucket_once(js, config.clone()).await {
+            Ok(store) => return Ok(store),
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                tracing::info!(bucket = %config.bucket, error = %e, "JetStream is not ready yet; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+async fn open_bucket_once(
+    js: &async_nats::jetstream::Context,
+    config: async_nats::jetstream::kv::Config,
+) -> Result<async_nats::jetstream::kv::Store, ClusterError> {
     let bucket = config.bucket.clone();
-    let store = match js.get_key_value(&bucket).await {
+    let mut store = match js.get_key_value(&bucket).await {
         Ok(store) => store,
         Err(_) => match js.create_key_value(config).await {
             Ok(store) => store,
             Err(_) => js.get_key_value(&bucket).await.map_err(ClusterError::js)?,
         },
     };
-    // A replicated bucket another gateway has just made answers only once
-    // its copies have elected a leader (a few hundred milliseconds): wait
-    // for it rather than fail the start.
-    let mut last = None;
-    for _ in 0..60 {
-        match store.get("_probe").await {
-            Ok(_) => return Ok(store),
-            Err(e) => last = Some(e),
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
+    // Reads go to the bucket's leader, never to a follower: compare-and-set
+    // and create-if-absent need reads that see the latest write. (With
+    // "direct get" on, as KV buckets are made, a read may be served by a
+    // copy that lags: on a three-server cluster a `create` of an existing
+    // key then failed as "wrong last sequence" with the key not found,
+    // instead of "already exists".)
+    let mut stream = js
+        .get_stream(format!("KV_{bucket}"))
+        .await
+        .map_err(ClusterError::js)?;
+    let mut config = stream
+        .info()
+        .await
+        .map_err(ClusterError::js)?
+        .config
+        .clone();
+    if config.allow_direct {
+        config.allow_direct = false;
+        js.update_stream(config).await.map_err(ClusterError::js)?;
     }
-    Err(ClusterError::JetStream(format!(
-        "the bucket {bucket} does not answer: {}",
-        last.map_or_else(String::new, |e| e.to_string())
-    )))
+    // The store reads the way its cached stream info says: take it again
+    // if it was opened before the change (by us or by another gateway).
+    if store.stream.cached_info().config.allow_direct {
+        store = js.get_key_value(&bucket).await.map_err(ClusterError::js)?;
+    }
+    // A replicated bucket another gateway has just made answers only once
+    // its copies have elected a leader: the caller retries until it does.
+    store.get("_probe").await.map_err(|e| {
+        ClusterError::JetStream(format!("the bucket {bucket} does not answer: {e}"))
+    })?;
+    Ok(store)
 }
 
 async fn connect(

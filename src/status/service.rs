@@ -138,6 +138,7 @@ impl DeviceStatus {
         for uuid in gone {
             if let Some(slot) = t.slots.remove(&uuid) {
                 t.tracker.remove(slot);
+                t.heard_elsewhere.remove(&slot);
             }
         }
         for (uuid, stored) in present {
