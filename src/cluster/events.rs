@@ -484,7 +484,7 @@ async fn follow(
                     // cluster losing a server) can fall silent without an
                     // error; then it is made again from where it stopped.
                     idle += 1;
-                    if idle % 5 == 0 {
+                    if idle.is_multiple_of(5) {
                         drop(b);
                         if let Ok(info) = stream.info().await {
                             if info.state.last_sequence >= next {
