@@ -97,11 +97,31 @@ impl Gateway {
                 e
             }
         };
-        let gateway_id = config.gateway_id.clone().unwrap_or(hostname);
+        let gateway_id = config
+            .gateway_id
+            .clone()
+            .unwrap_or_else(|| hostname.clone());
         let ring = RingBus::new(boot_epoch(), gateway_id.clone(), config.event_ring);
         let metrics = Arc::new(Metrics::new());
         // Before anything serves: a duplicate of a live gateway stops here,
         // and the local registry is brought in line with the cluster's.
+        // Bound before joining a cluster: the lease says where other
+        // gateways reach this proxy.
+        let proxy = tokio::net::TcpListener::bind(config.proxy)
+            .await
+            .map_err(|e| {
+                Error::Config(format!(
+                    "binding the CONNECT proxy on {}: {e}",
+                    config.proxy
+                ))
+            })?;
+        let proxy_addr = proxy.local_addr().map_err(Error::Socket)?;
+        // A proxy on every address is reached by this host's name.
+        let proxy_advertised = if proxy_addr.ip().is_unspecified() {
+            format!("{hostname}:{}", proxy_addr.port())
+        } else {
+            proxy_addr.to_string()
+        };
         let mut events_alone = None;
         let cluster = match &config.cluster {
             Some(c) => Some(
@@ -113,6 +133,7 @@ impl Gateway {
                     registry.clone(),
                     ring,
                     config.event_ring,
+                    Some(proxy_advertised),
                 )
                 .await?,
             ),
@@ -201,15 +222,6 @@ impl Gateway {
             });
         }
         path.set_link_observer(Arc::new(crate::packet_path::Observers(observers)));
-        let proxy = tokio::net::TcpListener::bind(config.proxy)
-            .await
-            .map_err(|e| {
-                Error::Config(format!(
-                    "binding the CONNECT proxy on {}: {e}",
-                    config.proxy
-                ))
-            })?;
-        let proxy_addr = proxy.local_addr().map_err(Error::Socket)?;
         let (stop_status, stop_status_rx) = tokio::sync::watch::channel(false);
         let status_task = tokio::spawn(status.clone().run(stop_status_rx));
         let fleet = Arc::new(crate::fleet::Fleet::with_shared(
@@ -319,6 +331,11 @@ impl Gateway {
             cluster: cluster.clone(),
         });
         if let Some(c) = &cluster {
+            tokio::spawn(crate::api::actions::serve_forwarded(
+                Arc::downgrade(&api_state),
+                c.client.clone(),
+                c.gateway_id.clone(),
+            ));
             crate::cluster::sign_outs::share(&c.jetstream, Arc::downgrade(&api_state), c.replicas)
                 .await?;
         }
@@ -330,6 +347,14 @@ impl Gateway {
             Arc::new(crate::relay::proxy::ProxyConfig {
                 token: api_state.token.clone(),
                 allow_ports: config.allow_ports.clone(),
+                gateway_id: gateway_id.clone(),
+                route: cluster.as_ref().map(|c| {
+                    Arc::new(crate::cluster::routing::ProxyRoute {
+                        me: c.gateway_id.clone(),
+                        ownership: c.ownership.clone(),
+                        lease: c.lease.clone(),
+                    }) as Arc<dyn crate::relay::proxy::Route>
+                }),
             }),
             stop_proxy_rx,
         ));

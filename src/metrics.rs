@@ -155,6 +155,8 @@ pub struct Metrics {
     pub cluster_events_buffered: IntGauge,
     /// Events dropped because the buffer was full.
     pub cluster_events_dropped: IntCounter,
+    /// Requests sent on to the gateway holding the device, by kind.
+    cluster_forwarded: IntCounterVec,
     relay_results: Vec<IntCounter>,
     handshakes: Vec<IntCounter>,
     dropped: Vec<IntCounter>,
@@ -273,6 +275,23 @@ impl Metrics {
                 "cloudlink_cluster_events_dropped_total",
                 "Cluster mode: events dropped because the buffer for an unreachable NATS was full.",
             ),
+            cluster_forwarded: {
+                let v = IntCounterVec::new(
+                    prometheus::Opts::new(
+                        "cloudlink_cluster_forwarded_total",
+                        "Cluster mode: requests this gateway sent on to the gateway holding the device, by kind.",
+                    ),
+                    &["kind"],
+                )
+                .expect("valid metric");
+                registry
+                    .register(Box::new(v.clone()))
+                    .expect("unique metric");
+                for kind in ["action", "connect"] {
+                    v.with_label_values(&[kind]);
+                }
+                v
+            },
             cluster_lease_lost: counter(
                 "cloudlink_cluster_lease_lost_total",
                 "Cluster mode: times another process took this gateway's liveness lease (two gateways with one --gateway-id).",
@@ -365,6 +384,11 @@ impl Metrics {
 
     pub fn action(&self, action: &str, result: &str) {
         self.actions.with_label_values(&[action, result]).inc();
+    }
+
+    /// A request sent on to the device's gateway (`action`, `connect`).
+    pub fn cluster_forwarded(&self, kind: &str) {
+        self.cluster_forwarded.with_label_values(&[kind]).inc();
     }
 
     pub fn link_event(&self, kind: &str) {

@@ -1776,3 +1776,184 @@ async fn a_three_server_nats_cluster_survives_losing_a_server() {
         assert_eq!(gw.metric("cloudlink_cluster_gateways_alive"), Some(2.0));
     }
 }
+
+/// Routing (issue "Cluster mode, part 2"): an action posted to A for a
+/// device B holds (a `cloudlink agent`) goes to B and the device's answer
+/// comes back through A; a device nobody holds gets A's own answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_action_posted_to_any_gateway_reaches_the_device_through_its_owner() {
+    use cloudlink::keys::{encode_key, generate_private_key, public_key};
+    use serde_json::json;
+    let nats = NatsServer::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let key = shared_key(tmp.path());
+    let mut a = Proc::spawn(&tmp.path().join("a"), &key, &nats.url, "gw-a", &[]);
+    let mut b = Proc::spawn(&tmp.path().join("b"), &key, &nats.url, "gw-b", &[]);
+    a.ready(Duration::from_secs(20));
+    b.ready(Duration::from_secs(20));
+    let agent_key = generate_private_key();
+    let (st, reg) = call(
+        &a.api,
+        "POST",
+        "/v1/devices",
+        Some(json!({"uuid": "routed", "public_key": encode_key(&public_key(&agent_key))})),
+    )
+    .await;
+    assert_eq!(st, 201, "{reg}");
+    let dir = tempfile::tempdir().unwrap();
+    let mark = dir.path().join("restarted");
+    std::fs::write(
+        dir.path().join("wg0.conf"),
+        reg["wg_quick"]
+            .as_str()
+            .unwrap()
+            .replace("127.0.0.1:1", &b.udp.to_string()),
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("device.key"), encode_key(&agent_key)).unwrap();
+    let hook = format!(
+        "restart-service=echo $CLOUDLINK_SERVICE_NAME > {}",
+        mark.display()
+    );
+    let _agent = common::proxy::Agent::spawn_with(dir, &[], &["--on-action".into(), hook]);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while view(&a, "routed").await != (true, Some("gw-b".into())) {
+        assert!(Instant::now() < deadline, "the agent never came up on B");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let r = reqwest::Client::new()
+        .post(format!(
+            "{}/v1/devices/routed/actions/restart-service",
+            a.api
+        ))
+        .bearer_auth(common::TOKEN)
+        .json(&json!({"service_name": "kiosk-ui", "app_id": 7}))
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    let source = r.headers()["x-cloudlink-source"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!((status, source.as_str()), (200, "device"), "{body}");
+    assert_eq!(body["device_status"], 200, "{body}");
+    assert_eq!(std::fs::read_to_string(&mark).unwrap().trim(), "kiosk-ui");
+    assert_eq!(
+        a.metric("cloudlink_cluster_forwarded_total{kind=\"action\"}"),
+        Some(1.0)
+    );
+    // B's own errors come back as B gave them (an unknown field: 400).
+    let (st, e) = call(
+        &a.api,
+        "POST",
+        "/v1/devices/routed/actions/reboot",
+        Some(json!({"bogus": 1})),
+    )
+    .await;
+    assert_eq!(st, 400, "{e}");
+    assert_eq!(e["field"], "bogus");
+}
+
+/// Routing: `ssh` through A's CONNECT proxy reaches a device B holds (a
+/// `cloudlink agent` forwarding to a real sshd): A forwards the CONNECT one
+/// hop to B's proxy with the caller's credential. A CONNECT already
+/// forwarded once is not forwarded again: 508 naming the loop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ssh_through_any_gateways_proxy_reaches_the_device_through_its_owner() {
+    use cloudlink::keys::{encode_key, generate_private_key, public_key};
+    use common::ssh::{wait_until, SshFixture};
+    use serde_json::json;
+    let nats = NatsServer::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let key = shared_key(tmp.path());
+    let mut a = Proc::spawn(&tmp.path().join("a"), &key, &nats.url, "gw-a", &[]);
+    let mut b = Proc::spawn(&tmp.path().join("b"), &key, &nats.url, "gw-b", &[]);
+    a.ready(Duration::from_secs(20));
+    b.ready(Duration::from_secs(20));
+    let ssh = SshFixture::new();
+    let sshd_port = free_port(false);
+    let _sshd = KillOnDrop(ssh.start_sshd(&[], &format!("127.0.0.1:{sshd_port}")));
+    wait_until(Duration::from_secs(10), || {
+        std::net::TcpStream::connect(("127.0.0.1", sshd_port)).is_ok()
+    });
+    let agent_key = generate_private_key();
+    let (st, reg) = call(
+        &a.api,
+        "POST",
+        "/v1/devices",
+        Some(json!({"uuid": "far", "public_key": encode_key(&public_key(&agent_key))})),
+    )
+    .await;
+    assert_eq!(st, 201, "{reg}");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("wg0.conf"),
+        reg["wg_quick"]
+            .as_str()
+            .unwrap()
+            .replace("127.0.0.1:1", &b.udp.to_string()),
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("device.key"), encode_key(&agent_key)).unwrap();
+    let _agent = common::proxy::Agent::spawn_with(dir, &[format!("22=127.0.0.1:{sshd_port}")], &[]);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while view(&a, "far").await != (true, Some("gw-b".into())) {
+        assert!(Instant::now() < deadline, "the agent never came up on B");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let o = tokio::task::block_in_place(|| {
+        ssh.ssh(
+            a.proxy,
+            common::TOKEN,
+            "far.balena",
+            22,
+            "echo through-a",
+            None,
+        )
+    });
+    assert!(
+        o.status.success(),
+        "ssh through A failed: {}\n{}",
+        String::from_utf8_lossy(&o.stderr),
+        a.log()
+    );
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "through-a\n");
+    assert_eq!(
+        a.metric("cloudlink_cluster_forwarded_total{kind=\"connect\"}"),
+        Some(1.0)
+    );
+    // Without the token, A refuses before forwarding anything.
+    let (st, _, _) = common::proxy::raw_connect(
+        format!("127.0.0.1:{}", a.proxy).parse().unwrap(),
+        "CONNECT far.balena:22 HTTP/1.1\r\n\r\n",
+    )
+    .await;
+    assert_eq!(st, 407);
+    // A CONNECT that A already forwarded, reaching a gateway that does not
+    // hold the device: not forwarded again.
+    let (st, body, _) = common::proxy::raw_connect(
+        format!("127.0.0.1:{}", a.proxy).parse().unwrap(),
+        &format!(
+            "CONNECT far.balena:22 HTTP/1.1\r\nProxy-Authorization: Bearer {}\r\nForwarded: by=gw-c\r\n\r\n",
+            common::TOKEN
+        ),
+    )
+    .await;
+    assert_eq!(st, 508, "{body}");
+    assert_eq!(body["error"], "forwarding_loop");
+    assert!(
+        body["message"].as_str().unwrap().contains("gw-c -> gw-a"),
+        "{body}"
+    );
+}
+
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

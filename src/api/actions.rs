@@ -37,9 +37,159 @@ pub async fn action(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    if let Some(r) = forward_to_owner(&s, &uuid, &action, &q, &headers, &body).await {
+        return r;
+    }
     match run(&s, &uuid, &action, &q, &headers, &body).await {
         Ok(r) => r,
         Err(e) => gateway(e),
+    }
+}
+
+/// Cluster mode: a device another gateway holds gets the action through
+/// that gateway (`cluster::routing`); its answer comes back as it is.
+/// `None`: run it here.
+async fn forward_to_owner(
+    s: &SharedState,
+    uuid: &str,
+    action: &str,
+    query: &std::collections::HashMap<String, String>,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Option<Response> {
+    use crate::cluster::routing::{action_subject, ForwardedAction, ForwardedAnswer};
+    let c = s.cluster.as_ref()?;
+    let owner = c.ownership.owner(uuid)?.record.gateway;
+    // A body that is not text is refused here, with the usual 400.
+    let text = std::str::from_utf8(body).ok()?;
+    if owner == s.gateway_id {
+        return None;
+    }
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let mut req = ForwardedAction::new(&s.gateway_id, uuid, action);
+    req.query = query.clone();
+    req.device_api_key = header("x-device-api-key");
+    req.idempotency_key = header("idempotency-key");
+    req.body = text.to_owned();
+    let payload = serde_json::to_vec(&req).unwrap_or_default();
+    s.metrics.cluster_forwarded("action");
+    // The owner's own delivery takes up to the action timeout.
+    let wait = s.action_timeout + std::time::Duration::from_secs(5);
+    let asked = c
+        .client
+        .send_request(
+            action_subject(&owner),
+            async_nats::Request::new()
+                .payload(payload.into())
+                .timeout(Some(wait)),
+        )
+        .await;
+    tracing::info!(device = %uuid, action, %owner, ok = asked.is_ok(), "action forwarded to the device's gateway");
+    Some(match asked {
+        Ok(m) => match ForwardedAnswer::parse(&m.payload) {
+            Some(a) => forwarded_answer(a),
+            None => gateway(ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "owner_bad_answer",
+                format!("gateway {owner}, which holds device {uuid}, answered the forwarded action with something that is not an answer"),
+            )),
+        },
+        Err(e) => gateway(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "owner_unreachable",
+            format!("device {uuid} is connected through gateway {owner}, which did not answer the forwarded action ({e}); retry, or queue it with queue_ttl"),
+        )),
+    })
+}
+
+/// The owner's answer, as this gateway gives it.
+fn forwarded_answer(a: crate::cluster::routing::ForwardedAnswer) -> Response {
+    let status = StatusCode::from_u16(a.status).unwrap_or(StatusCode::BAD_GATEWAY);
+    let source = if a.source == "device" {
+        "device"
+    } else {
+        "gateway"
+    };
+    let mut r = (
+        status,
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        a.body,
+    )
+        .into_response();
+    r.headers_mut()
+        .insert("x-cloudlink-source", HeaderValue::from_static(source));
+    r
+}
+
+/// Answers the actions other gateways forward to this one, for as long as
+/// the API state lives (cluster mode).
+pub async fn serve_forwarded(
+    s: std::sync::Weak<super::ApiState>,
+    client: async_nats::Client,
+    me: String,
+) {
+    use crate::cluster::routing::{action_subject, ForwardedAction, ForwardedAnswer};
+    use futures_util::StreamExt;
+    let mut sub = match client.subscribe(action_subject(&me)).await {
+        Ok(sub) => sub,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot take actions forwarded by other gateways");
+            return;
+        }
+    };
+    while let Some(m) = sub.next().await {
+        let Some(state) = s.upgrade() else { return };
+        let Some(reply) = m.reply.clone() else {
+            continue;
+        };
+        let client = client.clone();
+        tokio::spawn(async move {
+            let answer = match ForwardedAction::parse(&m.payload) {
+                None => ForwardedAnswer::new(
+                    400,
+                    "gateway",
+                    json!({"error": "bad_request", "message": "a forwarded action of an unknown format"}).to_string(),
+                ),
+                Some(req) => {
+                    let mut headers = HeaderMap::new();
+                    for (name, value) in [
+                        ("x-device-api-key", &req.device_api_key),
+                        ("idempotency-key", &req.idempotency_key),
+                    ] {
+                        if let Some(v) = value.as_deref().and_then(|v| HeaderValue::from_str(v).ok()) {
+                            headers.insert(name, v);
+                        }
+                    }
+                    tracing::info!(device = %req.uuid, action = %req.action, by = %req.by, "an action forwarded by another gateway");
+                    // Run here, never forwarded again: one hop.
+                    let r = match run(&state, &req.uuid, &req.action, &req.query, &headers, req.body.as_bytes()).await {
+                        Ok(r) => r,
+                        Err(e) => gateway(e),
+                    };
+                    let status = r.status().as_u16();
+                    let source = r
+                        .headers()
+                        .get("x-cloudlink-source")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("gateway")
+                        .to_owned();
+                    let body = axum::body::to_bytes(r.into_body(), 1 << 20)
+                        .await
+                        .map(|b| String::from_utf8_lossy(&b).into_owned())
+                        .unwrap_or_default();
+                    ForwardedAnswer::new(status, &source, body)
+                }
+            };
+            let payload = serde_json::to_vec(&answer).unwrap_or_default();
+            if let Err(e) = client.publish(reply, payload.into()).await {
+                tracing::warn!(error = %e, "could not answer a forwarded action");
+            }
+        });
     }
 }
 

@@ -7,7 +7,7 @@
 //! ([`ApiError`]). Everything under `/v1` needs `Authorization: Bearer
 //! <token>`; `/healthz`, `/readyz` and `/metrics` do not.
 
-mod actions;
+pub(crate) mod actions;
 mod dashboard;
 mod devices;
 mod events_sse;

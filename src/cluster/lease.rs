@@ -42,6 +42,9 @@ pub struct LeaseValue {
     pub gateway: String,
     pub boot: String,
     pub started: String,
+    /// Where other gateways reach this one's CONNECT proxy (`host:port`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy: Option<String>,
 }
 
 impl LeaseValue {
@@ -66,6 +69,8 @@ pub struct Lease {
     /// Gateways whose lease is live, with their boot, from the bucket's
     /// watch.
     alive: parking_lot::Mutex<BTreeMap<String, String>>,
+    /// Live gateways' proxy addresses, from their lease values.
+    proxies: parking_lot::Mutex<BTreeMap<String, String>>,
     /// (gateway, boot) whose lease went: expired, released, or replaced by
     /// a newer boot of the same gateway.
     pub gone: tokio::sync::broadcast::Sender<(String, String)>,
@@ -87,6 +92,7 @@ impl Lease {
         boot_file: &Path,
         metrics: Arc<crate::metrics::Metrics>,
         replicas: usize,
+        proxy: Option<String>,
     ) -> Result<Arc<Lease>, ClusterError> {
         let store = open_bucket(js, lease, replicas).await?;
         // The bucket's own max_age rules (the first gateway made it).
@@ -112,6 +118,7 @@ impl Lease {
                 gateway: id.to_owned(),
                 boot: boot.clone(),
                 started: crate::bus::event::rfc3339(std::time::SystemTime::now()),
+                proxy,
             })
             .expect("a lease value serialises"),
         );
@@ -131,6 +138,7 @@ impl Lease {
             revision: AtomicU64::new(revision),
             refresh: max_age / 3,
             alive: Default::default(),
+            proxies: Default::default(),
             gone: tokio::sync::broadcast::channel(1024).0,
             regained: tokio::sync::Notify::new(),
             metrics,
@@ -138,6 +146,11 @@ impl Lease {
         tokio::spawn(keep(Arc::downgrade(&lease)));
         tokio::spawn(watch(Arc::downgrade(&lease)));
         Ok(lease)
+    }
+
+    /// The proxy address `gateway` advertises in its lease, while it lives.
+    pub fn proxy_of(&self, gateway: &str) -> Option<String> {
+        self.proxies.lock().get(gateway).cloned()
     }
 
     /// Gateway ids whose lease is live (this one included).
@@ -319,12 +332,22 @@ async fn watch(lease: std::sync::Weak<Lease>) {
             let mut alive = l.alive.lock();
             let previous = match entry.operation {
                 kv::Operation::Put => {
-                    let boot = LeaseValue::parse(&entry.value).map_or_else(String::new, |v| v.boot);
+                    let value = LeaseValue::parse(&entry.value);
+                    let mut proxies = l.proxies.lock();
+                    match value.as_ref().and_then(|v| v.proxy.clone()) {
+                        Some(p) => proxies.insert(entry.key.clone(), p),
+                        None => proxies.remove(&entry.key),
+                    };
+                    drop(proxies);
+                    let boot = value.map_or_else(String::new, |v| v.boot);
                     alive
                         .insert(entry.key.clone(), boot.clone())
                         .filter(|old| *old != boot)
                 }
-                kv::Operation::Delete | kv::Operation::Purge => alive.remove(&entry.key),
+                kv::Operation::Delete | kv::Operation::Purge => {
+                    l.proxies.lock().remove(&entry.key);
+                    alive.remove(&entry.key)
+                }
             };
             l.metrics.cluster_gateways_alive.set(alive.len() as i64);
             drop(alive);
@@ -353,6 +376,7 @@ mod tests {
             gateway: "gw-a".into(),
             boot: "00ff".into(),
             started: "2026-11-30T00:00:00Z".into(),
+            proxy: Some("127.0.0.1:3128".into()),
         };
         let bytes = serde_json::to_vec(&v).unwrap();
         assert_eq!(LeaseValue::parse(&bytes), Some(v));

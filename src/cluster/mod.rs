@@ -22,6 +22,7 @@ pub mod heartbeats;
 pub mod lease;
 pub mod ownership;
 pub mod registry;
+pub mod routing;
 pub mod sign_outs;
 
 use std::path::{Path, PathBuf};
@@ -182,6 +183,7 @@ impl Cluster {
         local: Arc<crate::registry::Registry>,
         ring: crate::bus::RingBus,
         event_buffer: usize,
+        proxy: Option<String>,
     ) -> Result<Arc<Cluster>, ClusterError> {
         if !valid_gateway_id(gateway_id) {
             return Err(ClusterError::BadGatewayId(gateway_id.to_owned()));
@@ -206,6 +208,7 @@ impl Cluster {
             &data_dir.join(lease::BOOT_FILE),
             metrics.clone(),
             replicas,
+            proxy,
         )
         .await?;
         let events = events::ClusterBus::open(

@@ -26,7 +26,21 @@ const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct ProxyConfig {
     pub token: String,
     pub allow_ports: Vec<u16>,
+    /// This gateway's id (what `Forwarded: by=` names).
+    pub gateway_id: String,
+    /// Cluster mode: who else holds a device, and their proxy.
+    pub route: Option<Arc<dyn Route>>,
 }
+
+/// Cluster mode: where a device held by another gateway is reached.
+pub trait Route: Send + Sync + 'static {
+    /// The gateway holding `uuid` and its proxy address (`host:port`), if
+    /// that is another gateway.
+    fn held_elsewhere(&self, uuid: &str) -> Option<(String, String)>;
+}
+
+/// Longest answer head from another gateway's proxy.
+const MAX_UPSTREAM_HEAD: usize = 8 * 1024;
 
 /// Serves CONNECT requests on `listener` until `stop` resolves.
 pub async fn serve(
@@ -107,6 +121,9 @@ pub struct ConnectHead {
     pub target: Result<(String, u16), String>,
     /// The token offered in `Proxy-Authorization`, if any.
     pub credential: Option<String>,
+    /// Cluster mode: the gateway that forwarded this request (`Forwarded:
+    /// by=<gateway>`), if one did.
+    pub forwarded_by: Option<String>,
     /// Bytes of the head; what follows is the client's first payload.
     pub len: usize,
 }
@@ -133,9 +150,17 @@ pub fn parse_connect(buf: &[u8]) -> Result<Option<ConnectHead>, String> {
     let credential = head
         .get("proxy-authorization")
         .and_then(crate::auth::credential);
+    // `Forwarded: by=<gateway>` (RFC 7239; one element, ours).
+    let forwarded_by = head.get("forwarded").and_then(|v| {
+        v.split([';', ','])
+            .filter_map(|p| p.trim().split_once('='))
+            .find(|(k, _)| k.eq_ignore_ascii_case("by"))
+            .map(|(_, v)| v.trim_matches('"').to_owned())
+    });
     Ok(Some(ConnectHead {
         target: parse_target(&head.target),
         credential,
+        forwarded_by,
         len: head.len,
     }))
 }
@@ -201,17 +226,70 @@ async fn handle(
             return write_reject(&mut conn, &r).await;
         }
     };
-    let outcome = async {
-        if !head.credential.as_deref().is_some_and(|t| token_matches(t, &config.token)) {
+    let checked = (|| {
+        if !head
+            .credential
+            .as_deref()
+            .is_some_and(|t| token_matches(t, &config.token))
+        {
             return Err(reject(407, "Proxy Authentication Required", "unauthorized", "unauthorized", "send the gateway's API token as `Proxy-Authorization: Bearer <token>` or as the password of Basic auth"));
         }
-        let (uuid, port) = head.target.map_err(|m| reject(400, "Bad Request", "bad_request", "bad_request", m))?;
+        let (uuid, port) = head
+            .target
+            .clone()
+            .map_err(|m| reject(400, "Bad Request", "bad_request", "bad_request", m))?;
         if !config.allow_ports.contains(&port) {
-            return Err(reject(403, "Forbidden", "port_not_allowed", "forbidden", format!(
-                "port {port} is not open through the proxy; allowed ports: {}",
-                config.allow_ports.iter().map(u16::to_string).collect::<Vec<_>>().join(", ")
-            )));
+            return Err(reject(
+                403,
+                "Forbidden",
+                "port_not_allowed",
+                "forbidden",
+                format!(
+                    "port {port} is not open through the proxy; allowed ports: {}",
+                    config
+                        .allow_ports
+                        .iter()
+                        .map(u16::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ));
         }
+        Ok((uuid, port))
+    })();
+    let (uuid, port) = match checked {
+        Ok(t) => t,
+        Err(r) => {
+            metrics.relay_result(r.result);
+            return write_reject(&mut conn, &r).await;
+        }
+    };
+    // Cluster mode: a device another gateway holds is reached through that
+    // gateway's proxy, one hop at most.
+    if let Some((owner, addr)) = config.route.as_ref().and_then(|r| r.held_elsewhere(&uuid)) {
+        if let Some(by) = &head.forwarded_by {
+            let r = reject(508, "Loop Detected", "forwarding_loop", "unavailable", format!(
+                "gateway {by} forwarded this CONNECT for device {uuid} to {me}, which does not hold it either (its directory names {owner}); a CONNECT is forwarded once, so it stops here: {by} -> {me} -/-> {owner}",
+                me = config.gateway_id
+            ));
+            metrics.relay_result(r.result);
+            return write_reject(&mut conn, &r).await;
+        }
+        metrics.cluster_forwarded("connect");
+        let credential = head.credential.clone().unwrap_or_default();
+        return forward(
+            conn,
+            &rest,
+            &config.gateway_id,
+            &credential,
+            (&uuid, port),
+            (&owner, &addr),
+            relay.connect_timeout,
+            &metrics,
+        )
+        .await;
+    }
+    let outcome = async {
         match relay.connect(&uuid, port).await {
             Ok(s) => Ok((s, uuid, port)),
             Err(ConnectError::UnknownDevice) => Err(reject(404, "Not Found", "device_not_found", "unknown_device", format!("no device with uuid {uuid:?} is registered"))),
@@ -250,6 +328,78 @@ async fn handle(
     })
     .await;
     tracing::info!(device = %uuid, port, up = moved.up, down = moved.down, "relay stream closed");
+}
+
+/// Relays a CONNECT to the proxy of the gateway that holds the device: the
+/// same request with the caller's credential and `Forwarded: by=<us>`, its
+/// answer head back to the client as it is, then the bytes both ways.
+#[allow(clippy::too_many_arguments)]
+async fn forward(
+    mut conn: TcpStream,
+    rest: &[u8],
+    me: &str,
+    credential: &str,
+    (uuid, port): (&str, u16),
+    (owner, addr): (&str, &str),
+    connect_timeout: Duration,
+    metrics: &Metrics,
+) {
+    let unreachable = |why: String| {
+        reject(502, "Bad Gateway", "owner_unreachable", "unavailable", format!(
+            "device {uuid} is connected through gateway {owner}, whose proxy at {addr} could not be reached: {why}"
+        ))
+    };
+    let upstream = async {
+        let mut up = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr))
+            .await
+            .map_err(|_| unreachable("no connection within 5 s".into()))?
+            .map_err(|e| unreachable(e.to_string()))?;
+        let _ = up.set_nodelay(true);
+        let request = format!(
+            "CONNECT {uuid}:{port} HTTP/1.1\r\nHost: {uuid}:{port}\r\nProxy-Authorization: Bearer {credential}\r\nForwarded: by={me}\r\n\r\n"
+        );
+        up.write_all(request.as_bytes())
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
+        // Its answer head, byte by byte up to the blank line (small, once
+        // per stream): nothing of the stream that follows is read here.
+        let mut head = Vec::with_capacity(256);
+        let mut byte = [0u8; 1];
+        let read = async {
+            while !head.ends_with(b"\r\n\r\n") {
+                if head.len() >= MAX_UPSTREAM_HEAD {
+                    return Err(unreachable("its answer head is larger than 8 KiB".into()));
+                }
+                match up.read(&mut byte).await {
+                    Ok(1) => head.push(byte[0]),
+                    _ => return Err(unreachable("it closed the connection before answering".into())),
+                }
+            }
+            Ok(())
+        };
+        tokio::time::timeout(connect_timeout + Duration::from_secs(5), read)
+            .await
+            .map_err(|_| unreachable("no answer in time".into()))??;
+        Ok::<_, Reject>((up, head))
+    }
+    .await;
+    let (mut up, head) = match upstream {
+        Ok(x) => x,
+        Err(r) => {
+            metrics.relay_result(r.result);
+            return write_reject(&mut conn, &r).await;
+        }
+    };
+    let established = head.starts_with(b"HTTP/1.1 200") || head.starts_with(b"HTTP/1.0 200");
+    if conn.write_all(&head).await.is_err() || !established {
+        return;
+    }
+    if !rest.is_empty() && up.write_all(rest).await.is_err() {
+        return;
+    }
+    tracing::info!(device = %uuid, port, %owner, "relay stream forwarded to the device's gateway");
+    let moved = tokio::io::copy_bidirectional(&mut conn, &mut up).await;
+    tracing::info!(device = %uuid, port, %owner, ?moved, "forwarded relay stream closed");
 }
 
 #[cfg(test)]
@@ -299,6 +449,15 @@ mod tests {
         assert_eq!(h.credential, None);
         assert!(h.target.is_err());
         assert_eq!(parse_connect(b"CONNECT a:22 HTTP/1.1\r\n"), Ok(None));
+        let h = parse_connect(b"CONNECT a:22 HTTP/1.1\r\nForwarded: by=gw-a\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(h.forwarded_by.as_deref(), Some("gw-a"));
+        let h =
+            parse_connect(b"CONNECT a:22 HTTP/1.1\r\nForwarded: for=1.2.3.4;By=\"gw-b\"\r\n\r\n")
+                .unwrap()
+                .unwrap();
+        assert_eq!(h.forwarded_by.as_deref(), Some("gw-b"));
         assert!(parse_connect(b"GET / HTTP/1.1\r\n\r\n").is_err());
         assert!(parse_connect(b"CONNECT a:22 HTTP/9.9\r\n\r\n").is_err());
         assert!(parse_connect(b"\x00\x01\r\n\r\n").is_err());
