@@ -127,13 +127,15 @@ impl Gateway {
             Some(c) => Some(
                 crate::cluster::Cluster::join(
                     c,
-                    &gateway_id,
-                    &dir,
+                    crate::cluster::Joining {
+                        gateway_id: &gateway_id,
+                        data_dir: &dir,
+                        proxy: Some(proxy_advertised),
+                        event_buffer: config.event_ring,
+                    },
                     metrics.clone(),
                     registry.clone(),
                     ring,
-                    config.event_ring,
-                    Some(proxy_advertised),
                 )
                 .await?,
             ),

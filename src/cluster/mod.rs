@@ -170,21 +170,35 @@ pub struct Cluster {
     watch: parking_lot::Mutex<Option<async_nats::jetstream::kv::Watch>>,
 }
 
+/// Who joins: this gateway as the cluster sees it.
+pub struct Joining<'a> {
+    pub gateway_id: &'a str,
+    /// Keeps the boot id of the last start (how a restart is told from a
+    /// duplicate).
+    pub data_dir: &'a Path,
+    /// Where other gateways reach this one's CONNECT proxy.
+    pub proxy: Option<String>,
+    /// Events kept while NATS is unreachable, and in the stream's view.
+    pub event_buffer: usize,
+}
+
 impl Cluster {
     /// Connects, checks the server, takes this gateway's lease (see
-    /// [`lease::Lease::acquire`]; `data_dir` keeps the boot id of the last
-    /// start, which is how a restart is told from a duplicate), and brings
-    /// the local registry in line with the cluster's.
+    /// [`lease::Lease::acquire`]), and brings the local registry in line
+    /// with the cluster's.
     pub async fn join(
         config: &ClusterConfig,
-        gateway_id: &str,
-        data_dir: &Path,
+        me: Joining<'_>,
         metrics: Arc<crate::metrics::Metrics>,
         local: Arc<crate::registry::Registry>,
         ring: crate::bus::RingBus,
-        event_buffer: usize,
-        proxy: Option<String>,
     ) -> Result<Arc<Cluster>, ClusterError> {
+        let Joining {
+            gateway_id,
+            data_dir,
+            proxy,
+            event_buffer,
+        } = me;
         if !valid_gateway_id(gateway_id) {
             return Err(ClusterError::BadGatewayId(gateway_id.to_owned()));
         }
