@@ -252,6 +252,18 @@ impl Gateway {
                 }
             });
             crate::cluster::heartbeats::share(c.client.clone(), c.gateway_id.clone(), &status);
+            crate::cluster::handover::follow(
+                c.client.clone(),
+                crate::cluster::handover::Takeover {
+                    me: c.gateway_id.clone(),
+                    lease: c.lease.clone(),
+                    path: Arc::downgrade(&path),
+                    registry: registry.clone(),
+                    rate: config.redial_rate,
+                    handovers: c.handovers.clone(),
+                    metrics: metrics.clone(),
+                },
+            );
             crate::cluster::counters::share(
                 c.client.clone(),
                 c.gateway_id.clone(),
@@ -430,7 +442,20 @@ impl Gateway {
         if let Some(t) = self.threads.take() {
             let _ = tokio::task::spawn_blocking(move || t.stop()).await;
         }
-        self.path.shutdown(std::time::Instant::now());
+        // Cluster mode with other gateways alive: hand the devices over
+        // (they come back there as `link.moved`); alone: `link.down`.
+        match self.cluster.as_ref().filter(|c| c.lease.alive().len() > 1) {
+            Some(c) => {
+                let devices = self.path.hand_over_all(std::time::Instant::now());
+                self.path
+                    .metrics
+                    .cluster_handed_over
+                    .inc_by(devices.len() as u64);
+                crate::cluster::handover::send(&c.client, &c.gateway_id, &c.lease.boot, devices)
+                    .await;
+            }
+            None => self.path.shutdown(std::time::Instant::now()),
+        }
         // Persist the last heartbeat times before the event stream closes.
         let _ = self.stop_status.send(true);
         if let Some(task) = self.status_task.take() {

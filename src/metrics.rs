@@ -157,6 +157,11 @@ pub struct Metrics {
     pub cluster_events_dropped: IntCounter,
     /// Requests sent on to the gateway holding the device, by kind.
     cluster_forwarded: IntCounterVec,
+    /// Devices this gateway handed over when it stopped.
+    pub cluster_handed_over: IntCounter,
+    /// Devices this gateway redialled to take them over from one that
+    /// stopped.
+    pub cluster_takeovers: IntCounter,
     relay_results: Vec<IntCounter>,
     handshakes: Vec<IntCounter>,
     dropped: Vec<IntCounter>,
@@ -292,6 +297,14 @@ impl Metrics {
                 }
                 v
             },
+            cluster_handed_over: counter(
+                "cloudlink_cluster_handed_over_devices_total",
+                "Cluster mode: devices this gateway handed over to the others when it stopped cleanly.",
+            ),
+            cluster_takeovers: counter(
+                "cloudlink_cluster_takeover_redials_total",
+                "Cluster mode: devices this gateway redialled to take them over from a gateway that stopped.",
+            ),
             cluster_lease_lost: counter(
                 "cloudlink_cluster_lease_lost_total",
                 "Cluster mode: times another process took this gateway's liveness lease (two gateways with one --gateway-id).",

@@ -929,11 +929,12 @@ async fn a_device_that_moves_is_announced_as_moved_not_down_and_up() {
     drop(on_a);
 }
 
-/// A clean stop (SIGTERM) gives a gateway's devices up at once: the other
-/// gateway shows them disconnected right away, not a lease later, and does
-/// not reap them as lost.
+/// Rolling restarts (issue "Cluster mode, part 2"): a gateway stopped with
+/// SIGTERM while another lives hands its devices over. The survivor
+/// redials each at its last endpoint, the devices answer it, and consumers
+/// see one `link.moved` per device, never a `link.down`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_clean_stop_gives_its_devices_up_at_once() {
+async fn a_clean_stop_hands_its_devices_over_without_a_link_down() {
     use cloudlink::keys::{encode_key, generate_private_key, public_key};
     use serde_json::json;
     let nats = NatsServer::start();
@@ -941,59 +942,113 @@ async fn a_clean_stop_gives_its_devices_up_at_once() {
     let key = shared_key(tmp.path());
     let gw_public =
         public_key(&cloudlink::keys::decode_key(&std::fs::read_to_string(&key).unwrap()).unwrap());
-    // A long lease: only a clean hand-back can be this quick.
+    // A long lease: only a hand-over can be this quick.
     let lease = ["--cluster-lease", "60s"];
     let mut a = Proc::spawn(&tmp.path().join("a"), &key, &nats.url, "gw-a", &lease);
     let mut b = Proc::spawn(&tmp.path().join("b"), &key, &nats.url, "gw-b", &lease);
     a.ready(Duration::from_secs(20));
     b.ready(Duration::from_secs(20));
-    let k = generate_private_key();
-    let (st, _) = call(
-        &a.api,
-        "POST",
-        "/v1/devices",
-        Some(json!({"uuid": "leaver", "public_key": encode_key(&public_key(&k))})),
-    )
-    .await;
-    assert_eq!(st, 201);
-    let mut dev = None;
-    for _ in 0..50 {
-        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        socket
-            .set_read_timeout(Some(Duration::from_millis(200)))
-            .unwrap();
-        let mut d = common::TestDevice::with_key(b.udp, &gw_public, 71, socket, k);
-        d.send_initiation();
-        if d.receive_one().is_ok() {
-            dev = Some(d);
-            break;
+    const N: usize = 5;
+    let mut devices = Vec::new();
+    for i in 0..N {
+        let k = generate_private_key();
+        let uuid = format!("leaver-{i}");
+        let (st, _) = call(
+            &a.api,
+            "POST",
+            "/v1/devices",
+            Some(json!({"uuid": uuid, "public_key": encode_key(&public_key(&k))})),
+        )
+        .await;
+        assert_eq!(st, 201);
+        let mut dev = None;
+        for _ in 0..50 {
+            let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            socket
+                .set_read_timeout(Some(Duration::from_millis(200)))
+                .unwrap();
+            let mut d = common::TestDevice::with_key(b.udp, &gw_public, 71 + i as u32, socket, k);
+            d.send_initiation();
+            if d.receive_one().is_ok() {
+                dev = Some(d);
+                break;
+            }
+        }
+        devices.push((uuid, dev.expect("B answered")));
+    }
+    for (uuid, _) in &devices {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while view(&a, uuid).await != (true, Some("gw-b".into())) {
+            assert!(Instant::now() < deadline, "A never showed {uuid} on gw-b");
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
-    let _dev = dev.expect("B answered");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while view(&a, "leaver").await != (true, Some("gw-b".into())) {
-        assert!(
-            Instant::now() < deadline,
-            "A never showed the device on gw-b"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let mut events = common::SseReader::connect(&format!("{}/v1/events", a.api), None).await;
     let stopped = Instant::now();
     b.terminate();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while view(&a, "leaver").await != (false, None) {
-        assert!(
-            Instant::now() < deadline,
-            "still shown on the stopped gateway"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    // Each device hears from A (B's endpoint record said where it is) and
+    // answers it, as a WireGuard peer answers its peer's initiation.
+    let mut buf = vec![0u8; 2048];
+    for (uuid, d) in devices.iter_mut() {
+        d.socket
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let (n, from) = d
+            .socket
+            .recv_from(&mut buf)
+            .unwrap_or_else(|e| panic!("{uuid}: no initiation from A: {e}\n{}", a.log()));
+        assert_eq!(from, a.udp, "{uuid}");
+        assert_eq!((buf[0], n), (1, 148), "a handshake initiation");
+        d.gateway = from;
+        d.feed(&buf[..n]);
+        d.keepalive();
     }
-    eprintln!("given up {:?} after SIGTERM", stopped.elapsed());
-    a.wait_metric(ALIVE, 1.0, Duration::from_secs(5));
+    for (uuid, _) in &devices {
+        let deadline = stopped + Duration::from_secs(30);
+        while view(&a, uuid).await != (true, Some("gw-a".into())) {
+            assert!(
+                Instant::now() < deadline,
+                "{uuid} not on gw-a 30 s after SIGTERM"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    eprintln!(
+        "all {N} devices on gw-a {:?} after SIGTERM",
+        stopped.elapsed()
+    );
+    for (_, d) in devices.iter_mut() {
+        d.keepalive();
+    }
+    let seen = events.drain_for(Duration::from_millis(1500)).await;
+    let all: Vec<_> = seen.iter().map(|e| &e.data).collect();
+    for (uuid, _) in &devices {
+        let of = |ty: &str| {
+            seen.iter()
+                .filter(|e| e.data["type"] == ty && e.data["device"] == uuid.as_str())
+                .count()
+        };
+        assert_eq!(of("link.moved"), 1, "{uuid}: {all:?}");
+        assert_eq!(of("link.down"), 0, "{uuid}: {all:?}");
+        assert_eq!(of("link.up"), 0, "{uuid}: {all:?}");
+    }
+    let moved = seen
+        .iter()
+        .find(|e| e.data["type"] == "link.moved")
+        .unwrap();
+    assert_eq!(
+        (moved.data["from"].as_str(), moved.data["to"].as_str()),
+        (Some("gw-b"), Some("gw-a"))
+    );
+    assert_eq!(
+        a.metric("cloudlink_cluster_takeover_redials_total"),
+        Some(N as f64)
+    );
     assert_eq!(
         a.metric("cloudlink_cluster_reaped_devices_total"),
         Some(0.0)
     );
+    a.wait_metric(ALIVE, 1.0, Duration::from_secs(5));
 }
 
 /// Issue 12's own case: A holds the device and is paused (SIGSTOP) while the
@@ -1239,7 +1294,7 @@ async fn tunnels_and_ssh_survive_a_nats_outage() {
 
     // A wireguard-go device with sshd, connected through A.
     let tag = format!("n{}", std::process::id() % 10_000);
-    let subnet = (std::process::id() % 10 + 190) as u16;
+    let subnet = (std::process::id() % 50 + 460) as u16;
     let ns = Netns::create(&tag, subnet);
     let (private, public) = wg_keypair();
     let (st, reg) = call(

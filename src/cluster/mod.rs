@@ -18,6 +18,7 @@
 
 pub mod counters;
 pub mod events;
+pub mod handover;
 pub mod heartbeats;
 pub mod lease;
 pub mod ownership;
@@ -165,6 +166,8 @@ pub struct Cluster {
     pub replicas: usize,
     /// Traffic counters of devices held by other gateways.
     pub counters: Arc<counters::RemoteCounters>,
+    /// Gateways that handed their devices over (their records wait).
+    pub handovers: Arc<handover::Handovers>,
     /// The registry watch, from where the initial sync stopped, until
     /// [`follow`](Cluster::follow) takes it.
     watch: parking_lot::Mutex<Option<async_nats::jetstream::kv::Watch>>,
@@ -248,8 +251,10 @@ impl Cluster {
         // reaping waits until the connection has been back for a refresh
         // period and two seconds, and is skipped if the same boot holds the
         // lease again by then.
+        let handovers = Arc::new(handover::Handovers::default());
         {
             let mut gone = lease.gone.subscribe();
+            let handed = handovers.clone();
             let own = Arc::downgrade(&ownership);
             let leases = Arc::downgrade(&lease);
             let me = gateway_id.to_owned();
@@ -258,8 +263,19 @@ impl Cluster {
             tokio::spawn(async move {
                 while let Ok((gateway, boot)) = gone.recv().await {
                     let (own, leases, health) = (own.clone(), leases.clone(), health.clone());
-                    let me = me.clone();
+                    let (me, handed) = (me.clone(), handed.clone());
                     tokio::spawn(async move {
+                        // A gateway that handed its devices over: the
+                        // survivors redial them first; what has not come
+                        // back by the end of the window is reaped. (Its
+                        // hand-over message and its lease's end travel on
+                        // different paths: give the message a second.)
+                        if gateway != me {
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                        }
+                        if let Some(t) = handed.reap_after(&gateway, &boot) {
+                            tokio::time::sleep_until(t.into()).await;
+                        }
                         if gateway == me {
                             tokio::time::sleep(delay).await;
                         } else if health.up_for().is_none_or(|d| d < lease_age) {
@@ -298,6 +314,7 @@ impl Cluster {
             health,
             replicas,
             counters: Default::default(),
+            handovers,
             watch: parking_lot::Mutex::new(Some(watch)),
         }))
     }

@@ -344,6 +344,26 @@ impl PacketPath {
         }
     }
 
+    /// Cluster mode, a clean stop that hands devices over: every session
+    /// goes without a `link.down` (the gateways that redial the devices
+    /// announce `link.moved`). The up links' (uuid, endpoint), for the
+    /// hand-over message.
+    pub fn hand_over_all(&self, now: Instant) -> Vec<(String, String)> {
+        let mut all = Vec::new();
+        self.sessions.collect_into(&mut all);
+        let mut up = Vec::new();
+        for session in all {
+            let mut st = session.state.lock();
+            let endpoint = st.link.endpoint();
+            if let Some(t) = st.link.close(DownReason::Moved) {
+                st.connected_since = None;
+                up.push((session.uuid.to_string(), endpoint.to_string()));
+                self.announce(&session, t, self.wall(now));
+            }
+        }
+        up
+    }
+
     /// Clean shutdown: every up link goes down with reason `shutdown`.
     pub fn shutdown(&self, now: Instant) {
         let mut all = Vec::new();
