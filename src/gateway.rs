@@ -252,6 +252,15 @@ impl Gateway {
                 }
             });
             crate::cluster::heartbeats::share(c.client.clone(), c.gateway_id.clone(), &status);
+            // A dead gateway's devices: the reaper tells every survivor
+            // where they were, as a stopping gateway would; they redial.
+            let client = c.client.clone();
+            c.ownership.set_on_reaped(move |gateway, boot, devices| {
+                let (client, gateway, boot) = (client.clone(), gateway.to_owned(), boot.to_owned());
+                tokio::spawn(async move {
+                    crate::cluster::handover::send(&client, &gateway, &boot, devices).await;
+                });
+            });
             crate::cluster::handover::follow(
                 c.client.clone(),
                 crate::cluster::handover::Takeover {

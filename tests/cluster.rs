@@ -2012,3 +2012,112 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+/// Coming back on survivors (issue "Cluster mode, part 2"): after `kill -9`
+/// of the gateway holding the devices, the survivor that reaps them
+/// (`gateway_lost`, once) tells every survivor where they were, and they
+/// redial them: each device is connected through a survivor again within
+/// seconds, with its address unchanged, not at its next handshake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_gateways_devices_are_redialled_by_the_survivors() {
+    use cloudlink::keys::{encode_key, generate_private_key, public_key};
+    use serde_json::json;
+    let nats = NatsServer::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let key = shared_key(tmp.path());
+    let gw_public =
+        public_key(&cloudlink::keys::decode_key(&std::fs::read_to_string(&key).unwrap()).unwrap());
+    let lease = ["--cluster-lease", "3s"];
+    let mut a = Proc::spawn(&tmp.path().join("a"), &key, &nats.url, "gw-a", &lease);
+    let mut b = Proc::spawn(&tmp.path().join("b"), &key, &nats.url, "gw-b", &lease);
+    a.ready(Duration::from_secs(20));
+    b.ready(Duration::from_secs(20));
+    const N: usize = 5;
+    let mut devices = Vec::new();
+    for i in 0..N {
+        let k = generate_private_key();
+        let uuid = format!("orphan-{i}");
+        let (st, reg) = call(
+            &a.api,
+            "POST",
+            "/v1/devices",
+            Some(json!({"uuid": uuid, "public_key": encode_key(&public_key(&k))})),
+        )
+        .await;
+        assert_eq!(st, 201);
+        let mut dev = None;
+        for _ in 0..50 {
+            let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            socket
+                .set_read_timeout(Some(Duration::from_millis(200)))
+                .unwrap();
+            let mut d = common::TestDevice::with_key(b.udp, &gw_public, 81 + i as u32, socket, k);
+            d.send_initiation();
+            if d.receive_one().is_ok() {
+                dev = Some(d);
+                break;
+            }
+        }
+        let address = reg["address"].as_str().unwrap().to_owned();
+        devices.push((uuid, address, dev.expect("B answered")));
+    }
+    for (uuid, _, _) in &devices {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while view(&a, uuid).await != (true, Some("gw-b".into())) {
+            assert!(Instant::now() < deadline, "A never showed {uuid} on gw-b");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let mut events = common::SseReader::connect(&format!("{}/v1/events", a.api), None).await;
+    let killed = Instant::now();
+    b.kill9();
+    let mut buf = vec![0u8; 2048];
+    for (uuid, _, d) in devices.iter_mut() {
+        d.socket
+            .set_read_timeout(Some(Duration::from_secs(25)))
+            .unwrap();
+        let (n, from) = d
+            .socket
+            .recv_from(&mut buf)
+            .unwrap_or_else(|e| panic!("{uuid}: no initiation from A: {e}\n{}", a.log()));
+        assert_eq!(from, a.udp, "{uuid}");
+        assert_eq!((buf[0], n), (1, 148), "a handshake initiation");
+        d.gateway = from;
+        d.feed(&buf[..n]);
+        d.keepalive();
+    }
+    for (uuid, address, _) in &devices {
+        let deadline = killed + Duration::from_secs(30);
+        loop {
+            let (_, d) = call(&a.api, "GET", &format!("/v1/devices/{uuid}"), None).await;
+            if d["cloudlink"]["connected"] == true && d["cloudlink"]["gateway"] == "gw-a" {
+                assert_eq!(d["address"].as_str(), Some(address.as_str()));
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{uuid} not back 30 s after the kill: {d}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    eprintln!(
+        "all {N} devices back on gw-a {:?} after kill -9 (lease 3 s)",
+        killed.elapsed()
+    );
+    let seen = events.drain_for(Duration::from_millis(1000)).await;
+    let all: Vec<_> = seen.iter().map(|e| &e.data).collect();
+    for (uuid, _, _) in &devices {
+        let of = |ty: &str| {
+            seen.iter()
+                .filter(|e| e.data["type"] == ty && e.data["device"] == uuid.as_str())
+                .count()
+        };
+        assert_eq!(of("link.down"), 1, "{uuid}: {all:?}");
+        assert_eq!(of("link.up"), 1, "{uuid}: {all:?}");
+    }
+    assert_eq!(
+        a.metric("cloudlink_cluster_takeover_redials_total"),
+        Some(N as f64)
+    );
+}

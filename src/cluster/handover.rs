@@ -11,6 +11,11 @@
 //! gateways, so no two survivors dial one device. Devices that do not come
 //! back within [`WINDOW`] are reaped as for a dead gateway (`gateway_lost`):
 //! the reaper waits that long for a gateway that handed over.
+//!
+//! A gateway that died hands nothing over; the survivor that reaps its
+//! devices (`gateway_lost`) sends the same message on its behalf, with the
+//! endpoints from the ownership records, so the devices come back on the
+//! survivors in seconds rather than at their next handshake.
 
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -83,8 +88,9 @@ impl Handovers {
     }
 }
 
-/// Tells the other gateways that this one hands `devices` over. Waits
-/// (briefly) until NATS has the message.
+/// Tells the gateways alive that `from` (this gateway stopping, or a dead
+/// one this gateway reaped) no longer holds `devices`, so they redial them.
+/// Waits (briefly) until NATS has the message.
 pub async fn send(
     client: &async_nats::Client,
     from: &str,
@@ -102,7 +108,7 @@ pub async fn send(
     match client.publish(SUBJECT, payload.into()).await {
         Ok(()) => {
             let _ = tokio::time::timeout(Duration::from_secs(2), client.flush()).await;
-            tracing::info!(devices = n, "devices handed over to the other gateways");
+            tracing::info!(gateway = %from, devices = n, "hand-over sent: the gateways alive redial these devices");
         }
         Err(e) => {
             tracing::warn!(error = %e, "could not hand devices over; they come back when they dial again")

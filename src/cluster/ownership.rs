@@ -92,6 +92,9 @@ enum Written {
 
 /// Told what the directory says about a device's link: (uuid, up, its
 /// endpoint, how far to announce the status change that follows).
+/// Told the devices reaped from a dead gateway.
+type ReapedHook = Box<dyn Fn(&str, &str, Vec<(String, String)>) + Send + Sync>;
+
 /// Told a device another gateway took over (its uuid).
 type MovedHook = Box<dyn Fn(&str) + Send + Sync>;
 
@@ -114,6 +117,9 @@ pub struct Ownership {
     on_moved: std::sync::OnceLock<MovedHook>,
     /// Told every link change the directory shows (device status).
     on_link: std::sync::OnceLock<LinkHook>,
+    /// Told the devices this gateway reaped from a dead gateway (gateway,
+    /// boot, [(uuid, last endpoint)]), so the survivors redial them.
+    on_reaped: std::sync::OnceLock<ReapedHook>,
     /// Devices whose record this gateway is deleting (its own link-down):
     /// the writer announces that, not the watch.
     releasing: parking_lot::Mutex<std::collections::HashSet<String>>,
@@ -168,11 +174,20 @@ impl Ownership {
             metrics,
             on_moved: std::sync::OnceLock::new(),
             on_link: std::sync::OnceLock::new(),
+            on_reaped: std::sync::OnceLock::new(),
             releasing: Default::default(),
         });
         tokio::spawn(watch(Arc::downgrade(&o)));
         tokio::spawn(write(Arc::downgrade(&o)));
         Ok(o)
+    }
+
+    /// Sets what is told the devices this gateway reaped. Once.
+    pub fn set_on_reaped(
+        &self,
+        f: impl Fn(&str, &str, Vec<(String, String)>) + Send + Sync + 'static,
+    ) {
+        let _ = self.on_reaped.set(Box::new(f));
     }
 
     /// Sets what is told when another gateway takes a device over. Once.
@@ -393,6 +408,7 @@ impl Ownership {
             .map(|o| (o.key().clone(), o.value().clone()))
             .collect();
         let mut reaped = 0u64;
+        let mut back = Vec::new();
         for (uuid, owner) in theirs {
             if self
                 .store
@@ -401,6 +417,7 @@ impl Ownership {
                 .is_ok()
             {
                 reaped += 1;
+                back.push((uuid.clone(), owner.record.endpoint.clone()));
                 self.tell_link(
                     &uuid,
                     false,
@@ -421,6 +438,9 @@ impl Ownership {
             }
         }
         self.metrics.cluster_reaped.inc_by(reaped);
+        if let (Some(f), false) = (self.on_reaped.get(), back.is_empty()) {
+            f(gateway, boot, back);
+        }
         tracing::warn!(%gateway, %boot, devices = reaped, "a gateway's lease expired; its devices are marked down (gateway_lost)");
     }
 }
