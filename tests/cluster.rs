@@ -461,20 +461,7 @@ async fn the_registry_is_shared_between_gateways() {
     assert_eq!(st, 201);
     let mut events_a = common::SseReader::connect(&format!("{}/v1/events", a.api), None).await;
     // A may be a few milliseconds behind B's answer.
-    let mut dev2 = None;
-    for _ in 0..100 {
-        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        socket
-            .set_read_timeout(Some(Duration::from_millis(200)))
-            .unwrap();
-        let mut d = common::TestDevice::with_key(a.udp, &gw_public, 32, socket, k2);
-        d.send_initiation();
-        // The response is fed to the tunnel, which sends the keepalive.
-        if d.receive_one().is_ok() {
-            dev2 = Some(d);
-            break;
-        }
-    }
+    let dev2 = dial_opt(a.udp, &gw_public, 32, k2);
     let _dev2 = dev2.expect("A answered shared-2's handshake");
     events_a
         .wait_for(Duration::from_secs(10), |e| {
@@ -670,6 +657,77 @@ async fn view(gw: &Proc, uuid: &str) -> (bool, Option<String>) {
     )
 }
 
+/// A boringtun test device with `key` that has completed a handshake with
+/// the gateway at `udp` (retried: a device registered through another
+/// gateway may reach this one's directory a few milliseconds later).
+fn dial_opt(
+    udp: std::net::SocketAddr,
+    gw_public: &cloudlink::keys::KeyBytes,
+    index: u32,
+    key: cloudlink::keys::KeyBytes,
+) -> Option<common::TestDevice> {
+    for _ in 0..100 {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let mut d = common::TestDevice::with_key(udp, gw_public, index, socket, key);
+        d.send_initiation();
+        // The response is fed to the tunnel, which sends the keepalive.
+        if d.receive_one().is_ok() {
+            return Some(d);
+        }
+    }
+    None
+}
+
+/// Registers a `cloudlink agent` device through `via` and starts it dialling
+/// the gateway at `udp`, with `forwards` and more agent flags. Its
+/// directory (for hook marks) stays with the agent.
+async fn agent_device(
+    via: &Proc,
+    uuid: &str,
+    udp: std::net::SocketAddr,
+    forwards: &[String],
+    extra: &[String],
+) -> common::proxy::Agent {
+    use cloudlink::keys::{encode_key, generate_private_key, public_key};
+    let key = generate_private_key();
+    let (st, reg) = call(
+        &via.api,
+        "POST",
+        "/v1/devices",
+        Some(serde_json::json!({"uuid": uuid, "public_key": encode_key(&public_key(&key))})),
+    )
+    .await;
+    assert_eq!(st, 201, "{reg}");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("wg0.conf"),
+        reg["wg_quick"]
+            .as_str()
+            .unwrap()
+            .replace("127.0.0.1:1", &udp.to_string()),
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("device.key"), encode_key(&key)).unwrap();
+    common::proxy::Agent::spawn_with(dir, forwards, extra)
+}
+
+/// Waits until `gw` shows `uuid` connected through `owner`.
+async fn wait_owner(gw: &Proc, uuid: &str, owner: &str, within: Duration) {
+    let deadline = Instant::now() + within;
+    while view(gw, uuid).await != (true, Some(owner.to_owned())) {
+        assert!(
+            Instant::now() < deadline,
+            "{} never showed {uuid} on {owner}: {:?}",
+            gw.api,
+            view(gw, uuid).await
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Every device in a gateway's listing: uuid → (connected, owner).
 async fn listing(gw: &Proc) -> std::collections::HashMap<String, (bool, Option<String>)> {
     let (st, page) = call(&gw.api, "GET", "/v1/devices?limit=1000", None).await;
@@ -727,19 +785,7 @@ async fn a_dead_gateways_devices_go_down_exactly_once() {
     // B knows them within milliseconds; each connects to B.
     let mut held = Vec::new();
     for (i, k) in devices.into_iter().enumerate() {
-        let mut dev = None;
-        for _ in 0..50 {
-            let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-            socket
-                .set_read_timeout(Some(Duration::from_millis(200)))
-                .unwrap();
-            let mut d = common::TestDevice::with_key(b.udp, &gw_public, 40 + i as u32, socket, k);
-            d.send_initiation();
-            if d.receive_one().is_ok() {
-                dev = Some(d);
-                break;
-            }
-        }
+        let dev = dial_opt(b.udp, &gw_public, 40 + i as u32, k);
         held.push(dev.expect("B answered the handshake"));
     }
     for i in 0..N {
@@ -870,28 +916,9 @@ async fn a_device_that_moves_is_announced_as_moved_not_down_and_up() {
         .wait_for(Duration::from_secs(5), |e| e["type"] == "link.up")
         .await;
     // The device moves to B (the load balancer sent it there).
-    let mut on_b = None;
-    for _ in 0..50 {
-        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        socket
-            .set_read_timeout(Some(Duration::from_millis(200)))
-            .unwrap();
-        let mut d = common::TestDevice::with_key(b.udp, &gw_public, 62, socket, k);
-        d.send_initiation();
-        if d.receive_one().is_ok() {
-            on_b = Some(d);
-            break;
-        }
-    }
+    let on_b = dial_opt(b.udp, &gw_public, 62, k);
     let mut on_b = on_b.expect("B answered");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while view(&a, "mover").await != (true, Some("gw-b".into())) {
-        assert!(
-            Instant::now() < deadline,
-            "A never showed the device on gw-b"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_owner(&a, "mover", "gw-b", Duration::from_secs(5)).await;
     // A let its session go when B took the device over.
     a.wait_metric("cloudlink_sessions", 0.0, Duration::from_secs(2));
     let moved = events_a
@@ -961,19 +988,7 @@ async fn a_clean_stop_hands_its_devices_over_without_a_link_down() {
         )
         .await;
         assert_eq!(st, 201);
-        let mut dev = None;
-        for _ in 0..50 {
-            let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-            socket
-                .set_read_timeout(Some(Duration::from_millis(200)))
-                .unwrap();
-            let mut d = common::TestDevice::with_key(b.udp, &gw_public, 71 + i as u32, socket, k);
-            d.send_initiation();
-            if d.receive_one().is_ok() {
-                dev = Some(d);
-                break;
-            }
-        }
+        let dev = dial_opt(b.udp, &gw_public, 71 + i as u32, k);
         devices.push((uuid, dev.expect("B answered")));
     }
     for (uuid, _) in &devices {
@@ -1085,30 +1100,11 @@ async fn a_paused_former_owner_does_not_mark_a_moved_device_down() {
         .unwrap();
     let mut on_a = common::TestDevice::with_key(a.udp, &gw_public, 81, socket, k);
     on_a.connect();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while view(&b, "paused").await != (true, Some("gw-a".into())) {
-        assert!(
-            Instant::now() < deadline,
-            "B never showed the device on gw-a"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_owner(&b, "paused", "gw-a", Duration::from_secs(5)).await;
     let mut events_b = common::SseReader::connect(&format!("{}/v1/events", b.api), None).await;
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(a.child.id() as i32, libc::SIGSTOP) };
-    let mut on_b = None;
-    for _ in 0..50 {
-        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        socket
-            .set_read_timeout(Some(Duration::from_millis(200)))
-            .unwrap();
-        let mut d = common::TestDevice::with_key(b.udp, &gw_public, 82, socket, k);
-        d.send_initiation();
-        if d.receive_one().is_ok() {
-            on_b = Some(d);
-            break;
-        }
-    }
+    let on_b = dial_opt(b.udp, &gw_public, 82, k);
     let mut on_b = on_b.expect("B answered");
     let deadline = Instant::now() + Duration::from_secs(5);
     while view(&b, "paused").await != (true, Some("gw-b".into())) {
@@ -1199,14 +1195,7 @@ async fn a_gateway_back_from_a_long_pause_claims_its_devices_again() {
         .unwrap();
     let mut dev = common::TestDevice::with_key(a.udp, &gw_public, 91, socket, k);
     dev.connect();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while view(&b, "sleeper").await != (true, Some("gw-a".into())) {
-        assert!(
-            Instant::now() < deadline,
-            "B never showed the device on gw-a"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_owner(&b, "sleeper", "gw-a", Duration::from_secs(5)).await;
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(a.child.id() as i32, libc::SIGSTOP) };
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -1344,28 +1333,10 @@ async fn tunnels_and_ssh_survive_a_nats_outage() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // A `cloudlink agent` device on A, whose reboot hook leaves a mark.
-    let agent_key = generate_private_key();
-    let (st, agent_reg) = call(
-        &a.api,
-        "POST",
-        "/v1/devices",
-        Some(json!({"uuid": "agent-1", "public_key": encode_key(&public_key(&agent_key))})),
-    )
-    .await;
-    assert_eq!(st, 201, "{agent_reg}");
-    let agent_dir = tempfile::tempdir().unwrap();
-    let mark = agent_dir.path().join("rebooted");
-    std::fs::write(
-        agent_dir.path().join("wg0.conf"),
-        agent_reg["wg_quick"]
-            .as_str()
-            .unwrap()
-            .replace("127.0.0.1:1", &a.udp.to_string()),
-    )
-    .unwrap();
-    std::fs::write(agent_dir.path().join("device.key"), encode_key(&agent_key)).unwrap();
+    let marks = tempfile::tempdir().unwrap();
+    let mark = marks.path().join("rebooted");
     let hook = format!("reboot=touch {}", mark.display());
-    let _agent = common::proxy::Agent::spawn_with(agent_dir, &[], &["--on-action".into(), hook]);
+    let _agent = agent_device(&a, "agent-1", a.udp, &[], &["--on-action".into(), hook]).await;
     let deadline = Instant::now() + Duration::from_secs(15);
     while view(&b, "agent-1").await != (true, Some("gw-a".into())) {
         assert!(Instant::now() < deadline, "the agent never came up on A");
@@ -1406,19 +1377,7 @@ async fn tunnels_and_ssh_survive_a_nats_outage() {
         t.elapsed()
     );
     // The newcomer links up on A meanwhile.
-    let mut newcomer = None;
-    for _ in 0..50 {
-        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        socket
-            .set_read_timeout(Some(Duration::from_millis(200)))
-            .unwrap();
-        let mut d = common::TestDevice::with_key(a.udp, &gw_public, 91, socket, k2);
-        d.send_initiation();
-        if d.receive_one().is_ok() {
-            newcomer = Some(d);
-            break;
-        }
-    }
+    let newcomer = dial_opt(a.udp, &gw_public, 91, k2);
     let mut newcomer = newcomer.expect("A answered the newcomer during the outage");
     // A heartbeat posted to A meanwhile: its status change waits in A's
     // buffer for the stream.
@@ -1460,19 +1419,7 @@ async fn tunnels_and_ssh_survive_a_nats_outage() {
     // Ownership converges: both gateways show both devices on A.
     for uuid in ["steady", "newcomer"] {
         for gw in [&a, &b] {
-            let deadline = Instant::now() + Duration::from_secs(20);
-            while view(gw, uuid).await != (true, Some("gw-a".into())) {
-                assert!(
-                    Instant::now() < deadline,
-                    "{uuid} not shown on gw-a by {} {:?} after NATS came back: {:?}\n{}",
-                    gw.api,
-                    back.elapsed(),
-                    view(gw, uuid).await,
-                    gw.log()
-                );
-                newcomer.keepalive();
-                tokio::time::sleep(Duration::from_millis(250)).await;
-            }
+            wait_owner(gw, uuid, "gw-a", Duration::from_secs(20)).await;
         }
     }
     a.wait_metric(
@@ -1592,19 +1539,7 @@ async fn status_heartbeats_and_counters_are_the_clusters() {
     assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
     assert_eq!(d["status_detail"], "heartbeat-only");
     // Connected through B: operational on A.
-    let mut socket_dev = None;
-    for _ in 0..50 {
-        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        socket
-            .set_read_timeout(Some(Duration::from_millis(200)))
-            .unwrap();
-        let mut d = common::TestDevice::with_key(b.udp, &gw_public, 95, socket, k);
-        d.send_initiation();
-        if d.receive_one().is_ok() {
-            socket_dev = Some(d);
-            break;
-        }
-    }
+    let socket_dev = dial_opt(b.udp, &gw_public, 95, k);
     let mut dev = socket_dev.expect("B answered");
     for _ in 0..5 {
         dev.keepalive();
@@ -1756,20 +1691,8 @@ async fn a_three_server_nats_cluster_survives_losing_a_server() {
     b.ready(Duration::from_secs(30));
     assert!(a.log().contains("replicas=3"), "{}", a.log());
     let mut events = common::SseReader::connect(&format!("{}/v1/events", a.api), None).await;
-    let connect_to_b = |k: [u8; 32], n: u32| {
-        for _ in 0..100 {
-            let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-            socket
-                .set_read_timeout(Some(Duration::from_millis(200)))
-                .unwrap();
-            let mut d = common::TestDevice::with_key(b.udp, &gw_public, n, socket, k);
-            d.send_initiation();
-            if d.receive_one().is_ok() {
-                return d;
-            }
-        }
-        panic!("B never answered");
-    };
+    let connect_to_b =
+        |k: [u8; 32], n: u32| dial_opt(b.udp, &gw_public, n, k).expect("B never answered");
     let register = |uuid: &'static str, k: [u8; 32], api: String| async move {
         // Right after a server is lost the client may still be moving to
         // another one (503 cluster_unavailable), and the buckets that server
@@ -1837,7 +1760,6 @@ async fn a_three_server_nats_cluster_survives_losing_a_server() {
 /// comes back through A; a device nobody holds gets A's own answer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_action_posted_to_any_gateway_reaches_the_device_through_its_owner() {
-    use cloudlink::keys::{encode_key, generate_private_key, public_key};
     use serde_json::json;
     let nats = NatsServer::start();
     let tmp = tempfile::tempdir().unwrap();
@@ -1846,31 +1768,13 @@ async fn an_action_posted_to_any_gateway_reaches_the_device_through_its_owner() 
     let mut b = Proc::spawn(&tmp.path().join("b"), &key, &nats.url, "gw-b", &[]);
     a.ready(Duration::from_secs(20));
     b.ready(Duration::from_secs(20));
-    let agent_key = generate_private_key();
-    let (st, reg) = call(
-        &a.api,
-        "POST",
-        "/v1/devices",
-        Some(json!({"uuid": "routed", "public_key": encode_key(&public_key(&agent_key))})),
-    )
-    .await;
-    assert_eq!(st, 201, "{reg}");
-    let dir = tempfile::tempdir().unwrap();
-    let mark = dir.path().join("restarted");
-    std::fs::write(
-        dir.path().join("wg0.conf"),
-        reg["wg_quick"]
-            .as_str()
-            .unwrap()
-            .replace("127.0.0.1:1", &b.udp.to_string()),
-    )
-    .unwrap();
-    std::fs::write(dir.path().join("device.key"), encode_key(&agent_key)).unwrap();
+    let marks = tempfile::tempdir().unwrap();
+    let mark = marks.path().join("restarted");
     let hook = format!(
         "restart-service=echo $CLOUDLINK_SERVICE_NAME > {}",
         mark.display()
     );
-    let _agent = common::proxy::Agent::spawn_with(dir, &[], &["--on-action".into(), hook]);
+    let _agent = agent_device(&a, "routed", b.udp, &[], &["--on-action".into(), hook]).await;
     let deadline = Instant::now() + Duration::from_secs(15);
     while view(&a, "routed").await != (true, Some("gw-b".into())) {
         assert!(Instant::now() < deadline, "the agent never came up on B");
@@ -1917,9 +1821,7 @@ async fn an_action_posted_to_any_gateway_reaches_the_device_through_its_owner() 
 /// forwarded once is not forwarded again: 508 naming the loop.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ssh_through_any_gateways_proxy_reaches_the_device_through_its_owner() {
-    use cloudlink::keys::{encode_key, generate_private_key, public_key};
     use common::ssh::{wait_until, SshFixture};
-    use serde_json::json;
     let nats = NatsServer::start();
     let tmp = tempfile::tempdir().unwrap();
     let key = shared_key(tmp.path());
@@ -1933,26 +1835,14 @@ async fn ssh_through_any_gateways_proxy_reaches_the_device_through_its_owner() {
     wait_until(Duration::from_secs(10), || {
         std::net::TcpStream::connect(("127.0.0.1", sshd_port)).is_ok()
     });
-    let agent_key = generate_private_key();
-    let (st, reg) = call(
-        &a.api,
-        "POST",
-        "/v1/devices",
-        Some(json!({"uuid": "far", "public_key": encode_key(&public_key(&agent_key))})),
+    let _agent = agent_device(
+        &a,
+        "far",
+        b.udp,
+        &[format!("22=127.0.0.1:{sshd_port}")],
+        &[],
     )
     .await;
-    assert_eq!(st, 201, "{reg}");
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("wg0.conf"),
-        reg["wg_quick"]
-            .as_str()
-            .unwrap()
-            .replace("127.0.0.1:1", &b.udp.to_string()),
-    )
-    .unwrap();
-    std::fs::write(dir.path().join("device.key"), encode_key(&agent_key)).unwrap();
-    let _agent = common::proxy::Agent::spawn_with(dir, &[format!("22=127.0.0.1:{sshd_port}")], &[]);
     let deadline = Instant::now() + Duration::from_secs(15);
     while view(&a, "far").await != (true, Some("gw-b".into())) {
         assert!(Instant::now() < deadline, "the agent never came up on B");
@@ -2045,19 +1935,7 @@ async fn a_killed_gateways_devices_are_redialled_by_the_survivors() {
         )
         .await;
         assert_eq!(st, 201);
-        let mut dev = None;
-        for _ in 0..50 {
-            let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-            socket
-                .set_read_timeout(Some(Duration::from_millis(200)))
-                .unwrap();
-            let mut d = common::TestDevice::with_key(b.udp, &gw_public, 81 + i as u32, socket, k);
-            d.send_initiation();
-            if d.receive_one().is_ok() {
-                dev = Some(d);
-                break;
-            }
-        }
+        let dev = dial_opt(b.udp, &gw_public, 81 + i as u32, k);
         let address = reg["address"].as_str().unwrap().to_owned();
         devices.push((uuid, address, dev.expect("B answered")));
     }

@@ -57,6 +57,48 @@ pub enum Resume {
     Resync(&'static str),
 }
 
+/// Up to `max` of `events` (ascending ids) after `cursor`; `next` is the
+/// id the next event will get (where the window starts when it is empty).
+/// What both buses answer `read_after` with.
+pub(crate) fn read_window(
+    events: &std::collections::VecDeque<StoredEvent>,
+    next: u64,
+    cursor: u64,
+    max: usize,
+    closed: bool,
+) -> Read {
+    let oldest = events.front().map(|e| e.id).unwrap_or(next);
+    if cursor.saturating_add(1) < oldest {
+        return Read::Gap;
+    }
+    let from = events.partition_point(|e| e.id <= cursor);
+    let out: Vec<StoredEvent> = events.iter().skip(from).take(max).cloned().collect();
+    if out.is_empty() && closed {
+        return Read::Closed;
+    }
+    Read::Events(out)
+}
+
+/// The JSON of a `resync` message (see [`EventBus::resync_json`]).
+pub(crate) fn resync_message(
+    epoch: &str,
+    gateway: &str,
+    as_of: &str,
+    reason: &str,
+    at: SystemTime,
+) -> String {
+    serde_json::json!({
+        "type": "resync",
+        "epoch": epoch,
+        "gateway": gateway,
+        "at": event::rfc3339(at),
+        "as_of": as_of,
+        "reason": reason,
+        "message": "events were lost for this consumer: reload GET /v1/devices and resume the stream from its as_of",
+    })
+    .to_string()
+}
+
 /// The answer to [`EventBus::read_after`].
 pub enum Read {
     Events(Vec<StoredEvent>),

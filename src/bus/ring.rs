@@ -161,16 +161,7 @@ impl EventBus for RingBus {
 
     fn read_after(&self, cursor: u64, max: usize) -> Read {
         let ring = self.inner.lock();
-        let oldest = ring.events.front().map(|e| e.id).unwrap_or(ring.next_id);
-        if cursor.saturating_add(1) < oldest {
-            return Read::Gap;
-        }
-        let skip = cursor.saturating_add(1).saturating_sub(oldest) as usize;
-        let out: Vec<StoredEvent> = ring.events.iter().skip(skip).take(max).cloned().collect();
-        if out.is_empty() && ring.closed {
-            return Read::Closed;
-        }
-        Read::Events(out)
+        super::read_window(&ring.events, ring.next_id, cursor, max, ring.closed)
     }
 
     fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
@@ -203,16 +194,8 @@ impl EventBus for RingBus {
     fn resync_json(&self, reason: &str, at: SystemTime) -> (u64, String, String) {
         let last = self.last_id();
         let as_of = self.token(last);
-        let json = serde_json::json!({
-            "type": "resync",
-            "epoch": self.epoch,
-            "gateway": self.gateway,
-            "at": humantime::format_rfc3339_millis(at).to_string(),
-            "as_of": as_of,
-            "reason": reason,
-            "message": "events were lost for this consumer: reload GET /v1/devices and resume the stream from its as_of",
-        });
-        (last, as_of, json.to_string())
+        let json = super::resync_message(&self.epoch, &self.gateway, &as_of, reason, at);
+        (last, as_of, json)
     }
 }
 

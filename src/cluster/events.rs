@@ -316,16 +316,7 @@ impl EventBus for ClusterBus {
 
     fn read_after(&self, cursor: u64, max: usize) -> Read {
         let v = self.view.lock();
-        let oldest = v.events.front().map(|e| e.id).unwrap_or(v.last + 1);
-        if cursor.saturating_add(1) < oldest {
-            return Read::Gap;
-        }
-        let from = v.events.partition_point(|e| e.id <= cursor);
-        let out: Vec<StoredEvent> = v.events.iter().skip(from).take(max).cloned().collect();
-        if out.is_empty() && v.closed {
-            return Read::Closed;
-        }
-        Read::Events(out)
+        crate::bus::read_window(&v.events, v.last + 1, cursor, max, v.closed)
     }
 
     fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
@@ -349,16 +340,8 @@ impl EventBus for ClusterBus {
     fn resync_json(&self, reason: &str, at: SystemTime) -> (u64, String, String) {
         let last = self.last_id();
         let as_of = self.token(last);
-        let json = serde_json::json!({
-            "type": "resync",
-            "epoch": self.epoch,
-            "gateway": self.gateway,
-            "at": crate::bus::event::rfc3339(at),
-            "as_of": as_of,
-            "reason": reason,
-            "message": "events were lost for this consumer: reload GET /v1/devices and resume the stream from its as_of",
-        });
-        (last, as_of, json.to_string())
+        let json = crate::bus::resync_message(&self.epoch, &self.gateway, &as_of, reason, at);
+        (last, as_of, json)
     }
 
     fn gateway(&self) -> &str {
