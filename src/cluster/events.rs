@@ -230,6 +230,8 @@ impl ClusterBus {
             }
             _ => {
                 v.last = seq;
+                drop(v);
+                self.notify.send_replace(seq);
                 return;
             }
         };
