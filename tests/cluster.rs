@@ -374,14 +374,7 @@ async fn the_registry_is_shared_between_gateways() {
     // Registered through A: B knows it at once (the answer waited for A's
     // replica; B's follows within the watch's latency).
     let dev_key = generate_private_key();
-    let (st, reg) = call(
-        &a.api,
-        "POST",
-        "/v1/devices",
-        Some(json!({"uuid": "shared-1", "public_key": encode_key(&public_key(&dev_key))})),
-    )
-    .await;
-    assert_eq!(st, 201, "{reg}");
+    let reg = register(&a, "shared-1", &dev_key).await;
     let seen = Instant::now();
     loop {
         let (st, d) = call(&b.api, "GET", "/v1/devices/shared-1", None).await;
@@ -451,14 +444,7 @@ async fn the_registry_is_shared_between_gateways() {
 
     // Another device, connected to A, deleted through B: A cuts it off.
     let k2 = generate_private_key();
-    let (st, _) = call(
-        &b.api,
-        "POST",
-        "/v1/devices",
-        Some(json!({"uuid": "shared-2", "public_key": encode_key(&public_key(&k2))})),
-    )
-    .await;
-    assert_eq!(st, 201);
+    let _ = register(&b, "shared-2", &k2).await;
     let mut events_a = common::SseReader::connect(&format!("{}/v1/events", a.api), None).await;
     // A may be a few milliseconds behind B's answer.
     let dev2 = dial_opt(a.udp, &gw_public, 32, k2);
@@ -657,6 +643,43 @@ async fn view(gw: &Proc, uuid: &str) -> (bool, Option<String>) {
     )
 }
 
+/// The WireGuard public key of the cluster's shared identity.
+fn gateway_public(key: &Path) -> cloudlink::keys::KeyBytes {
+    cloudlink::keys::public_key(
+        &cloudlink::keys::decode_key(&std::fs::read_to_string(key).unwrap()).unwrap(),
+    )
+}
+
+/// Registers `uuid` with `key`'s public key through `gw`; the answer.
+async fn register(gw: &Proc, uuid: &str, key: &cloudlink::keys::KeyBytes) -> serde_json::Value {
+    use cloudlink::keys::{encode_key, public_key};
+    let (st, reg) = call(
+        &gw.api,
+        "POST",
+        "/v1/devices",
+        Some(serde_json::json!({"uuid": uuid, "public_key": encode_key(&public_key(key))})),
+    )
+    .await;
+    assert_eq!(st, 201, "{reg}");
+    reg
+}
+
+/// The device answers the handshake initiation `gw` sends it (a redial),
+/// as a WireGuard peer answers its peer, and says something after.
+fn answer_redial(uuid: &str, d: &mut common::TestDevice, gw: &Proc, within: Duration) {
+    let mut buf = vec![0u8; 2048];
+    d.socket.set_read_timeout(Some(within)).unwrap();
+    let (n, from) = d
+        .socket
+        .recv_from(&mut buf)
+        .unwrap_or_else(|e| panic!("{uuid}: no initiation from {}: {e}\n{}", gw.api, gw.log()));
+    assert_eq!(from, gw.udp, "{uuid}");
+    assert_eq!((buf[0], n), (1, 148), "a handshake initiation");
+    d.gateway = from;
+    d.feed(&buf[..n]);
+    d.keepalive();
+}
+
 /// A boringtun test device with `key` that has completed a handshake with
 /// the gateway at `udp` (retried: a device registered through another
 /// gateway may reach this one's directory a few milliseconds later).
@@ -754,13 +777,12 @@ async fn listing(gw: &Proc) -> std::collections::HashMap<String, (bool, Option<S
 /// and no sample ever shows a device with two owners.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_gateways_devices_go_down_exactly_once() {
-    use cloudlink::keys::{encode_key, generate_private_key, public_key};
-    use serde_json::json;
+    use cloudlink::keys::generate_private_key;
+
     let nats = NatsServer::start();
     let tmp = tempfile::tempdir().unwrap();
     let key = shared_key(tmp.path());
-    let gw_public =
-        public_key(&cloudlink::keys::decode_key(&std::fs::read_to_string(&key).unwrap()).unwrap());
+    let gw_public = gateway_public(&key);
     let lease = ["--cluster-lease", "3s"];
     let mut a = Proc::spawn(&tmp.path().join("a"), &key, &nats.url, "gw-a", &lease);
     let mut b = Proc::spawn(&tmp.path().join("b"), &key, &nats.url, "gw-b", &lease);
@@ -772,14 +794,7 @@ async fn a_dead_gateways_devices_go_down_exactly_once() {
     let mut devices = Vec::new();
     for i in 0..N {
         let k = generate_private_key();
-        let (st, _) = call(
-            &a.api,
-            "POST",
-            "/v1/devices",
-            Some(json!({"uuid": format!("held-{i}"), "public_key": encode_key(&public_key(&k))})),
-        )
-        .await;
-        assert_eq!(st, 201);
+        let _ = register(&a, &format!("held-{i}"), &k).await;
         devices.push(k);
     }
     // B knows them within milliseconds; each connects to B.
@@ -884,27 +899,19 @@ async fn a_dead_gateways_devices_go_down_exactly_once() {
 /// and consumers see one `link.moved` from A to B, never a `link.down`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_that_moves_is_announced_as_moved_not_down_and_up() {
-    use cloudlink::keys::{encode_key, generate_private_key, public_key};
-    use serde_json::json;
+    use cloudlink::keys::generate_private_key;
+
     let nats = NatsServer::start();
     let tmp = tempfile::tempdir().unwrap();
     let key = shared_key(tmp.path());
-    let gw_public =
-        public_key(&cloudlink::keys::decode_key(&std::fs::read_to_string(&key).unwrap()).unwrap());
+    let gw_public = gateway_public(&key);
     let opts = ["--link-timeout", "2s"];
     let mut a = Proc::spawn(&tmp.path().join("a"), &key, &nats.url, "gw-a", &opts);
     let mut b = Proc::spawn(&tmp.path().join("b"), &key, &nats.url, "gw-b", &opts);
     a.ready(Duration::from_secs(20));
     b.ready(Duration::from_secs(20));
     let k = generate_private_key();
-    let (st, _) = call(
-        &a.api,
-        "POST",
-        "/v1/devices",
-        Some(json!({"uuid": "mover", "public_key": encode_key(&public_key(&k))})),
-    )
-    .await;
-    assert_eq!(st, 201);
+    let _ = register(&a, "mover", &k).await;
     let mut events_a = common::SseReader::connect(&format!("{}/v1/events", a.api), None).await;
     let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     socket
@@ -962,13 +969,12 @@ async fn a_device_that_moves_is_announced_as_moved_not_down_and_up() {
 /// see one `link.moved` per device, never a `link.down`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_clean_stop_hands_its_devices_over_without_a_link_down() {
-    use cloudlink::keys::{encode_key, generate_private_key, public_key};
-    use serde_json::json;
+    use cloudlink::keys::generate_private_key;
+
     let nats = NatsServer::start();
     let tmp = tempfile::tempdir().unwrap();
     let key = shared_key(tmp.path());
-    let gw_public =
-        public_key(&cloudlink::keys::decode_key(&std::fs::read_to_string(&key).unwrap()).unwrap());
+    let gw_public = gateway_public(&key);
     // A long lease: only a hand-over can be this quick.
     let lease = ["--cluster-lease", "60s"];
     let mut a = Proc::spawn(&tmp.path().join("a"), &key, &nats.url, "gw-a", &lease);
@@ -980,14 +986,7 @@ async fn a_clean_stop_hands_its_devices_over_without_a_link_down() {
     for i in 0..N {
         let k = generate_private_key();
         let uuid = format!("leaver-{i}");
-        let (st, _) = call(
-            &a.api,
-            "POST",
-            "/v1/devices",
-            Some(json!({"uuid": uuid, "public_key": encode_key(&public_key(&k))})),
-        )
-        .await;
-        assert_eq!(st, 201);
+        let _ = register(&a, &uuid, &k).await;
         let dev = dial_opt(b.udp, &gw_public, 71 + i as u32, k);
         devices.push((uuid, dev.expect("B answered")));
     }
@@ -1003,20 +1002,8 @@ async fn a_clean_stop_hands_its_devices_over_without_a_link_down() {
     b.terminate();
     // Each device hears from A (B's endpoint record said where it is) and
     // answers it, as a WireGuard peer answers its peer's initiation.
-    let mut buf = vec![0u8; 2048];
     for (uuid, d) in devices.iter_mut() {
-        d.socket
-            .set_read_timeout(Some(Duration::from_secs(20)))
-            .unwrap();
-        let (n, from) = d
-            .socket
-            .recv_from(&mut buf)
-            .unwrap_or_else(|e| panic!("{uuid}: no initiation from A: {e}\n{}", a.log()));
-        assert_eq!(from, a.udp, "{uuid}");
-        assert_eq!((buf[0], n), (1, 148), "a handshake initiation");
-        d.gateway = from;
-        d.feed(&buf[..n]);
-        d.keepalive();
+        answer_redial(uuid, d, &a, Duration::from_secs(20));
     }
     for (uuid, _) in &devices {
         let deadline = stopped + Duration::from_secs(30);
@@ -1072,13 +1059,12 @@ async fn a_clean_stop_hands_its_devices_over_without_a_link_down() {
 /// device down in the cluster.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_former_owner_does_not_mark_a_moved_device_down() {
-    use cloudlink::keys::{encode_key, generate_private_key, public_key};
-    use serde_json::json;
+    use cloudlink::keys::generate_private_key;
+
     let nats = NatsServer::start();
     let tmp = tempfile::tempdir().unwrap();
     let key = shared_key(tmp.path());
-    let gw_public =
-        public_key(&cloudlink::keys::decode_key(&std::fs::read_to_string(&key).unwrap()).unwrap());
+    let gw_public = gateway_public(&key);
     // The pause stays well inside the lease: A is slow, not dead.
     let opts = ["--link-timeout", "2s", "--cluster-lease", "30s"];
     let mut a = Proc::spawn(&tmp.path().join("a"), &key, &nats.url, "gw-a", &opts);
@@ -1086,14 +1072,7 @@ async fn a_paused_former_owner_does_not_mark_a_moved_device_down() {
     a.ready(Duration::from_secs(20));
     b.ready(Duration::from_secs(20));
     let k = generate_private_key();
-    let (st, _) = call(
-        &a.api,
-        "POST",
-        "/v1/devices",
-        Some(json!({"uuid": "paused", "public_key": encode_key(&public_key(&k))})),
-    )
-    .await;
-    assert_eq!(st, 201);
+    let _ = register(&a, "paused", &k).await;
     let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     socket
         .set_read_timeout(Some(Duration::from_secs(3)))
@@ -1168,27 +1147,19 @@ async fn a_paused_former_owner_does_not_mark_a_moved_device_down() {
 /// every gateway then shows connected through it again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_back_from_a_long_pause_claims_its_devices_again() {
-    use cloudlink::keys::{encode_key, generate_private_key, public_key};
-    use serde_json::json;
+    use cloudlink::keys::generate_private_key;
+
     let nats = NatsServer::start();
     let tmp = tempfile::tempdir().unwrap();
     let key = shared_key(tmp.path());
-    let gw_public =
-        public_key(&cloudlink::keys::decode_key(&std::fs::read_to_string(&key).unwrap()).unwrap());
+    let gw_public = gateway_public(&key);
     let opts = ["--cluster-lease", "3s"];
     let mut a = Proc::spawn(&tmp.path().join("a"), &key, &nats.url, "gw-a", &opts);
     let mut b = Proc::spawn(&tmp.path().join("b"), &key, &nats.url, "gw-b", &opts);
     a.ready(Duration::from_secs(20));
     b.ready(Duration::from_secs(20));
     let k = generate_private_key();
-    let (st, _) = call(
-        &a.api,
-        "POST",
-        "/v1/devices",
-        Some(json!({"uuid": "sleeper", "public_key": encode_key(&public_key(&k))})),
-    )
-    .await;
-    assert_eq!(st, 201);
+    let _ = register(&a, "sleeper", &k).await;
     let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     socket
         .set_read_timeout(Some(Duration::from_secs(3)))
@@ -1264,8 +1235,7 @@ async fn tunnels_and_ssh_survive_a_nats_outage() {
     let mut nats = NatsServer::start();
     let tmp = tempfile::tempdir().unwrap();
     let key = shared_key(tmp.path());
-    let gw_public =
-        public_key(&cloudlink::keys::decode_key(&std::fs::read_to_string(&key).unwrap()).unwrap());
+    let gw_public = gateway_public(&key);
     // A lease much shorter than the outage: every lease lapses meanwhile.
     // wireguard-go keeps the link with 25 s keepalives.
     let opts = ["--cluster-lease", "6s", "--link-timeout", "60s"];
@@ -1344,14 +1314,7 @@ async fn tunnels_and_ssh_survive_a_nats_outage() {
     }
     // A second device, registered now, first dials during the outage.
     let k2 = generate_private_key();
-    let (st, _) = call(
-        &a.api,
-        "POST",
-        "/v1/devices",
-        Some(json!({"uuid": "newcomer", "public_key": encode_key(&public_key(&k2))})),
-    )
-    .await;
-    assert_eq!(st, 201);
+    let _ = register(&a, "newcomer", &k2).await;
     // Where the stream stood before the outage.
     let mut before = common::SseReader::connect(&format!("{}/v1/events", b.api), None).await;
     let (_, listing) = call(&b.api, "GET", "/v1/devices?limit=1", None).await;
@@ -1487,27 +1450,19 @@ async fn tunnels_and_ssh_survive_a_nats_outage() {
 /// is on the stream once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_heartbeats_and_counters_are_the_clusters() {
-    use cloudlink::keys::{encode_key, generate_private_key, public_key};
+    use cloudlink::keys::generate_private_key;
     use serde_json::json;
     let nats = NatsServer::start();
     let tmp = tempfile::tempdir().unwrap();
     let key = shared_key(tmp.path());
-    let gw_public =
-        public_key(&cloudlink::keys::decode_key(&std::fs::read_to_string(&key).unwrap()).unwrap());
+    let gw_public = gateway_public(&key);
     let mut a = Proc::spawn(&tmp.path().join("a"), &key, &nats.url, "gw-a", &[]);
     let mut b = Proc::spawn(&tmp.path().join("b"), &key, &nats.url, "gw-b", &[]);
     a.ready(Duration::from_secs(20));
     b.ready(Duration::from_secs(20));
     let mut events = common::SseReader::connect(&format!("{}/v1/events", a.api), None).await;
     let k = generate_private_key();
-    let (st, _) = call(
-        &a.api,
-        "POST",
-        "/v1/devices",
-        Some(json!({"uuid": "st-1", "public_key": encode_key(&public_key(&k))})),
-    )
-    .await;
-    assert_eq!(st, 201);
+    let _ = register(&a, "st-1", &k).await;
     let wait_on = |gw: &Proc, what: &'static str, ok: fn(&serde_json::Value) -> bool| {
         let api = gw.api.clone();
         async move {
@@ -1683,8 +1638,7 @@ async fn a_three_server_nats_cluster_survives_losing_a_server() {
     let mut nats = common::nats::NatsCluster::start();
     let tmp = tempfile::tempdir().unwrap();
     let key = shared_key(tmp.path());
-    let gw_public =
-        public_key(&cloudlink::keys::decode_key(&std::fs::read_to_string(&key).unwrap()).unwrap());
+    let gw_public = gateway_public(&key);
     let mut a = Proc::spawn(&tmp.path().join("a"), &key, &nats.urls, "gw-a", &[]);
     let mut b = Proc::spawn(&tmp.path().join("b"), &key, &nats.urls, "gw-b", &[]);
     a.ready(Duration::from_secs(30));
@@ -1910,13 +1864,12 @@ impl Drop for KillOnDrop {
 /// seconds, with its address unchanged, not at its next handshake.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_gateways_devices_are_redialled_by_the_survivors() {
-    use cloudlink::keys::{encode_key, generate_private_key, public_key};
-    use serde_json::json;
+    use cloudlink::keys::generate_private_key;
+
     let nats = NatsServer::start();
     let tmp = tempfile::tempdir().unwrap();
     let key = shared_key(tmp.path());
-    let gw_public =
-        public_key(&cloudlink::keys::decode_key(&std::fs::read_to_string(&key).unwrap()).unwrap());
+    let gw_public = gateway_public(&key);
     let lease = ["--cluster-lease", "3s"];
     let mut a = Proc::spawn(&tmp.path().join("a"), &key, &nats.url, "gw-a", &lease);
     let mut b = Proc::spawn(&tmp.path().join("b"), &key, &nats.url, "gw-b", &lease);
@@ -1927,14 +1880,7 @@ async fn a_killed_gateways_devices_are_redialled_by_the_survivors() {
     for i in 0..N {
         let k = generate_private_key();
         let uuid = format!("orphan-{i}");
-        let (st, reg) = call(
-            &a.api,
-            "POST",
-            "/v1/devices",
-            Some(json!({"uuid": uuid, "public_key": encode_key(&public_key(&k))})),
-        )
-        .await;
-        assert_eq!(st, 201);
+        let reg = register(&a, &uuid, &k).await;
         let dev = dial_opt(b.udp, &gw_public, 81 + i as u32, k);
         let address = reg["address"].as_str().unwrap().to_owned();
         devices.push((uuid, address, dev.expect("B answered")));
@@ -1949,20 +1895,8 @@ async fn a_killed_gateways_devices_are_redialled_by_the_survivors() {
     let mut events = common::SseReader::connect(&format!("{}/v1/events", a.api), None).await;
     let killed = Instant::now();
     b.kill9();
-    let mut buf = vec![0u8; 2048];
     for (uuid, _, d) in devices.iter_mut() {
-        d.socket
-            .set_read_timeout(Some(Duration::from_secs(25)))
-            .unwrap();
-        let (n, from) = d
-            .socket
-            .recv_from(&mut buf)
-            .unwrap_or_else(|e| panic!("{uuid}: no initiation from A: {e}\n{}", a.log()));
-        assert_eq!(from, a.udp, "{uuid}");
-        assert_eq!((buf[0], n), (1, 148), "a handshake initiation");
-        d.gateway = from;
-        d.feed(&buf[..n]);
-        d.keepalive();
+        answer_redial(uuid, d, &a, Duration::from_secs(25));
     }
     for (uuid, address, _) in &devices {
         let deadline = killed + Duration::from_secs(30);

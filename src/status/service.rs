@@ -170,49 +170,46 @@ impl DeviceStatus {
 
     /// A heartbeat from the device; `None` if it is not registered.
     pub fn heartbeat(&self, uuid: &str) -> Option<View> {
-        let endpoint = self.endpoint_of(uuid);
         let now = now_ms();
-        let mut t = self.state.lock();
-        let slot = t.slots.get(uuid)?;
-        let change = t.tracker.heartbeat(slot, now, None);
-        t.heard_elsewhere.remove(&slot);
-        self.publish(
-            &t.tracker,
-            uuid,
-            change,
-            "heartbeat",
-            endpoint.as_deref(),
-            Reach::Cluster,
-        );
-        let view = t.tracker.view(slot);
-        drop(t);
-        if let Some(share) = self.cluster.get() {
+        let view = self.apply_heartbeat(uuid, now, false);
+        if let (Some(share), Some(_)) = (self.cluster.get(), &view) {
             share(uuid, now);
         }
-        self.wake.notify_one();
         view
     }
 
     /// Cluster mode: another gateway took a heartbeat from the device at
     /// `at_ms`. Applied here; that gateway announces what it changed.
     pub fn heartbeat_elsewhere(&self, uuid: &str, at_ms: u64) {
+        self.apply_heartbeat(uuid, at_ms.min(now_ms()), true);
+    }
+
+    /// A heartbeat at `at_ms`, taken here or (`elsewhere`) by another
+    /// gateway, which then announces the status change.
+    fn apply_heartbeat(&self, uuid: &str, at_ms: u64, elsewhere: bool) -> Option<View> {
         let endpoint = self.endpoint_of(uuid);
         let mut t = self.state.lock();
-        let Some(slot) = t.slots.get(uuid) else {
-            return;
+        let slot = t.slots.get(uuid)?;
+        let change = t.tracker.heartbeat(slot, at_ms, None);
+        let reach = if elsewhere {
+            t.heard_elsewhere.insert(slot);
+            Reach::Local
+        } else {
+            t.heard_elsewhere.remove(&slot);
+            Reach::Cluster
         };
-        let change = t.tracker.heartbeat(slot, at_ms.min(now_ms()), None);
-        t.heard_elsewhere.insert(slot);
         self.publish(
             &t.tracker,
             uuid,
             change,
             "heartbeat",
             endpoint.as_deref(),
-            Reach::Local,
+            reach,
         );
+        let view = t.tracker.view(slot);
         drop(t);
         self.wake.notify_one();
+        view
     }
 
     /// Cluster mode: the ownership directory says the device's link is up
@@ -272,20 +269,7 @@ impl DeviceStatus {
     /// The device's link went up or down (called by the packet path, after
     /// the link event was published).
     pub fn link(&self, uuid: &str, up: bool, endpoint: std::net::SocketAddr) {
-        let mut t = self.state.lock();
-        let Some(slot) = t.slots.get(uuid) else {
-            return;
-        };
-        let change = t.tracker.set_link(slot, now_ms(), up);
-        let reason = if up { "link.up" } else { "link.down" };
-        self.publish(
-            &t.tracker,
-            uuid,
-            change,
-            reason,
-            Some(&endpoint.to_string()),
-            Reach::Cluster,
-        );
+        self.link_from_cluster(uuid, up, Some(&endpoint.to_string()), Reach::Cluster);
     }
 
     fn publish(
