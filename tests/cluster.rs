@@ -643,6 +643,33 @@ async fn view(gw: &Proc, uuid: &str) -> (bool, Option<String>) {
     )
 }
 
+/// NATS and two gateways of one cluster (`gw-a`, `gw-b`) with `opts`,
+/// ready; the temporary directory holds their data and the shared key.
+struct Two {
+    nats: NatsServer,
+    tmp: tempfile::TempDir,
+    key: std::path::PathBuf,
+    a: Proc,
+    b: Proc,
+}
+
+fn two_gateways(opts: &[&str]) -> Two {
+    let nats = NatsServer::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let key = shared_key(tmp.path());
+    let mut a = Proc::spawn(&tmp.path().join("a"), &key, &nats.url, "gw-a", opts);
+    let mut b = Proc::spawn(&tmp.path().join("b"), &key, &nats.url, "gw-b", opts);
+    a.ready(Duration::from_secs(20));
+    b.ready(Duration::from_secs(20));
+    Two {
+        nats,
+        tmp,
+        key,
+        a,
+        b,
+    }
+}
+
 /// The WireGuard public key of the cluster's shared identity.
 fn gateway_public(key: &Path) -> cloudlink::keys::KeyBytes {
     cloudlink::keys::public_key(
@@ -901,15 +928,15 @@ async fn a_dead_gateways_devices_go_down_exactly_once() {
 async fn a_device_that_moves_is_announced_as_moved_not_down_and_up() {
     use cloudlink::keys::generate_private_key;
 
-    let nats = NatsServer::start();
-    let tmp = tempfile::tempdir().unwrap();
-    let key = shared_key(tmp.path());
-    let gw_public = gateway_public(&key);
     let opts = ["--link-timeout", "2s"];
-    let mut a = Proc::spawn(&tmp.path().join("a"), &key, &nats.url, "gw-a", &opts);
-    let mut b = Proc::spawn(&tmp.path().join("b"), &key, &nats.url, "gw-b", &opts);
-    a.ready(Duration::from_secs(20));
-    b.ready(Duration::from_secs(20));
+    let Two {
+        nats: _nats,
+        tmp: _tmp,
+        key,
+        a,
+        b,
+    } = two_gateways(&opts);
+    let gw_public = gateway_public(&key);
     let k = generate_private_key();
     let _ = register(&a, "mover", &k).await;
     let mut events_a = common::SseReader::connect(&format!("{}/v1/events", a.api), None).await;
@@ -971,16 +998,16 @@ async fn a_device_that_moves_is_announced_as_moved_not_down_and_up() {
 async fn a_clean_stop_hands_its_devices_over_without_a_link_down() {
     use cloudlink::keys::generate_private_key;
 
-    let nats = NatsServer::start();
-    let tmp = tempfile::tempdir().unwrap();
-    let key = shared_key(tmp.path());
-    let gw_public = gateway_public(&key);
     // A long lease: only a hand-over can be this quick.
     let lease = ["--cluster-lease", "60s"];
-    let mut a = Proc::spawn(&tmp.path().join("a"), &key, &nats.url, "gw-a", &lease);
-    let mut b = Proc::spawn(&tmp.path().join("b"), &key, &nats.url, "gw-b", &lease);
-    a.ready(Duration::from_secs(20));
-    b.ready(Duration::from_secs(20));
+    let Two {
+        nats: _nats,
+        tmp: _tmp,
+        key,
+        a,
+        mut b,
+    } = two_gateways(&lease);
+    let gw_public = gateway_public(&key);
     const N: usize = 5;
     let mut devices = Vec::new();
     for i in 0..N {
@@ -1061,16 +1088,16 @@ async fn a_clean_stop_hands_its_devices_over_without_a_link_down() {
 async fn a_paused_former_owner_does_not_mark_a_moved_device_down() {
     use cloudlink::keys::generate_private_key;
 
-    let nats = NatsServer::start();
-    let tmp = tempfile::tempdir().unwrap();
-    let key = shared_key(tmp.path());
-    let gw_public = gateway_public(&key);
     // The pause stays well inside the lease: A is slow, not dead.
     let opts = ["--link-timeout", "2s", "--cluster-lease", "30s"];
-    let mut a = Proc::spawn(&tmp.path().join("a"), &key, &nats.url, "gw-a", &opts);
-    let mut b = Proc::spawn(&tmp.path().join("b"), &key, &nats.url, "gw-b", &opts);
-    a.ready(Duration::from_secs(20));
-    b.ready(Duration::from_secs(20));
+    let Two {
+        nats: _nats,
+        tmp: _tmp,
+        key,
+        a,
+        b,
+    } = two_gateways(&opts);
+    let gw_public = gateway_public(&key);
     let k = generate_private_key();
     let _ = register(&a, "paused", &k).await;
     let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -1149,15 +1176,15 @@ async fn a_paused_former_owner_does_not_mark_a_moved_device_down() {
 async fn a_gateway_back_from_a_long_pause_claims_its_devices_again() {
     use cloudlink::keys::generate_private_key;
 
-    let nats = NatsServer::start();
-    let tmp = tempfile::tempdir().unwrap();
-    let key = shared_key(tmp.path());
-    let gw_public = gateway_public(&key);
     let opts = ["--cluster-lease", "3s"];
-    let mut a = Proc::spawn(&tmp.path().join("a"), &key, &nats.url, "gw-a", &opts);
-    let mut b = Proc::spawn(&tmp.path().join("b"), &key, &nats.url, "gw-b", &opts);
-    a.ready(Duration::from_secs(20));
-    b.ready(Duration::from_secs(20));
+    let Two {
+        nats: _nats,
+        tmp: _tmp,
+        key,
+        a,
+        b,
+    } = two_gateways(&opts);
+    let gw_public = gateway_public(&key);
     let k = generate_private_key();
     let _ = register(&a, "sleeper", &k).await;
     let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -1452,14 +1479,14 @@ async fn tunnels_and_ssh_survive_a_nats_outage() {
 async fn status_heartbeats_and_counters_are_the_clusters() {
     use cloudlink::keys::generate_private_key;
     use serde_json::json;
-    let nats = NatsServer::start();
-    let tmp = tempfile::tempdir().unwrap();
-    let key = shared_key(tmp.path());
+    let Two {
+        nats: _nats,
+        tmp: _tmp,
+        key,
+        a,
+        b,
+    } = two_gateways(&[]);
     let gw_public = gateway_public(&key);
-    let mut a = Proc::spawn(&tmp.path().join("a"), &key, &nats.url, "gw-a", &[]);
-    let mut b = Proc::spawn(&tmp.path().join("b"), &key, &nats.url, "gw-b", &[]);
-    a.ready(Duration::from_secs(20));
-    b.ready(Duration::from_secs(20));
     let mut events = common::SseReader::connect(&format!("{}/v1/events", a.api), None).await;
     let k = generate_private_key();
     let _ = register(&a, "st-1", &k).await;
@@ -1547,13 +1574,13 @@ async fn status_heartbeats_and_counters_are_the_clusters() {
 /// cluster's key), and signing out on B ends it on A too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dashboard_sessions_work_on_every_gateway() {
-    let nats = NatsServer::start();
-    let tmp = tempfile::tempdir().unwrap();
-    let key = shared_key(tmp.path());
-    let mut a = Proc::spawn(&tmp.path().join("a"), &key, &nats.url, "gw-a", &[]);
-    let mut b = Proc::spawn(&tmp.path().join("b"), &key, &nats.url, "gw-b", &[]);
-    a.ready(Duration::from_secs(20));
-    b.ready(Duration::from_secs(20));
+    let Two {
+        nats,
+        tmp,
+        key,
+        a,
+        b,
+    } = two_gateways(&[]);
     let http = reqwest::Client::new();
     let r = http
         .post(format!("{}/v1/session", a.api))
@@ -1715,13 +1742,13 @@ async fn a_three_server_nats_cluster_survives_losing_a_server() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_action_posted_to_any_gateway_reaches_the_device_through_its_owner() {
     use serde_json::json;
-    let nats = NatsServer::start();
-    let tmp = tempfile::tempdir().unwrap();
-    let key = shared_key(tmp.path());
-    let mut a = Proc::spawn(&tmp.path().join("a"), &key, &nats.url, "gw-a", &[]);
-    let mut b = Proc::spawn(&tmp.path().join("b"), &key, &nats.url, "gw-b", &[]);
-    a.ready(Duration::from_secs(20));
-    b.ready(Duration::from_secs(20));
+    let Two {
+        nats: _nats,
+        tmp: _tmp,
+        key: _key,
+        a,
+        b,
+    } = two_gateways(&[]);
     let marks = tempfile::tempdir().unwrap();
     let mark = marks.path().join("restarted");
     let hook = format!(
@@ -1776,13 +1803,13 @@ async fn an_action_posted_to_any_gateway_reaches_the_device_through_its_owner() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ssh_through_any_gateways_proxy_reaches_the_device_through_its_owner() {
     use common::ssh::{wait_until, SshFixture};
-    let nats = NatsServer::start();
-    let tmp = tempfile::tempdir().unwrap();
-    let key = shared_key(tmp.path());
-    let mut a = Proc::spawn(&tmp.path().join("a"), &key, &nats.url, "gw-a", &[]);
-    let mut b = Proc::spawn(&tmp.path().join("b"), &key, &nats.url, "gw-b", &[]);
-    a.ready(Duration::from_secs(20));
-    b.ready(Duration::from_secs(20));
+    let Two {
+        nats: _nats,
+        tmp: _tmp,
+        key: _key,
+        a,
+        b,
+    } = two_gateways(&[]);
     let ssh = SshFixture::new();
     let sshd_port = free_port(false);
     let _sshd = KillOnDrop(ssh.start_sshd(&[], &format!("127.0.0.1:{sshd_port}")));
@@ -1866,15 +1893,15 @@ impl Drop for KillOnDrop {
 async fn a_killed_gateways_devices_are_redialled_by_the_survivors() {
     use cloudlink::keys::generate_private_key;
 
-    let nats = NatsServer::start();
-    let tmp = tempfile::tempdir().unwrap();
-    let key = shared_key(tmp.path());
-    let gw_public = gateway_public(&key);
     let lease = ["--cluster-lease", "3s"];
-    let mut a = Proc::spawn(&tmp.path().join("a"), &key, &nats.url, "gw-a", &lease);
-    let mut b = Proc::spawn(&tmp.path().join("b"), &key, &nats.url, "gw-b", &lease);
-    a.ready(Duration::from_secs(20));
-    b.ready(Duration::from_secs(20));
+    let Two {
+        nats: _nats,
+        tmp: _tmp,
+        key,
+        a,
+        mut b,
+    } = two_gateways(&lease);
+    let gw_public = gateway_public(&key);
     const N: usize = 5;
     let mut devices = Vec::new();
     for i in 0..N {
