@@ -1257,7 +1257,7 @@ async fn a_registry_holding_only_a_stray_claim_does_not_hold_a_gateway_up() {
 async fn tunnels_and_ssh_survive_a_nats_outage() {
     use cloudlink::keys::{encode_key, generate_private_key, public_key};
     use common::netns::{wg_keypair, Netns, WgGoDevice};
-    use common::ssh::{wait_until, SshFixture};
+    use common::ssh::SshFixture;
     use serde_json::json;
     let mut nats = NatsServer::start();
     let tmp = tempfile::tempdir().unwrap();
@@ -1294,17 +1294,7 @@ async fn tunnels_and_ssh_survive_a_nats_outage() {
     let mut dev = WgGoDevice::configure(ns, &reg, &private, a.udp.port(), &tag);
     dev.wait_handshake();
     let ssh = SshFixture::new();
-    let listen = format!("{}:22", dev.address);
-    let child = ssh.start_sshd(&["ip", "netns", "exec", &dev.ns.name], &listen);
-    dev.ns.children.push(child);
-    let (nsname, addr) = (dev.ns.name.clone(), dev.address.clone());
-    wait_until(Duration::from_secs(10), || {
-        Command::new("ip")
-            .args(["netns", "exec", &nsname, "sh", "-c"])
-            .arg(format!("ss -ltn | grep -q '{addr}:22 '"))
-            .status()
-            .is_ok_and(|s| s.success())
-    });
+    dev.start_sshd(&ssh);
     let ssh_echo = |word: &str| {
         let o = tokio::task::block_in_place(|| {
             ssh.ssh(

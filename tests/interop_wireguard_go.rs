@@ -176,47 +176,7 @@ async fn an_action_reaches_a_supervisor_behind_wireguard_go() {
 
     let out = tempfile::tempdir().unwrap();
     let log = out.path().join("request.json");
-    let server = format!(
-        r#"
-import http.server, json
-class H(http.server.BaseHTTPRequestHandler):
-    def do_POST(self):
-        n = int(self.headers.get("Content-Length", 0))
-        body = self.rfile.read(n).decode()
-        open("{log}", "w").write(json.dumps({{"path": self.path, "auth": self.headers.get("Authorization"), "body": json.loads(body)}}))
-        out = b'{{"Data":"OK","Error":null}}'
-        self.send_response(202)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(out)))
-        self.end_headers()
-        self.wfile.write(out)
-    def log_message(self, *a):
-        pass
-http.server.HTTPServer(("{addr}", 48484), H).serve_forever()
-"#,
-        log = log.display(),
-        addr = dev.address
-    );
-    let child = std::process::Command::new("ip")
-        .args(["netns", "exec", &dev.ns.name, "python3", "-c", &server])
-        .spawn()
-        .expect("python3 could not run; install it with `bash tests/run.sh`");
-    dev.ns.children.push(child);
-    let ns = dev.ns.name.clone();
-    let addr = dev.address.clone();
-    common::ssh::wait_until(Duration::from_secs(10), || {
-        std::process::Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &ns,
-                "sh",
-                "-c",
-                &format!("ss -ltn | grep -q '{addr}:48484 '"),
-            ])
-            .status()
-            .is_ok_and(|s| s.success())
-    });
+    dev.start_supervisor(&log);
 
     let (st, d) = g
         .call(

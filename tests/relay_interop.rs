@@ -27,24 +27,7 @@ async fn ssh_and_a_20_mb_file_through_wireguard_go() {
         .await;
 
     let ssh = SshFixture::new();
-    let listen = format!("{}:22", dev.address);
-    let child = ssh.start_sshd(&["ip", "netns", "exec", &dev.ns.name], &listen);
-    dev.ns.children.push(child);
-    let ns = dev.ns.name.clone();
-    let addr = dev.address.clone();
-    wait_until(Duration::from_secs(10), || {
-        std::process::Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &ns,
-                "sh",
-                "-c",
-                &format!("ss -ltn | grep -q '{addr}:22 '"),
-            ])
-            .status()
-            .is_ok_and(|s| s.success())
-    });
+    dev.start_sshd(&ssh);
     let proxy_port = g.gw().proxy_addr().port();
 
     // A command.

