@@ -6,8 +6,14 @@
 //!
 //! States: `queued` → `delivering` → `completed` (the device answered, with
 //! whatever status) or `failed` (delivery failed: refused, timed out, not
-//! HTTP); `queued` → `expired` once its TTL passed. A delivery cut short by
-//! the link going down again goes back to `queued`.
+//! HTTP); `queued` → `expired` once its TTL passed. A delivery that found
+//! the link down again (nothing sent) goes back to `queued`. A delivery cut
+//! short by the gateway stopping or dying becomes `unknown`, never `queued`:
+//! it may have reached the device, and an action is delivered at most once.
+//!
+//! In cluster mode the records live in NATS (`cluster::actions`), shared by
+//! every gateway: whichever gateway the device links up on claims each
+//! queued action with a compare-and-set before delivering it.
 
 use parking_lot::Mutex;
 use rusqlite::{params, Connection, OptionalExtension};
@@ -18,6 +24,8 @@ use std::time::Duration;
 use crate::actions::{deliver_counted, supervisor_call, Action, DeliveryError, Params};
 use crate::bus::event::{ActionOutcome, Event};
 use crate::bus::EventBus;
+pub use crate::cluster::actions::Inserted;
+use crate::cluster::actions::SharedActions;
 use crate::registry::{now_ms, Registry, RegistryError};
 use crate::relay::Relay;
 
@@ -62,6 +70,8 @@ pub struct ActionQueue {
     events: Arc<dyn EventBus>,
     relay: Weak<Relay>,
     timeout: Duration,
+    /// Cluster mode: the records are the cluster's.
+    shared: std::sync::OnceLock<Arc<SharedActions>>,
 }
 
 const COLUMNS: &str = "id, device, action, force, app_id, service_name, state, created_at, expires_at, device_status, device_body";
@@ -86,7 +96,7 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredAction> {
     })
 }
 
-fn new_id() -> String {
+pub fn new_id() -> String {
     let mut b = [0u8; 12];
     rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut b);
     b.iter().map(|x| format!("{x:02x}")).collect()
@@ -103,9 +113,10 @@ impl ActionQueue {
         // The registry opened the file first and brought its schema (this
         // table's too) up to date.
         let conn = crate::registry::open_conn(registry.path(), false)?;
-        // A delivery cut short by a stop is tried again at the next link-up.
+        // A delivery cut short by a stop may have reached the device: it is
+        // never sent again.
         conn.execute(
-            "UPDATE actions SET state = 'queued' WHERE state = 'delivering'",
+            "UPDATE actions SET state = 'unknown' WHERE state = 'delivering'",
             [],
         )?;
         Ok(ActionQueue {
@@ -114,12 +125,126 @@ impl ActionQueue {
             events,
             relay,
             timeout,
+            shared: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Cluster mode: from now on the records are the cluster's. Deliveries
+    /// a previous boot of this gateway left half done become `unknown`.
+    pub fn set_shared(self: &Arc<Self>, shared: Arc<SharedActions>) {
+        let _ = self.shared.set(shared.clone());
+        let q = self.clone();
+        tokio::spawn(async move {
+            shared.wait_synced(Duration::from_secs(30)).await;
+            q.announce_interrupted(shared.interrupted_here().await);
+        });
+    }
+
+    /// A dead gateway's deliveries under way become `unknown` (the survivor
+    /// that reaped it calls this).
+    pub async fn gateway_lost(self: Arc<Self>, gateway: String, boot: String) {
+        if let Some(shared) = self.shared.get() {
+            let moved = shared.interrupted(&gateway, |b| b == boot).await;
+            self.announce_interrupted(moved);
+        }
+    }
+
+    fn announce_interrupted(&self, moved: Vec<StoredAction>) {
+        for a in moved {
+            tracing::warn!(device = %a.device, action = %a.action, id = %a.id, "a delivery was cut short by a gateway stopping: its outcome is unknown and it is not sent again");
+            self.metrics.action(&a.action, "unknown");
+            self.publish(&a, Event::ActionFailed, "delivery_interrupted");
+        }
+    }
+
+    /// The action a device already got under this idempotency key (within
+    /// 24 h), if any; from the cluster in cluster mode.
+    pub async fn find_idempotent(
+        self: &Arc<Self>,
+        device: &str,
+        key: &str,
+    ) -> Result<Option<StoredAction>, RegistryError> {
+        if let Some(shared) = self.shared.get() {
+            return shared.by_idempotency_key(device, key).await;
+        }
+        let (q, d, k) = (self.clone(), device.to_owned(), key.to_owned());
+        unblock(move || q.by_idempotency_key(&d, &k)).await
+    }
+
+    /// Stores a new action in `state` (`queued`, or `delivering` for an
+    /// immediate one with an idempotency key, recorded before it is sent),
+    /// unless the device already got one under the same key: then that
+    /// one.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn add(
+        self: &Arc<Self>,
+        device: &str,
+        action: Action,
+        p: &Params,
+        api_key: Option<&str>,
+        state: &str,
+        ttl: Duration,
+        idempotency_key: Option<&str>,
+    ) -> Result<Inserted, RegistryError> {
+        let id = new_id();
+        if let Some(shared) = self.shared.get() {
+            return shared
+                .insert(device, &id, action, p, api_key, state, ttl, idempotency_key)
+                .await;
+        }
+        let (q, d, p, k, st, i) = (
+            self.clone(),
+            device.to_owned(),
+            p.clone(),
+            api_key.map(str::to_owned),
+            state.to_owned(),
+            idempotency_key.map(str::to_owned),
+        );
+        unblock(move || q.insert(&id, &d, action, &p, k.as_deref(), &st, ttl, i.as_deref())).await
+    }
+
+    /// An action by id.
+    pub async fn lookup(self: &Arc<Self>, id: &str) -> Result<Option<StoredAction>, RegistryError> {
+        if let Some(shared) = self.shared.get() {
+            return shared.get(id).await;
+        }
+        let (q, id) = (self.clone(), id.to_owned());
+        unblock(move || q.get(&id)).await
+    }
+
+    /// Records the outcome of a delivery: `completed` with the device's
+    /// answer, `failed`, `queued` again; `None` forgets the action (nothing
+    /// was sent: its idempotency key may be used again).
+    pub async fn settle(
+        self: &Arc<Self>,
+        device: &str,
+        id: &str,
+        state: Option<&str>,
+        answer: Option<(u16, &Value)>,
+    ) -> Result<(), RegistryError> {
+        if let Some(shared) = self.shared.get() {
+            return match state {
+                Some(st) => shared.settle(device, id, st, answer).await,
+                None => shared.forget(device, id).await,
+            };
+        }
+        let (q, id, st) = (self.clone(), id.to_owned(), state.map(str::to_owned));
+        let answer = answer.map(|(s, b)| (s, b.clone()));
+        unblock(move || match st {
+            Some(st) => q.set_state(&id, &st, answer.as_ref().map(|(s, b)| (*s, b))),
+            None => {
+                q.conn
+                    .lock()
+                    .execute("DELETE FROM actions WHERE id = ?1", [&id])?;
+                Ok(())
+            }
+        })
+        .await
     }
 
     /// The action a device already got under this idempotency key (within
     /// 24 h), if any.
-    pub fn by_idempotency_key(
+    fn by_idempotency_key(
         &self,
         device: &str,
         key: &str,
@@ -132,18 +257,20 @@ impl ActionQueue {
         Ok(st.query_row(params![device, key, since], row).optional()?)
     }
 
-    pub fn get(&self, id: &str) -> Result<Option<StoredAction>, RegistryError> {
+    fn get(&self, id: &str) -> Result<Option<StoredAction>, RegistryError> {
         let c = self.conn.lock();
         let mut st = c.prepare_cached(&format!("SELECT {COLUMNS} FROM actions WHERE id = ?1"))?;
         Ok(st.query_row([id], row).optional()?)
     }
 
-    /// Stores an action in `state` (`queued`, or `completed`/`failed` for an
-    /// immediate one remembered for its idempotency key). Committed before
-    /// it returns.
+    /// Stores an action in `state` unless the device got one under the same
+    /// idempotency key within 24 h (checked under the same lock: two
+    /// concurrent requests never both store one). Committed before it
+    /// returns.
     #[allow(clippy::too_many_arguments)]
-    pub fn insert(
+    fn insert(
         &self,
+        id: &str,
         device: &str,
         action: Action,
         p: &Params,
@@ -151,14 +278,19 @@ impl ActionQueue {
         state: &str,
         ttl: Duration,
         idempotency_key: Option<&str>,
-        answer: Option<(u16, &Value)>,
-    ) -> Result<StoredAction, RegistryError> {
-        let id = new_id();
+    ) -> Result<Inserted, RegistryError> {
         let now = now_ms();
         let expires = now + ttl.as_millis() as i64;
         let c = self.conn.lock();
-        // An old use of the same key (past the window) gives way.
         if let Some(k) = idempotency_key {
+            let since = now - IDEMPOTENCY_WINDOW.as_millis() as i64;
+            let mut st = c.prepare_cached(&format!(
+                "SELECT {COLUMNS} FROM actions WHERE device = ?1 AND idempotency_key = ?2 AND created_at >= ?3"
+            ))?;
+            if let Some(first) = st.query_row(params![device, k, since], row).optional()? {
+                return Ok(Inserted::Existing(first));
+            }
+            // An old use of the same key (past the window) gives way.
             c.execute(
                 "UPDATE actions SET idempotency_key = NULL WHERE device = ?1 AND idempotency_key = ?2",
                 params![device, k],
@@ -166,7 +298,7 @@ impl ActionQueue {
         }
         c.execute(
             "INSERT INTO actions (id, device, action, force, app_id, service_name, api_key, state, created_at, expires_at, device_status, device_body, idempotency_key)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, NULL, NULL, ?11)",
             params![
                 id,
                 device,
@@ -178,13 +310,11 @@ impl ActionQueue {
                 state,
                 now,
                 expires,
-                answer.map(|a| a.0 as i64),
-                answer.map(|a| a.1.to_string()),
                 idempotency_key
             ],
         )?;
         drop(c);
-        Ok(self.get(&id)?.expect("just inserted"))
+        Ok(Inserted::New(self.get(id)?.expect("just inserted")))
     }
 
     fn set_state(
@@ -232,9 +362,9 @@ impl ActionQueue {
 
     /// Delivers the device's queued actions, oldest first (at link-up).
     pub async fn deliver_queued(self: Arc<Self>, device: String) {
-        let Some(relay) = self.relay.upgrade() else {
-            return;
-        };
+        if let Some(shared) = self.shared.get().cloned() {
+            return self.deliver_claimed(&shared, device).await;
+        }
         let q = self.clone();
         let d = device.clone();
         let pending = match tokio::task::spawn_blocking(move || q.queued_for(&d)).await {
@@ -245,43 +375,88 @@ impl ActionQueue {
             if a.expires_at_ms <= now_ms() {
                 continue; // the expiry task announces it
             }
-            let Some(action) = Action::parse(&a.action) else {
-                continue;
-            };
-            let Ok((path, body)) = supervisor_call(action, &a.params) else {
-                continue;
-            };
             let _ = self.set_state(&a.id, "delivering", None);
-            let result = deliver_counted(
-                &relay,
-                &self.metrics,
-                &device,
-                action,
-                (&path, &body),
-                key.as_deref(),
-                self.timeout,
-                true,
-            )
-            .await;
-            let mut done = a.clone();
-            match result {
-                Ok(answer) => {
-                    let _ = self.set_state(&a.id, "completed", Some((answer.status, &answer.body)));
-                    done.state = "completed".into();
-                    done.device_status = Some(answer.status);
-                    self.publish(&done, Event::ActionCompleted, "delivered");
+            if !self.deliver_one(&device, a, key).await {
+                return;
+            }
+        }
+    }
+
+    /// Cluster mode: claims the device's queued actions one at a time, each
+    /// with a compare-and-set, and delivers what it won.
+    async fn deliver_claimed(self: Arc<Self>, shared: &SharedActions, device: String) {
+        loop {
+            match shared.claim_next(&device).await {
+                Ok(Some((a, key))) => {
+                    if !self.deliver_one(&device, a, key).await {
+                        return;
+                    }
                 }
-                Err(DeliveryError::Unavailable) => {
-                    // The link went down again: wait for the next link-up.
-                    let _ = self.set_state(&a.id, "queued", None);
+                Ok(None) => return,
+                Err(e) => {
+                    tracing::warn!(device = %device, error = %e, "could not claim queued actions");
                     return;
                 }
-                Err(e) => {
-                    let _ = self.set_state(&a.id, "failed", None);
-                    done.state = "failed".into();
-                    tracing::warn!(device = %device, action = %a.action, error = %e, "queued action failed");
-                    self.publish(&done, Event::ActionFailed, &e.to_string());
-                }
+            }
+        }
+    }
+
+    /// Delivers one claimed action and records the outcome; false when the
+    /// link went down (the rest wait for the next link-up).
+    async fn deliver_one(
+        self: &Arc<Self>,
+        device: &str,
+        a: StoredAction,
+        key: Option<String>,
+    ) -> bool {
+        let Some(relay) = self.relay.upgrade() else {
+            return false;
+        };
+        let parsed = Action::parse(&a.action)
+            .and_then(|action| Some((action, supervisor_call(action, &a.params).ok()?)));
+        let Some((action, (path, body))) = parsed else {
+            let _ = self.settle(device, &a.id, Some("failed"), None).await;
+            return true;
+        };
+        let result = deliver_counted(
+            &relay,
+            &self.metrics,
+            device,
+            action,
+            (&path, &body),
+            key.as_deref(),
+            self.timeout,
+            true,
+        )
+        .await;
+        let mut done = a.clone();
+        match result {
+            Ok(answer) => {
+                let _ = self
+                    .settle(
+                        device,
+                        &a.id,
+                        Some("completed"),
+                        Some((answer.status, &answer.body)),
+                    )
+                    .await;
+                done.state = "completed".into();
+                done.device_status = Some(answer.status);
+                self.publish(&done, Event::ActionCompleted, "delivered");
+                true
+            }
+            Err(DeliveryError::Unavailable) => {
+                // The link went down again before anything was sent: wait
+                // for the next link-up.
+                let _ = self.settle(device, &a.id, Some("queued"), None).await;
+                false
+            }
+            Err(e) => {
+                let _ = self.settle(device, &a.id, Some("failed"), None).await;
+                done.state = "failed".into();
+                tracing::warn!(device = %device, action = %a.action, error = %e, "queued action failed");
+                self.publish(&done, Event::ActionFailed, &e.to_string());
+                true
             }
         }
     }
@@ -290,6 +465,22 @@ impl ActionQueue {
     /// never reach a device registered later under the same uuid. The fleet
     /// reactor calls it on `device.deleted`.
     pub async fn device_deleted(self: Arc<Self>, device: String) {
+        if let Some(shared) = self.shared.get() {
+            // Every gateway hears of the deletion; the compare-and-set gives
+            // each action to one of them.
+            match shared.fail_queued(&device).await {
+                Ok(list) => {
+                    for a in list {
+                        self.metrics.action(&a.action, "failed");
+                        self.publish(&a, Event::ActionFailed, "device_deleted");
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(device = %device, error = %e, "could not fail a deleted device's queued actions")
+                }
+            }
+            return;
+        }
         let q = self.clone();
         let failed = tokio::task::spawn_blocking(move || -> Result<Vec<StoredAction>, RegistryError> {
             let c = q.conn.lock();
@@ -322,6 +513,13 @@ impl ActionQueue {
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                 _ = stop.changed() => return,
             }
+            if let Some(shared) = self.shared.get() {
+                for a in shared.expire_due().await {
+                    self.metrics.action(&a.action, "expired");
+                    self.publish(&a, Event::ActionExpired, "ttl_passed");
+                }
+                continue;
+            }
             let q = self.clone();
             let expired = tokio::task::spawn_blocking(move || -> Result<Vec<StoredAction>, RegistryError> {
                 let c = q.conn.lock();
@@ -340,6 +538,15 @@ impl ActionQueue {
             }
         }
     }
+}
+
+/// Runs blocking SQLite work off the async workers.
+async fn unblock<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, RegistryError> + Send + 'static,
+) -> Result<T, RegistryError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| RegistryError::Task(e.to_string()))?
 }
 
 /// Starts delivering a device's queued actions when its link comes up.

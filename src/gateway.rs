@@ -242,6 +242,7 @@ impl Gateway {
             .run(stop_status.subscribe()),
         );
         if let Some(c) = &cluster {
+            action_queue.set_shared(c.actions.clone());
             c.follow(events.clone());
             // Status cluster-wide: links from the ownership directory,
             // heartbeats shared between gateways.
@@ -255,7 +256,14 @@ impl Gateway {
             // A dead gateway's devices: the reaper tells every survivor
             // where they were, as a stopping gateway would; they redial.
             let client = c.client.clone();
+            let queue = action_queue.clone();
             c.ownership.set_on_reaped(move |gateway, boot, devices| {
+                // Its deliveries under way: outcome unknown, never resent.
+                tokio::spawn(
+                    queue
+                        .clone()
+                        .gateway_lost(gateway.to_owned(), boot.to_owned()),
+                );
                 let (client, gateway, boot) = (client.clone(), gateway.to_owned(), boot.to_owned());
                 tokio::spawn(async move {
                     crate::cluster::handover::send(&client, &gateway, &boot, devices).await;

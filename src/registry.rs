@@ -44,6 +44,13 @@ pub enum RegistryError {
     /// A key change named a key another device holds.
     #[error("this public key belongs to device {uuid:?}; every device needs its own key")]
     KeyTaken { uuid: String },
+    /// A device's actions are at their limit.
+    #[error("device {device} already has {limit} actions recorded; no more can be queued until some finish")]
+    QueueFull { device: String, limit: usize },
+    /// A blocking storage task did not finish (it panicked or the runtime
+    /// is shutting down).
+    #[error("a storage task failed: {0}")]
+    Task(String),
 }
 
 /// A registered device.

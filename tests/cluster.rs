@@ -741,16 +741,20 @@ async fn agent_device(
     forwards: &[String],
     extra: &[String],
 ) -> common::proxy::Agent {
-    use cloudlink::keys::{encode_key, generate_private_key, public_key};
-    let key = generate_private_key();
-    let (st, reg) = call(
-        &via.api,
-        "POST",
-        "/v1/devices",
-        Some(serde_json::json!({"uuid": uuid, "public_key": encode_key(&public_key(&key))})),
-    )
-    .await;
-    assert_eq!(st, 201, "{reg}");
+    let key = cloudlink::keys::generate_private_key();
+    let reg = register(via, uuid, &key).await;
+    agent_for(&reg, &key, udp, forwards, extra)
+}
+
+/// Starts `cloudlink agent` for a registered device (`reg`, the API's
+/// answer, and its `key`), dialling the gateway at `udp`.
+fn agent_for(
+    reg: &serde_json::Value,
+    key: &cloudlink::keys::KeyBytes,
+    udp: std::net::SocketAddr,
+    forwards: &[String],
+    extra: &[String],
+) -> common::proxy::Agent {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
         dir.path().join("wg0.conf"),
@@ -760,7 +764,11 @@ async fn agent_device(
             .replace("127.0.0.1:1", &udp.to_string()),
     )
     .unwrap();
-    std::fs::write(dir.path().join("device.key"), encode_key(&key)).unwrap();
+    std::fs::write(
+        dir.path().join("device.key"),
+        cloudlink::keys::encode_key(key),
+    )
+    .unwrap();
     common::proxy::Agent::spawn_with(dir, forwards, extra)
 }
 
@@ -1949,4 +1957,108 @@ async fn a_killed_gateways_devices_are_redialled_by_the_survivors() {
         a.metric("cloudlink_cluster_takeover_redials_total"),
         Some(N as f64)
     );
+}
+
+/// Queued actions and idempotency keys are the cluster's (issue "Cluster
+/// mode, part 2"): an action queued through A for an offline device, and
+/// the same request retried through B with its Idempotency-Key, are one
+/// action; the device links up on B, which claims and delivers it once.
+/// A delivery cut short by `kill -9` of the delivering gateway ends
+/// `unknown` once the survivor reaps it, and a retry with the same key gets
+/// that outcome, not a second run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_actions_are_claimed_once_cluster_wide_and_an_interrupted_one_is_never_resent() {
+    use serde_json::json;
+    let lease = ["--cluster-lease", "3s"];
+    let Two {
+        nats: _nats,
+        tmp: _tmp,
+        key: _key,
+        a,
+        mut b,
+    } = two_gateways(&lease);
+    let key = cloudlink::keys::generate_private_key();
+    let reg = register(&a, "later", &key).await;
+    let act = |gw: &Proc, idem: &str, service: &str, query: &str| {
+        let url = format!("{}/v1/devices/later/actions/restart-service{query}", gw.api);
+        let (idem, service) = (idem.to_owned(), service.to_owned());
+        async move {
+            let r = reqwest::Client::new()
+                .post(url)
+                .bearer_auth(common::TOKEN)
+                .header("Idempotency-Key", idem)
+                .json(&json!({"service_name": service, "app_id": 7}))
+                .send()
+                .await
+                .unwrap();
+            let st = r.status().as_u16();
+            (st, r.json::<serde_json::Value>().await.unwrap_or_default())
+        }
+    };
+    let (st, first) = act(&a, "q-1", "first", "?queue_ttl=300").await;
+    assert_eq!((st, &first["state"]), (202, &json!("queued")), "{first}");
+    let id = first["id"].as_str().unwrap().to_owned();
+    let (st, again) = act(&b, "q-1", "first", "?queue_ttl=300").await;
+    assert_eq!((st, &again["id"]), (202, &json!(id)), "{again}");
+    let (st, seen) = call(&b.api, "GET", &format!("/v1/actions/{id}"), None).await;
+    assert_eq!((st, &seen["state"]), (200, &json!("queued")), "{seen}");
+
+    // The device comes up on B; its hook logs each run, and a "slow" one
+    // takes 20 s to answer.
+    let marks = tempfile::tempdir().unwrap();
+    let log = marks.path().join("runs");
+    let hook = format!(
+        "restart-service=echo $CLOUDLINK_SERVICE_NAME >> {}; [ $CLOUDLINK_SERVICE_NAME != slow ] || sleep 20",
+        log.display()
+    );
+    let _agent = agent_for(&reg, &key, b.udp, &[], &["--on-action".into(), hook]);
+    let runs = || std::fs::read_to_string(&log).unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, seen) = call(&a.api, "GET", &format!("/v1/actions/{id}"), None).await;
+        if seen["state"] == "completed" {
+            assert_eq!(seen["device_status"], 200, "{seen}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never delivered: {seen}\n{}",
+            b.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    wait_owner(&a, "later", "gw-b", Duration::from_secs(5)).await;
+    assert_eq!(runs(), "first\n");
+
+    // An immediate action through A, carried out by B, which is killed
+    // while the device works on it.
+    let slow = tokio::spawn(act(&a, "slow-1", "slow", ""));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !runs().contains("slow") {
+        assert!(Instant::now() < deadline, "the slow action never ran");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    b.kill9();
+    // The action's outcome becomes `unknown` once B is reaped; a retry with
+    // its key gets that, not a second run.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (st, r) = act(&a, "slow-1", "slow", "").await;
+        if r["state"] == "unknown" {
+            assert_eq!(st, 202, "{r}");
+            break;
+        }
+        // Until B is reaped A sends the retry to B, which does not answer;
+        // after, A finds the record still `delivering` for a moment.
+        assert!(
+            (st, &r["error"]) == (503, &serde_json::json!("owner_unreachable"))
+                || (st, &r["state"]) == (202, &serde_json::json!("delivering")),
+            "{st} {r}"
+        );
+        assert!(Instant::now() < deadline, "still {r}\n{}", a.log());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(runs(), "first\nslow\n");
+    slow.abort();
 }

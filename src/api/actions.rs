@@ -18,6 +18,7 @@ use axum::Json;
 use serde_json::{json, Value};
 
 use super::{blocking, json_object, ApiError, SharedState};
+use crate::action_queue::Inserted;
 use crate::actions::{deliver_counted, supervisor_call, Action, DeliveryError, Params};
 
 fn gateway(e: ApiError) -> Response {
@@ -204,8 +205,7 @@ pub async fn get_action(
             "an action id is 24 hexadecimal characters",
         ));
     }
-    let q = s.action_queue.clone();
-    match blocking(move || q.get(&id)).await? {
+    match s.action_queue.lookup(&id).await? {
         Some(a) => Ok(Json(a.to_json())),
         None => Err(ApiError::new(
             StatusCode::NOT_FOUND,
@@ -244,6 +244,19 @@ fn device_answer(uuid: &str, status: u16, body: &Value) -> Response {
     r.headers_mut()
         .insert("x-cloudlink-source", HeaderValue::from_static("device"));
     r
+}
+
+/// The answer for a request whose idempotency key an earlier one used:
+/// that one's device answer, or its id and state.
+fn earlier(uuid: &str, first: &crate::action_queue::StoredAction) -> Response {
+    match (
+        first.state.as_str(),
+        first.device_status,
+        &first.device_body,
+    ) {
+        ("completed", Some(st), Some(b)) => device_answer(uuid, st, b),
+        _ => accepted(first),
+    }
 }
 
 fn accepted(a: &crate::action_queue::StoredAction) -> Response {
@@ -369,18 +382,8 @@ async fn run(
         .or(stored_key);
     // A retried request gets the first one's action, never a second delivery.
     if let Some(k) = &idempotency {
-        let (q, u, k) = (s.action_queue.clone(), uuid.to_owned(), k.clone());
-        if let Some(first) = blocking(move || q.by_idempotency_key(&u, &k)).await? {
-            return Ok(
-                match (
-                    first.state.as_str(),
-                    first.device_status,
-                    &first.device_body,
-                ) {
-                    ("completed", Some(st), Some(b)) => device_answer(uuid, st, b),
-                    _ => accepted(&first),
-                },
-            );
+        if let Some(first) = s.action_queue.find_idempotent(uuid, k).await? {
+            return Ok(earlier(uuid, &first));
         }
     }
     let online = s
@@ -389,30 +392,47 @@ async fn run(
         .by_uuid(uuid)
         .is_some_and(|x| x.is_connected());
     if let (Some(ttl), false) = (queue_ttl, online) {
-        let (q, u, p, k, i) = (
-            s.action_queue.clone(),
-            uuid.to_owned(),
-            params.clone(),
-            key.clone(),
-            idempotency.clone(),
-        );
-        let stored = blocking(move || {
-            q.insert(
-                &u,
+        let stored = match s
+            .action_queue
+            .add(
+                uuid,
                 action,
-                &p,
-                k.as_deref(),
+                &params,
+                key.as_deref(),
                 "queued",
                 ttl,
-                i.as_deref(),
-                None,
+                idempotency.as_deref(),
             )
-        })
-        .await?;
+            .await?
+        {
+            Inserted::New(a) => a,
+            Inserted::Existing(first) => return Ok(earlier(uuid, &first)),
+        };
         tracing::info!(device = %uuid, action = action.name(), id = %stored.id, "action queued");
         s.metrics.action(action.name(), "queued");
         return Ok(accepted(&stored));
     }
+    // With an idempotency key, the action is recorded before it is sent: a
+    // concurrent retry (on any gateway) finds it instead of sending again.
+    let reserved = match &idempotency {
+        None => None,
+        Some(i) => match s
+            .action_queue
+            .add(
+                uuid,
+                action,
+                &params,
+                None,
+                "delivering",
+                std::time::Duration::ZERO,
+                Some(i),
+            )
+            .await?
+        {
+            Inserted::New(a) => Some(a.id.clone()),
+            Inserted::Existing(first) => return Ok(earlier(uuid, &first)),
+        },
+    };
     tracing::info!(device = %uuid, action = action.name(), "delivering an action");
     let result = deliver_counted(
         &s.relay,
@@ -425,18 +445,29 @@ async fn run(
         false,
     )
     .await;
-    match result {
-        Ok(answer) => {
-            if let Some(i) = idempotency {
-                let (q, u, p, b) = (s.action_queue.clone(), uuid.to_owned(), params.clone(), answer.body.clone());
-                let status = answer.status;
-                blocking(move || {
-                    q.insert(&u, action, &p, None, "completed", std::time::Duration::ZERO, Some(&i), Some((status, &b)))
-                })
-                .await?;
-            }
-            Ok(device_answer(uuid, answer.status, &answer.body))
+    if let Some(id) = &reserved {
+        // Nothing reached the device when the link was down, the device is
+        // gone or its supervisor refused the connection: the key may be
+        // used again. Otherwise the outcome is kept for the retries.
+        let outcome = match &result {
+            Ok(a) => Some(("completed", Some((a.status, &a.body)))),
+            Err(
+                DeliveryError::Unavailable
+                | DeliveryError::UnknownDevice
+                | DeliveryError::Unreachable,
+            ) => None,
+            Err(_) => Some(("failed", None)),
+        };
+        let (state, answer) = match outcome {
+            Some((st, answer)) => (Some(st), answer),
+            None => (None, None),
+        };
+        if let Err(e) = s.action_queue.settle(uuid, id, state, answer).await {
+            tracing::warn!(device = %uuid, id = %id, error = %e, "could not record an action's outcome");
         }
+    }
+    match result {
+        Ok(answer) => Ok(device_answer(uuid, answer.status, &answer.body)),
         Err(DeliveryError::UnknownDevice) => Err(ApiError::unknown_device(uuid)),
         Err(DeliveryError::Unavailable) => Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,

@@ -256,25 +256,36 @@ pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, crate::registry::RegistryError> + Send + 'static,
 ) -> Result<T, ApiError> {
     match tokio::task::spawn_blocking(f).await {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(crate::registry::RegistryError::CidrExhausted(net))) => Err(ApiError::new(
-            StatusCode::INSUFFICIENT_STORAGE,
-            "tunnel_cidr_exhausted",
-            format!("the tunnel network {net} has no free address; delete devices or start with a larger --tunnel-cidr"),
-        )),
-        Ok(Err(crate::registry::RegistryError::Cluster(why))) => Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "cluster_unavailable",
-            format!("the cluster's registry cannot take changes now ({why}); connected devices are not affected; retry later"),
-        )),
-        Ok(Err(crate::registry::RegistryError::KeyTaken { uuid })) => Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "public_key_taken",
-            format!("this public key belongs to device {uuid:?}; every device needs its own key"),
-        )
-        .field("public_key")),
-        Ok(Err(e)) => Err(ApiError::internal(e)),
+        Ok(r) => r.map_err(ApiError::from),
         Err(e) => Err(ApiError::internal(e)),
+    }
+}
+
+impl From<crate::registry::RegistryError> for ApiError {
+    fn from(e: crate::registry::RegistryError) -> ApiError {
+        use crate::registry::RegistryError;
+        match e {
+            RegistryError::CidrExhausted(net) => ApiError::new(
+                StatusCode::INSUFFICIENT_STORAGE,
+                "tunnel_cidr_exhausted",
+                format!("the tunnel network {net} has no free address; delete devices or start with a larger --tunnel-cidr"),
+            ),
+            RegistryError::Cluster(why) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "cluster_unavailable",
+                format!("the cluster's registry cannot take changes now ({why}); connected devices are not affected; retry later"),
+            ),
+            RegistryError::KeyTaken { uuid } => ApiError::new(
+                StatusCode::CONFLICT,
+                "public_key_taken",
+                format!("this public key belongs to device {uuid:?}; every device needs its own key"),
+            )
+            .field("public_key"),
+            e @ RegistryError::QueueFull { .. } => {
+                ApiError::new(StatusCode::TOO_MANY_REQUESTS, "action_queue_full", e.to_string())
+            }
+            e => ApiError::internal(e),
+        }
     }
 }
 

@@ -16,6 +16,7 @@
 //! primitives the protocol needs (compare-and-set on a key's revision, and
 //! watches), so nothing home-made decides who is alive or who owns what.
 
+pub mod actions;
 pub mod counters;
 pub mod events;
 pub mod handover;
@@ -168,6 +169,8 @@ pub struct Cluster {
     pub counters: Arc<counters::RemoteCounters>,
     /// Gateways that handed their devices over (their records wait).
     pub handovers: Arc<handover::Handovers>,
+    /// Queued actions and idempotency keys, shared.
+    pub actions: Arc<actions::SharedActions>,
     /// The registry watch, from where the initial sync stopped, until
     /// [`follow`](Cluster::follow) takes it.
     watch: parking_lot::Mutex<Option<async_nats::jetstream::kv::Watch>>,
@@ -303,7 +306,16 @@ impl Cluster {
             registry::SharedRegistry::open(&jetstream, local, gateway_id, health.clone(), replicas)
                 .await?;
         let watch = devices.sync().await?;
+        let actions = actions::SharedActions::open(
+            &jetstream,
+            gateway_id,
+            &lease.boot,
+            health.clone(),
+            replicas,
+        )
+        .await?;
         Ok(Arc::new(Cluster {
+            actions,
             client,
             jetstream,
             gateway_id: gateway_id.to_owned(),
