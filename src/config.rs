@@ -222,6 +222,9 @@ pub struct LoadgenArgs {
     /// Only write --keys and --wg-peers, then stop
     #[arg(long, env = "CLOUDLINK_LOADGEN_PREPARE_ONLY")]
     pub prepare_only: bool,
+    /// Only register the devices (and write --keys), then stop: the devices dial later with --no-register, from where the API is not reachable
+    #[arg(long, env = "CLOUDLINK_LOADGEN_REGISTER_ONLY")]
+    pub register_only: bool,
     /// Rekey each session this old, as kernel and wireguard-go peers do with keepalives only ("0s": boringtun's own schedule, 180 s)
     #[arg(long, env = "CLOUDLINK_LOADGEN_REKEY_AFTER", default_value = "120s", value_parser = humantime::parse_duration)]
     pub rekey_after: Duration,
@@ -272,6 +275,7 @@ impl LoadgenArgs {
             status_file: self.status_file,
             await_restart: self.await_restart,
             prepare_only: self.prepare_only,
+            register_only: self.register_only,
             rekey_after: (!self.rekey_after.is_zero()).then_some(self.rekey_after),
             source_net: self.source_net,
         })

@@ -63,6 +63,8 @@ pub struct LoadgenConfig {
     pub await_restart: bool,
     /// Only write `keys` and `wg_peers`, then stop.
     pub prepare_only: bool,
+    /// Only register the devices (and write `keys`), then stop.
+    pub register_only: bool,
     /// Rekey every session this old, as kernel and wireguard-go peers do
     /// (`None`: boringtun's own schedule).
     pub rekey_after: Option<Duration>,
@@ -321,6 +323,16 @@ pub fn run(cfg: LoadgenConfig) -> Result<Report, LoadgenError> {
         },
         t_keys.elapsed().as_secs_f64()
     );
+    if cfg.register_only {
+        return Ok(report::build(
+            &cfg,
+            &Shared::default(),
+            0.0,
+            None,
+            None,
+            None,
+        ));
+    }
     let gateway_key = PublicKey::from(gateway_key);
     let sockets = Arc::new(bind_sockets(&cfg)?);
     let threads = cfg.threads.max(1).min(sockets.len());
