@@ -88,9 +88,16 @@ impl Handovers {
     }
 }
 
+/// Devices per hand-over message: a message stays far below NATS's
+/// default 1 MiB payload limit (a uuid of 63 characters and an IPv6
+/// endpoint make about 120 bytes a device). 41,229 devices in one message
+/// were refused by the server in the cluster benchmark.
+const DEVICES_PER_MESSAGE: usize = 4000;
+
 /// Tells the gateways alive that `from` (this gateway stopping, or a dead
-/// one this gateway reaped) no longer holds `devices`, so they redial them.
-/// Waits (briefly) until NATS has the message.
+/// one this gateway reaped) no longer holds `devices`, so they redial them:
+/// in messages of [`DEVICES_PER_MESSAGE`]. Waits (briefly) until NATS has
+/// them.
 pub async fn send(
     client: &async_nats::Client,
     from: &str,
@@ -98,22 +105,21 @@ pub async fn send(
     devices: Vec<(String, String)>,
 ) {
     let n = devices.len();
-    let h = Handover {
-        v: VERSION,
-        from: from.to_owned(),
-        boot: boot.to_owned(),
-        devices,
-    };
-    let payload = serde_json::to_vec(&h).unwrap_or_default();
-    match client.publish(SUBJECT, payload.into()).await {
-        Ok(()) => {
-            let _ = tokio::time::timeout(Duration::from_secs(2), client.flush()).await;
-            tracing::info!(gateway = %from, devices = n, "hand-over sent: the gateways alive redial these devices");
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "could not hand devices over; they come back when they dial again")
+    for chunk in devices.chunks(DEVICES_PER_MESSAGE) {
+        let h = Handover {
+            v: VERSION,
+            from: from.to_owned(),
+            boot: boot.to_owned(),
+            devices: chunk.to_vec(),
+        };
+        let payload = serde_json::to_vec(&h).unwrap_or_default();
+        if let Err(e) = client.publish(SUBJECT, payload.into()).await {
+            tracing::warn!(error = %e, "could not hand devices over; they come back when they dial again");
+            return;
         }
     }
+    let _ = tokio::time::timeout(Duration::from_secs(2), client.flush()).await;
+    tracing::info!(gateway = %from, devices = n, "hand-over sent: the gateways alive redial these devices");
 }
 
 /// What a survivor needs to take devices over.
@@ -127,7 +133,11 @@ pub struct Takeover {
     pub metrics: Arc<crate::metrics::Metrics>,
 }
 
-/// Follows other gateways' hand-overs and redials this gateway's share.
+/// How long the messages of one hand-over are gathered before redialling:
+/// one paced redial for all of them, not one per message at full rate each.
+const GATHER: Duration = Duration::from_millis(250);
+
+/// Follows hand-overs of other gateways: redials this gateway's share.
 pub fn follow(client: async_nats::Client, t: Takeover) {
     tokio::spawn(async move {
         let mut sub = match client.subscribe(SUBJECT).await {
@@ -137,56 +147,84 @@ pub fn follow(client: async_nats::Client, t: Takeover) {
                 return;
             }
         };
-        while let Some(m) = sub.next().await {
-            let Some(h) = Handover::parse(&m.payload) else {
-                tracing::debug!("a hand-over message of an unknown format was skipped");
-                continue;
+        let mut gathered: Vec<Handover> = Vec::new();
+        loop {
+            let next = if gathered.is_empty() {
+                Some(sub.next().await)
+            } else {
+                tokio::time::timeout(GATHER, sub.next()).await.ok()
             };
-            if h.from == t.me {
-                continue;
-            }
-            t.handovers.note(&h.from, &h.boot);
-            if t.rate == 0 {
-                continue; // --redial-rate 0: no redials; devices dial back by themselves
-            }
-            let survivors: Vec<String> = t
-                .lease
-                .alive()
-                .into_iter()
-                .filter(|g| *g != h.from)
-                .collect();
-            let mine: Vec<(String, String)> = h
-                .devices
-                .into_iter()
-                .filter(|(uuid, _)| chosen(uuid, &survivors) == Some(t.me.as_str()))
-                .collect();
-            if mine.is_empty() {
-                continue;
-            }
-            let Some(path) = t.path.upgrade() else { return };
-            let registry = t.registry.clone();
-            // Keys from our own replica, never from the message.
-            let targets = tokio::task::spawn_blocking(move || {
-                mine.into_iter()
-                    .filter_map(|(uuid, endpoint)| {
-                        let d = registry.get(&uuid).ok()??;
-                        let endpoint = endpoint.parse().ok()?;
-                        Some(crate::registry::RedialTarget {
-                            public_key: d.public_key,
-                            endpoint,
-                        })
-                    })
-                    .collect::<Vec<_>>()
-            })
-            .await
-            .unwrap_or_default();
-            tracing::info!(from = %h.from, devices = targets.len(), "taking devices over from a gateway that stopped");
-            t.metrics.cluster_takeovers.inc_by(targets.len() as u64);
-            if let Err(e) = crate::redial::spawn(path, targets, t.rate.max(1)) {
-                tracing::warn!(error = %e, "could not start redialling handed-over devices");
+            match next {
+                Some(None) => return,
+                Some(Some(m)) => {
+                    let Some(h) = Handover::parse(&m.payload) else {
+                        tracing::debug!("a hand-over message of an unknown format was skipped");
+                        continue;
+                    };
+                    if h.from == t.me {
+                        continue;
+                    }
+                    t.handovers.note(&h.from, &h.boot);
+                    if t.rate > 0 {
+                        gathered.push(h);
+                    } // --redial-rate 0: no redials; devices dial back by themselves
+                }
+                // Quiet for a moment: take over what was gathered.
+                None => {
+                    if !take_over(&t, std::mem::take(&mut gathered)).await {
+                        return;
+                    }
+                }
             }
         }
     });
+}
+
+/// Redials this gateway's share of the devices `handovers` name, in one
+/// paced redial. False once the gateway is gone.
+async fn take_over(t: &Takeover, handovers: Vec<Handover>) -> bool {
+    let alive = t.lease.alive();
+    let mut mine: Vec<(String, String)> = Vec::new();
+    let mut from = Vec::new();
+    for h in handovers {
+        let survivors: Vec<String> = alive.iter().filter(|g| **g != h.from).cloned().collect();
+        mine.extend(
+            h.devices
+                .into_iter()
+                .filter(|(uuid, _)| chosen(uuid, &survivors) == Some(t.me.as_str())),
+        );
+        if !from.contains(&h.from) {
+            from.push(h.from);
+        }
+    }
+    if mine.is_empty() {
+        return true;
+    }
+    let Some(path) = t.path.upgrade() else {
+        return false;
+    };
+    let registry = t.registry.clone();
+    // Keys from our own replica, never from the message.
+    let targets = tokio::task::spawn_blocking(move || {
+        mine.into_iter()
+            .filter_map(|(uuid, endpoint)| {
+                let d = registry.get(&uuid).ok()??;
+                let endpoint = endpoint.parse().ok()?;
+                Some(crate::registry::RedialTarget {
+                    public_key: d.public_key,
+                    endpoint,
+                })
+            })
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap_or_default();
+    tracing::info!(from = ?from, devices = targets.len(), "taking devices over from a gateway that stopped");
+    t.metrics.cluster_takeovers.inc_by(targets.len() as u64);
+    if let Err(e) = crate::redial::spawn(path, targets, t.rate.max(1)) {
+        tracing::warn!(error = %e, "could not start redialling handed-over devices");
+    }
+    true
 }
 
 #[cfg(test)]
