@@ -103,6 +103,24 @@ pub struct ServeArgs {
     #[arg(long, env = "CLOUDLINK_CONNECT_TIMEOUT", value_parser = humantime::parse_duration)]
     #[serde(default, with = "opt_duration")]
     pub connect_timeout: Option<Duration>,
+    /// A request head must arrive within this long, or the API connection is closed [default: 10s]
+    #[arg(long, env = "CLOUDLINK_API_HEADER_TIMEOUT", value_parser = humantime::parse_duration)]
+    #[serde(default, with = "opt_duration")]
+    pub api_header_timeout: Option<Duration>,
+    /// A request body must arrive whole within this long of its head [default: 30s]
+    #[arg(long, env = "CLOUDLINK_API_BODY_TIMEOUT", value_parser = humantime::parse_duration)]
+    #[serde(default, with = "opt_duration")]
+    pub api_body_timeout: Option<Duration>,
+    /// An API connection with no byte either way for this long is closed [default: 120s]
+    #[arg(long, env = "CLOUDLINK_API_IDLE_TIMEOUT", value_parser = humantime::parse_duration)]
+    #[serde(default, with = "opt_duration")]
+    pub api_idle_timeout: Option<Duration>,
+    /// API connections open at once; beyond, new ones are closed at once [default: 4096]
+    #[arg(long, env = "CLOUDLINK_API_MAX_CONNECTIONS")]
+    pub api_max_connections: Option<usize>,
+    /// Event streams (`GET /v1/events`) open at once; beyond, 503 [default: 256]
+    #[arg(long, env = "CLOUDLINK_MAX_EVENT_STREAMS")]
+    pub max_event_streams: Option<usize>,
     /// How long an immediate action waits for the device's answer [default: 30s]
     #[arg(long, env = "CLOUDLINK_ACTION_TIMEOUT", value_parser = humantime::parse_duration)]
     #[serde(default, with = "opt_duration")]
@@ -394,6 +412,9 @@ pub struct GatewayConfig {
     pub allow_ports: Vec<u16>,
     pub connect_timeout: Duration,
     pub action_timeout: Duration,
+    /// The API server's bounds.
+    pub api_limits: crate::api::server::Limits,
+    pub max_event_streams: usize,
     pub log: String,
     /// `--private-key-file`; `None`: `<data-dir>/gateway.key`.
     pub private_key_file: Option<PathBuf>,
@@ -424,6 +445,8 @@ impl Default for GatewayConfig {
             allow_ports: vec![22, 22222, 48484],
             connect_timeout: Duration::from_secs(10),
             action_timeout: Duration::from_secs(30),
+            api_limits: crate::api::server::Limits::default(),
+            max_event_streams: 256,
             log: "info".into(),
             private_key_file: None,
             cluster: None,
@@ -506,6 +529,28 @@ impl ServeArgs {
                 .action_timeout
                 .or(file.action_timeout)
                 .unwrap_or(d.action_timeout),
+            api_limits: crate::api::server::Limits {
+                header_timeout: self
+                    .api_header_timeout
+                    .or(file.api_header_timeout)
+                    .unwrap_or(d.api_limits.header_timeout),
+                body_timeout: self
+                    .api_body_timeout
+                    .or(file.api_body_timeout)
+                    .unwrap_or(d.api_limits.body_timeout),
+                idle_timeout: self
+                    .api_idle_timeout
+                    .or(file.api_idle_timeout)
+                    .unwrap_or(d.api_limits.idle_timeout),
+                max_connections: self
+                    .api_max_connections
+                    .or(file.api_max_connections)
+                    .unwrap_or(d.api_limits.max_connections),
+            },
+            max_event_streams: self
+                .max_event_streams
+                .or(file.max_event_streams)
+                .unwrap_or(d.max_event_streams),
             log: self.log.or(file.log).unwrap_or(d.log),
             private_key_file: self.private_key_file.or(file.private_key_file),
             cluster: {
@@ -562,6 +607,21 @@ impl GatewayConfig {
         }
         if self.handshake_queue < 8 {
             return Err(Error::Config("--handshake-queue must be at least 8".into()));
+        }
+        let l = &self.api_limits;
+        for (flag, d) in [
+            ("--api-header-timeout", l.header_timeout),
+            ("--api-body-timeout", l.body_timeout),
+            ("--api-idle-timeout", l.idle_timeout),
+        ] {
+            if d < Duration::from_secs(1) {
+                return Err(Error::Config(format!("{flag} must be at least 1s")));
+            }
+        }
+        if l.max_connections == 0 || self.max_event_streams == 0 {
+            return Err(Error::Config(
+                "--api-max-connections and --max-event-streams must be at least 1".into(),
+            ));
         }
         if !(1..=256).contains(&self.workers) {
             return Err(Error::Config("--workers is from 1 to 256".into()));

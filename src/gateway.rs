@@ -360,6 +360,8 @@ impl Gateway {
             endpoint,
             ready: false.into(),
             cluster: cluster.clone(),
+            event_streams: Arc::new(tokio::sync::Semaphore::new(config.max_event_streams)),
+            sign_in_failures: Default::default(),
         });
         if let Some(c) = &cluster {
             tokio::spawn(crate::api::actions::serve_forwarded(
@@ -391,14 +393,14 @@ impl Gateway {
         ));
         let app = api::router(api_state.clone());
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let api_task = tokio::spawn(async move {
-            let server = axum::serve(api, app).with_graceful_shutdown(async move {
-                let _ = stop_rx.await;
-            });
-            if let Err(e) = server.await {
-                tracing::error!(error = %e, "API server failed");
-            }
-        });
+        let api_task = tokio::spawn(crate::api::server::serve(
+            api,
+            app,
+            config.api_limits,
+            api_state.metrics.clone(),
+            stop_rx,
+            std::time::Duration::from_secs(5),
+        ));
         api_state.ready.store(true, Ordering::Release);
         tracing::info!(
             udp = %udp_addr,

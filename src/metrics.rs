@@ -157,6 +157,14 @@ pub struct Metrics {
     pub cluster_events_dropped: IntCounter,
     /// Requests sent on to the gateway holding the device, by kind.
     cluster_forwarded: IntCounterVec,
+    /// API connections open now.
+    pub api_connections: IntGauge,
+    /// Event streams open now.
+    pub api_event_streams: IntGauge,
+    /// API connections or requests refused by a bound, by reason.
+    api_refused: IntCounterVec,
+    /// API connections closed by a timeout, by kind.
+    api_timeouts: IntCounterVec,
     /// Devices this gateway handed over when it stopped.
     pub cluster_handed_over: IntCounter,
     /// Devices this gateway redialled to take them over from one that
@@ -297,6 +305,48 @@ impl Metrics {
                 }
                 v
             },
+            api_connections: gauge(
+                "cloudlink_api_connections",
+                "API connections open now (at most --api-max-connections).",
+            ),
+            api_event_streams: gauge(
+                "cloudlink_api_event_streams",
+                "Event streams (GET /v1/events) open now (at most --max-event-streams).",
+            ),
+            api_refused: {
+                let v = IntCounterVec::new(
+                    prometheus::Opts::new(
+                        "cloudlink_api_refused_total",
+                        "API connections or requests refused by a bound: max_connections (closed at once), event_streams (503), sign_in_throttled (429).",
+                    ),
+                    &["reason"],
+                )
+                .expect("valid metric");
+                registry
+                    .register(Box::new(v.clone()))
+                    .expect("unique metric");
+                for r in ["max_connections", "event_streams", "sign_in_throttled"] {
+                    v.with_label_values(&[r]);
+                }
+                v
+            },
+            api_timeouts: {
+                let v = IntCounterVec::new(
+                    prometheus::Opts::new(
+                        "cloudlink_api_timeouts_total",
+                        "API connections closed because a request head (header) or body (body) did not arrive in time, or nothing moved (idle).",
+                    ),
+                    &["kind"],
+                )
+                .expect("valid metric");
+                registry
+                    .register(Box::new(v.clone()))
+                    .expect("unique metric");
+                for k in ["header", "body", "idle"] {
+                    v.with_label_values(&[k]);
+                }
+                v
+            },
             cluster_handed_over: counter(
                 "cloudlink_cluster_handed_over_devices_total",
                 "Cluster mode: devices this gateway handed over to the others when it stopped cleanly.",
@@ -397,6 +447,16 @@ impl Metrics {
 
     pub fn action(&self, action: &str, result: &str) {
         self.actions.with_label_values(&[action, result]).inc();
+    }
+
+    /// An API connection or request refused by a bound.
+    pub fn api_refused(&self, reason: &str) {
+        self.api_refused.with_label_values(&[reason]).inc();
+    }
+
+    /// An API connection closed by a timeout (`header`, `body`, `idle`).
+    pub fn api_timeout(&self, kind: &str) {
+        self.api_timeouts.with_label_values(&[kind]).inc();
     }
 
     /// A request sent on to the device's gateway (`action`, `connect`).

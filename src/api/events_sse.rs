@@ -29,6 +29,8 @@ struct Cursor {
     rx: tokio::sync::watch::Receiver<u64>,
     cursor: u64,
     pending: VecDeque<Event>,
+    /// The stream's permit, released when the stream ends.
+    _open: OpenStream,
 }
 
 impl Cursor {
@@ -45,6 +47,23 @@ pub async fn events(
     headers: HeaderMap,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    // Each open stream holds a permit (and the gauge) until it ends.
+    let Ok(permit) = s.event_streams.clone().try_acquire_owned() else {
+        s.metrics.api_refused("event_streams");
+        return Err(ApiError::new(
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            "too_many_streams",
+            format!(
+                "{} event streams are open, the most this gateway serves (--max-event-streams); close one or retry later",
+                s.metrics.api_event_streams.get()
+            ),
+        ));
+    };
+    s.metrics.api_event_streams.inc();
+    let open = OpenStream {
+        _permit: permit,
+        metrics: s.metrics.clone(),
+    };
     let last = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
@@ -64,6 +83,7 @@ pub async fn events(
         hub,
         rx,
         pending: VecDeque::new(),
+        _open: open,
     };
     match resume {
         Resume::Live => c.cursor = c.hub.last_id(),
@@ -96,4 +116,16 @@ pub async fn events(
         }
     });
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+}
+
+/// An open event stream: holds its permit and the gauge.
+struct OpenStream {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    metrics: Arc<crate::metrics::Metrics>,
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.metrics.api_event_streams.dec();
+    }
 }

@@ -13,6 +13,7 @@ mod devices;
 mod events_sse;
 mod listing;
 mod ops;
+pub mod server;
 pub mod sign_in;
 
 use axum::extract::{DefaultBodyLimit, Request, State};
@@ -57,6 +58,10 @@ pub struct ApiState {
     pub ready: AtomicBool,
     /// Cluster mode: who holds devices connected elsewhere.
     pub cluster: Option<Arc<crate::cluster::Cluster>>,
+    /// Event streams that may be open at once (`--max-event-streams`).
+    pub event_streams: Arc<tokio::sync::Semaphore>,
+    /// Failed sign-ins per source address.
+    pub sign_in_failures: sign_in::Throttle,
 }
 
 pub type SharedState = Arc<ApiState>;
@@ -82,8 +87,12 @@ pub fn router(state: SharedState) -> Router {
             state.clone(),
             authenticate,
         ))
-        // Sign-in is the one /v1 call without credentials.
-        .route("/session", post(sign_in::sign_in));
+        // Sign-in is the one /v1 call without credentials: its body is a
+        // token, so it may be small (anyone may send it).
+        .route(
+            "/session",
+            post(sign_in::sign_in).layer(DefaultBodyLimit::max(sign_in::MAX_BODY)),
+        );
     Router::new()
         .nest("/v1", v1)
         .merge(dashboard::routes())

@@ -37,6 +37,51 @@ use std::time::{Duration, Instant};
 use super::{token_matches, ApiError, SharedState};
 
 pub const COOKIE: &str = "cloudlink_session";
+/// The largest sign-in body: `{"token": "..."}` with a long token.
+pub const MAX_BODY: usize = 4096;
+/// Failed sign-ins from one address within [`THROTTLE_WINDOW`] before it
+/// is refused (429) until the window ends.
+const THROTTLE_AFTER: u32 = 10;
+const THROTTLE_WINDOW: Duration = Duration::from_secs(60);
+/// Addresses remembered at most (a flood from many addresses cannot grow
+/// the table without bound; beyond, new addresses are not throttled).
+const THROTTLE_TABLE: usize = 65_536;
+
+/// Failed sign-ins per source address: guessing the token from one
+/// address gets 10 tries a minute.
+#[derive(Default)]
+pub struct Throttle {
+    failures: Mutex<HashMap<std::net::IpAddr, (u32, Instant)>>,
+}
+
+impl Throttle {
+    /// How long `ip` must wait, if it is throttled now.
+    pub fn wait(&self, ip: std::net::IpAddr, now: Instant) -> Option<Duration> {
+        let f = self.failures.lock();
+        let (n, since) = f.get(&ip)?;
+        let left = THROTTLE_WINDOW.checked_sub(now.duration_since(*since))?;
+        (*n >= THROTTLE_AFTER && !left.is_zero()).then_some(left)
+    }
+
+    pub fn failed(&self, ip: std::net::IpAddr, now: Instant) {
+        let mut f = self.failures.lock();
+        if f.len() >= THROTTLE_TABLE && !f.contains_key(&ip) {
+            f.retain(|_, (_, since)| now.duration_since(*since) < THROTTLE_WINDOW);
+            if f.len() >= THROTTLE_TABLE {
+                return;
+            }
+        }
+        let e = f.entry(ip).or_insert((0, now));
+        if now.duration_since(e.1) >= THROTTLE_WINDOW {
+            *e = (0, now);
+        }
+        e.0 += 1;
+    }
+
+    pub fn succeeded(&self, ip: std::net::IpAddr) {
+        self.failures.lock().remove(&ip);
+    }
+}
 pub const CSRF_HEADER: &str = "x-csrf-token";
 /// A session unused this long is gone.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(12 * 3600);
@@ -272,9 +317,28 @@ fn clear_cookie() -> HeaderValue {
 /// `POST /v1/session`: signs in with the API token.
 pub async fn sign_in(
     State(s): State<SharedState>,
+    peer: Option<Extension<axum::extract::ConnectInfo<std::net::SocketAddr>>>,
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
+    let ip = peer.map(|Extension(c)| c.0.ip());
+    if let Some(wait) = ip.and_then(|ip| s.sign_in_failures.wait(ip, Instant::now())) {
+        s.metrics.api_refused("sign_in_throttled");
+        let mut r = ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_attempts",
+            format!(
+                "too many failed sign-ins from this address; try again in {} s",
+                wait.as_secs().max(1)
+            ),
+        )
+        .into_response();
+        r.headers_mut().insert(
+            header::RETRY_AFTER,
+            HeaderValue::from(wait.as_secs().max(1)),
+        );
+        return Ok(r);
+    }
     // A sign-in from another site's page would log the victim into the
     // attacker's gateway view; only this host's page may sign in.
     if headers.contains_key(header::ORIGIN) && !origin_matches(&headers) {
@@ -299,12 +363,18 @@ pub async fn sign_in(
         }
     };
     if !token_matches(token.trim(), &s.token) {
+        if let Some(ip) = ip {
+            s.sign_in_failures.failed(ip, Instant::now());
+        }
         return Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
             "that is not this gateway's API token (see the path the gateway logged at start)",
         )
         .field("token"));
+    }
+    if let Some(ip) = ip {
+        s.sign_in_failures.succeeded(ip);
     }
     let (id, csrf) = s.sign_ins.create(Instant::now());
     let mut r = Json(json!({
