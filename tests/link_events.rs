@@ -171,14 +171,27 @@ async fn roaming_follows_authenticated_packets_only() {
     let mut forged = vec![0u8; 64];
     forged[0] = 4;
     forged[4..8].copy_from_slice(&((index << 8) | 1).to_le_bytes());
+    let counters = |d: &serde_json::Value| {
+        (
+            d["cloudlink"]["rx_bytes"].clone(),
+            d["cloudlink"]["rx_packets"].clone(),
+        )
+    };
+    let before = counters(&g.device("roamer").await);
     attacker.send_to(&forged, g.udp).unwrap();
+    let m = g.gw().path.metrics.clone();
     assert!(
-        eventually(WAIT, async || g
-            .metric("cloudlink_packets_dropped_total{reason=\"decrypt_failed\"}")
-            .await
-            >= 1.0)
+        eventually(WAIT, async || m
+            .dropped_count(cloudlink::metrics::DropReason::DecryptFailed)
+            >= 1)
         .await
     );
+    // Junk naming a valid index moves none of the device's counters, and
+    // `/metrics` (no credentials) does not say the index was valid.
+    assert_eq!(counters(&g.device("roamer").await), before);
+    let text = g.metrics().await;
+    assert!(text.contains("cloudlink_packets_dropped_total{reason=\"unauthenticated\"} 1"));
+    assert!(!text.contains("decrypt_failed") && !text.contains("unknown_session"));
     assert_eq!(
         g.device("roamer").await["cloudlink"]["endpoint"],
         first.to_string()
@@ -329,11 +342,11 @@ async fn delete_drops_the_session_and_publishes_revoked() {
     assert!(g.gw().path.sessions.by_uuid("doomed").is_none());
     // Its packets and handshakes are refused from now on.
     dev.keepalive();
+    let m = g.gw().path.metrics.clone();
     assert!(
-        eventually(WAIT, async || g
-            .metric("cloudlink_packets_dropped_total{reason=\"unknown_session\"}")
-            .await
-            >= 1.0)
+        eventually(WAIT, async || m
+            .dropped_count(cloudlink::metrics::DropReason::UnknownSession)
+            >= 1)
         .await
     );
     dev.socket
@@ -606,5 +619,52 @@ async fn registrations_publish_one_event_per_device_and_one_per_batch() {
         .await;
     assert_eq!(e.data["device"], "batch-7");
     assert_eq!(e.data["changed"], json!(["name"]));
+    g.stop().await;
+}
+
+/// The review: a device sending from 50 source ports for 10 s made 628,133
+/// `link.roamed` events (and as many INFO lines), and the event ring held
+/// nothing else. Now a device roams into at most one event a second, which
+/// counts the changes it stands for and names where the device is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_roaming_over_50_ports_makes_at_most_one_event_a_second() {
+    let mut g = TestGateway::start_with(|c| c.link_timeout = Duration::from_secs(30)).await;
+    let mut events = g.events(None).await;
+    let mut dev = new_device(&g, "hopper", 9).await;
+    dev.connect();
+    events.wait_for(WAIT, |e| e["type"] == "link.up").await;
+    let ports: Vec<UdpSocket> = (0..50)
+        .map(|_| UdpSocket::bind("127.0.0.1:0").unwrap())
+        .collect();
+    let start = std::time::Instant::now();
+    let mut sent = 0u32;
+    while start.elapsed() < Duration::from_secs(3) {
+        for p in &ports {
+            dev.socket = p.try_clone().unwrap();
+            dev.keepalive();
+            sent += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let last = dev.socket.local_addr().unwrap();
+    // Past the interval and a timer pass: the last changes are announced.
+    let seen = events.drain_for(Duration::from_secs(4)).await;
+    let roams: Vec<_> = seen
+        .iter()
+        .filter(|e| e.data["type"] == "link.roamed")
+        .map(|e| &e.data)
+        .collect();
+    eprintln!(
+        "{sent} packets from 50 ports in 3 s: {} link.roamed",
+        roams.len()
+    );
+    assert!(!roams.is_empty() && roams.len() <= 5, "{roams:?}");
+    let counted: u64 = roams.iter().map(|r| r["roams"].as_u64().unwrap()).sum();
+    assert!(counted > 50, "{counted}");
+    assert_eq!(roams.last().unwrap()["endpoint"], last.to_string());
+    assert_eq!(
+        g.device("hopper").await["cloudlink"]["endpoint"],
+        last.to_string()
+    );
     g.stop().await;
 }

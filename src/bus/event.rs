@@ -75,6 +75,10 @@ pub struct Link {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub previous_endpoint: Option<String>,
     pub address: String,
+    /// `link.roamed`: endpoint changes this event stands for (more than 1
+    /// when a device roamed again within the second after the last one).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub roams: Option<u32>,
 }
 
 /// `link.moved` (cluster mode): the device's link came up on gateway `to`

@@ -210,6 +210,7 @@ mod tests {
             endpoint: endpoint.into(),
             reason: reason.into(),
             previous_endpoint: None,
+            roams: None,
             address: "10.0.0.2".into(),
         })
     }

@@ -430,6 +430,7 @@ impl Ownership {
                         endpoint: owner.record.endpoint.clone(),
                         reason: "gateway_lost".into(),
                         previous_endpoint: None,
+                        roams: None,
                         address: owner.record.address.clone(),
                     }),
                     SystemTime::now(),
@@ -522,6 +523,7 @@ fn link_event(me: &str, held: Option<&OwnerRecord>, p: &Pending) -> Event {
                 endpoint: endpoint.clone(),
                 reason: "handshake".into(),
                 previous_endpoint: None,
+                roams: None,
                 address: address.clone(),
             }),
         },
@@ -534,6 +536,7 @@ fn link_event(me: &str, held: Option<&OwnerRecord>, p: &Pending) -> Event {
             endpoint: endpoint.clone(),
             reason: reason.as_str().into(),
             previous_endpoint: None,
+            roams: None,
             address: address.clone(),
         }),
     }

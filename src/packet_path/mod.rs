@@ -251,14 +251,17 @@ impl PacketPath {
                     o.link_changed(session, false, endpoint, Some(reason));
                 }
             }
-            LinkTransition::Roamed { from, to } => {
-                tracing::info!(device = %session.uuid, %from, %to, "link roamed");
-                self.publish(
+            LinkTransition::Roamed { from, to, count } => {
+                // At most one a second per device (link_state); DEBUG, as a
+                // device can change ports many times a second.
+                tracing::debug!(device = %session.uuid, %from, %to, count, "link roamed");
+                self.publish_roams(
                     session,
                     Event::LinkRoamed,
                     to,
                     "endpoint_changed",
                     Some(from),
+                    Some(count),
                     at,
                 );
             }
@@ -274,11 +277,26 @@ impl PacketPath {
         previous: Option<SocketAddr>,
         at: SystemTime,
     ) {
+        self.publish_roams(session, kind, endpoint, reason, previous, None, at)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn publish_roams(
+        &self,
+        session: &Session,
+        kind: fn(Link) -> Event,
+        endpoint: SocketAddr,
+        reason: &str,
+        previous: Option<SocketAddr>,
+        roams: Option<u32>,
+        at: SystemTime,
+    ) {
         let event = kind(Link {
             endpoint: endpoint.to_string(),
             reason: reason.to_string(),
             previous_endpoint: previous.map(|p| p.to_string()),
             address: session.address.to_string(),
+            roams,
         });
         // Only the device's gateway sees it roam: that goes everywhere.
         // Ups and downs go as far as `link_reach` says.
