@@ -128,7 +128,22 @@ pub fn validate_uuid(uuid: &str) -> Result<(), &'static str> {
     Ok(())
 }
 
-/// Checks a device name: up to 128 characters, no control characters.
+/// Checks a new device's uuid: [`validate_uuid`], and it starts with a
+/// letter or digit (a uuid of dashes, or one starting with `-`, reads as an
+/// option where it reaches a command line). Devices registered before this
+/// rule keep their uuids: lookups use [`validate_uuid`].
+pub fn validate_new_uuid(uuid: &str) -> Result<(), &'static str> {
+    validate_uuid(uuid)?;
+    if !uuid.as_bytes()[0].is_ascii_alphanumeric() {
+        return Err("a device uuid starts with 0-9 or a-z");
+    }
+    Ok(())
+}
+
+/// Checks a device name: up to 128 characters, no control characters and
+/// no Unicode format characters (direction overrides and isolates,
+/// zero-width characters, the soft hyphen, tags): a name must look on every
+/// screen like what it is. Stored names are not checked again.
 pub fn validate_name(name: &str) -> Result<(), &'static str> {
     if name.chars().count() > 128 {
         return Err("a device name is at most 128 characters");
@@ -136,7 +151,19 @@ pub fn validate_name(name: &str) -> Result<(), &'static str> {
     if name.chars().any(char::is_control) {
         return Err("a device name may not hold control characters");
     }
+    if name.chars().any(is_format_char) {
+        return Err("a device name may not hold invisible or direction-changing characters (Unicode format characters such as U+202E or U+200B)");
+    }
     Ok(())
+}
+
+/// Unicode general category Cf (format characters), as of Unicode 15.
+pub fn is_format_char(c: char) -> bool {
+    matches!(c as u32,
+        0x00AD | 0x0600..=0x0605 | 0x061C | 0x06DD | 0x070F | 0x0890..=0x0891 | 0x08E2
+        | 0x180E | 0x200B..=0x200F | 0x202A..=0x202E | 0x2060..=0x2064 | 0x2066..=0x206F
+        | 0xFEFF | 0xFFF9..=0xFFFB | 0x110BD | 0x110CD | 0x13430..=0x1343F
+        | 0x1BCA0..=0x1BCA3 | 0x1D173..=0x1D17A | 0xE0001 | 0xE0020..=0xE007F)
 }
 
 /// The tunnel address plan: the gateway takes the first host address, devices
@@ -948,5 +975,12 @@ mod tests {
         assert!(validate_uuid(&"a".repeat(63)).is_ok());
         assert!(validate_name("kiosk 12").is_ok());
         assert!(validate_name("bad\nname").is_err());
+        assert!(validate_name("kiosk\u{202E}gpj.exe").is_err());
+        assert!(validate_name("zero\u{200B}width").is_err());
+        assert!(validate_name("Kühlschrank 北").is_ok());
+        assert!(validate_new_uuid("-abc").is_err());
+        assert!(validate_new_uuid("---").is_err());
+        assert!(validate_new_uuid("a--").is_ok());
+        assert!(validate_uuid("-abc").is_ok());
     }
 }

@@ -374,3 +374,88 @@ async fn readyz_reports_ready_and_metrics_parse() {
     }
     g.stop().await;
 }
+
+/// Names that reach hooks and screens (issue "Hold up under abuse"): a
+/// `service_name` that a hook would read as an option or split is refused,
+/// device names with direction overrides or zero-width characters are
+/// refused, and a new uuid starts with a letter or digit. A device stored
+/// before these rules still loads, is listed and can be looked up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_that_reach_hooks_and_screens_are_checked() {
+    let mut g = TestGateway::start().await;
+    for uuid in ["-rf", "---"] {
+        let (st, b) = g
+            .call(
+                "POST",
+                "/v1/devices",
+                Some(json!({"uuid": uuid, "public_key": key()})),
+            )
+            .await;
+        assert_error(st, &b, 400, "invalid_field", Some("uuid"));
+    }
+    for name in ["kiosk\u{202E}gpj.exe", "zero\u{200B}width", "tag\u{E0041}"] {
+        let (st, b) = g
+            .call(
+                "POST",
+                "/v1/devices",
+                Some(json!({"uuid": "named", "public_key": key(), "name": name})),
+            )
+            .await;
+        assert_error(st, &b, 400, "invalid_field", Some("name"));
+    }
+    let (st, _) = g
+        .call(
+            "POST",
+            "/v1/devices",
+            Some(json!({"uuid": "named", "public_key": key(), "name": "Kühlschrank 北 2"})),
+        )
+        .await;
+    assert_eq!(st, 201);
+    let (st, b) = g
+        .call(
+            "PATCH",
+            "/v1/devices/named",
+            Some(json!({"name": "a\u{2066}b"})),
+        )
+        .await;
+    assert_error(st, &b, 400, "invalid_field", Some("name"));
+    for bad in ["-rf", "a b", "svc;reboot", "line\nbreak", "", "ü"] {
+        let (st, b) = g
+            .call(
+                "POST",
+                "/v1/devices/named/actions/restart-service?queue_ttl=60",
+                Some(json!({"service_name": bad, "app_id": 1})),
+            )
+            .await;
+        assert_error(st, &b, 400, "invalid_field", Some("service_name"));
+    }
+    let (st, b) = g
+        .call(
+            "POST",
+            "/v1/devices/named/actions/restart-service?queue_ttl=60",
+            Some(json!({"service_name": "kiosk-ui.v2_1", "app_id": 1})),
+        )
+        .await;
+    assert_eq!((st, &b["state"]), (202, &json!("queued")), "{b}");
+
+    // Stored before the rules: still there, listed, and reachable.
+    g.gw()
+        .api_state
+        .registry
+        .register(cloudlink::registry::NewDevice {
+            uuid: "-legacy".into(),
+            public_key: public_key(&generate_private_key()),
+            name: Some("old\u{202E}name".into()),
+        })
+        .unwrap();
+    let (st, d) = g.call("GET", "/v1/devices/-legacy", None).await;
+    assert_eq!(st, 200, "{d}");
+    assert_eq!(d["name"], "old\u{202E}name");
+    let (_, page) = g.call("GET", "/v1/devices?limit=100", None).await;
+    assert!(page["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|d| d["uuid"] == "-legacy"));
+    g.stop().await;
+}

@@ -28,6 +28,16 @@ fn gateway(e: ApiError) -> Response {
     r
 }
 
+/// A service name as it may reach a device's hook (an environment
+/// variable, often a command's argument): 1 to 128 of `[A-Za-z0-9._-]`, not
+/// starting with `-` (it would read as an option).
+fn valid_service_name(n: &str) -> bool {
+    (1..=128).contains(&n.len())
+        && !n.starts_with('-')
+        && n.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
 /// Longest `queue_ttl`: a week.
 const MAX_QUEUE_TTL_S: u64 = 7 * 24 * 3600;
 
@@ -344,14 +354,14 @@ async fn run(
                             })? as u32,
                     )
                 }
-                ("service_name", Value::String(n)) if !n.is_empty() && n.len() <= 128 => {
+                ("service_name", Value::String(n)) if valid_service_name(n) => {
                     params.service_name = Some(n.clone())
                 }
                 ("service_name", Value::Null) => {}
                 ("service_name", _) => {
                     return Err(ApiError::bad_field(
                         "service_name",
-                        "service_name must be a string of 1 to 128 characters",
+                        "service_name is 1 to 128 of A-Z a-z 0-9 . _ - and does not start with -",
                     ))
                 }
                 (k, _) => {

@@ -11,7 +11,8 @@ use serde_json::{json, Map, Value};
 use super::{blocking, json_object, rfc3339, ApiError, SharedState};
 use crate::keys::{decode_key, encode_key};
 use crate::registry::{
-    validate_name, validate_uuid, Device, DevicePatch, NewDevice, Registered, MAX_BATCH,
+    validate_name, validate_new_uuid, validate_uuid, Device, DevicePatch, NewDevice, Registered,
+    MAX_BATCH,
 };
 use crate::wg_config;
 
@@ -48,7 +49,7 @@ fn parse_new_device(obj: &Map<String, Value>, prefix: &str) -> Result<NewDevice,
             ))
         }
     };
-    validate_uuid(&uuid).map_err(|m| ApiError::bad_field(format!("{prefix}uuid"), m))?;
+    validate_new_uuid(&uuid).map_err(|m| ApiError::bad_field(format!("{prefix}uuid"), m))?;
     let public_key = match obj.get("public_key") {
         Some(Value::String(s)) => decode_key(s)
             .map_err(|e| ApiError::bad_field(format!("{prefix}public_key"), e.to_string()))?,
