@@ -72,7 +72,13 @@ pub struct ActionQueue {
     timeout: Duration,
     /// Cluster mode: the records are the cluster's.
     shared: std::sync::OnceLock<Arc<SharedActions>>,
+    /// Queued actions one device may have waiting.
+    max_queued: usize,
 }
+
+/// Finished actions are kept this long (for `GET /v1/actions/{id}`; a
+/// queue TTL is at most 7 days), then pruned.
+pub const RETENTION: Duration = Duration::from_secs(8 * 24 * 3600);
 
 const COLUMNS: &str = "id, device, action, force, app_id, service_name, state, created_at, expires_at, device_status, device_body";
 
@@ -109,6 +115,7 @@ impl ActionQueue {
         metrics: Arc<crate::metrics::Metrics>,
         relay: Weak<Relay>,
         timeout: Duration,
+        max_queued: usize,
     ) -> Result<Self, RegistryError> {
         // The registry opened the file first and brought its schema (this
         // table's too) up to date.
@@ -126,6 +133,7 @@ impl ActionQueue {
             relay,
             timeout,
             shared: std::sync::OnceLock::new(),
+            max_queued,
         })
     }
 
@@ -189,7 +197,17 @@ impl ActionQueue {
         let id = new_id();
         if let Some(shared) = self.shared.get() {
             return shared
-                .insert(device, &id, action, p, api_key, state, ttl, idempotency_key)
+                .insert(
+                    device,
+                    &id,
+                    action,
+                    p,
+                    api_key,
+                    state,
+                    ttl,
+                    idempotency_key,
+                    self.max_queued,
+                )
                 .await;
         }
         let (q, d, p, k, st, i) = (
@@ -295,6 +313,19 @@ impl ActionQueue {
                 "UPDATE actions SET idempotency_key = NULL WHERE device = ?1 AND idempotency_key = ?2",
                 params![device, k],
             )?;
+        }
+        if state == "queued" {
+            let waiting: i64 = c.query_row(
+                "SELECT COUNT(*) FROM actions WHERE device = ?1 AND state = 'queued'",
+                [device],
+                |r| r.get(0),
+            )?;
+            if waiting as usize >= self.max_queued {
+                return Err(RegistryError::QueueFull {
+                    device: device.to_owned(),
+                    limit: self.max_queued,
+                });
+            }
         }
         c.execute(
             "INSERT INTO actions (id, device, action, force, app_id, service_name, api_key, state, created_at, expires_at, device_status, device_body, idempotency_key)
@@ -523,6 +554,12 @@ impl ActionQueue {
             let q = self.clone();
             let expired = tokio::task::spawn_blocking(move || -> Result<Vec<StoredAction>, RegistryError> {
                 let c = q.conn.lock();
+                // Finished actions past the retention go (a few at a time:
+                // this runs every second).
+                c.execute(
+                    "DELETE FROM actions WHERE rowid IN (SELECT rowid FROM actions WHERE created_at < ?1 AND state NOT IN ('queued', 'delivering') LIMIT 1000)",
+                    [now_ms() - RETENTION.as_millis() as i64],
+                )?;
                 let mut st = c.prepare_cached(&format!(
                     "UPDATE actions SET state = 'expired' WHERE state = 'queued' AND expires_at <= ?1 RETURNING {COLUMNS}"
                 ))?;

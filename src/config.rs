@@ -121,6 +121,9 @@ pub struct ServeArgs {
     /// Event streams (`GET /v1/events`) open at once; beyond, 503 [default: 256]
     #[arg(long, env = "CLOUDLINK_MAX_EVENT_STREAMS")]
     pub max_event_streams: Option<usize>,
+    /// Queued actions one device may have waiting; beyond, 429 [default: 100]
+    #[arg(long, env = "CLOUDLINK_MAX_QUEUED_ACTIONS")]
+    pub max_queued_actions: Option<usize>,
     /// How long an immediate action waits for the device's answer [default: 30s]
     #[arg(long, env = "CLOUDLINK_ACTION_TIMEOUT", value_parser = humantime::parse_duration)]
     #[serde(default, with = "opt_duration")]
@@ -415,6 +418,7 @@ pub struct GatewayConfig {
     /// The API server's bounds.
     pub api_limits: crate::api::server::Limits,
     pub max_event_streams: usize,
+    pub max_queued_actions: usize,
     pub log: String,
     /// `--private-key-file`; `None`: `<data-dir>/gateway.key`.
     pub private_key_file: Option<PathBuf>,
@@ -447,6 +451,7 @@ impl Default for GatewayConfig {
             action_timeout: Duration::from_secs(30),
             api_limits: crate::api::server::Limits::default(),
             max_event_streams: 256,
+            max_queued_actions: 100,
             log: "info".into(),
             private_key_file: None,
             cluster: None,
@@ -551,6 +556,10 @@ impl ServeArgs {
                 .max_event_streams
                 .or(file.max_event_streams)
                 .unwrap_or(d.max_event_streams),
+            max_queued_actions: self
+                .max_queued_actions
+                .or(file.max_queued_actions)
+                .unwrap_or(d.max_queued_actions),
             log: self.log.or(file.log).unwrap_or(d.log),
             private_key_file: self.private_key_file.or(file.private_key_file),
             cluster: {
@@ -618,10 +627,16 @@ impl GatewayConfig {
                 return Err(Error::Config(format!("{flag} must be at least 1s")));
             }
         }
-        if l.max_connections == 0 || self.max_event_streams == 0 {
+        if l.max_connections == 0 || self.max_event_streams == 0 || self.max_queued_actions == 0 {
             return Err(Error::Config(
-                "--api-max-connections and --max-event-streams must be at least 1".into(),
+                "--api-max-connections, --max-event-streams and --max-queued-actions must be at least 1".into(),
             ));
+        }
+        if self.max_queued_actions > crate::cluster::actions::MAX_PER_DEVICE {
+            return Err(Error::Config(format!(
+                "--max-queued-actions is at most {}",
+                crate::cluster::actions::MAX_PER_DEVICE
+            )));
         }
         if !(1..=256).contains(&self.workers) {
             return Err(Error::Config("--workers is from 1 to 256".into()));

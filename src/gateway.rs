@@ -191,11 +191,13 @@ impl Gateway {
         let action_queue = {
             let (registry, events, weak) =
                 (registry.clone(), events.clone(), Arc::downgrade(&relay));
-            let timeout = config.action_timeout;
+            let (timeout, max_queued) = (config.action_timeout, config.max_queued_actions);
             let m = metrics.clone();
             Arc::new(
                 tokio::task::spawn_blocking(move || {
-                    crate::action_queue::ActionQueue::open(&registry, events, m, weak, timeout)
+                    crate::action_queue::ActionQueue::open(
+                        &registry, events, m, weak, timeout, max_queued,
+                    )
                 })
                 .await
                 .map_err(|e| Error::Config(format!("action queue open task failed: {e}")))??,

@@ -763,3 +763,29 @@ async fn a_device_answering_401_does_not_sign_the_dashboard_out() {
     assert_eq!(r.status(), 200);
     g.stop().await;
 }
+
+/// At most `--max-queued-actions` wait for one device: beyond, 429
+/// `action_queue_full`, and nothing is stored; another device is not
+/// affected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_actions_per_device_are_capped() {
+    let mut g = TestGateway::start_with(|c| c.max_queued_actions = 3).await;
+    for uuid in ["busy", "calm"] {
+        g.register(
+            uuid,
+            &cloudlink::keys::public_key(&cloudlink::keys::generate_private_key()),
+        )
+        .await;
+    }
+    for i in 0..3 {
+        let (st, _, b) = act_with(&g, "busy", "reboot", "?queue_ttl=300", None).await;
+        assert_eq!(st, 202, "{i}: {b}");
+    }
+    let (st, src, b) = act_with(&g, "busy", "reboot", "?queue_ttl=300", None).await;
+    assert_eq!((st, src.as_str()), (429, "gateway"), "{b}");
+    assert_eq!(b["error"], "action_queue_full");
+    assert!(b["message"].as_str().unwrap().contains("busy"), "{b}");
+    let (st, _, b) = act_with(&g, "calm", "reboot", "?queue_ttl=300", None).await;
+    assert_eq!(st, 202, "{b}");
+    g.stop().await;
+}

@@ -376,6 +376,7 @@ impl SharedActions {
         state: &str,
         ttl: Duration,
         idempotency_key: Option<&str>,
+        max_queued: usize,
     ) -> Result<Inserted, RegistryError> {
         // The id's pointer first: an action is never stored without one.
         self.ids
@@ -409,11 +410,30 @@ impl SharedActions {
                     return Ok((false, Inserted::Existing(first.stored(uuid))));
                 }
             }
-            if d.actions.len() >= MAX_PER_DEVICE {
+            let waiting = d.actions.iter().filter(|a| a.state == "queued").count();
+            if state == "queued" && waiting >= max_queued {
                 return Err(RegistryError::QueueFull {
                     device: uuid.to_owned(),
-                    limit: MAX_PER_DEVICE,
+                    limit: max_queued,
                 });
+            }
+            if d.actions.len() >= MAX_PER_DEVICE {
+                // Full of recent outcomes: the oldest finished one gives way.
+                match d
+                    .actions
+                    .iter()
+                    .position(|a| !matches!(a.state.as_str(), "queued" | "delivering"))
+                {
+                    Some(i) => {
+                        d.actions.remove(i);
+                    }
+                    None => {
+                        return Err(RegistryError::QueueFull {
+                            device: uuid.to_owned(),
+                            limit: MAX_PER_DEVICE,
+                        })
+                    }
+                }
             }
             d.actions.push(record.clone());
             Ok((true, Inserted::New(record.stored(uuid))))
