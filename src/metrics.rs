@@ -33,10 +33,13 @@ pub enum DropReason {
     NoStream,
     /// A handshake initiation that found the handshake queue full.
     HandshakeQueueFull,
+    /// Under load, an initiation from a source address that spent its
+    /// budget (not a device's known endpoint).
+    SourceBudget,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 12] = [
+    pub const ALL: [DropReason; 13] = [
         DropReason::Malformed,
         DropReason::InvalidMac,
         DropReason::HandshakeFailed,
@@ -49,6 +52,7 @@ impl DropReason {
         DropReason::Unsupported,
         DropReason::NoStream,
         DropReason::HandshakeQueueFull,
+        DropReason::SourceBudget,
     ];
     pub fn as_str(self) -> &'static str {
         match self {
@@ -64,6 +68,7 @@ impl DropReason {
             DropReason::Unsupported => "unsupported",
             DropReason::NoStream => "no_stream",
             DropReason::HandshakeQueueFull => "handshake_queue_full",
+            DropReason::SourceBudget => "source_budget",
         }
     }
 

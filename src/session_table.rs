@@ -180,6 +180,10 @@ pub struct SessionTable {
     /// the index, so a hint almost never names the wrong device (which
     /// would cost one DH before the usual path).
     by_hint: DashMap<HintKey, u32>,
+    /// Each session's current endpoint, counted (devices behind one NAT
+    /// may share one): initiations from a known endpoint go ahead of
+    /// unknown sources under load (`packet_path::admission`).
+    by_endpoint: DashMap<std::net::SocketAddr, u32>,
     next_index: AtomicU32,
 }
 
@@ -216,11 +220,19 @@ impl SessionTable {
                     // session must not linger under its index.
                     self.by_index
                         .remove_if(&old.index, |_, s| Arc::ptr_eq(s, &old));
-                    self.by_key
-                        .remove_if(&old.public_key, |_, s| Arc::ptr_eq(s, &old));
+                    if self
+                        .by_key
+                        .remove_if(&old.public_key, |_, s| Arc::ptr_eq(s, &old))
+                        .is_some()
+                    {
+                        let endpoint = old.state.lock().link.endpoint();
+                        self.forget_endpoint(endpoint);
+                    }
                 }
                 self.by_address.insert(session.address, session.clone());
+                let endpoint = session.state.lock().link.endpoint();
                 v.insert(session);
+                *self.by_endpoint.entry(endpoint).or_insert(0) += 1;
                 Ok(())
             }
         }
@@ -246,13 +258,48 @@ impl SessionTable {
         self.by_hint.insert(key, session.index);
     }
 
+    /// Whether a session's device is at `endpoint` now.
+    pub fn is_known_endpoint(&self, endpoint: &std::net::SocketAddr) -> bool {
+        self.by_endpoint.contains_key(endpoint)
+    }
+
+    /// A session's endpoint changed (roaming, a handshake from elsewhere).
+    pub fn endpoint_moved(&self, from: std::net::SocketAddr, to: std::net::SocketAddr) {
+        if from == to {
+            return;
+        }
+        self.forget_endpoint(from);
+        *self.by_endpoint.entry(to).or_insert(0) += 1;
+    }
+
+    fn forget_endpoint(&self, endpoint: std::net::SocketAddr) {
+        if let Entry::Occupied(mut e) = self.by_endpoint.entry(endpoint) {
+            *e.get_mut() -= 1;
+            if *e.get() == 0 {
+                e.remove();
+            }
+        }
+    }
+
     pub fn remove(&self, session: &Arc<Session>) {
-        let hinted = session.state.lock().hinted;
+        let (hinted, endpoint) = {
+            let st = session.state.lock();
+            (st.hinted, st.link.endpoint())
+        };
         if let Some(e) = hinted {
             self.by_hint.remove_if(&e, |_, i| *i == session.index);
         }
-        self.by_key
-            .remove_if(&session.public_key, |_, s| Arc::ptr_eq(s, session));
+        // Once per session: only the call that takes it out of the table
+        // gives its endpoint back. (Lock order is map shard → session
+        // state, so the endpoint is read first: a roam in between leaves a
+        // count behind, which only exempts that address from the budget.)
+        if self
+            .by_key
+            .remove_if(&session.public_key, |_, s| Arc::ptr_eq(s, session))
+            .is_some()
+        {
+            self.forget_endpoint(endpoint);
+        }
         self.by_index
             .remove_if(&session.index, |_, s| Arc::ptr_eq(s, session));
         self.by_uuid

@@ -427,9 +427,29 @@ fn a_storm_queues_initiations_answers_cookies_and_never_starves_transport() {
     assert_eq!(tx.len(), 1, "a cookie for the other address instead");
     tx.clear();
 
-    // Fill the queue to the brim with cookie-carrying retries; beyond it
+    // Fill the queue to the brim with cookie-carrying retries, each from
+    // its own address (one address has a budget of a few); beyond it
     // initiations are dropped and counted.
+    let mut k = 0u32;
+    let mut src = src;
+    let mut retry = retry;
     while rig.path.handshakes.len() < cap {
+        k += 1;
+        src = format!("203.0.{}.{}:6000", 10 + k / 250, k % 250 + 1)
+            .parse()
+            .unwrap();
+        let init = match late.format_handshake_initiation(&mut buf, true) {
+            TunnResult::WriteToNetwork(p) => p.to_vec(),
+            _ => panic!(),
+        };
+        rig.path
+            .handle_datagram(now, src, &init, &mut rig.out, &mut tx);
+        let (_, cookie) = tx.pop().expect("a cookie reply");
+        late.decapsulate(None, &cookie, &mut buf);
+        retry = match late.format_handshake_initiation(&mut buf, true) {
+            TunnResult::WriteToNetwork(p) => p.to_vec(),
+            _ => panic!(),
+        };
         rig.path
             .handle_datagram(now, src, &retry, &mut rig.out, &mut tx);
     }
@@ -603,4 +623,100 @@ async fn a_fleet_reactor_that_fell_behind_the_bus_reconciles_with_the_store() {
         );
     }
     assert_eq!(metrics.devices_registered.get(), 3);
+}
+
+/// Fair admission under load (issue "Hold up under abuse"): one address
+/// that answers cookie replies gets only its budget into the queue, the
+/// rest is dropped as `source_budget`; a connected device re-handshaking
+/// from its endpoint needs no cookie, is not budgeted, and is answered
+/// before everything the flood queued.
+#[test]
+fn under_load_one_source_gets_its_budget_and_known_endpoints_go_first() {
+    use cloudlink::metrics::DropReason;
+    let (mut rig, registry) = rig();
+    let now = Instant::now();
+    let mut buf = vec![0u8; 2048];
+    let key = generate_private_key();
+    registry
+        .register(NewDevice {
+            uuid: "known".into(),
+            public_key: public_key(&key),
+            name: None,
+        })
+        .unwrap();
+    let mut known = client(&rig.path, key);
+    let home: SocketAddr = "192.0.2.50:4500".parse().unwrap();
+    connect(&mut rig, &mut known, home, now);
+
+    // Load: initiations from unregistered keys, each from its own address.
+    let cap = rig.path.handshakes.capacity();
+    let mut tx = Vec::new();
+    for i in 0..cap / 8 {
+        let mut dev = client(&rig.path, generate_private_key());
+        let init = match dev.format_handshake_initiation(&mut buf, false) {
+            TunnResult::WriteToNetwork(p) => p.to_vec(),
+            _ => panic!(),
+        };
+        let src: SocketAddr = format!("198.51.100.{}:5000", i + 1).parse().unwrap();
+        rig.path
+            .handle_datagram(now, src, &init, &mut rig.out, &mut tx);
+    }
+    assert!(rig.path.under_load());
+    let queued = rig.path.handshakes.len();
+
+    // The flood: one address, answering its cookie, sending 100 more.
+    let flood: SocketAddr = "203.0.113.66:7777".parse().unwrap();
+    let mut attacker = client(&rig.path, generate_private_key());
+    let init = match attacker.format_handshake_initiation(&mut buf, false) {
+        TunnResult::WriteToNetwork(p) => p.to_vec(),
+        _ => panic!(),
+    };
+    rig.path
+        .handle_datagram(now, flood, &init, &mut rig.out, &mut tx);
+    let (_, cookie) = tx.pop().expect("a cookie reply");
+    attacker.decapsulate(None, &cookie, &mut buf);
+    for _ in 0..100 {
+        let retry = match attacker.format_handshake_initiation(&mut buf, true) {
+            TunnResult::WriteToNetwork(p) => p.to_vec(),
+            _ => panic!(),
+        };
+        rig.path
+            .handle_datagram(now, flood, &retry, &mut rig.out, &mut tx);
+    }
+    assert!(tx.is_empty());
+    let admitted = rig.path.handshakes.len() - queued;
+    assert_eq!(admitted, 5, "the burst, no more");
+    assert_eq!(rig.metrics.dropped_count(DropReason::SourceBudget), 95);
+
+    // The known device re-handshakes from its endpoint: no cookie reply,
+    // and it is answered first.
+    let again = match known.format_handshake_initiation(&mut buf, false) {
+        TunnResult::WriteToNetwork(p) => p.to_vec(),
+        _ => panic!(),
+    };
+    rig.path
+        .handle_datagram(now, home, &again, &mut rig.out, &mut tx);
+    assert!(tx.is_empty(), "no cookie demanded of a known endpoint");
+    rig.path.process_handshakes(now, 1, &mut rig.out, &mut tx);
+    assert_eq!(tx.len(), 1);
+    let (to, response) = tx.pop().unwrap();
+    assert_eq!(
+        (to, response[0], response.len()),
+        (home, 2, 92),
+        "its handshake response"
+    );
+    // A second later the flood's address has a new share of its budget.
+    let retry = match attacker.format_handshake_initiation(&mut buf, true) {
+        TunnResult::WriteToNetwork(p) => p.to_vec(),
+        _ => panic!(),
+    };
+    let before = rig.path.handshakes.len();
+    rig.path.handle_datagram(
+        now + Duration::from_secs(1),
+        flood,
+        &retry,
+        &mut rig.out,
+        &mut tx,
+    );
+    assert_eq!(rig.path.handshakes.len(), before + 1);
 }

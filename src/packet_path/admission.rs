@@ -15,6 +15,18 @@
 //! queue. Initiations that find the queue full are dropped and counted: the
 //! device retries, memory does not grow.
 //!
+//! Fairness under load (issue "Hold up under abuse": one address that
+//! answered cookie replies at 0.9 Mpps kept the queue full and a device's
+//! handshakes went 86 % unanswered):
+//! - an initiation from a **known endpoint** (where a session's device is
+//!   now) needs no cookie and waits in a queue of its own, which workers
+//!   empty first: devices reconnecting go ahead of unknown sources, and a
+//!   fleet behind one carrier-grade NAT is not throttled as one address;
+//! - every other source address has a **budget** of
+//!   [`SOURCE_PER_SECOND`] initiations a second (burst [`SOURCE_BURST`]),
+//!   as the kernel's WireGuard limits each source under load; beyond it
+//!   they are dropped (`source_budget`) before they reach the queue.
+//!
 //! boringtun's `RateLimiter` judges load by its own per-second count, so the
 //! gateway keeps two: one that never reports load (checks mac1 only) and
 //! one that always does (demands mac2, writes cookie replies). The queue
@@ -23,8 +35,8 @@
 use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::TunnResult;
 use parking_lot::Mutex;
-use std::collections::VecDeque;
-use std::net::SocketAddr;
+use std::collections::{HashMap, VecDeque};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Instant;
 
@@ -43,19 +55,39 @@ pub(crate) struct Queued {
     pub datagram: [u8; INITIATION_LEN],
 }
 
-/// The bounded queue of admitted initiations, shared by all workers.
+/// Initiations a second an unknown source address may have admitted
+/// under load, and its burst (the kernel's `INITIATIONS_PER_SECOND` and
+/// `INITIATIONS_BURSTABLE`).
+pub const SOURCE_PER_SECOND: f32 = 20.0;
+pub const SOURCE_BURST: f32 = 5.0;
+/// Source addresses the budget remembers at most; a full table refuses new
+/// addresses until entries older than a second are pruned.
+const SOURCE_TABLE: usize = 65_536;
+
+/// The bounded queues of admitted initiations, shared by all workers: one
+/// for known endpoints, emptied first, and one for everybody else. Each
+/// holds up to the capacity.
 pub struct HandshakeQueue {
     // A mutex, not a lock-free queue: a push or pop is a few nanoseconds
     // next to the 250 µs of the handshake it carries, so it never contends.
-    q: Mutex<VecDeque<Queued>>,
+    q: Mutex<Queues>,
     len: AtomicUsize,
     cap: usize,
+}
+
+#[derive(Default)]
+struct Queues {
+    known: VecDeque<Queued>,
+    other: VecDeque<Queued>,
 }
 
 impl HandshakeQueue {
     pub fn new(cap: usize) -> Self {
         HandshakeQueue {
-            q: Mutex::new(VecDeque::with_capacity(cap.min(DEFAULT_QUEUE))),
+            q: Mutex::new(Queues {
+                known: VecDeque::new(),
+                other: VecDeque::with_capacity(cap.min(DEFAULT_QUEUE)),
+            }),
             len: AtomicUsize::new(0),
             cap: cap.max(8),
         }
@@ -73,20 +105,55 @@ impl HandshakeQueue {
     pub fn under_load(&self) -> bool {
         self.len() >= self.cap / 8
     }
-    fn push(&self, item: Queued) -> bool {
+    fn push(&self, item: Queued, known: bool) -> bool {
         let mut q = self.q.lock();
-        if q.len() >= self.cap {
+        let lane = if known { &mut q.known } else { &mut q.other };
+        if lane.len() >= self.cap {
             return false;
         }
-        q.push_back(item);
-        self.len.store(q.len(), Ordering::Relaxed);
+        lane.push_back(item);
+        self.len
+            .store(q.known.len() + q.other.len(), Ordering::Relaxed);
         true
     }
     fn pop(&self) -> Option<Queued> {
         let mut q = self.q.lock();
-        let item = q.pop_front();
-        self.len.store(q.len(), Ordering::Relaxed);
+        let item = q.known.pop_front().or_else(|| q.other.pop_front());
+        self.len
+            .store(q.known.len() + q.other.len(), Ordering::Relaxed);
         item
+    }
+}
+
+/// Each unknown source address's initiation budget under load (a token
+/// bucket per address), shared by all workers.
+#[derive(Default)]
+pub(crate) struct SourceBudget {
+    buckets: Mutex<HashMap<IpAddr, (f32, Instant)>>,
+}
+
+impl SourceBudget {
+    /// Takes one initiation from `ip`'s budget; false when it is spent.
+    pub(crate) fn allow(&self, ip: IpAddr, now: Instant) -> bool {
+        let mut b = self.buckets.lock();
+        if b.len() >= SOURCE_TABLE && !b.contains_key(&ip) {
+            // Addresses quiet for a second are back at full budget:
+            // forgetting them changes nothing.
+            b.retain(|_, (_, at)| now.saturating_duration_since(*at).as_secs() < 1);
+            if b.len() >= SOURCE_TABLE {
+                return false;
+            }
+        }
+        let (tokens, at) = b.entry(ip).or_insert((SOURCE_BURST, now));
+        let refill = now.saturating_duration_since(*at).as_secs_f32() * SOURCE_PER_SECOND;
+        *tokens = (*tokens + refill).min(SOURCE_BURST);
+        *at = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
     }
 }
 
@@ -133,13 +200,16 @@ impl PacketPath {
     /// queue is full).
     pub(crate) fn admit_initiation(
         &self,
+        now: Instant,
         src: SocketAddr,
         datagram: &[u8],
         out: &mut [u8],
         tx: &mut impl Transmit,
     ) {
         self.rate_window.count.fetch_add(1, Ordering::Relaxed);
-        let limiter = if self.under_load() {
+        let known = self.sessions.is_known_endpoint(&src);
+        let under_load = self.under_load();
+        let limiter = if under_load && !known {
             &self.cookie_limiter
         } else {
             &*self.tunn_limiter
@@ -167,7 +237,12 @@ impl PacketPath {
             self.metrics.dropped(DropReason::Malformed);
             return;
         };
-        if self.handshakes.push(Queued { src, datagram }) {
+        if under_load && !known && !self.source_budget.allow(src.ip(), now) {
+            self.metrics.handshake(HandshakeResult::RateLimited);
+            self.metrics.dropped(DropReason::SourceBudget);
+            return;
+        }
+        if self.handshakes.push(Queued { src, datagram }, known) {
             self.metrics
                 .handshake_queue
                 .set(self.handshakes.len() as i64);

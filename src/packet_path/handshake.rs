@@ -108,7 +108,10 @@ impl PacketPath {
                 self.metrics.handshake(HandshakeResult::Completed);
                 let at = self.wall(now);
                 st.last_handshake_at = Some(at);
-                if let Some(t) = st.link.on_authenticated(now, src, false) {
+                let before = st.link.endpoint();
+                let transition = st.link.on_authenticated(now, src, false);
+                self.sessions.endpoint_moved(before, src);
+                if let Some(t) = transition {
                     self.announce(session, t, at);
                 }
                 tracing::debug!(device = %session.uuid, %src, "handshake completed");

@@ -131,6 +131,8 @@ pub struct PacketPath {
     /// Admitted initiations waiting for a worker.
     pub handshakes: admission::HandshakeQueue,
     pub(crate) rate_window: admission::RateWindow,
+    /// Unknown sources' initiation budgets under load.
+    pub(crate) source_budget: admission::SourceBudget,
     pub sessions: SessionTable,
     /// Who may connect (kept current by the fleet reactor).
     pub directory: Arc<crate::directory::Directory>,
@@ -168,6 +170,7 @@ impl PacketPath {
             tunn_limiter: Arc::new(RateLimiter::new(&public, u64::MAX)),
             handshakes: admission::HandshakeQueue::new(config.handshake_queue),
             rate_window: Default::default(),
+            source_budget: Default::default(),
             secret,
             public,
             gateway_address,

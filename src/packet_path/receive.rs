@@ -28,7 +28,7 @@ impl PacketPath {
     ) {
         let src = canonical(src);
         match Tunn::parse_incoming_packet(datagram) {
-            Ok(Packet::HandshakeInit(_)) => self.admit_initiation(src, datagram, out, tx),
+            Ok(Packet::HandshakeInit(_)) => self.admit_initiation(now, src, datagram, out, tx),
             Ok(Packet::PacketData(p)) => {
                 self.handle_transport(now, src, p.receiver_idx, Kind::Data, datagram, out, tx)
             }

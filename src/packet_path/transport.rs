@@ -105,7 +105,10 @@ impl PacketPath {
         src: SocketAddr,
         transport: bool,
     ) {
-        if let Some(t) = st.link.on_authenticated(now, src, transport) {
+        let before = st.link.endpoint();
+        let transition = st.link.on_authenticated(now, src, transport);
+        self.sessions.endpoint_moved(before, src);
+        if let Some(t) = transition {
             let at = self.wall(now);
             if matches!(t, crate::link_state::LinkTransition::Up { .. }) {
                 st.connected_since = Some(at);
