@@ -121,6 +121,10 @@ pub struct ServeArgs {
     /// Event streams (`GET /v1/events`) open at once; beyond, 503 [default: 256]
     #[arg(long, env = "CLOUDLINK_MAX_EVENT_STREAMS")]
     pub max_event_streams: Option<usize>,
+    /// On SIGTERM, how long open relay streams may go on (new streams and actions get 503) before they are ended [default: 30s]
+    #[arg(long, env = "CLOUDLINK_DRAIN_TIMEOUT", value_parser = humantime::parse_duration)]
+    #[serde(default, with = "opt_duration")]
+    pub drain_timeout: Option<Duration>,
     /// Queued actions one device may have waiting; beyond, 429 [default: 100]
     #[arg(long, env = "CLOUDLINK_MAX_QUEUED_ACTIONS")]
     pub max_queued_actions: Option<usize>,
@@ -419,6 +423,7 @@ pub struct GatewayConfig {
     pub api_limits: crate::api::server::Limits,
     pub max_event_streams: usize,
     pub max_queued_actions: usize,
+    pub drain_timeout: Duration,
     pub log: String,
     /// `--private-key-file`; `None`: `<data-dir>/gateway.key`.
     pub private_key_file: Option<PathBuf>,
@@ -452,6 +457,7 @@ impl Default for GatewayConfig {
             api_limits: crate::api::server::Limits::default(),
             max_event_streams: 256,
             max_queued_actions: 100,
+            drain_timeout: Duration::from_secs(30),
             log: "info".into(),
             private_key_file: None,
             cluster: None,
@@ -560,6 +566,10 @@ impl ServeArgs {
                 .max_queued_actions
                 .or(file.max_queued_actions)
                 .unwrap_or(d.max_queued_actions),
+            drain_timeout: self
+                .drain_timeout
+                .or(file.drain_timeout)
+                .unwrap_or(d.drain_timeout),
             log: self.log.or(file.log).unwrap_or(d.log),
             private_key_file: self.private_key_file.or(file.private_key_file),
             cluster: {

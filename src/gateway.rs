@@ -39,6 +39,9 @@ pub struct Gateway {
     redialer: Option<crate::redial::Redialer>,
     /// Cluster mode's membership (`--nats`).
     pub cluster: Option<Arc<crate::cluster::Cluster>>,
+    /// Set at the start of a stop: the API and the proxy refuse new work.
+    draining: Arc<std::sync::atomic::AtomicBool>,
+    drain_timeout: Duration,
 }
 
 /// Runs a gateway until `shutdown` resolves, then stops it cleanly.
@@ -340,6 +343,7 @@ impl Gateway {
             )
         };
         let endpoints_task = tokio::spawn(endpoints.run(registry.clone(), stop_status.subscribe()));
+        let draining = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let api_state = Arc::new(ApiState {
             path: path.clone(),
             registry: registry.clone(),
@@ -363,6 +367,7 @@ impl Gateway {
             ready: false.into(),
             cluster: cluster.clone(),
             event_streams: Arc::new(tokio::sync::Semaphore::new(config.max_event_streams)),
+            draining: draining.clone(),
             sign_in_failures: Default::default(),
         });
         if let Some(c) = &cluster {
@@ -382,6 +387,7 @@ impl Gateway {
             Arc::new(crate::relay::proxy::ProxyConfig {
                 token: api_state.token.clone(),
                 allow_ports: config.allow_ports.clone(),
+                draining: draining.clone(),
                 gateway_id: gateway_id.clone(),
                 route: cluster.as_ref().map(|c| {
                     Arc::new(crate::cluster::routing::ProxyRoute {
@@ -430,6 +436,8 @@ impl Gateway {
             endpoints_task: Some(endpoints_task),
             redialer,
             cluster,
+            draining,
+            drain_timeout: config.drain_timeout,
         })
     }
 
@@ -455,6 +463,26 @@ impl Gateway {
     /// stopped.
     pub async fn shutdown(mut self) {
         self.api_state.ready.store(false, Ordering::Release);
+        // Drain: no new relay streams or actions (503), open streams may
+        // finish for up to --drain-timeout; then they are ended.
+        self.draining.store(true, Ordering::Release);
+        let open = self.path.metrics.relay_streams.get();
+        if open > 0 && !self.drain_timeout.is_zero() {
+            tracing::info!(streams = open, timeout = ?self.drain_timeout, "draining: waiting for open relay streams to finish");
+            let deadline = tokio::time::Instant::now() + self.drain_timeout;
+            while self.path.metrics.relay_streams.get() > 0
+                && tokio::time::Instant::now() < deadline
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            let left = self.path.metrics.relay_streams.get();
+            if left > 0 {
+                tracing::warn!(
+                    streams = left,
+                    "drain timeout: ending the relay streams still open"
+                );
+            }
+        }
         let _ = self.stop_proxy.send(true);
         if let Some(r) = self.redialer.take() {
             let _ = tokio::task::spawn_blocking(move || r.stop()).await;

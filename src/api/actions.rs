@@ -48,6 +48,13 @@ pub async fn action(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    if s.draining.load(std::sync::atomic::Ordering::Acquire) {
+        return gateway(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "draining",
+            "this gateway is stopping and takes no new actions; retry (through another gateway of the cluster)",
+        ));
+    }
     if let Some(r) = forward_to_owner(&s, &uuid, &action, &q, &headers, &body).await {
         return r;
     }

@@ -58,6 +58,8 @@ pub struct ApiState {
     pub ready: AtomicBool,
     /// Cluster mode: who holds devices connected elsewhere.
     pub cluster: Option<Arc<crate::cluster::Cluster>>,
+    /// Set while the gateway drains before a stop: new actions get 503.
+    pub draining: Arc<std::sync::atomic::AtomicBool>,
     /// Event streams that may be open at once (`--max-event-streams`).
     pub event_streams: Arc<tokio::sync::Semaphore>,
     /// Failed sign-ins per source address.

@@ -30,6 +30,8 @@ pub struct ProxyConfig {
     pub gateway_id: String,
     /// Cluster mode: who else holds a device, and their proxy.
     pub route: Option<Arc<dyn Route>>,
+    /// Set while the gateway drains before a stop: new streams get 503.
+    pub draining: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Cluster mode: where a device held by another gateway is reached.
@@ -264,6 +266,17 @@ async fn handle(
             return write_reject(&mut conn, &r).await;
         }
     };
+    if config.draining.load(std::sync::atomic::Ordering::Acquire) {
+        let r = reject(
+            503,
+            "Service Unavailable",
+            "draining",
+            "unavailable",
+            "this gateway is stopping: open streams may finish, new ones go to another gateway; retry",
+        );
+        metrics.relay_result(r.result);
+        return write_reject(&mut conn, &r).await;
+    }
     // Cluster mode: a device another gateway holds is reached through that
     // gateway's proxy, one hop at most.
     if let Some((owner, addr)) = config.route.as_ref().and_then(|r| r.held_elsewhere(&uuid)) {

@@ -36,6 +36,9 @@ pub fn config(dir: &std::path::Path) -> GatewayConfig {
         link_timeout: Duration::from_secs(2),
         gateway_id: Some("test-gw".into()),
         proxy: "127.0.0.1:0".parse().unwrap(),
+        // Tests that leave a relay stream open stop at once; the drain has
+        // its own test.
+        drain_timeout: Duration::from_secs(1),
         ..Default::default()
     }
 }
