@@ -343,6 +343,24 @@ impl Gateway {
             )
         };
         let endpoints_task = tokio::spawn(endpoints.run(registry.clone(), stop_status.subscribe()));
+        // Scoped tokens: SQLite alone, the cluster's bucket in cluster mode.
+        let tokens = match &cluster {
+            None => {
+                let r = registry.clone();
+                let (table, records) =
+                    tokio::task::spawn_blocking(move || crate::tokens::SqliteTokens::open(&r))
+                        .await
+                        .map_err(|e| Error::Config(format!("token table task failed: {e}")))??;
+                let t = Arc::new(crate::tokens::Tokens::new(token.clone(), records));
+                t.set_store(crate::tokens::TokenStore::Sqlite(Arc::new(table)));
+                t
+            }
+            Some(c) => {
+                let t = Arc::new(crate::tokens::Tokens::new(token.clone(), Vec::new()));
+                crate::cluster::tokens::share(&c.jetstream, c.replicas, t.clone()).await?;
+                t
+            }
+        };
         let draining = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let api_state = Arc::new(ApiState {
             path: path.clone(),
@@ -355,6 +373,7 @@ impl Gateway {
             action_queue: action_queue.clone(),
             action_timeout: config.action_timeout,
             token,
+            tokens: tokens.clone(),
             sign_ins: match &cluster {
                 // Every gateway of the cluster checks the same cookies.
                 Some(_) => crate::api::sign_in::SignIns::signed(session_key),
@@ -385,7 +404,7 @@ impl Gateway {
             relay.clone(),
             api_state.metrics.clone(),
             Arc::new(crate::relay::proxy::ProxyConfig {
-                token: api_state.token.clone(),
+                tokens: tokens.clone(),
                 allow_ports: config.allow_ports.clone(),
                 draining: draining.clone(),
                 gateway_id: gateway_id.clone(),

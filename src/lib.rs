@@ -32,6 +32,7 @@ pub mod relay;
 pub mod session_table;
 pub mod status;
 pub mod store;
+pub mod tokens;
 pub mod udp_socket;
 pub mod wg_config;
 

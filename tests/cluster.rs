@@ -1616,7 +1616,7 @@ async fn dashboard_sessions_work_on_every_gateway() {
     assert_eq!(get(a.api.clone()).await, 200);
     assert_eq!(get(b.api.clone()).await, 200);
     // A forged or foreign cookie is refused.
-    let forged = cookie.replace("c1.", "c1.1");
+    let forged = cookie.replace("c2.", "c2.1");
     let st = http
         .get(format!("{}/v1/devices", b.api))
         .header("cookie", forged)
@@ -2061,4 +2061,63 @@ async fn queued_actions_are_claimed_once_cluster_wide_and_an_interrupted_one_is_
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(runs(), "first\nslow\n");
     slow.abort();
+}
+
+/// Scoped tokens are the cluster's: one issued through A works on B (API
+/// and proxy), and revoked through B it is refused on A at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_are_the_clusters() {
+    use serde_json::json;
+    let Two {
+        nats: _nats,
+        tmp: _tmp,
+        key: _key,
+        a,
+        b,
+    } = two_gateways(&[]);
+    let (st, t) = call(
+        &a.api,
+        "POST",
+        "/v1/tokens",
+        Some(json!({"name": "noc", "scopes": ["read"]})),
+    )
+    .await;
+    assert_eq!(st, 201, "{t}");
+    let token = t["token"].as_str().unwrap().to_owned();
+    let get = |base: String| {
+        let token = token.clone();
+        async move {
+            reqwest::Client::new()
+                .get(format!("{base}/v1/devices"))
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while get(b.api.clone()).await != 200 {
+        assert!(Instant::now() < deadline, "B never took A's token");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (_, list) = call(&b.api, "GET", "/v1/tokens", None).await;
+    assert_eq!(list["tokens"][0]["name"], "noc");
+    let (st, _) = call(
+        &b.api,
+        "DELETE",
+        &format!("/v1/tokens/{}", t["id"].as_str().unwrap()),
+        None,
+    )
+    .await;
+    assert_eq!(st, 204);
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while get(a.api.clone()).await != 401 {
+        assert!(
+            Instant::now() < deadline,
+            "A still takes a token revoked on B"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }

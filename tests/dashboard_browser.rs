@@ -149,6 +149,10 @@ async fn rows(c: &Client) -> Vec<String> {
 }
 
 async fn sign_in(c: &Client, base: &str) {
+    sign_in_with(c, base, TOKEN).await;
+}
+
+async fn sign_in_with(c: &Client, base: &str, with: &str) {
     c.goto(&format!("{base}/")).await.unwrap();
     let token = c
         .wait()
@@ -156,7 +160,7 @@ async fn sign_in(c: &Client, base: &str) {
         .for_element(Locator::Id("token"))
         .await
         .unwrap();
-    token.send_keys(TOKEN).await.unwrap();
+    token.send_keys(with).await.unwrap();
     click(c, "#sign-in-button").await;
 }
 
@@ -451,6 +455,27 @@ async fn sign_in_live_status_filter_sort_and_reboot_in_chromium() {
         &c,
         "the sign-in form after a reload",
         "return !document.getElementById('sign-in-view').hidden",
+    )
+    .await;
+
+    // Signed in with a read-only token: the page shows the fleet, and a
+    // device's actions are greyed out, saying why.
+    let (st, t) = g
+        .call(
+            "POST",
+            "/v1/tokens",
+            Some(json!({"name": "wall screen", "scopes": ["read"]})),
+        )
+        .await;
+    assert_eq!(st, 201, "{t}");
+    sign_in_with(&c, &g.api, t["token"].as_str().unwrap()).await;
+    click(&c, "tr[data-uuid='kiosk-a']").await;
+    until(
+        &c,
+        "kiosk-a's actions greyed out for a read-only session",
+        "return document.getElementById('d-uuid').textContent === 'kiosk-a' && \
+         document.querySelector('#d-actions button[data-action=reboot]')?.disabled === true && \
+         document.getElementById('d-actions-note').textContent.includes('actions scope')",
     )
     .await;
     c.close().await.unwrap();

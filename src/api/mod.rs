@@ -15,6 +15,7 @@ mod listing;
 mod ops;
 pub mod server;
 pub mod sign_in;
+mod tokens;
 
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{header, HeaderValue, Method, StatusCode};
@@ -44,7 +45,10 @@ pub struct ApiState {
     pub action_queue: Arc<crate::action_queue::ActionQueue>,
     /// How long an action waits for the device's answer.
     pub action_timeout: std::time::Duration,
+    /// The bootstrap token (`admin`).
     pub token: String,
+    /// Every token, scoped (the bootstrap one included).
+    pub tokens: Arc<crate::tokens::Tokens>,
     /// Dashboard sign-ins.
     /// Dashboard sign-ins (not WireGuard sessions: those are `path.sessions`).
     pub sign_ins: sign_in::SignIns,
@@ -85,6 +89,8 @@ pub fn router(state: SharedState) -> Router {
         .route("/events", get(events_sse::events))
         .route("/summary", get(ops::summary))
         .route("/session", get(sign_in::current).delete(sign_in::sign_out))
+        .route("/tokens", get(tokens::list).post(tokens::create))
+        .route("/tokens/{id}", axum::routing::delete(tokens::delete))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             authenticate,
@@ -182,6 +188,7 @@ async fn method_not_allowed() -> ApiError {
 /// come from this host's page (`Origin`). Records how in an [`sign_in::Auth`]
 /// extension.
 async fn authenticate(State(state): State<SharedState>, mut req: Request, next: Next) -> Response {
+    let now_ms = crate::registry::now_ms();
     let presented = req
         .headers()
         .get(header::AUTHORIZATION)
@@ -190,55 +197,98 @@ async fn authenticate(State(state): State<SharedState>, mut req: Request, next: 
             v.strip_prefix("Bearer ")
                 .or_else(|| v.strip_prefix("bearer "))
         });
-    match presented {
-        Some(t) if token_matches(t.trim(), &state.token) => {
-            req.extensions_mut().insert(sign_in::Auth::Token);
-            return next.run(req).await;
+    let grant = match presented {
+        Some(t) => match state.tokens.check(t, now_ms) {
+            Some(g) => {
+                req.extensions_mut().insert(sign_in::Auth::Token);
+                g
+            }
+            None => {
+                return ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "unauthorized",
+                    "the bearer token is not a valid token of this gateway (unknown, expired or revoked)",
+                )
+                .into_response()
+            }
+        },
+        None => {
+            let Some(id) = sign_in::cookie(req.headers()) else {
+                return ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "unauthorized",
+                    "send an API token as `Authorization: Bearer <token>`, or sign in on the dashboard",
+                )
+                .into_response();
+            };
+            let checked = state
+                .sign_ins
+                .check(id, std::time::Instant::now())
+                .filter(|(_, g)| state.tokens.still_valid(g, now_ms));
+            let Some((csrf, grant)) = checked else {
+                return ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "session_expired",
+                    "the dashboard session ended (signed out, expired, its token revoked, or the gateway restarted); sign in again",
+                )
+                .into_response();
+            };
+            let safe = matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
+            if !safe {
+                if !sign_in::origin_matches(req.headers()) {
+                    return sign_in::origin_refused().into_response();
+                }
+                let sent = req
+                    .headers()
+                    .get(sign_in::CSRF_HEADER)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("");
+                if !token_matches(sent, &csrf) {
+                    return sign_in::csrf_refused().into_response();
+                }
+            }
+            let id = id.to_string();
+            req.extensions_mut()
+                .insert(sign_in::Auth::Session { id, csrf });
+            grant
         }
-        Some(_) => {
-            return ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
-                "the bearer token is not this gateway's API token",
-            )
-            .into_response()
-        }
-        None => {}
-    }
-    let Some(id) = sign_in::cookie(req.headers()) else {
+    };
+    let need = required_scope(req.method(), req.uri().path());
+    if !grant.allows(need) {
         return ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "send the gateway's API token as `Authorization: Bearer <token>`, or sign in on the dashboard",
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!(
+                "this token's scopes ({}) do not include {}, which this request needs",
+                grant.scope_names().join(", "),
+                need.as_str()
+            ),
         )
         .into_response();
-    };
-    let Some(csrf) = state.sign_ins.check(id, std::time::Instant::now()) else {
-        return ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "session_expired",
-            "the dashboard session ended (signed out, expired or the gateway restarted); sign in again",
-        )
-        .into_response();
-    };
-    let safe = matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
-    if !safe {
-        if !sign_in::origin_matches(req.headers()) {
-            return sign_in::origin_refused().into_response();
-        }
-        let sent = req
-            .headers()
-            .get(sign_in::CSRF_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("");
-        if !token_matches(sent, &csrf) {
-            return sign_in::csrf_refused().into_response();
-        }
     }
-    let id = id.to_string();
-    req.extensions_mut()
-        .insert(sign_in::Auth::Session { id, csrf });
+    req.extensions_mut().insert(grant);
     next.run(req).await
+}
+
+/// The scope a `/v1` request needs: reading is `read`; actions are
+/// `actions`; the session itself (who am I, sign out) is `read`; everything
+/// that changes the fleet or the tokens is `admin`.
+fn required_scope(method: &Method, path: &str) -> crate::tokens::Scope {
+    use crate::tokens::Scope;
+    let path = path.strip_prefix("/v1").unwrap_or(path);
+    if path.starts_with("/tokens") {
+        return Scope::Admin;
+    }
+    if path == "/session" {
+        return Scope::Read;
+    }
+    if matches!(*method, Method::GET | Method::HEAD) {
+        return Scope::Read;
+    }
+    if *method == Method::POST && path.starts_with("/devices/") && path.contains("/actions/") {
+        return Scope::Actions;
+    }
+    Scope::Admin
 }
 
 pub(crate) use crate::auth::token_matches;

@@ -35,6 +35,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use super::{token_matches, ApiError, SharedState};
+use crate::tokens::Grant;
 
 pub const COOKIE: &str = "cloudlink_session";
 /// The largest sign-in body: `{"token": "..."}` with a long token.
@@ -92,6 +93,7 @@ pub const MAX_SESSIONS: usize = 1024;
 struct Session {
     csrf: String,
     last_used: Instant,
+    grant: Grant,
 }
 
 #[derive(Default)]
@@ -114,18 +116,58 @@ struct Signed {
     share: std::sync::OnceLock<ShareSignOut>,
 }
 
-/// A signed cookie's parts: (expiry ms, nonce, mac), if it has that shape.
+/// A signed cookie's parts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SignedCookie<'a> {
+    /// 1: before scoped tokens (the bootstrap token's, `admin`); 2: with
+    /// the signing-in token's scopes and id.
+    pub version: u8,
+    pub expiry: u64,
+    pub scopes: u8,
+    pub token_id: Option<&'a str>,
+    pub nonce: &'a str,
+    pub mac: &'a str,
+}
+
+/// No token id (the bootstrap token) in a `c2` cookie.
+const NO_TOKEN: &str = "-";
+
+/// A signed cookie's parts, if it has the shape of one: `c1.<expiry>.
+/// <nonce>.<mac>` or `c2.<expiry>.<scopes>.<token id|->.<nonce>.<mac>`.
 /// Total: any input gets an answer.
-pub fn parse_signed(cookie: &str) -> Option<(u64, &str, &str)> {
+pub fn parse_signed(cookie: &str) -> Option<SignedCookie<'_>> {
     let mut parts = cookie.split('.');
-    if parts.next()? != "c1" {
-        return None;
-    }
+    let version = match parts.next()? {
+        "c1" => 1,
+        "c2" => 2,
+        _ => return None,
+    };
     let expiry = parts.next()?.parse().ok()?;
+    let (scopes, token_id) = if version == 2 {
+        let scopes: u8 = parts.next()?.parse().ok()?;
+        let id = parts.next()?;
+        let id = if id == NO_TOKEN {
+            None
+        } else {
+            (id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit()))
+                .then_some(id)?
+                .into()
+        };
+        (scopes, id)
+    } else {
+        (crate::tokens::Scope::Admin as u8, None)
+    };
     let nonce = parts.next()?;
     let mac = parts.next()?;
     let hex = |x: &str, len: usize| x.len() == len && x.bytes().all(|b| b.is_ascii_hexdigit());
-    (parts.next().is_none() && hex(nonce, 32) && hex(mac, 64)).then_some((expiry, nonce, mac))
+    (parts.next().is_none() && hex(nonce, 32) && hex(mac, 64)).then_some(SignedCookie {
+        version,
+        expiry,
+        scopes,
+        token_id,
+        nonce,
+        mac,
+    })
 }
 
 fn mac_hex(key: &[u8; 32], parts: &[&[u8]]) -> String {
@@ -147,7 +189,24 @@ fn wall_ms() -> u64 {
 }
 
 impl Signed {
-    fn cookie(&self, expiry: u64, nonce: &str) -> String {
+    fn cookie(&self, expiry: u64, grant: &Grant, nonce: &str) -> String {
+        let e = expiry.to_string();
+        let scopes = grant.scopes.to_string();
+        let id = grant.token_id.as_deref().unwrap_or(NO_TOKEN);
+        let mac = mac_hex(
+            &self.key,
+            &[
+                b"session2",
+                e.as_bytes(),
+                scopes.as_bytes(),
+                id.as_bytes(),
+                nonce.as_bytes(),
+            ],
+        );
+        format!("c2.{e}.{scopes}.{id}.{nonce}.{mac}")
+    }
+    /// A cookie of the first format (before scoped tokens).
+    fn cookie_v1(&self, expiry: u64, nonce: &str) -> String {
         let e = expiry.to_string();
         let mac = mac_hex(&self.key, &[b"session", e.as_bytes(), nonce.as_bytes()]);
         format!("c1.{e}.{nonce}.{mac}")
@@ -155,12 +214,19 @@ impl Signed {
     fn csrf(&self, nonce: &str) -> String {
         mac_hex(&self.key, &[b"csrf", nonce.as_bytes()])
     }
-    /// The CSRF token of a valid, unexpired, not revoked cookie.
-    fn check(&self, cookie: &str, now_ms: u64) -> Option<String> {
-        let (expiry, nonce, _) = parse_signed(cookie)?;
-        let want = self.cookie(expiry, nonce);
-        let ok = token_matches(cookie, &want) && expiry > now_ms;
-        (ok && !self.revoked.lock().contains_key(nonce)).then(|| self.csrf(nonce))
+    /// The CSRF token and grant of a valid, unexpired, not revoked cookie.
+    fn check(&self, cookie: &str, now_ms: u64) -> Option<(String, Grant)> {
+        let c = parse_signed(cookie)?;
+        let grant = Grant {
+            token_id: c.token_id.map(str::to_owned),
+            scopes: c.scopes,
+        };
+        let want = match c.version {
+            1 => self.cookie_v1(c.expiry, c.nonce),
+            _ => self.cookie(c.expiry, &grant, c.nonce),
+        };
+        let ok = token_matches(cookie, &want) && c.expiry > now_ms;
+        (ok && !self.revoked.lock().contains_key(c.nonce)).then(|| (self.csrf(c.nonce), grant))
     }
     fn revoke(&self, nonce: &str, expiry: u64, now_ms: u64) {
         let mut r = self.revoked.lock();
@@ -212,14 +278,14 @@ impl SignIns {
         }
     }
 
-    /// A new session: (id, csrf).
-    fn create(&self, now: Instant) -> (String, String) {
+    /// A new session with `grant`'s scopes: (id, csrf).
+    fn create(&self, now: Instant, grant: Grant) -> (String, String) {
         if let Some(s) = &self.signed {
             let mut b = [0u8; 16];
             rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut b);
             let nonce: String = b.iter().map(|x| format!("{x:02x}")).collect();
             let expiry = wall_ms() + IDLE_TIMEOUT.as_millis() as u64;
-            return (s.cookie(expiry, &nonce), s.csrf(&nonce));
+            return (s.cookie(expiry, &grant, &nonce), s.csrf(&nonce));
         }
         let (id, csrf) = (random_hex(), random_hex());
         let mut m = self.map.lock();
@@ -237,13 +303,14 @@ impl SignIns {
             Session {
                 csrf: csrf.clone(),
                 last_used: now,
+                grant,
             },
         );
         (id, csrf)
     }
 
-    /// The CSRF token of a live session, touching it.
-    pub fn check(&self, id: &str, now: Instant) -> Option<String> {
+    /// The CSRF token and grant of a live session, touching it.
+    pub fn check(&self, id: &str, now: Instant) -> Option<(String, Grant)> {
         if let Some(s) = &self.signed {
             return s.check(id, wall_ms());
         }
@@ -254,15 +321,15 @@ impl SignIns {
             return None;
         }
         s.last_used = now;
-        Some(s.csrf.clone())
+        Some((s.csrf.clone(), s.grant.clone()))
     }
 
     fn end(&self, id: &str) {
         if let Some(s) = &self.signed {
-            if let Some((expiry, nonce, _)) = parse_signed(id) {
-                s.revoke(nonce, expiry, wall_ms());
+            if let Some(c) = parse_signed(id) {
+                s.revoke(c.nonce, c.expiry, wall_ms());
                 if let Some(share) = s.share.get() {
-                    share(nonce, expiry);
+                    share(c.nonce, c.expiry);
                 }
             }
             return;
@@ -362,24 +429,26 @@ pub async fn sign_in(
             ))
         }
     };
-    if !token_matches(token.trim(), &s.token) {
+    let Some(grant) = s.tokens.check(token, crate::registry::now_ms()) else {
         if let Some(ip) = ip {
             s.sign_in_failures.failed(ip, Instant::now());
         }
         return Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
-            "that is not this gateway's API token (see the path the gateway logged at start)",
+            "that is not a valid token of this gateway (the bootstrap token's path is in the gateway's log at start)",
         )
         .field("token"));
-    }
+    };
     if let Some(ip) = ip {
         s.sign_in_failures.succeeded(ip);
     }
-    let (id, csrf) = s.sign_ins.create(Instant::now());
+    let scopes = grant.scope_names();
+    let (id, csrf) = s.sign_ins.create(Instant::now(), grant);
     let mut r = Json(json!({
         "csrf_token": csrf,
         "idle_timeout_s": IDLE_TIMEOUT.as_secs(),
+        "scopes": scopes,
     }))
     .into_response();
     r.headers_mut().insert(header::SET_COOKIE, set_cookie(&id));
@@ -389,10 +458,16 @@ pub async fn sign_in(
 }
 
 /// `GET /v1/session`: who is signed in, and the CSRF token for a session.
-pub async fn current(Extension(auth): Extension<Auth>) -> Response {
+pub async fn current(
+    Extension(auth): Extension<Auth>,
+    Extension(grant): Extension<Grant>,
+) -> Response {
+    let scopes = grant.scope_names();
     let body = match auth {
-        Auth::Token => json!({"auth": "token"}),
-        Auth::Session { csrf, .. } => json!({"auth": "session", "csrf_token": csrf}),
+        Auth::Token => json!({"auth": "token", "scopes": scopes, "token_id": grant.token_id}),
+        Auth::Session { csrf, .. } => {
+            json!({"auth": "session", "csrf_token": csrf, "scopes": scopes, "token_id": grant.token_id})
+        }
     };
     let mut r = Json(body).into_response();
     r.headers_mut()
@@ -435,15 +510,29 @@ mod tests {
         let a = SignIns::signed([7; 32]);
         let b = SignIns::signed([7; 32]);
         let other = SignIns::signed([8; 32]);
-        let (cookie, csrf) = a.create(Instant::now());
-        assert_eq!(b.check(&cookie, Instant::now()), Some(csrf.clone()));
+        let read = Grant {
+            token_id: Some("0123456789abcdef".into()),
+            scopes: crate::tokens::Scope::Read as u8,
+        };
+        let (cookie, csrf) = a.create(Instant::now(), read.clone());
+        assert_eq!(
+            b.check(&cookie, Instant::now()),
+            Some((csrf.clone(), read.clone()))
+        );
         assert_eq!(other.check(&cookie, Instant::now()), None);
-        // Any change to the cookie breaks it.
-        let (e, n, m) = parse_signed(&cookie).unwrap();
-        let later = format!("c1.{}.{n}.{m}", e + 1);
+        // Any change to the cookie breaks it: its expiry, its scopes.
+        let c = parse_signed(&cookie).unwrap();
+        let (e, n, m) = (c.expiry, c.nonce, c.mac);
+        let later = format!("c2.{}.1.0123456789abcdef.{n}.{m}", e + 1);
         assert_eq!(b.check(&later, Instant::now()), None);
-        let expired = a.signed.as_ref().unwrap().cookie(wall_ms() - 1, n);
+        let wider = format!("c2.{e}.8.0123456789abcdef.{n}.{m}");
+        assert_eq!(b.check(&wider, Instant::now()), None);
+        let expired = a.signed.as_ref().unwrap().cookie(wall_ms() - 1, &read, n);
         assert_eq!(a.check(&expired, Instant::now()), None);
+        // A cookie of the first format still works, as the bootstrap
+        // token's (admin).
+        let v1 = a.signed.as_ref().unwrap().cookie_v1(wall_ms() + 60_000, n);
+        assert_eq!(b.check(&v1, Instant::now()).unwrap().1, Grant::admin());
         // Signed out on A, revoked on B when told.
         a.end(&cookie);
         assert_eq!(a.check(&cookie, Instant::now()), None);
@@ -468,5 +557,14 @@ mod tests {
         }
         let ok = format!("c1.5.{}.{}", "a".repeat(32), "b".repeat(64));
         assert!(parse_signed(&ok).is_some());
+        let ok2 = format!("c2.5.1.-.{}.{}", "a".repeat(32), "b".repeat(64));
+        assert!(parse_signed(&ok2).is_some());
+        for bad in [
+            format!("c2.5.300.-.{}.{}", "a".repeat(32), "b".repeat(64)),
+            format!("c2.5.1.xyz.{}.{}", "a".repeat(32), "b".repeat(64)),
+            format!("c2.5.1.{}.{}", "a".repeat(32), "b".repeat(64)),
+        ] {
+            assert_eq!(parse_signed(&bad), None, "{bad:?}");
+        }
     }
 }

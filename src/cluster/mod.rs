@@ -26,6 +26,7 @@ pub mod ownership;
 pub mod registry;
 pub mod routing;
 pub mod sign_outs;
+pub mod tokens;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

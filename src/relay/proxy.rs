@@ -15,7 +15,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::{ConnectError, Relay};
-use crate::auth::token_matches;
 use crate::metrics::Metrics;
 
 /// Longest request head accepted.
@@ -24,7 +23,8 @@ const MAX_HEAD: usize = 8 * 1024;
 const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct ProxyConfig {
-    pub token: String,
+    /// Who may open streams: a token with the `relay` scope.
+    pub tokens: Arc<crate::tokens::Tokens>,
     pub allow_ports: Vec<u16>,
     /// This gateway's id (what `Forwarded: by=` names).
     pub gateway_id: String,
@@ -229,12 +229,24 @@ async fn handle(
         }
     };
     let checked = (|| {
-        if !head
+        let grant = head
             .credential
             .as_deref()
-            .is_some_and(|t| token_matches(t, &config.token))
-        {
-            return Err(reject(407, "Proxy Authentication Required", "unauthorized", "unauthorized", "send the gateway's API token as `Proxy-Authorization: Bearer <token>` or as the password of Basic auth"));
+            .and_then(|t| config.tokens.check(t, crate::registry::now_ms()));
+        let Some(grant) = grant else {
+            return Err(reject(407, "Proxy Authentication Required", "unauthorized", "unauthorized", "send a token with the relay scope as `Proxy-Authorization: Bearer <token>` or as the password of Basic auth"));
+        };
+        if !grant.allows(crate::tokens::Scope::Relay) {
+            return Err(reject(
+                403,
+                "Forbidden",
+                "forbidden",
+                "forbidden",
+                format!(
+                    "this token's scopes ({}) do not include relay, which the proxy needs",
+                    grant.scope_names().join(", ")
+                ),
+            ));
         }
         let (uuid, port) = head
             .target

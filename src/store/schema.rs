@@ -50,6 +50,10 @@ const MIGRATIONS: &[Migration] = &[
         what: "an index on actions by age, for retention",
         run: v2_actions_by_age,
     },
+    Migration {
+        what: "scoped API tokens",
+        run: v3_tokens,
+    },
 ];
 
 fn v1_baseline(t: &Transaction<'_>) -> rusqlite::Result<()> {
@@ -111,6 +115,19 @@ fn v1_baseline(t: &Transaction<'_>) -> rusqlite::Result<()> {
 
 fn v2_actions_by_age(t: &Transaction<'_>) -> rusqlite::Result<()> {
     t.execute_batch("CREATE INDEX actions_created ON actions (created_at);")
+}
+
+fn v3_tokens(t: &Transaction<'_>) -> rusqlite::Result<()> {
+    t.execute_batch(
+        "CREATE TABLE tokens (
+            id          TEXT    PRIMARY KEY,
+            name        TEXT    NOT NULL,
+            scopes      INTEGER NOT NULL,
+            hash        TEXT    NOT NULL,
+            created_at  INTEGER NOT NULL,
+            expires_at  INTEGER
+        );",
+    )
 }
 
 /// The schema version stored in `conn`'s database.

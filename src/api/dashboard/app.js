@@ -20,6 +20,7 @@ const ACTIONS = {
 
 const state = {
   csrf: null,
+  scopes: [], // the signed-in token's scopes: actions need "actions" or "admin"
   sort: "uuid",
   desc: false,
   status: "",
@@ -303,7 +304,12 @@ function renderDrawer(d) {
   ];
   $("d-facts").replaceChildren(...facts.flatMap(([k, v]) => [el("dt", {}, k), el("dd", {}, v)]));
   const up = linkState(d) === "up";
-  $("d-actions-note").textContent = up
+  // A session signed in with a token without the actions scope sees the
+  // buttons, greyed out, and why.
+  const may = canAct();
+  $("d-actions-note").textContent = !may
+    ? "Signed in with a token without the actions scope: actions are not available."
+    : up
     ? "Delivered to the device's supervisor now, over cloudlink."
     : "Cloudlink is down: immediate actions and SSH are unavailable until the device reconnects.";
   // Rebuild the buttons only when their set or state changes: a row refresh
@@ -312,13 +318,14 @@ function renderDrawer(d) {
   const names = Object.entries(ACTIONS)
     .filter(([, a]) => !a.needsApp || (d.app_id !== null && d.app_id !== undefined))
     .map(([n]) => n);
-  const key = `${names.join()}|${up}`;
+  const key = `${names.join()}|${up}|${may}`;
   if ($("d-actions").dataset.key !== key) {
     const buttons = names.map((name) => {
       const a = ACTIONS[name];
       const b = el("button", { class: name === "purge" || name === "shutdown" ? "danger" : "", "data-action": name,
-        title: up ? a.text : "Cloudlink is down: the device cannot be reached now" }, a.label);
-      b.disabled = !up;
+        title: !may ? "This session's token has no actions scope"
+          : up ? a.text : "Cloudlink is down: the device cannot be reached now" }, a.label);
+      b.disabled = !up || !may;
       b.addEventListener("click", () => confirmAction(state.openDevice, name));
       return b;
     });
@@ -387,6 +394,12 @@ async function start() {
   await loadPage();
 }
 
+/** Whether this session's token may run actions. */
+function canAct() {
+  const s = state.scopes || [];
+  return s.includes("actions") || s.includes("admin");
+}
+
 async function boot() {
   $("sign-in-form").addEventListener("submit", async (ev) => {
     ev.preventDefault();
@@ -395,6 +408,7 @@ async function boot() {
     $("token").value = "";
     if (res.status === 200) {
       state.csrf = res.data.csrf_token;
+      state.scopes = res.data.scopes || [];
       start();
     } else {
       $("sign-in-error").textContent = errorText(res);
@@ -437,6 +451,7 @@ async function boot() {
   const res = await api("GET", "/v1/session");
   if (res.status === 200 && res.data.csrf_token) {
     state.csrf = res.data.csrf_token;
+    state.scopes = res.data.scopes || [];
     start();
   } else {
     signedOut("");
