@@ -143,7 +143,7 @@ fn random_hex(bytes: usize) -> String {
 #[derive(Clone)]
 pub enum TokenStore {
     Sqlite(Arc<SqliteTokens>),
-    Nats(async_nats::jetstream::kv::Store),
+    Nats(Box<async_nats::jetstream::kv::Store>),
 }
 
 impl TokenStore {

@@ -49,7 +49,7 @@ pub async fn share(
             }
         }
     }
-    tokens.set_store(TokenStore::Nats(store.clone()));
+    tokens.set_store(TokenStore::Nats(Box::new(store.clone())));
     let weak = Arc::downgrade(&tokens);
     tokio::spawn(async move {
         loop {
