@@ -476,9 +476,10 @@ impl ActionQueue {
                 self.publish(&done, Event::ActionCompleted, "delivered");
                 true
             }
-            Err(DeliveryError::Unavailable) => {
-                // The link went down again before anything was sent: wait
-                // for the next link-up.
+            Err(DeliveryError::Unavailable | DeliveryError::Busy(_)) => {
+                // The link went down again, or the device has all the
+                // streams it may: nothing was sent; wait for the next
+                // link-up.
                 let _ = self.settle(device, &a.id, Some("queued"), None).await;
                 false
             }

@@ -115,6 +115,9 @@ pub enum DeliveryError {
     Timeout,
     #[error("the device's answer is not HTTP: {0}")]
     BadAnswer(String),
+    /// A bound on open relay streams: nothing was sent.
+    #[error("{0}")]
+    Busy(String),
 }
 
 /// Delivers one supervisor request and returns the device's answer, all
@@ -135,6 +138,7 @@ pub async fn deliver(
                 ConnectError::UnknownDevice => DeliveryError::UnknownDevice,
                 ConnectError::LinkDown => DeliveryError::Unavailable,
                 ConnectError::Timeout => DeliveryError::Timeout,
+                ConnectError::TooManyStreams(m) => DeliveryError::Busy(m),
                 ConnectError::Refused | ConnectError::Internal(_) => DeliveryError::Unreachable,
             })?;
         let payload = body.to_string();
@@ -201,12 +205,14 @@ pub async fn deliver_counted(
         // A queued action whose link went down again waits for the next
         // link-up: not an outcome yet.
         Err(DeliveryError::Unavailable) if queued => return result,
+        Err(DeliveryError::Busy(_)) if queued => return result,
         Err(_) if queued => "failed",
         Err(DeliveryError::UnknownDevice) => "unknown_device",
         Err(DeliveryError::Unavailable) => "cloudlink_unavailable",
         Err(DeliveryError::Unreachable) => "device_unreachable",
         Err(DeliveryError::Timeout) => "device_timeout",
         Err(DeliveryError::BadAnswer(_)) => "device_bad_answer",
+        Err(DeliveryError::Busy(_)) => "too_many_streams",
     };
     metrics.action(action.name(), label);
     result

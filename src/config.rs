@@ -125,6 +125,16 @@ pub struct ServeArgs {
     #[arg(long, env = "CLOUDLINK_DRAIN_TIMEOUT", value_parser = humantime::parse_duration)]
     #[serde(default, with = "opt_duration")]
     pub drain_timeout: Option<Duration>,
+    /// Relay streams (proxy and actions) open at once in all; beyond, 503 [default: 10000]
+    #[arg(long, env = "CLOUDLINK_MAX_RELAY_STREAMS")]
+    pub max_relay_streams: Option<usize>,
+    /// Relay streams open at once to one device; beyond, 503 [default: 32]
+    #[arg(long, env = "CLOUDLINK_MAX_DEVICE_STREAMS")]
+    pub max_device_streams: Option<usize>,
+    /// `/metrics` needs a token with the read scope (it is open by default, for scrapers on a private network)
+    #[arg(long, env = "CLOUDLINK_METRICS_AUTH", num_args = 0..=1, default_missing_value = "true")]
+    #[serde(default)]
+    pub metrics_auth: Option<bool>,
     /// Queued actions one device may have waiting; beyond, 429 [default: 100]
     #[arg(long, env = "CLOUDLINK_MAX_QUEUED_ACTIONS")]
     pub max_queued_actions: Option<usize>,
@@ -423,6 +433,9 @@ pub struct GatewayConfig {
     pub api_limits: crate::api::server::Limits,
     pub max_event_streams: usize,
     pub max_queued_actions: usize,
+    pub max_relay_streams: usize,
+    pub max_device_streams: usize,
+    pub metrics_auth: bool,
     pub drain_timeout: Duration,
     pub log: String,
     /// `--private-key-file`; `None`: `<data-dir>/gateway.key`.
@@ -457,6 +470,9 @@ impl Default for GatewayConfig {
             api_limits: crate::api::server::Limits::default(),
             max_event_streams: 256,
             max_queued_actions: 100,
+            max_relay_streams: 10_000,
+            max_device_streams: 32,
+            metrics_auth: false,
             drain_timeout: Duration::from_secs(30),
             log: "info".into(),
             private_key_file: None,
@@ -570,6 +586,18 @@ impl ServeArgs {
                 .drain_timeout
                 .or(file.drain_timeout)
                 .unwrap_or(d.drain_timeout),
+            max_relay_streams: self
+                .max_relay_streams
+                .or(file.max_relay_streams)
+                .unwrap_or(d.max_relay_streams),
+            max_device_streams: self
+                .max_device_streams
+                .or(file.max_device_streams)
+                .unwrap_or(d.max_device_streams),
+            metrics_auth: self
+                .metrics_auth
+                .or(file.metrics_auth)
+                .unwrap_or(d.metrics_auth),
             log: self.log.or(file.log).unwrap_or(d.log),
             private_key_file: self.private_key_file.or(file.private_key_file),
             cluster: {
@@ -637,9 +665,14 @@ impl GatewayConfig {
                 return Err(Error::Config(format!("{flag} must be at least 1s")));
             }
         }
-        if l.max_connections == 0 || self.max_event_streams == 0 || self.max_queued_actions == 0 {
+        if l.max_connections == 0
+            || self.max_event_streams == 0
+            || self.max_queued_actions == 0
+            || self.max_relay_streams == 0
+            || self.max_device_streams == 0
+        {
             return Err(Error::Config(
-                "--api-max-connections, --max-event-streams and --max-queued-actions must be at least 1".into(),
+                "--api-max-connections, --max-event-streams, --max-queued-actions, --max-relay-streams and --max-device-streams must be at least 1".into(),
             ));
         }
         if self.max_queued_actions > crate::cluster::actions::MAX_PER_DEVICE {

@@ -191,6 +191,7 @@ impl Gateway {
             config.connect_timeout,
         );
         let _ = path.set_sink(relay.clone());
+        relay.set_stream_limits(config.max_relay_streams, config.max_device_streams);
         let action_queue = {
             let (registry, events, weak) =
                 (registry.clone(), events.clone(), Arc::downgrade(&relay));
@@ -386,6 +387,7 @@ impl Gateway {
             ready: false.into(),
             cluster: cluster.clone(),
             event_streams: Arc::new(tokio::sync::Semaphore::new(config.max_event_streams)),
+            metrics_auth: config.metrics_auth,
             draining: draining.clone(),
             sign_in_failures: Default::default(),
         });

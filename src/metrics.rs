@@ -119,7 +119,7 @@ impl HandshakeResult {
 }
 
 /// Results of relay stream requests (CONNECT answers).
-pub const RELAY_RESULTS: [&str; 8] = [
+pub const RELAY_RESULTS: [&str; 9] = [
     "ok",
     "bad_request",
     "unauthorized",
@@ -128,6 +128,8 @@ pub const RELAY_RESULTS: [&str; 8] = [
     "unavailable",
     "refused",
     "timeout",
+    // Refused by --max-relay-streams or --max-device-streams.
+    "limited",
 ];
 
 pub const LINK_EVENT_TYPES: [&str; 4] = ["link.up", "link.down", "link.roamed", "link.moved"];

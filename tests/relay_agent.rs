@@ -369,3 +369,67 @@ async fn the_agent_comes_back_after_a_gateway_restart() {
     assert_eq!(answer, "got 5");
     g.stop().await;
 }
+
+/// Relay streams are bounded per device (`--max-device-streams`) and in all
+/// (`--max-relay-streams`): beyond, 503 `too_many_streams`, counted as
+/// `limited`; a stream that ends frees its place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_streams_per_device_and_in_all_are_capped() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(dir.path());
+    c.allow_ports = vec![7001];
+    c.link_timeout = std::time::Duration::from_secs(30);
+    c.max_device_streams = 2;
+    let mut g = TestGateway::start_in(dir, c, "127.0.0.1:0").await;
+    let mut events = g.events(None).await;
+    let count_port = count_until_eof_server().await;
+    let _agent = Agent::start(&g, "capped", &[format!("7001=127.0.0.1:{count_port}")]).await;
+    wait_up(&mut events, "capped").await;
+    let proxy = g.gw().proxy_addr();
+    let (st, _, first) = connect(proxy, TOKEN, "capped:7001").await;
+    assert_eq!(st, 200);
+    let (st, _, _second) = connect(proxy, TOKEN, "capped:7001").await;
+    assert_eq!(st, 200);
+    let (st, e, _) = connect(proxy, TOKEN, "capped:7001").await;
+    assert_eq!(
+        (st, &e["error"]),
+        (503, &serde_json::json!("too_many_streams")),
+        "{e}"
+    );
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap()
+            .contains("--max-device-streams"),
+        "{e}"
+    );
+    assert_eq!(
+        g.metric("cloudlink_relay_streams_total{result=\"limited\"}")
+            .await,
+        1.0
+    );
+    // One ends: a new one fits (once the stack has let the port go).
+    drop(first);
+    assert!(
+        eventually(WAIT, async || connect(proxy, TOKEN, "capped:7001").await.0
+            == 200)
+        .await,
+        "no place after a stream ended"
+    );
+    // The gateway-wide bound.
+    g.gw().relay.set_stream_limits(1, 32);
+    let (st, e, _) = connect(proxy, TOKEN, "capped:7001").await;
+    assert_eq!(
+        (st, &e["error"]),
+        (503, &serde_json::json!("too_many_streams")),
+        "{e}"
+    );
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap()
+            .contains("--max-relay-streams"),
+        "{e}"
+    );
+    g.stop().await;
+}

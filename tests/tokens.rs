@@ -222,3 +222,47 @@ async fn scopes_limit_what_a_token_does_and_revocation_is_immediate() {
     assert_eq!(list["tokens"][0]["name"], "ssh-gw");
     g.stop().await;
 }
+
+/// `--metrics-auth`: `/metrics` needs a token with the read scope (401
+/// without, 403 with a relay-only token); open by default.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_can_require_a_read_token() {
+    let mut open = TestGateway::start().await;
+    assert_eq!(
+        open.http
+            .get(open.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    open.stop().await;
+    let mut g = TestGateway::start_with(|c| c.metrics_auth = true).await;
+    let (_, read) = g
+        .call(
+            "POST",
+            "/v1/tokens",
+            Some(json!({"name": "prometheus", "scopes": ["read"]})),
+        )
+        .await;
+    let (_, relay) = g
+        .call(
+            "POST",
+            "/v1/tokens",
+            Some(json!({"name": "ssh", "scopes": ["relay"]})),
+        )
+        .await;
+    let get = |token: Option<&str>| {
+        let mut rb = g.http.get(g.url("/metrics"));
+        if let Some(t) = token {
+            rb = rb.bearer_auth(t);
+        }
+        async move { rb.send().await.unwrap().status().as_u16() }
+    };
+    assert_eq!(get(None).await, 401);
+    assert_eq!(get(relay["token"].as_str()).await, 403);
+    assert_eq!(get(read["token"].as_str()).await, 200);
+    assert_eq!(get(Some(TOKEN)).await, 200);
+    g.stop().await;
+}

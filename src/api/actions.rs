@@ -501,6 +501,11 @@ async fn run(
             "device_timeout",
             format!("device {uuid} did not answer the action within {} s", s.action_timeout.as_secs_f32()),
         )),
+        Err(DeliveryError::Busy(why)) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too_many_streams",
+            why,
+        )),
         Err(DeliveryError::BadAnswer(what)) => Err(ApiError::new(
             StatusCode::BAD_GATEWAY,
             "device_bad_answer",

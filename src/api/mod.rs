@@ -62,6 +62,8 @@ pub struct ApiState {
     pub ready: AtomicBool,
     /// Cluster mode: who holds devices connected elsewhere.
     pub cluster: Option<Arc<crate::cluster::Cluster>>,
+    /// `--metrics-auth`: `/metrics` needs a read token.
+    pub metrics_auth: bool,
     /// Set while the gateway drains before a stop: new actions get 503.
     pub draining: Arc<std::sync::atomic::AtomicBool>,
     /// Event streams that may be open at once (`--max-event-streams`).

@@ -95,7 +95,36 @@ pub async fn summary(State(s): State<SharedState>) -> impl IntoResponse {
     }))
 }
 
-pub async fn metrics(State(s): State<SharedState>) -> impl IntoResponse {
+pub async fn metrics(
+    State(s): State<SharedState>,
+    headers: axum::http::HeaderMap,
+) -> axum::response::Response {
+    if s.metrics_auth {
+        let grant = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(crate::auth::credential)
+            .and_then(|t| s.tokens.check(&t, crate::registry::now_ms()));
+        match grant {
+            Some(g) if g.allows(crate::tokens::Scope::Read) => {}
+            Some(_) => {
+                return super::ApiError::new(
+                    axum::http::StatusCode::FORBIDDEN,
+                    "forbidden",
+                    "this token's scopes do not include read, which /metrics needs (--metrics-auth)",
+                )
+                .into_response()
+            }
+            None => {
+                return super::ApiError::new(
+                    axum::http::StatusCode::UNAUTHORIZED,
+                    "unauthorized",
+                    "/metrics needs a token with the read scope (--metrics-auth): Authorization: Bearer <token>",
+                )
+                .into_response()
+            }
+        }
+    }
     s.metrics.devices_registered.set(s.registry.count());
     let (by_name, _) = status_counts(&s);
     for (gauge, n) in s.metrics.devices_by_status.iter().zip(by_name) {
@@ -108,4 +137,5 @@ pub async fn metrics(State(s): State<SharedState>) -> impl IntoResponse {
         )],
         s.metrics.render(),
     )
+        .into_response()
 }

@@ -18,7 +18,7 @@ pub mod stream;
 
 use dashmap::DashMap;
 use smoltcp::iface::SocketHandle;
-use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -41,6 +41,9 @@ pub enum ConnectError {
     Refused,
     #[error("the device did not answer in time")]
     Timeout,
+    /// A bound on open streams (the device's or the gateway's) is reached.
+    #[error("{0}")]
+    TooManyStreams(String),
     #[error("{0}")]
     Internal(String),
 }
@@ -77,6 +80,8 @@ pub struct Relay {
     down: parking_lot::Mutex<Vec<(Box<str>, Instant)>>,
     wake: Arc<tokio::sync::Notify>,
     pub connect_timeout: Duration,
+    max_streams: AtomicUsize,
+    max_device_streams: AtomicUsize,
 }
 
 impl Drop for Relay {
@@ -145,6 +150,8 @@ impl Relay {
             down: Default::default(),
             wake: Default::default(),
             connect_timeout,
+            max_streams: AtomicUsize::new(usize::MAX),
+            max_device_streams: AtomicUsize::new(usize::MAX),
         });
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             let (wake, weak) = (relay.wake.clone(), Arc::downgrade(&relay));
@@ -171,6 +178,13 @@ impl Relay {
         }
     }
 
+    /// Bounds on open streams: in all, and per device (`--max-relay-streams`,
+    /// `--max-device-streams`). Unbounded until set.
+    pub fn set_stream_limits(&self, total: usize, per_device: usize) {
+        self.max_streams.store(total, Ordering::Relaxed);
+        self.max_device_streams.store(per_device, Ordering::Relaxed);
+    }
+
     /// Opens a TCP connection to `port` on device `uuid`.
     pub async fn connect(
         self: &Arc<Self>,
@@ -192,6 +206,13 @@ impl Relay {
         let Some(session) = session else {
             return Err(ConnectError::LinkDown);
         };
+        let total = self.metrics.relay_streams.get().max(0) as usize;
+        let max_total = self.max_streams.load(Ordering::Relaxed);
+        if total >= max_total {
+            return Err(ConnectError::TooManyStreams(format!(
+                "the gateway has {total} relay streams open, its limit (--max-relay-streams {max_total}); retry later"
+            )));
+        }
         // Link-downs queued so far are applied before a new entry is made.
         self.sweep();
         let streams = self
@@ -206,6 +227,13 @@ impl Relay {
                 Arc::new(d)
             })
             .clone();
+        let max_device = self.max_device_streams.load(Ordering::Relaxed);
+        if streams.streams.len() >= max_device {
+            return Err(ConnectError::TooManyStreams(format!(
+                "device {uuid} has {} relay streams open, its limit (--max-device-streams {max_device}); close one or retry later",
+                streams.streams.len()
+            )));
+        }
         let stack = SharedStack::new(
             NetStack::new(
                 self.path.gateway_address(),

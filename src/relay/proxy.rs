@@ -321,6 +321,7 @@ async fn handle(
             Err(ConnectError::LinkDown) => Err(reject(503, "Service Unavailable", "cloudlink_unavailable", "unavailable", format!("device {uuid}'s cloudlink is down, so SSH and immediate actions are unavailable; it can still poll for updates over its heartbeat"))),
             Err(ConnectError::Refused) => Err(reject(502, "Bad Gateway", "device_refused", "refused", format!("device {uuid} refused the connection to port {port}: nothing listens there"))),
             Err(ConnectError::Timeout) => Err(reject(504, "Gateway Timeout", "device_timeout", "timeout", format!("device {uuid} did not answer on port {port} within {} s", relay.connect_timeout.as_secs_f32()))),
+            Err(ConnectError::TooManyStreams(m)) => Err(reject(503, "Service Unavailable", "too_many_streams", "limited", m)),
             Err(ConnectError::Internal(m)) => Err(reject(502, "Bad Gateway", "relay_failed", "refused", m)),
         }
     }
