@@ -135,6 +135,10 @@ pub struct ServeArgs {
     #[arg(long, env = "CLOUDLINK_METRICS_AUTH", num_args = 0..=1, default_missing_value = "true")]
     #[serde(default)]
     pub metrics_auth: Option<bool>,
+    /// How long audit records are kept [default: 30d]
+    #[arg(long, env = "CLOUDLINK_AUDIT_RETENTION", value_parser = humantime::parse_duration)]
+    #[serde(default, with = "opt_duration")]
+    pub audit_retention: Option<Duration>,
     /// Queued actions one device may have waiting; beyond, 429 [default: 100]
     #[arg(long, env = "CLOUDLINK_MAX_QUEUED_ACTIONS")]
     pub max_queued_actions: Option<usize>,
@@ -436,6 +440,7 @@ pub struct GatewayConfig {
     pub max_relay_streams: usize,
     pub max_device_streams: usize,
     pub metrics_auth: bool,
+    pub audit_retention: Duration,
     pub drain_timeout: Duration,
     pub log: String,
     /// `--private-key-file`; `None`: `<data-dir>/gateway.key`.
@@ -473,6 +478,7 @@ impl Default for GatewayConfig {
             max_relay_streams: 10_000,
             max_device_streams: 32,
             metrics_auth: false,
+            audit_retention: Duration::from_secs(30 * 24 * 3600),
             drain_timeout: Duration::from_secs(30),
             log: "info".into(),
             private_key_file: None,
@@ -598,6 +604,10 @@ impl ServeArgs {
                 .metrics_auth
                 .or(file.metrics_auth)
                 .unwrap_or(d.metrics_auth),
+            audit_retention: self
+                .audit_retention
+                .or(file.audit_retention)
+                .unwrap_or(d.audit_retention),
             log: self.log.or(file.log).unwrap_or(d.log),
             private_key_file: self.private_key_file.or(file.private_key_file),
             cluster: {

@@ -362,6 +362,15 @@ impl Gateway {
                 t
             }
         };
+        let audit = {
+            let (r, e, keep) = (registry.clone(), events.clone(), config.audit_retention);
+            Arc::new(
+                tokio::task::spawn_blocking(move || crate::audit::AuditTrail::open(&r, e, keep))
+                    .await
+                    .map_err(|e| Error::Config(format!("audit table task failed: {e}")))??,
+            )
+        };
+        tokio::spawn(audit.clone().run_retention(stop_status.subscribe()));
         let draining = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let api_state = Arc::new(ApiState {
             path: path.clone(),
@@ -388,6 +397,7 @@ impl Gateway {
             cluster: cluster.clone(),
             event_streams: Arc::new(tokio::sync::Semaphore::new(config.max_event_streams)),
             metrics_auth: config.metrics_auth,
+            audit: audit.clone(),
             draining: draining.clone(),
             sign_in_failures: Default::default(),
         });
@@ -409,6 +419,7 @@ impl Gateway {
                 tokens: tokens.clone(),
                 allow_ports: config.allow_ports.clone(),
                 draining: draining.clone(),
+                audit: Some(audit.clone()),
                 gateway_id: gateway_id.clone(),
                 route: cluster.as_ref().map(|c| {
                     Arc::new(crate::cluster::routing::ProxyRoute {

@@ -10,6 +10,7 @@ pub mod action_queue;
 pub mod actions;
 pub mod agent;
 pub mod api;
+pub mod audit;
 pub mod auth;
 pub mod bus;
 pub mod cluster;

@@ -14,7 +14,7 @@
 //! so that a stale stream is unlikely to reach a new device at an old address.
 
 use parking_lot::Mutex;
-use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -349,7 +349,12 @@ impl Registry {
             next,
             wrapped,
         } = &mut *w;
-        let tx = conn.transaction()?;
+        // IMMEDIATE: other connections to the file write too (actions,
+        // tokens, the audit trail). A deferred transaction that read first
+        // gets SQLITE_BUSY at once when it tries to write after one of
+        // them did, without waiting out the busy timeout; taking the write
+        // lock at BEGIN waits instead.
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let mut results = Vec::with_capacity(devs.len());
         let mut created = 0i64;
         let saved = (*next, *wrapped);
@@ -421,7 +426,9 @@ impl Registry {
         patch: &DevicePatch,
     ) -> Result<Option<(Device, Device)>, RegistryError> {
         let mut w = self.writer.lock();
-        let tx = w.conn.transaction()?;
+        let tx = w
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
         let dev = {
             let mut get = tx.prepare_cached(&format!(
                 "SELECT {DEVICE_COLUMNS} FROM devices WHERE uuid = ?1"
@@ -491,7 +498,9 @@ impl Registry {
             return Ok(());
         }
         let mut w = self.writer.lock();
-        let tx = w.conn.transaction()?;
+        let tx = w
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
         {
             let mut st = tx.prepare_cached(
                 "UPDATE devices SET last_heartbeat_ms = ?2, ever_linked = ?3 WHERE uuid = ?1",
@@ -516,7 +525,9 @@ impl Registry {
             return Ok(());
         }
         let mut w = self.writer.lock();
-        let tx = w.conn.transaction()?;
+        let tx = w
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
         {
             let mut st =
                 tx.prepare_cached("UPDATE devices SET last_endpoint = ?2 WHERE uuid = ?1")?;
@@ -659,7 +670,9 @@ impl Registry {
         device_api_key: Option<&str>,
     ) -> Result<Option<Device>, RegistryError> {
         let mut w = self.writer.lock();
-        let tx = w.conn.transaction()?;
+        let tx = w
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
         let before = tx
             .query_row(
                 &format!("SELECT {DEVICE_COLUMNS} FROM devices WHERE uuid = ?1"),

@@ -433,3 +433,137 @@ async fn relay_streams_per_device_and_in_all_are_capped() {
     );
     g.stop().await;
 }
+
+/// The audit trail records an ssh session through the proxy (who, which
+/// device and port, bytes both ways, start and end) and an action (who,
+/// what, the answer), as events and as records that survive a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_audit_trail_records_an_ssh_session_and_an_action_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(dir.path());
+    c.link_timeout = Duration::from_secs(30);
+    c.allow_ports = vec![22222, 48484];
+    let mut g = TestGateway::start_in(dir, c.clone(), "127.0.0.1:0").await;
+    let mut events = g.events(None).await;
+    let (st, ops) = g
+        .call(
+            "POST",
+            "/v1/tokens",
+            Some(serde_json::json!({"name": "ops-desk", "scopes": ["relay", "actions"]})),
+        )
+        .await;
+    assert_eq!(st, 201, "{ops}");
+    let (token, token_id) = (
+        ops["token"].as_str().unwrap().to_owned(),
+        ops["id"].as_str().unwrap().to_owned(),
+    );
+    let ssh = SshFixture::new();
+    let sshd_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut sshd = ssh.start_sshd(&[], &format!("127.0.0.1:{sshd_port}"));
+    let marks = tempfile::tempdir().unwrap();
+    let hook = format!("reboot=touch {}", marks.path().join("rebooted").display());
+    let _agent = Agent::start_with(
+        &g,
+        "audited",
+        &[format!("22222=127.0.0.1:{sshd_port}")],
+        &["--on-action".into(), hook],
+    )
+    .await;
+    wait_up(&mut events, "audited").await;
+    wait_until(Duration::from_secs(10), || {
+        std::net::TcpStream::connect(("127.0.0.1", sshd_port)).is_ok()
+    });
+    let proxy_port = g.gw().proxy_addr().port();
+    let o = tokio::task::block_in_place(|| {
+        ssh.ssh(proxy_port, &token, "audited", 22222, "echo audited", None)
+    });
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r = g
+        .http
+        .post(g.url("/v1/devices/audited/actions/reboot"))
+        .bearer_auth(&token)
+        .json(&serde_json::json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    // Both events, in whichever order the stream's end and the action's
+    // answer came.
+    let (mut relay_seen, mut action_seen) = (false, false);
+    while !(relay_seen && action_seen) {
+        let e = events.next(WAIT).await;
+        match e.data["type"].as_str() {
+            Some("audit.relay") => {
+                assert_eq!(e.data["token_id"], token_id.as_str());
+                assert_eq!(e.data["device"], "audited");
+                relay_seen = true;
+            }
+            Some("audit.action") => {
+                assert_eq!(e.data["token_id"], token_id.as_str());
+                action_seen = true;
+            }
+            _ => {}
+        }
+    }
+
+    // After a restart, the records are there.
+    g.stop().await;
+    let dir = std::mem::replace(&mut g.dir, tempfile::tempdir().unwrap());
+    let mut g = TestGateway::start_in(dir, c, "127.0.0.1:0").await;
+    let (st, page) = g.call("GET", "/v1/audit?device=audited", None).await;
+    assert_eq!(st, 200, "{page}");
+    let records = page["records"].as_array().unwrap();
+    let relay = records
+        .iter()
+        .find(|r| r["type"] == "audit.relay")
+        .unwrap_or_else(|| panic!("{page}"));
+    assert_eq!(relay["token_id"], token_id.as_str());
+    assert_eq!(relay["detail"]["port"], 22222);
+    assert!(
+        relay["detail"]["bytes_to_device"].as_u64().unwrap() > 1000,
+        "{relay}"
+    );
+    assert!(
+        relay["detail"]["bytes_from_device"].as_u64().unwrap() > 1000,
+        "{relay}"
+    );
+    assert_eq!(relay["detail"]["ended"], "closed");
+    let started =
+        humantime::parse_rfc3339(relay["detail"]["started_at"].as_str().unwrap()).unwrap();
+    let ended = humantime::parse_rfc3339(relay["detail"]["ended_at"].as_str().unwrap()).unwrap();
+    assert!(ended >= started);
+    let action = records
+        .iter()
+        .find(|r| r["type"] == "audit.action")
+        .unwrap_or_else(|| panic!("{page}"));
+    assert_eq!(action["token_id"], token_id.as_str());
+    assert_eq!(action["detail"]["action"], "reboot");
+    assert_eq!(action["detail"]["status"], 202);
+    assert_eq!(action["detail"]["source"], "device");
+    // The token's creation is recorded too (by the bootstrap token).
+    let (_, all) = g.call("GET", "/v1/audit", None).await;
+    assert!(all["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|r| r["type"] == "audit.token" && r["detail"]["token"] == token_id.as_str()));
+    // Admin only.
+    let (st, _) = {
+        let r = g
+            .http
+            .get(g.url("/v1/audit"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), ())
+    };
+    assert_eq!(st, 403);
+    let _ = sshd.kill();
+    let _ = sshd.wait();
+    g.stop().await;
+}

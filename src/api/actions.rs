@@ -45,8 +45,38 @@ pub async fn action(
     State(s): State<SharedState>,
     Path((uuid, action)): Path<(String, String)>,
     Query(q): Query<std::collections::HashMap<String, String>>,
+    grant: Option<axum::Extension<crate::tokens::Grant>>,
     headers: HeaderMap,
     body: Bytes,
+) -> Response {
+    let r = action_inner(&s, &uuid, &action, &q, &headers, &body).await;
+    // Every action asked for, with its answer.
+    let source = r
+        .headers()
+        .get("x-cloudlink-source")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("gateway")
+        .to_owned();
+    s.audit.record(
+        crate::audit::Kind::Action,
+        grant.as_ref().and_then(|g| g.token_id.as_deref()),
+        Some(&uuid),
+        crate::audit_detail! {
+            "action" => action,
+            "status" => r.status().as_u16(),
+            "source" => source,
+        },
+    );
+    r
+}
+
+async fn action_inner(
+    s: &SharedState,
+    uuid: &str,
+    action: &str,
+    q: &std::collections::HashMap<String, String>,
+    headers: &HeaderMap,
+    body: &[u8],
 ) -> Response {
     if s.draining.load(std::sync::atomic::Ordering::Acquire) {
         return gateway(ApiError::new(
@@ -55,10 +85,10 @@ pub async fn action(
             "this gateway is stopping and takes no new actions; retry (through another gateway of the cluster)",
         ));
     }
-    if let Some(r) = forward_to_owner(&s, &uuid, &action, &q, &headers, &body).await {
+    if let Some(r) = forward_to_owner(s, uuid, action, q, headers, body).await {
         return r;
     }
-    match run(&s, &uuid, &action, &q, &headers, &body).await {
+    match run(s, uuid, action, q, headers, body).await {
         Ok(r) => r,
         Err(e) => gateway(e),
     }

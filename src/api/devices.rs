@@ -479,6 +479,7 @@ pub async fn patch(
 pub async fn delete(
     State(s): State<SharedState>,
     Path(uuid): Path<String>,
+    grant: Option<axum::Extension<crate::tokens::Grant>>,
 ) -> Result<StatusCode, ApiError> {
     check_path_uuid(&uuid)?;
     let fleet = s.fleet.clone();
@@ -486,7 +487,15 @@ pub async fn delete(
     let changed = blocking(move || fleet.delete(&u)).await?;
     s.fleet.settled(changed.cursor, SETTLE).await;
     match changed.value {
-        Some(_) => Ok(StatusCode::NO_CONTENT),
+        Some(_) => {
+            s.audit.record(
+                crate::audit::Kind::Device,
+                grant.as_ref().and_then(|g| g.token_id.as_deref()),
+                Some(&uuid),
+                crate::audit_detail! { "change" => "deleted" },
+            );
+            Ok(StatusCode::NO_CONTENT)
+        }
         None => Err(ApiError::unknown_device(&uuid)),
     }
 }

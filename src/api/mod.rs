@@ -62,6 +62,8 @@ pub struct ApiState {
     pub ready: AtomicBool,
     /// Cluster mode: who holds devices connected elsewhere.
     pub cluster: Option<Arc<crate::cluster::Cluster>>,
+    /// Who did what (relay streams, actions, deletions, tokens).
+    pub audit: Arc<crate::audit::AuditTrail>,
     /// `--metrics-auth`: `/metrics` needs a read token.
     pub metrics_auth: bool,
     /// Set while the gateway drains before a stop: new actions get 503.
@@ -92,6 +94,7 @@ pub fn router(state: SharedState) -> Router {
         .route("/summary", get(ops::summary))
         .route("/session", get(sign_in::current).delete(sign_in::sign_out))
         .route("/tokens", get(tokens::list).post(tokens::create))
+        .route("/audit", get(tokens::audit))
         .route("/tokens/{id}", axum::routing::delete(tokens::delete))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -278,7 +281,7 @@ async fn authenticate(State(state): State<SharedState>, mut req: Request, next: 
 fn required_scope(method: &Method, path: &str) -> crate::tokens::Scope {
     use crate::tokens::Scope;
     let path = path.strip_prefix("/v1").unwrap_or(path);
-    if path.starts_with("/tokens") {
+    if path.starts_with("/tokens") || path.starts_with("/audit") {
         return Scope::Admin;
     }
     if path == "/session" {

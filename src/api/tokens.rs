@@ -9,13 +9,18 @@ use axum::Json;
 use serde_json::{json, Value};
 
 use super::{json_object, ApiError, SharedState};
-use crate::tokens::{Scope, TokenError};
+use crate::tokens::{Grant, Scope, TokenError};
+use axum::Extension;
 
 /// Longest `expires_in_s`: ten years.
 const MAX_EXPIRES_IN_S: u64 = 10 * 365 * 24 * 3600;
 
 /// `POST /v1/tokens` `{"name", "scopes": [...], "expires_in_s"?}`.
-pub async fn create(State(s): State<SharedState>, body: Bytes) -> Result<Response, ApiError> {
+pub async fn create(
+    State(s): State<SharedState>,
+    who: Option<Extension<Grant>>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
     let obj = json_object(&body)?;
     for k in obj.keys() {
         if !matches!(k.as_str(), "name" | "scopes" | "expires_in_s") {
@@ -82,6 +87,17 @@ pub async fn create(State(s): State<SharedState>, body: Bytes) -> Result<Respons
         .await
         .map_err(token_error)?;
     tracing::info!(token_id = %record.id, name = %record.name, scopes = scopes, "token created");
+    s.audit.record(
+        crate::audit::Kind::Token,
+        who.as_ref().and_then(|g| g.token_id.as_deref()),
+        None,
+        crate::audit_detail! {
+            "change" => "created",
+            "token" => record.id,
+            "name" => record.name,
+            "scopes" => Grant { token_id: None, scopes }.scope_names(),
+        },
+    );
     let mut answer = record.to_json();
     answer["token"] = Value::String(token);
     Ok((StatusCode::CREATED, Json(answer)).into_response())
@@ -97,10 +113,17 @@ pub async fn list(State(s): State<SharedState>) -> Json<Value> {
 pub async fn delete(
     State(s): State<SharedState>,
     Path(id): Path<String>,
+    who: Option<Extension<Grant>>,
 ) -> Result<StatusCode, ApiError> {
     match s.tokens.delete(&id).await.map_err(token_error)? {
         true => {
             tracing::info!(token_id = %id, "token revoked");
+            s.audit.record(
+                crate::audit::Kind::Token,
+                who.as_ref().and_then(|g| g.token_id.as_deref()),
+                None,
+                crate::audit_detail! { "change" => "revoked", "token" => id },
+            );
             Ok(StatusCode::NO_CONTENT)
         }
         false => Err(ApiError::new(
@@ -123,4 +146,48 @@ fn token_error(e: TokenError) -> ApiError {
             e.to_string(),
         ),
     }
+}
+
+/// `GET /v1/audit?device=&since=&limit=` (admin): the audit records of this
+/// gateway, oldest first from `since` (RFC 3339; default: the retention's
+/// start), at most `limit` (1 to 1000, default 100).
+pub async fn audit(
+    State(s): State<SharedState>,
+    axum::extract::Query(q): axum::extract::Query<std::collections::HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    for k in q.keys() {
+        if !matches!(k.as_str(), "device" | "since" | "limit") {
+            return Err(ApiError::bad_field(
+                k.clone(),
+                format!("unknown query parameter {k:?}; the audit takes device, since and limit"),
+            ));
+        }
+    }
+    let since = match q.get("since") {
+        None => 0,
+        Some(v) => humantime::parse_rfc3339_weak(v)
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| d.as_millis() as i64)
+            .ok_or_else(|| {
+                ApiError::bad_field(
+                    "since",
+                    "since is a time in RFC 3339, e.g. 2026-12-01T00:00:00Z",
+                )
+            })?,
+    };
+    let limit = match q.get("limit") {
+        None => 100,
+        Some(v) => v
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=crate::audit::MAX_PAGE).contains(n))
+            .ok_or_else(|| {
+                ApiError::bad_field("limit", "limit is a whole number from 1 to 1000")
+            })?,
+    };
+    let device = q.get("device").cloned();
+    let trail = s.audit.clone();
+    let records = super::blocking(move || trail.query(device.as_deref(), since, limit)).await?;
+    Ok(Json(json!({ "records": records })))
 }

@@ -38,6 +38,14 @@ pub enum Event {
     DeviceUpdated(DeviceUpdated),
     #[serde(rename = "device.deleted")]
     DeviceDeleted(DeviceDeleted),
+    #[serde(rename = "audit.relay")]
+    AuditRelay(Audit),
+    #[serde(rename = "audit.action")]
+    AuditAction(Audit),
+    #[serde(rename = "audit.device")]
+    AuditDevice(Audit),
+    #[serde(rename = "audit.token")]
+    AuditToken(Audit),
 }
 
 impl Event {
@@ -63,8 +71,21 @@ impl Event {
             Event::DeviceRegistered(_) => "device.registered",
             Event::DeviceUpdated(_) => "device.updated",
             Event::DeviceDeleted(_) => "device.deleted",
+            Event::AuditRelay(_) => "audit.relay",
+            Event::AuditAction(_) => "audit.action",
+            Event::AuditDevice(_) => "audit.device",
+            Event::AuditToken(_) => "audit.token",
         }
     }
+}
+
+/// `audit.*` (`crate::audit`): who (the token's id; `null` for the
+/// bootstrap token) did what; the record's own fields beside.
+#[derive(Debug, Clone, Serialize)]
+pub struct Audit {
+    pub token_id: Option<String>,
+    #[serde(flatten)]
+    pub detail: serde_json::Map<String, serde_json::Value>,
 }
 
 /// `link.*`: the device's endpoint, why, and its tunnel address.

@@ -32,6 +32,8 @@ pub struct ProxyConfig {
     pub route: Option<Arc<dyn Route>>,
     /// Set while the gateway drains before a stop: new streams get 503.
     pub draining: Arc<std::sync::atomic::AtomicBool>,
+    /// Every stream is recorded (`audit.relay`).
+    pub audit: Option<Arc<crate::audit::AuditTrail>>,
 }
 
 /// Cluster mode: where a device held by another gateway is reached.
@@ -228,12 +230,12 @@ async fn handle(
             return write_reject(&mut conn, &r).await;
         }
     };
+    let grant = head
+        .credential
+        .as_deref()
+        .and_then(|t| config.tokens.check(t, crate::registry::now_ms()));
     let checked = (|| {
-        let grant = head
-            .credential
-            .as_deref()
-            .and_then(|t| config.tokens.check(t, crate::registry::now_ms()));
-        let Some(grant) = grant else {
+        let Some(grant) = &grant else {
             return Err(reject(407, "Proxy Authentication Required", "unauthorized", "unauthorized", "send a token with the relay scope as `Proxy-Authorization: Bearer <token>` or as the password of Basic auth"));
         };
         if !grant.allows(crate::tokens::Scope::Relay) {
@@ -348,12 +350,33 @@ async fn handle(
         relay.count_bytes(true, rest.len() as u64);
     }
     tracing::info!(device = %uuid, port, "relay stream open");
+    let started = std::time::SystemTime::now();
     let r = relay.clone();
     let moved = super::stream::relay(&stream.stack, stream.handle, conn, &move |up, n| {
         r.count_bytes(up, n)
     })
     .await;
     tracing::info!(device = %uuid, port, up = moved.up, down = moved.down, "relay stream closed");
+    if let Some(audit) = &config.audit {
+        let ended = if stream.stack.is_dead() {
+            "ended"
+        } else {
+            "closed"
+        };
+        audit.record(
+            crate::audit::Kind::Relay,
+            grant.as_ref().and_then(|g| g.token_id.as_deref()),
+            Some(&uuid),
+            crate::audit_detail! {
+                "port" => port,
+                "started_at" => crate::bus::event::rfc3339(started),
+                "ended_at" => crate::bus::event::rfc3339(std::time::SystemTime::now()),
+                "bytes_to_device" => moved.up,
+                "bytes_from_device" => moved.down,
+                "ended" => ended,
+            },
+        );
+    }
 }
 
 /// Relays a CONNECT to the proxy of the gateway that holds the device: the

@@ -54,6 +54,10 @@ const MIGRATIONS: &[Migration] = &[
         what: "scoped API tokens",
         run: v3_tokens,
     },
+    Migration {
+        what: "the audit trail",
+        run: v4_audit,
+    },
 ];
 
 fn v1_baseline(t: &Transaction<'_>) -> rusqlite::Result<()> {
@@ -127,6 +131,21 @@ fn v3_tokens(t: &Transaction<'_>) -> rusqlite::Result<()> {
             created_at  INTEGER NOT NULL,
             expires_at  INTEGER
         );",
+    )
+}
+
+fn v4_audit(t: &Transaction<'_>) -> rusqlite::Result<()> {
+    t.execute_batch(
+        "CREATE TABLE audit (
+            id        INTEGER PRIMARY KEY AUTOINCREMENT,
+            at        INTEGER NOT NULL,
+            kind      TEXT    NOT NULL,
+            token_id  TEXT,
+            device    TEXT,
+            detail    TEXT    NOT NULL
+        );
+        CREATE INDEX audit_at ON audit (at);
+        CREATE INDEX audit_device ON audit (device, at);",
     )
 }
 
