@@ -64,6 +64,21 @@ impl StoredAction {
     }
 }
 
+/// An action to store: for whom, what, and in which state (`queued`, or
+/// `delivering` for an immediate one with an idempotency key, recorded
+/// before it is sent).
+#[derive(Debug, Clone)]
+pub struct NewAction {
+    pub device: String,
+    pub action: Action,
+    pub params: Params,
+    /// The device's supervisor API key, for a queued action.
+    pub api_key: Option<String>,
+    pub state: &'static str,
+    pub ttl: Duration,
+    pub idempotency_key: Option<String>,
+}
+
 pub struct ActionQueue {
     conn: Mutex<Connection>,
     metrics: Arc<crate::metrics::Metrics>,
@@ -179,46 +194,15 @@ impl ActionQueue {
         unblock(move || q.by_idempotency_key(&d, &k)).await
     }
 
-    /// Stores a new action in `state` (`queued`, or `delivering` for an
-    /// immediate one with an idempotency key, recorded before it is sent),
-    /// unless the device already got one under the same key: then that
-    /// one.
-    #[allow(clippy::too_many_arguments)]
-    pub async fn add(
-        self: &Arc<Self>,
-        device: &str,
-        action: Action,
-        p: &Params,
-        api_key: Option<&str>,
-        state: &str,
-        ttl: Duration,
-        idempotency_key: Option<&str>,
-    ) -> Result<Inserted, RegistryError> {
+    /// Stores `new`, unless its device already got an action under the same
+    /// idempotency key: then that one.
+    pub async fn add(self: &Arc<Self>, new: NewAction) -> Result<Inserted, RegistryError> {
         let id = new_id();
         if let Some(shared) = self.shared.get() {
-            return shared
-                .insert(
-                    device,
-                    &id,
-                    action,
-                    p,
-                    api_key,
-                    state,
-                    ttl,
-                    idempotency_key,
-                    self.max_queued,
-                )
-                .await;
+            return shared.insert(&id, &new, self.max_queued).await;
         }
-        let (q, d, p, k, st, i) = (
-            self.clone(),
-            device.to_owned(),
-            p.clone(),
-            api_key.map(str::to_owned),
-            state.to_owned(),
-            idempotency_key.map(str::to_owned),
-        );
-        unblock(move || q.insert(&id, &d, action, &p, k.as_deref(), &st, ttl, i.as_deref())).await
+        let q = self.clone();
+        unblock(move || q.insert(&id, &new)).await
     }
 
     /// An action by id.
@@ -285,18 +269,22 @@ impl ActionQueue {
     /// idempotency key within 24 h (checked under the same lock: two
     /// concurrent requests never both store one). Committed before it
     /// returns.
-    #[allow(clippy::too_many_arguments)]
-    fn insert(
-        &self,
-        id: &str,
-        device: &str,
-        action: Action,
-        p: &Params,
-        api_key: Option<&str>,
-        state: &str,
-        ttl: Duration,
-        idempotency_key: Option<&str>,
-    ) -> Result<Inserted, RegistryError> {
+    fn insert(&self, id: &str, new: &NewAction) -> Result<Inserted, RegistryError> {
+        let NewAction {
+            device,
+            action,
+            params: p,
+            api_key,
+            state,
+            ttl,
+            idempotency_key,
+        } = new;
+        let (device, api_key, idempotency_key) = (
+            device.as_str(),
+            api_key.as_deref(),
+            idempotency_key.as_deref(),
+        );
+        let (action, state, ttl) = (*action, *state, *ttl);
         let now = now_ms();
         let expires = now + ttl.as_millis() as i64;
         let c = self.conn.lock();

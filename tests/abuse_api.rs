@@ -4,6 +4,8 @@
 //! connections and event streams than allowed, a token guessed from one
 //! address.
 
+mod common;
+
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
@@ -19,11 +21,7 @@ struct Gateway {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    common::free_port(false)
 }
 
 impl Gateway {

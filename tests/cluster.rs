@@ -14,21 +14,7 @@ use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_cloudlink");
 
-fn free_port(udp: bool) -> u16 {
-    if udp {
-        std::net::UdpSocket::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    } else {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    }
-}
+use common::free_port;
 
 struct Proc {
     child: Child,
@@ -1304,22 +1290,9 @@ async fn tunnels_and_ssh_survive_a_nats_outage() {
     let ssh = SshFixture::new();
     dev.start_sshd(&ssh);
     let ssh_echo = |word: &str| {
-        let o = tokio::task::block_in_place(|| {
-            ssh.ssh(
-                a.proxy,
-                common::TOKEN,
-                "steady.balena",
-                22,
-                &format!("echo {word}"),
-                None,
-            )
+        tokio::task::block_in_place(|| {
+            ssh.echo_via(("127.0.0.1", a.proxy), common::TOKEN, "steady.balena", word)
         });
-        assert!(
-            o.status.success(),
-            "ssh failed: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        assert_eq!(String::from_utf8_lossy(&o.stdout), format!("{word}\n"));
     };
     ssh_echo("before");
     let deadline = Instant::now() + Duration::from_secs(5);

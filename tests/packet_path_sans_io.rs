@@ -112,6 +112,15 @@ impl Rig {
     }
 }
 
+/// `dev`'s handshake initiation (`force`: even while one is in flight).
+fn initiation(dev: &mut Tunn, force: bool) -> Vec<u8> {
+    let mut buf = vec![0u8; 256];
+    match dev.format_handshake_initiation(&mut buf, force) {
+        TunnResult::WriteToNetwork(p) => p.to_vec(),
+        other => panic!("no initiation: {other:?}"),
+    }
+}
+
 fn client(gw: &PacketPath, private: [u8; 32]) -> Tunn {
     Tunn::new(
         StaticSecret::from(private),
@@ -127,10 +136,7 @@ fn client(gw: &PacketPath, private: [u8; 32]) -> Tunn {
 /// (boringtun's keepalive) already fed to the gateway.
 fn connect(rig: &mut Rig, dev: &mut Tunn, from: SocketAddr, now: Instant) {
     let mut buf = vec![0u8; 2048];
-    let init = match dev.format_handshake_initiation(&mut buf, false) {
-        TunnResult::WriteToNetwork(p) => p.to_vec(),
-        _ => panic!(),
-    };
+    let init = initiation(dev, false);
     let answers = rig.feed(now, from, &init);
     assert_eq!(answers.len(), 1, "one handshake response");
     assert_eq!(answers[0].0, from, "answered to the initiation's source");
@@ -308,11 +314,7 @@ fn forged_datagrams_naming_a_session_move_no_counter_and_no_endpoint() {
 fn an_unregistered_key_gets_no_answer_and_no_session() {
     let (mut rig, _registry) = rig();
     let mut dev = client(&rig.path, generate_private_key());
-    let mut buf = vec![0u8; 2048];
-    let init = match dev.format_handshake_initiation(&mut buf, false) {
-        TunnResult::WriteToNetwork(p) => p.to_vec(),
-        _ => panic!(),
-    };
+    let init = initiation(&mut dev, false);
     assert!(rig
         .feed(Instant::now(), "192.0.2.1:1".parse().unwrap(), &init)
         .is_empty());
@@ -370,10 +372,7 @@ fn a_storm_queues_initiations_answers_cookies_and_never_starves_transport() {
             1000 + i as u32,
             None,
         );
-        let init = match dev.format_handshake_initiation(&mut buf, false) {
-            TunnResult::WriteToNetwork(p) => p.to_vec(),
-            _ => panic!(),
-        };
+        let init = initiation(&mut dev, false);
         let src: SocketAddr = format!("198.51.100.{}:5000", i + 1).parse().unwrap();
         rig.path
             .handle_datagram(now, src, &init, &mut rig.out, &mut tx);
@@ -393,10 +392,7 @@ fn a_storm_queues_initiations_answers_cookies_and_never_starves_transport() {
         7,
         None,
     );
-    let init = match late.format_handshake_initiation(&mut buf, false) {
-        TunnResult::WriteToNetwork(p) => p.to_vec(),
-        _ => panic!(),
-    };
+    let init = initiation(&mut late, false);
     rig.path
         .handle_datagram(now, src, &init, &mut rig.out, &mut tx);
     assert_eq!(tx.len(), 1);
@@ -412,10 +408,7 @@ fn a_storm_queues_initiations_answers_cookies_and_never_starves_transport() {
         late.decapsulate(None, &cookie, &mut buf),
         TunnResult::Done
     ));
-    let retry = match late.format_handshake_initiation(&mut buf, true) {
-        TunnResult::WriteToNetwork(p) => p.to_vec(),
-        _ => panic!(),
-    };
+    let retry = initiation(&mut late, true);
     rig.path
         .handle_datagram(now, src, &retry, &mut rig.out, &mut tx);
     assert!(tx.is_empty());
@@ -438,18 +431,12 @@ fn a_storm_queues_initiations_answers_cookies_and_never_starves_transport() {
         src = format!("203.0.{}.{}:6000", 10 + k / 250, k % 250 + 1)
             .parse()
             .unwrap();
-        let init = match late.format_handshake_initiation(&mut buf, true) {
-            TunnResult::WriteToNetwork(p) => p.to_vec(),
-            _ => panic!(),
-        };
+        let init = initiation(&mut late, true);
         rig.path
             .handle_datagram(now, src, &init, &mut rig.out, &mut tx);
         let (_, cookie) = tx.pop().expect("a cookie reply");
         late.decapsulate(None, &cookie, &mut buf);
-        retry = match late.format_handshake_initiation(&mut buf, true) {
-            TunnResult::WriteToNetwork(p) => p.to_vec(),
-            _ => panic!(),
-        };
+        retry = initiation(&mut late, true);
         rig.path
             .handle_datagram(now, src, &retry, &mut rig.out, &mut tx);
     }
@@ -522,10 +509,7 @@ fn rekeys_from_a_shared_endpoint_are_answered_for_every_device() {
     let mut buf = vec![0u8; 2048];
     for round in 0..3 {
         for dev in devices.iter_mut() {
-            let init = match dev.format_handshake_initiation(&mut buf, true) {
-                TunnResult::WriteToNetwork(p) => p.to_vec(),
-                _ => panic!(),
-            };
+            let init = initiation(dev, true);
             let answers = rig.feed(now, nat, &init);
             assert_eq!(answers.len(), 1, "round {round}: one response");
             assert!(matches!(
@@ -545,10 +529,7 @@ fn rekeys_from_a_shared_endpoint_are_answered_for_every_device() {
         0
     );
     // A replayed initiation is still refused and counted once.
-    let init = match devices[0].format_handshake_initiation(&mut buf, true) {
-        TunnResult::WriteToNetwork(p) => p.to_vec(),
-        _ => panic!(),
-    };
+    let init = initiation(&mut devices[0], true);
     assert_eq!(rig.feed(now, nat, &init).len(), 1);
     assert!(
         rig.feed(now, nat, &init).is_empty(),
@@ -653,10 +634,7 @@ fn under_load_one_source_gets_its_budget_and_known_endpoints_go_first() {
     let mut tx = Vec::new();
     for i in 0..cap / 8 {
         let mut dev = client(&rig.path, generate_private_key());
-        let init = match dev.format_handshake_initiation(&mut buf, false) {
-            TunnResult::WriteToNetwork(p) => p.to_vec(),
-            _ => panic!(),
-        };
+        let init = initiation(&mut dev, false);
         let src: SocketAddr = format!("198.51.100.{}:5000", i + 1).parse().unwrap();
         rig.path
             .handle_datagram(now, src, &init, &mut rig.out, &mut tx);
@@ -667,19 +645,13 @@ fn under_load_one_source_gets_its_budget_and_known_endpoints_go_first() {
     // The flood: one address, answering its cookie, sending 100 more.
     let flood: SocketAddr = "203.0.113.66:7777".parse().unwrap();
     let mut attacker = client(&rig.path, generate_private_key());
-    let init = match attacker.format_handshake_initiation(&mut buf, false) {
-        TunnResult::WriteToNetwork(p) => p.to_vec(),
-        _ => panic!(),
-    };
+    let init = initiation(&mut attacker, false);
     rig.path
         .handle_datagram(now, flood, &init, &mut rig.out, &mut tx);
     let (_, cookie) = tx.pop().expect("a cookie reply");
     attacker.decapsulate(None, &cookie, &mut buf);
     for _ in 0..100 {
-        let retry = match attacker.format_handshake_initiation(&mut buf, true) {
-            TunnResult::WriteToNetwork(p) => p.to_vec(),
-            _ => panic!(),
-        };
+        let retry = initiation(&mut attacker, true);
         rig.path
             .handle_datagram(now, flood, &retry, &mut rig.out, &mut tx);
     }
@@ -690,10 +662,7 @@ fn under_load_one_source_gets_its_budget_and_known_endpoints_go_first() {
 
     // The known device re-handshakes from its endpoint: no cookie reply,
     // and it is answered first.
-    let again = match known.format_handshake_initiation(&mut buf, false) {
-        TunnResult::WriteToNetwork(p) => p.to_vec(),
-        _ => panic!(),
-    };
+    let again = initiation(&mut known, false);
     rig.path
         .handle_datagram(now, home, &again, &mut rig.out, &mut tx);
     assert!(tx.is_empty(), "no cookie demanded of a known endpoint");
@@ -706,10 +675,7 @@ fn under_load_one_source_gets_its_budget_and_known_endpoints_go_first() {
         "its handshake response"
     );
     // A second later the flood's address has a new share of its budget.
-    let retry = match attacker.format_handshake_initiation(&mut buf, true) {
-        TunnResult::WriteToNetwork(p) => p.to_vec(),
-        _ => panic!(),
-    };
+    let retry = initiation(&mut attacker, true);
     let before = rig.path.handshakes.len();
     rig.path.handle_datagram(
         now + Duration::from_secs(1),

@@ -18,8 +18,17 @@ use axum::Json;
 use serde_json::{json, Value};
 
 use super::{blocking, json_object, ApiError, SharedState};
-use crate::action_queue::Inserted;
+use crate::action_queue::{Inserted, NewAction};
 use crate::actions::{deliver_counted, supervisor_call, Action, DeliveryError, Params};
+
+/// Who gave an answer: `device` or `gateway` (`X-Cloudlink-Source`).
+fn source_of(r: &Response) -> String {
+    r.headers()
+        .get("x-cloudlink-source")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("gateway")
+        .to_owned()
+}
 
 fn gateway(e: ApiError) -> Response {
     let mut r = e.into_response();
@@ -51,12 +60,7 @@ pub async fn action(
 ) -> Response {
     let r = action_inner(&s, &uuid, &action, &q, &headers, &body).await;
     // Every action asked for, with its answer.
-    let source = r
-        .headers()
-        .get("x-cloudlink-source")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("gateway")
-        .to_owned();
+    let source = source_of(&r);
     s.audit.record(
         crate::audit::Kind::Action,
         grant.as_ref().and_then(|g| g.token_id.as_deref()),
@@ -220,12 +224,7 @@ pub async fn serve_forwarded(
                         Err(e) => gateway(e),
                     };
                     let status = r.status().as_u16();
-                    let source = r
-                        .headers()
-                        .get("x-cloudlink-source")
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or("gateway")
-                        .to_owned();
+                    let source = source_of(&r);
                     let body = axum::body::to_bytes(r.into_body(), 1 << 20)
                         .await
                         .map(|b| String::from_utf8_lossy(&b).into_owned())
@@ -439,19 +438,16 @@ async fn run(
         .by_uuid(uuid)
         .is_some_and(|x| x.is_connected());
     if let (Some(ttl), false) = (queue_ttl, online) {
-        let stored = match s
-            .action_queue
-            .add(
-                uuid,
-                action,
-                &params,
-                key.as_deref(),
-                "queued",
-                ttl,
-                idempotency.as_deref(),
-            )
-            .await?
-        {
+        let new = NewAction {
+            device: uuid.to_owned(),
+            action,
+            params: params.clone(),
+            api_key: key.clone(),
+            state: "queued",
+            ttl,
+            idempotency_key: idempotency.clone(),
+        };
+        let stored = match s.action_queue.add(new).await? {
             Inserted::New(a) => a,
             Inserted::Existing(first) => return Ok(earlier(uuid, &first)),
         };
@@ -465,15 +461,15 @@ async fn run(
         None => None,
         Some(i) => match s
             .action_queue
-            .add(
-                uuid,
+            .add(NewAction {
+                device: uuid.to_owned(),
                 action,
-                &params,
-                None,
-                "delivering",
-                std::time::Duration::ZERO,
-                Some(i),
-            )
+                params: params.clone(),
+                api_key: None,
+                state: "delivering",
+                ttl: std::time::Duration::ZERO,
+                idempotency_key: Some(i.clone()),
+            })
             .await?
         {
             Inserted::New(a) => Some(a.id.clone()),

@@ -34,8 +34,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{ClusterError, NatsHealth};
-use crate::action_queue::{StoredAction, IDEMPOTENCY_WINDOW};
-use crate::actions::{Action, Params};
+use crate::action_queue::{NewAction, StoredAction, IDEMPOTENCY_WINDOW};
+use crate::actions::Params;
 use crate::registry::{now_ms, RegistryError};
 
 pub const BUCKET: &str = "cloudlink_actions";
@@ -365,19 +365,14 @@ impl SharedActions {
     /// Stores a new action in `state` (`queued`, or `delivering` by this
     /// gateway for an immediate one with an idempotency key), unless the
     /// device already got one under the same key.
-    #[allow(clippy::too_many_arguments)]
     pub async fn insert(
         &self,
-        uuid: &str,
         id: &str,
-        action: Action,
-        p: &Params,
-        api_key: Option<&str>,
-        state: &str,
-        ttl: Duration,
-        idempotency_key: Option<&str>,
+        new: &NewAction,
         max_queued: usize,
     ) -> Result<Inserted, RegistryError> {
+        let (uuid, p, state) = (new.device.as_str(), &new.params, new.state);
+        let idempotency_key = new.idempotency_key.as_deref();
         // The id's pointer first: an action is never stored without one.
         self.ids
             .put(format!("a.{id}"), Bytes::from(uuid.to_owned()))
@@ -386,15 +381,15 @@ impl SharedActions {
         let now = now_ms();
         let record = Record {
             id: id.to_owned(),
-            action: action.name().to_owned(),
+            action: new.action.name().to_owned(),
             force: p.force,
             app_id: p.app_id,
             service_name: p.service_name.clone(),
-            api_key: api_key.map(str::to_owned),
-            idempotency_key: idempotency_key.map(str::to_owned),
+            api_key: new.api_key.clone(),
+            idempotency_key: new.idempotency_key.clone(),
             state: state.to_owned(),
             created_at_ms: now,
-            expires_at_ms: now + ttl.as_millis() as i64,
+            expires_at_ms: now + new.ttl.as_millis() as i64,
             device_status: None,
             device_body: None,
             by: (state == "delivering").then(|| self.me.clone()),

@@ -277,6 +277,11 @@ fn bind_sockets(cfg: &LoadgenConfig) -> Result<Vec<UdpSocket>, LoadgenError> {
         .collect()
 }
 
+/// The report of a run that only prepared or registered the devices.
+fn no_run(cfg: &LoadgenConfig) -> Report {
+    report::build(cfg, &Shared::default(), 0.0, None, None, None)
+}
+
 /// Runs the load test and returns its report.
 pub fn run(cfg: LoadgenConfig) -> Result<Report, LoadgenError> {
     if cfg.devices == 0 || cfg.devices >= 1 << 24 {
@@ -297,14 +302,7 @@ pub fn run(cfg: LoadgenConfig) -> Result<Report, LoadgenError> {
     }
     if cfg.prepare_only {
         eprintln!("loadgen: {} keys prepared", cfg.devices);
-        return Ok(report::build(
-            &cfg,
-            &Shared::default(),
-            0.0,
-            None,
-            None,
-            None,
-        ));
+        return Ok(no_run(&cfg));
     }
     let gateway_key = if cfg.no_register {
         cfg.gateway_public_key.ok_or_else(|| {
@@ -324,14 +322,7 @@ pub fn run(cfg: LoadgenConfig) -> Result<Report, LoadgenError> {
         t_keys.elapsed().as_secs_f64()
     );
     if cfg.register_only {
-        return Ok(report::build(
-            &cfg,
-            &Shared::default(),
-            0.0,
-            None,
-            None,
-            None,
-        ));
+        return Ok(no_run(&cfg));
     }
     let gateway_key = PublicKey::from(gateway_key);
     let sockets = Arc::new(bind_sockets(&cfg)?);

@@ -228,7 +228,15 @@ impl PacketPath {
             LinkTransition::Up { endpoint } => {
                 self.metrics.sessions.inc();
                 tracing::info!(device = %session.uuid, %endpoint, "link up");
-                self.publish(session, Event::LinkUp, endpoint, "handshake", None, at);
+                self.publish(
+                    session,
+                    Event::LinkUp,
+                    endpoint,
+                    "handshake",
+                    None,
+                    None,
+                    at,
+                );
                 if let Some(o) = self.observer.get() {
                     o.link_changed(session, true, endpoint, None);
                 }
@@ -247,6 +255,7 @@ impl PacketPath {
                         endpoint,
                         reason.as_str(),
                         None,
+                        None,
                         at,
                     );
                 }
@@ -258,7 +267,7 @@ impl PacketPath {
                 // At most one a second per device (link_state); DEBUG, as a
                 // device can change ports many times a second.
                 tracing::debug!(device = %session.uuid, %from, %to, count, "link roamed");
-                self.publish_roams(
+                self.publish(
                     session,
                     Event::LinkRoamed,
                     to,
@@ -271,20 +280,8 @@ impl PacketPath {
         }
     }
 
-    fn publish(
-        &self,
-        session: &Session,
-        kind: fn(Link) -> Event,
-        endpoint: SocketAddr,
-        reason: &str,
-        previous: Option<SocketAddr>,
-        at: SystemTime,
-    ) {
-        self.publish_roams(session, kind, endpoint, reason, previous, None, at)
-    }
-
     #[allow(clippy::too_many_arguments)]
-    fn publish_roams(
+    fn publish(
         &self,
         session: &Session,
         kind: fn(Link) -> Event,

@@ -20,6 +20,23 @@ use x25519_dalek::{PublicKey, StaticSecret};
 
 pub const TOKEN: &str = "test-token-0123456789abcdef";
 
+/// A loopback port free a moment ago (TCP, or UDP with `udp`).
+pub fn free_port(udp: bool) -> u16 {
+    if udp {
+        UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    } else {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    }
+}
+
 pub struct TestGateway {
     pub gw: Option<Gateway>,
     pub dir: tempfile::TempDir,

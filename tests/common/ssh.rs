@@ -97,6 +97,18 @@ impl SshFixture {
         )
     }
 
+    /// Runs `echo <word>` on `host` through the proxy at `proxy` and asserts
+    /// that it worked and printed the word.
+    pub fn echo_via(&self, proxy: (&str, u16), token: &str, host: &str, word: &str) {
+        let o = self.ssh_via(proxy, token, host, 22, &format!("echo {word}"), None);
+        assert!(
+            o.status.success(),
+            "ssh to {host} through {proxy:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert_eq!(String::from_utf8_lossy(&o.stdout), format!("{word}\n"));
+    }
+
     /// The same through the proxy at `proxy` (host, port).
     pub fn ssh_via(
         &self,
