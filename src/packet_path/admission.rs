@@ -126,7 +126,9 @@ impl HandshakeQueue {
 }
 
 /// Each unknown source address's initiation budget under load (a token
-/// bucket per address), shared by all workers.
+/// bucket per address), shared by all workers. One mutex: it is taken only
+/// for initiations from unknown sources while under load, after their MACs
+/// were checked, never on the transport path.
 #[derive(Default)]
 pub(crate) struct SourceBudget {
     buckets: Mutex<HashMap<IpAddr, (f32, Instant)>>,
