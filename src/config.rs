@@ -656,6 +656,13 @@ impl GatewayConfig {
                 self.tunnel_cidr
             )));
         }
+        if let Some(e) = &self.endpoint {
+            if !endpoint_has_port(e) {
+                return Err(Error::Config(format!(
+                    "--endpoint {e:?} must be host:port (a device's `wg` refuses an endpoint without a port), e.g. vpn.example.com:51820 or [2001:db8::1]:51820"
+                )));
+            }
+        }
         if self.poll_interval < Duration::from_secs(1) {
             return Err(Error::Config("--poll-interval must be at least 1s".into()));
         }
@@ -728,9 +735,46 @@ pub fn check_token(token: &str) -> Result<(), Error> {
     Ok(())
 }
 
+/// `host:port` with a port from 1 to 65535 (an IPv6 host in brackets).
+fn endpoint_has_port(e: &str) -> bool {
+    e.rsplit_once(':').is_some_and(|(host, port)| {
+        !host.is_empty()
+            && port.parse::<u16>().is_ok_and(|p| p > 0)
+            && (!host.contains(':') || (host.starts_with('[') && host.ends_with(']')))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_endpoint_needs_a_port() {
+        for ok in [
+            "vpn.example.com:51820",
+            "198.51.100.7:1",
+            "[2001:db8::1]:51820",
+        ] {
+            assert!(endpoint_has_port(ok), "{ok}");
+        }
+        for bad in [
+            "vpn.example.com",
+            "vpn.example.com:",
+            ":51820",
+            "host:0",
+            "host:99999",
+            "2001:db8::1",
+            "[2001:db8::1]",
+        ] {
+            assert!(!endpoint_has_port(bad), "{bad}");
+        }
+        let args = ServeArgs {
+            endpoint: Some("vpn.example.com".into()),
+            ..Default::default()
+        };
+        let e = args.resolve().unwrap_err().to_string();
+        assert!(e.contains("--endpoint") && e.contains("host:port"), "{e}");
+    }
 
     #[test]
     fn flags_override_file_which_overrides_defaults() {

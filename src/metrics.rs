@@ -118,6 +118,21 @@ impl HandshakeResult {
     }
 }
 
+/// Results of actions (`cloudlink_actions_total{result}`).
+pub const ACTION_RESULTS: [&str; 11] = [
+    "device_answered",
+    "queued",
+    "cloudlink_unavailable",
+    "device_unreachable",
+    "device_timeout",
+    "device_bad_answer",
+    "unknown_device",
+    "failed",
+    "expired",
+    "unknown",
+    "too_many_streams",
+];
+
 /// Results of relay stream requests (CONNECT answers).
 pub const RELAY_RESULTS: [&str; 9] = [
     "ok",
@@ -249,7 +264,7 @@ impl Metrics {
         let actions = IntCounterVec::new(
             Opts::new(
                 "cloudlink_actions_total",
-                "Immediate actions, by action and result (device_answered, queued, cloudlink_unavailable, device_unreachable, device_timeout, device_bad_answer, failed, expired).",
+                "Immediate actions, by action and result (device_answered, queued, cloudlink_unavailable, device_unreachable, device_timeout, device_bad_answer, unknown_device, failed, expired, unknown, too_many_streams).",
             ),
             &["action", "result"],
         )
@@ -257,6 +272,13 @@ impl Metrics {
         registry
             .register(Box::new(actions.clone()))
             .expect("unique metric");
+        // Every series from the start, at 0: dashboards and alerts see 0,
+        // not "no data", before the first action.
+        for action in crate::actions::Action::NAMES {
+            for result in ACTION_RESULTS {
+                actions.with_label_values(&[action, result]);
+            }
+        }
         let action_duration = prometheus::Histogram::with_opts(
             prometheus::HistogramOpts::new(
                 "cloudlink_action_duration_seconds",

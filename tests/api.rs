@@ -459,3 +459,64 @@ async fn names_that_reach_hooks_and_screens_are_checked() {
         .any(|d| d["uuid"] == "-legacy"));
     g.stop().await;
 }
+
+/// Keys that can never work are refused (issue "Operate it"): the all-zero
+/// key and the gateway's own public key, on registration, in a batch and
+/// in a key change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_that_can_never_work_are_refused() {
+    let mut g = TestGateway::start().await;
+    let own = encode_key(g.gw().path.public_key().as_bytes());
+    let zero = encode_key(&[0u8; 32]);
+    for k in [&own, &zero] {
+        let (st, b) = g
+            .call(
+                "POST",
+                "/v1/devices",
+                Some(json!({"uuid": "bad-key", "public_key": k})),
+            )
+            .await;
+        assert_error(st, &b, 400, "invalid_field", Some("public_key"));
+    }
+    let (st, b) = g
+        .call(
+            "POST",
+            "/v1/devices/batch",
+            Some(json!({"devices": [{"uuid": "ok-1", "public_key": key()}, {"uuid": "bad-2", "public_key": own}]})),
+        )
+        .await;
+    assert_eq!(st, 200, "{b}");
+    assert_eq!(b["results"][1]["status"], 400, "{b}");
+    let (st, _) = g
+        .call(
+            "POST",
+            "/v1/devices",
+            Some(json!({"uuid": "good", "public_key": key()})),
+        )
+        .await;
+    assert_eq!(st, 201);
+    let (st, b) = g
+        .call(
+            "PATCH",
+            "/v1/devices/good",
+            Some(json!({"public_key": zero})),
+        )
+        .await;
+    assert_error(st, &b, 400, "invalid_field", Some("public_key"));
+    g.stop().await;
+}
+
+/// Action counters exist at 0 from the start (issue "Operate it"):
+/// dashboards and alerts see 0, not "no data", before the first action.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn action_counters_are_there_before_the_first_action() {
+    let mut g = TestGateway::start().await;
+    let text = g.metrics().await;
+    for series in [
+        "cloudlink_actions_total{action=\"reboot\",result=\"device_answered\"} 0",
+        "cloudlink_actions_total{action=\"restart-service\",result=\"queued\"} 0",
+    ] {
+        assert!(text.contains(series), "no `{series}`");
+    }
+    g.stop().await;
+}

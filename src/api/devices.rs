@@ -25,7 +25,33 @@ const MAX_POLL_INTERVAL_S: u64 = 365 * 24 * 3600;
 
 /// Validates one registration object; `prefix` names it in errors
 /// (`""` for a single registration, `"devices[3]."` in a batch).
-fn parse_new_device(obj: &Map<String, Value>, prefix: &str) -> Result<NewDevice, ApiError> {
+/// A device key that can work: not the all-zero key (no handshake ever
+/// completes with it) and not the gateway's own public key.
+fn usable_key(
+    key: &crate::keys::KeyBytes,
+    gateway: &crate::keys::KeyBytes,
+    field: String,
+) -> Result<(), ApiError> {
+    if key.iter().all(|b| *b == 0) {
+        return Err(ApiError::bad_field(
+            field,
+            "the all-zero key cannot make a WireGuard handshake; generate the device's key with `wg genkey`",
+        ));
+    }
+    if key == gateway {
+        return Err(ApiError::bad_field(
+            field,
+            "that is the gateway's own public key; the device needs its own (`wg genkey`, then `wg pubkey`)",
+        ));
+    }
+    Ok(())
+}
+
+fn parse_new_device(
+    obj: &Map<String, Value>,
+    prefix: &str,
+    gateway: &crate::keys::KeyBytes,
+) -> Result<NewDevice, ApiError> {
     for k in obj.keys() {
         if !matches!(k.as_str(), "uuid" | "public_key" | "name") {
             return Err(ApiError::bad_field(
@@ -66,6 +92,7 @@ fn parse_new_device(obj: &Map<String, Value>, prefix: &str) -> Result<NewDevice,
             ))
         }
     };
+    usable_key(&public_key, gateway, format!("{prefix}public_key"))?;
     let name = parse_name(obj.get("name"), prefix)?;
     Ok(NewDevice {
         uuid,
@@ -248,7 +275,7 @@ fn conflict_key(other: &str) -> ApiError {
 /// `POST /v1/devices`
 pub async fn register(State(s): State<SharedState>, body: Bytes) -> Result<Response, ApiError> {
     let obj = json_object(&body)?;
-    let dev = parse_new_device(&obj, "")?;
+    let dev = parse_new_device(&obj, "", s.path.public_key().as_bytes())?;
     let fleet = s.fleet.clone();
     let changed = blocking(move || fleet.register(dev)).await?;
     s.fleet.settled(changed.cursor, SETTLE).await;
@@ -299,7 +326,7 @@ pub async fn register_batch(
     for (i, item) in items.iter().enumerate() {
         let prefix = format!("devices[{i}].");
         let parsed = match item {
-            Value::Object(o) => parse_new_device(o, &prefix),
+            Value::Object(o) => parse_new_device(o, &prefix, s.path.public_key().as_bytes()),
             _ => Err(ApiError::bad_field(
                 format!("devices[{i}]"),
                 "each device must be an object",
@@ -406,8 +433,10 @@ pub async fn patch(
     match obj.get("public_key") {
         None => {}
         Some(Value::String(k)) => {
-            patch.public_key =
-                Some(decode_key(k).map_err(|e| ApiError::bad_field("public_key", e.to_string()))?)
+            let key =
+                decode_key(k).map_err(|e| ApiError::bad_field("public_key", e.to_string()))?;
+            usable_key(&key, s.path.public_key().as_bytes(), "public_key".into())?;
+            patch.public_key = Some(key)
         }
         Some(_) => {
             return Err(ApiError::bad_field(
