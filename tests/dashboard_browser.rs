@@ -469,6 +469,12 @@ async fn sign_in_live_status_filter_sort_and_reboot_in_chromium() {
         .await;
     assert_eq!(st, 201, "{t}");
     sign_in_with(&c, &g.api, t["token"].as_str().unwrap()).await;
+    until(
+        &c,
+        "the fleet's rows for a read-only session",
+        "return document.querySelector(\"tr[data-uuid='kiosk-a']\") !== null",
+    )
+    .await;
     click(&c, "tr[data-uuid='kiosk-a']").await;
     until(
         &c,
