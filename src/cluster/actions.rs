@@ -41,8 +41,9 @@ use crate::registry::{now_ms, RegistryError};
 pub const BUCKET: &str = "cloudlink_actions";
 pub const IDS_BUCKET: &str = "cloudlink_action_ids";
 const VERSION: u32 = 1;
-/// How long a value outlives its last write.
-const RETAIN: Duration = Duration::from_secs(8 * 24 * 3600);
+/// How long a value outlives its last write: the retention of finished
+/// actions (a queue TTL is at most 7 days).
+const RETAIN: Duration = crate::action_queue::RETENTION;
 /// Actions one device's value holds at most.
 pub const MAX_PER_DEVICE: usize = 256;
 
