@@ -131,6 +131,9 @@ pub struct ServeArgs {
     /// Relay streams open at once to one device; beyond, 503 [default: 32]
     #[arg(long, env = "CLOUDLINK_MAX_DEVICE_STREAMS")]
     pub max_device_streams: Option<usize>,
+    /// Bandwidth limit per device, each way, in kbit/s (relay streams are shaped, other traffic policed); a device's own `rate_limit_kbps` overrides it [default: 0, no limit]
+    #[arg(long, env = "CLOUDLINK_DEVICE_RATE_LIMIT_KBPS")]
+    pub device_rate_limit_kbps: Option<u32>,
     /// `/metrics` needs a token with the read scope (it is open by default, for scrapers on a private network)
     #[arg(long, env = "CLOUDLINK_METRICS_AUTH", num_args = 0..=1, default_missing_value = "true")]
     #[serde(default)]
@@ -439,6 +442,8 @@ pub struct GatewayConfig {
     pub max_queued_actions: usize,
     pub max_relay_streams: usize,
     pub max_device_streams: usize,
+    /// kbit/s each way; 0: no default limit.
+    pub device_rate_limit_kbps: u32,
     pub metrics_auth: bool,
     pub audit_retention: Duration,
     pub drain_timeout: Duration,
@@ -477,6 +482,7 @@ impl Default for GatewayConfig {
             max_queued_actions: 100,
             max_relay_streams: 10_000,
             max_device_streams: 32,
+            device_rate_limit_kbps: 0,
             metrics_auth: false,
             audit_retention: Duration::from_secs(30 * 24 * 3600),
             drain_timeout: Duration::from_secs(30),
@@ -600,6 +606,10 @@ impl ServeArgs {
                 .max_device_streams
                 .or(file.max_device_streams)
                 .unwrap_or(d.max_device_streams),
+            device_rate_limit_kbps: self
+                .device_rate_limit_kbps
+                .or(file.device_rate_limit_kbps)
+                .unwrap_or(d.device_rate_limit_kbps),
             metrics_auth: self
                 .metrics_auth
                 .or(file.metrics_auth)

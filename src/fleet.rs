@@ -182,6 +182,7 @@ impl Fleet {
                 (patch.cloudlink_enabled.is_some(), "cloudlink_enabled"),
                 (patch.device_api_key.is_some(), "device_api_key"),
                 (patch.app_id.is_some(), "app_id"),
+                (patch.rate_limit_kbps.is_some(), "rate_limit_kbps"),
             ] {
                 if set {
                     changed.push(name);
@@ -196,6 +197,7 @@ impl Fleet {
                     public_key: rekeyed.then(|| crate::keys::encode_key(&d.public_key)),
                     previous_key: rekeyed.then_some(before.public_key),
                     address: d.address,
+                    rate_limit_kbps: patch.rate_limit_kbps,
                 }),
                 SystemTime::now(),
             )
@@ -359,6 +361,10 @@ impl Reactor {
                 if let Some(uuid) = device {
                     self.status
                         .settings(uuid, u.poll_interval_s, u.cloudlink_enabled, reach);
+                    if let Some(limit) = u.rate_limit_kbps {
+                        self.path.limits.set_own(uuid, limit);
+                        tracing::info!(device = %uuid, rate_limit_kbps = ?limit, "device bandwidth limit changed");
+                    }
                 }
             }
             Event::DeviceDeleted(d) => {
@@ -366,6 +372,7 @@ impl Reactor {
                 self.path.directory.remove(&d.public_key);
                 if let Some(uuid) = device {
                     self.path.revoke(uuid, Instant::now());
+                    self.path.limits.forget(uuid);
                     self.status.removed(uuid);
                     if let Some(q) = &self.actions {
                         tokio::spawn(q.clone().device_deleted(uuid.to_owned()));
@@ -392,6 +399,10 @@ fn reconcile(
 ) {
     if let Err(e) = path.directory.reload(&fleet.registry) {
         tracing::error!(error = %e, "reloading the directory from the store failed");
+    }
+    match fleet.registry.rate_limits() {
+        Ok(own) => path.limits.load(own),
+        Err(e) => tracing::error!(error = %e, "reloading bandwidth limits from the store failed"),
     }
     if let Err(e) = status.reconcile() {
         tracing::error!(error = %e, "reconciling device status with the store failed");

@@ -192,6 +192,14 @@ impl Gateway {
         );
         let _ = path.set_sink(relay.clone());
         relay.set_stream_limits(config.max_relay_streams, config.max_device_streams);
+        path.limits.set_default(config.device_rate_limit_kbps);
+        {
+            let r = registry.clone();
+            let own = tokio::task::spawn_blocking(move || r.rate_limits())
+                .await
+                .map_err(|e| Error::Config(format!("rate limit load task failed: {e}")))??;
+            path.limits.load(own);
+        }
         let action_queue = {
             let (registry, events, weak) =
                 (registry.clone(), events.clone(), Arc::downgrade(&relay));

@@ -171,6 +171,9 @@ pub struct Metrics {
     pub relay_streams: IntGauge,
     pub relay_bytes_to_device: IntCounter,
     pub relay_bytes_from_device: IntCounter,
+    /// Bytes held back by per-device bandwidth limits: `[to_device,
+    /// from_device]` × `[shaped, policed]` (see [`Metrics::throttled`]).
+    throttled_bytes: [[IntCounter; 2]; 2],
     /// Cluster mode (0 when the gateway runs alone): gateways whose lease
     /// is live, this one's included.
     pub cluster_gateways_alive: IntGauge,
@@ -260,6 +263,17 @@ impl Metrics {
         .expect("valid metric");
         registry
             .register(Box::new(relay_bytes.clone()))
+            .expect("unique metric");
+        let throttled = prometheus::IntCounterVec::new(
+            Opts::new(
+                "cloudlink_throttled_bytes_total",
+                "Bytes held back by per-device bandwidth limits, by direction and how: shaped (relay bytes that waited for the device's bucket before they moved) or policed (bytes of other packets dropped).",
+            ),
+            &["direction", "how"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(throttled.clone()))
             .expect("unique metric");
         let actions = IntCounterVec::new(
             Opts::new(
@@ -404,6 +418,9 @@ impl Metrics {
             ),
             relay_bytes_to_device: relay_bytes.with_label_values(&["to_device"]),
             relay_bytes_from_device: relay_bytes.with_label_values(&["from_device"]),
+            throttled_bytes: ["to_device", "from_device"].map(|d| {
+                ["shaped", "policed"].map(|h| throttled.with_label_values(&[d, h]))
+            }),
             relay_results: vec(
                 "cloudlink_relay_streams_total",
                 "Relay stream requests, by result.",
@@ -495,6 +512,12 @@ impl Metrics {
 
     pub fn action(&self, action: &str, result: &str) {
         self.actions.with_label_values(&[action, result]).inc();
+    }
+
+    /// Bytes a device's bandwidth limit held back: shaped (delayed) or
+    /// policed (dropped).
+    pub fn throttled(&self, to_device: bool, policed: bool, n: u64) {
+        self.throttled_bytes[usize::from(!to_device)][usize::from(policed)].inc_by(n);
     }
 
     /// An API connection or request refused by a bound.

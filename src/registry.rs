@@ -69,6 +69,9 @@ pub struct Device {
     /// Whether a supervisor API key is stored (the key itself is never
     /// read into this struct, so it cannot end up in a log or an answer).
     pub has_device_api_key: bool,
+    /// The device's own bandwidth limit, kbit/s each way (0: exempt from the
+    /// gateway's default; `None`: the default applies).
+    pub rate_limit_kbps: Option<u32>,
 }
 
 /// Changes to a device's mutable fields (`None`: leave as is).
@@ -83,6 +86,8 @@ pub struct DevicePatch {
     /// `Some(None)` clears it.
     pub device_api_key: Option<Option<String>>,
     pub app_id: Option<Option<u32>>,
+    /// `Some(None)` resets to the gateway's default.
+    pub rate_limit_kbps: Option<Option<u32>>,
 }
 
 /// A device to redial after a restart.
@@ -264,10 +269,11 @@ fn row_to_device(row: &rusqlite::Row<'_>) -> rusqlite::Result<Device> {
         },
         app_id: row.get::<_, Option<i64>>(9)?.map(|v| v as u32),
         has_device_api_key: row.get(10)?,
+        rate_limit_kbps: row.get::<_, Option<i64>>(11)?.map(|v| v as u32),
     })
 }
 
-const DEVICE_COLUMNS: &str = "uuid, public_key, address, name, created_at, last_heartbeat_ms, poll_interval_s, cloudlink_enabled, ever_linked, app_id, device_api_key IS NOT NULL";
+const DEVICE_COLUMNS: &str = "uuid, public_key, address, name, created_at, last_heartbeat_ms, poll_interval_s, cloudlink_enabled, ever_linked, app_id, device_api_key IS NOT NULL, rate_limit_kbps";
 
 impl Registry {
     /// Opens (or creates) the registry in `dir/registry.sqlite3`.
@@ -399,6 +405,7 @@ impl Registry {
                     },
                     app_id: None,
                     has_device_api_key: false,
+                    rate_limit_kbps: None,
                     uuid: dev.uuid,
                     public_key: dev.public_key,
                     address,
@@ -480,6 +487,12 @@ impl Registry {
                 tx.execute(
                     "UPDATE devices SET app_id = ?2 WHERE uuid = ?1",
                     params![uuid, app.map(|v| v as i64)],
+                )?;
+            }
+            if let Some(limit) = patch.rate_limit_kbps {
+                tx.execute(
+                    "UPDATE devices SET rate_limit_kbps = ?2 WHERE uuid = ?1",
+                    params![uuid, limit.map(|v| v as i64)],
                 )?;
             }
             (before, get.query_row([uuid], row_to_device)?)
@@ -620,6 +633,23 @@ impl Registry {
     }
 }
 
+impl Registry {
+    /// Devices with a bandwidth limit of their own (few: most follow the
+    /// gateway's default).
+    pub fn rate_limits(&self) -> Result<Vec<(String, u32)>, RegistryError> {
+        let r = self.reader.lock();
+        let mut st = r.prepare_cached(
+            "SELECT uuid, rate_limit_kbps FROM devices WHERE rate_limit_kbps IS NOT NULL",
+        )?;
+        let rows = st
+            .query_map([], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u32))
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+}
+
 /// A device's stored supervisor API key and default application id.
 pub type ActionDefaults = (Option<String>, Option<u32>);
 
@@ -685,10 +715,10 @@ impl Registry {
             params![&dev.public_key[..], u32::from(dev.address) as i64, dev.uuid],
         )?;
         tx.execute(
-            "INSERT INTO devices (uuid, public_key, address, name, created_at, poll_interval_s, cloudlink_enabled, app_id, device_api_key) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) \
+            "INSERT INTO devices (uuid, public_key, address, name, created_at, poll_interval_s, cloudlink_enabled, app_id, device_api_key, rate_limit_kbps) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) \
              ON CONFLICT(uuid) DO UPDATE SET public_key = ?2, address = ?3, name = ?4, created_at = ?5, \
-             poll_interval_s = ?6, cloudlink_enabled = ?7, app_id = ?8, device_api_key = ?9",
+             poll_interval_s = ?6, cloudlink_enabled = ?7, app_id = ?8, device_api_key = ?9, rate_limit_kbps = ?10",
             params![
                 dev.uuid,
                 &dev.public_key[..],
@@ -699,6 +729,7 @@ impl Registry {
                 dev.status.cloudlink_enabled,
                 dev.app_id.map(|v| v as i64),
                 device_api_key,
+                dev.rate_limit_kbps.map(|v| v as i64),
             ],
         )?;
         tx.commit()?;

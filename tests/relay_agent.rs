@@ -1,7 +1,8 @@
 //! The relay end to end with `cloudlink agent` on the device side: the real
 //! ssh client to a real sshd through the CONNECT proxy, half-close in each
 //! direction, every error answer, deletion ending a stream, and the agent
-//! coming back by itself after the gateway restarts.
+//! coming back by itself after the gateway restarts, per-device stream caps,
+//! the audit trail, and per-device bandwidth limits.
 
 mod common;
 
@@ -565,5 +566,170 @@ async fn the_audit_trail_records_an_ssh_session_and_an_action_across_a_restart()
     assert_eq!(st, 403);
     let _ = sshd.kill();
     let _ = sshd.wait();
+    g.stop().await;
+}
+
+/// A local service: sends `n` bytes, then closes.
+async fn send_n_server(n: usize) -> u16 {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = l.accept().await.unwrap();
+            tokio::spawn(async move {
+                let chunk = vec![0x5au8; 64 * 1024];
+                let mut left = n;
+                while left > 0 {
+                    let k = left.min(chunk.len());
+                    if s.write_all(&chunk[..k]).await.is_err() {
+                        return;
+                    }
+                    left -= k;
+                }
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    port
+}
+
+/// Sends `n` bytes through an open CONNECT stream to a counting service and
+/// waits for its count; the rate in Mbit/s from the first byte to the
+/// count (what the device received).
+async fn upload(mut s: tokio::net::TcpStream, n: usize) -> f64 {
+    let t = Instant::now();
+    let chunk = vec![0xa5u8; 64 * 1024];
+    let mut left = n;
+    let (mut rd, mut wr) = s.split();
+    let writer = async {
+        while left > 0 {
+            let k = left.min(chunk.len());
+            wr.write_all(&chunk[..k]).await.unwrap();
+            left -= k;
+        }
+        wr.shutdown().await.unwrap();
+    };
+    let mut answer = String::new();
+    let reader = rd.read_to_string(&mut answer);
+    let ((), r) = tokio::join!(writer, reader);
+    r.unwrap();
+    assert_eq!(answer, format!("got {n}"));
+    n as f64 * 8.0 / t.elapsed().as_secs_f64() / 1e6
+}
+
+/// Reads a CONNECT stream to EOF; the rate in Mbit/s and the byte count.
+async fn download(mut s: tokio::net::TcpStream) -> (f64, usize) {
+    let t = Instant::now();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut total = 0;
+    loop {
+        match s.read(&mut buf).await.unwrap() {
+            0 => break,
+            n => total += n,
+        }
+    }
+    (total as f64 * 8.0 / t.elapsed().as_secs_f64() / 1e6, total)
+}
+
+/// `--device-rate-limit-kbps 10000`: one device's bulk transfers through the
+/// relay run at 10 Mbit/s each way (within 10 %), while another device,
+/// exempted with `rate_limit_kbps: 0` through PATCH while its stream was
+/// already open, moves as fast alone as beside the limited one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_bandwidth_limit_holds_and_leaves_other_devices_alone() {
+    const LIMIT_MBPS: f64 = 10.0;
+    const N: usize = 5_000_000; // 4 s at the limit
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(dir.path());
+    c.allow_ports = vec![7001, 7002];
+    c.link_timeout = Duration::from_secs(30);
+    c.device_rate_limit_kbps = 10_000;
+    let mut g = TestGateway::start_in(dir, c, "127.0.0.1:0").await;
+    let mut events = g.events(None).await;
+    let count_port = count_until_eof_server().await;
+    let send_port = send_n_server(N).await;
+    let forwards = [
+        format!("7001=127.0.0.1:{count_port}"),
+        format!("7002=127.0.0.1:{send_port}"),
+    ];
+    let _limited = Agent::start(&g, "limited", &forwards).await;
+    let _free = Agent::start(&g, "free", &forwards).await;
+    wait_up(&mut events, "limited").await;
+    wait_up(&mut events, "free").await;
+    let proxy = g.gw().proxy_addr();
+
+    // The free device's stream opens under the default limit; the PATCH
+    // that exempts it applies to that open stream.
+    let (st, _, free_up) = connect(proxy, TOKEN, "free:7001").await;
+    assert_eq!(st, 200);
+    let (st, d) = g
+        .call(
+            "PATCH",
+            "/v1/devices/free",
+            Some(serde_json::json!({"rate_limit_kbps": 0})),
+        )
+        .await;
+    assert_eq!(
+        (st, &d["rate_limit_kbps"]),
+        (200, &serde_json::json!(0)),
+        "{d}"
+    );
+    let (st, e) = g
+        .call(
+            "PATCH",
+            "/v1/devices/free",
+            Some(serde_json::json!({"rate_limit_kbps": -5})),
+        )
+        .await;
+    assert_eq!(
+        (st, &e["field"]),
+        (400, &serde_json::json!("rate_limit_kbps")),
+        "{e}"
+    );
+    let free_alone = upload(free_up, 4 * N).await;
+    eprintln!("free device alone: {free_alone:.1} Mbit/s");
+    assert!(
+        free_alone > 3.0 * LIMIT_MBPS,
+        "the exempted device is still limited: {free_alone:.1} Mbit/s"
+    );
+
+    // Both at once: the limited one at its limit, the other as fast as alone.
+    let (st, _, limited_up) = connect(proxy, TOKEN, "limited:7001").await;
+    assert_eq!(st, 200);
+    let (st, _, free_up) = connect(proxy, TOKEN, "free:7001").await;
+    assert_eq!(st, 200);
+    let limited = tokio::spawn(upload(limited_up, N));
+    let free_beside = upload(free_up, 4 * N).await;
+    let limited = limited.await.unwrap();
+    eprintln!("to the devices at once: limited {limited:.2} Mbit/s, free {free_beside:.1} Mbit/s");
+    assert!(
+        (limited - LIMIT_MBPS).abs() <= LIMIT_MBPS * 0.1,
+        "to the limited device: {limited:.2} Mbit/s, limit {LIMIT_MBPS}"
+    );
+    assert!(
+        free_beside >= 0.5 * free_alone,
+        "the free device slowed down beside the limited one: {free_beside:.1} Mbit/s, alone {free_alone:.1}"
+    );
+
+    // From the limited device: its TCP is held back by the window.
+    let (st, _, limited_down) = connect(proxy, TOKEN, "limited:7002").await;
+    assert_eq!(st, 200);
+    let (down, n) = download(limited_down).await;
+    eprintln!("from the limited device: {down:.2} Mbit/s");
+    assert_eq!(n, N);
+    assert!(
+        (down - LIMIT_MBPS).abs() <= LIMIT_MBPS * 0.1,
+        "from the limited device: {down:.2} Mbit/s, limit {LIMIT_MBPS}"
+    );
+    for d in ["to_device", "from_device"] {
+        let shaped = g
+            .metric(&format!(
+                "cloudlink_throttled_bytes_total{{direction=\"{d}\",how=\"shaped\"}}"
+            ))
+            .await;
+        assert!(shaped > 1e6, "{d}: {shaped} bytes shaped");
+    }
+    let (_, d) = g.call("GET", "/v1/devices/limited", None).await;
+    assert_eq!(d["rate_limit_kbps"], serde_json::Value::Null, "{d}");
     g.stop().await;
 }

@@ -378,7 +378,7 @@ impl Connections {
                     Target::Forward(target) => {
                         match tokio::net::TcpStream::connect(&target).await {
                             Ok(tcp) => {
-                                relay(&stack, h, tcp, &|_, _| {}).await;
+                                relay(&stack, h, tcp, None, &|_, _| {}).await;
                             }
                             Err(e) => {
                                 tracing::warn!(%target, error = %e, "forward target refused");

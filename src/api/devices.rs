@@ -159,6 +159,7 @@ pub(super) fn registration_json(d: &Device) -> Map<String, Value> {
     m.insert("name".into(), json!(d.name));
     m.insert("app_id".into(), json!(d.app_id));
     m.insert("has_device_api_key".into(), json!(d.has_device_api_key));
+    m.insert("rate_limit_kbps".into(), json!(d.rate_limit_kbps));
     m.insert(
         "created_at".into(),
         json!(rfc3339(
@@ -398,8 +399,13 @@ pub async fn get_one(
     }
 }
 
+/// The highest per-device limit (100 Gbit/s): beyond, a number is a typo.
+const MAX_RATE_LIMIT_KBPS: u64 = 100_000_000;
+
 /// `PATCH /v1/devices/{uuid}`: mutable fields (`name`, `poll_interval_s`,
-/// `cloudlink_enabled`, `device_api_key`, `app_id`, and `public_key`: a key
+/// `cloudlink_enabled`, `device_api_key`, `app_id`, `rate_limit_kbps` (kbit/s
+/// each way, 0 for none, null for the gateway's default; applies at once to
+/// open streams), and `public_key`: a key
 /// change, which cuts off the session made with the old key; the device
 /// keeps its uuid, address and status).
 pub async fn patch(
@@ -417,13 +423,14 @@ pub async fn patch(
                 | "cloudlink_enabled"
                 | "device_api_key"
                 | "app_id"
+                | "rate_limit_kbps"
                 | "public_key"
         ) {
             let hint = if matches!(k.as_str(), "uuid" | "address") {
                 format!("{k} cannot be changed; delete the device and register it again")
             } else {
                 format!(
-                    "unknown field {k:?}; PATCH takes name, poll_interval_s, cloudlink_enabled, device_api_key, app_id and public_key"
+                    "unknown field {k:?}; PATCH takes name, poll_interval_s, cloudlink_enabled, device_api_key, app_id, rate_limit_kbps and public_key"
                 )
             };
             return Err(ApiError::bad_field(k.clone(), hint));
@@ -488,6 +495,19 @@ pub async fn patch(
                 return Err(ApiError::bad_field(
                     "app_id",
                     "app_id must be a positive whole number, or null",
+                ))
+            }
+        },
+    }
+    match obj.get("rate_limit_kbps") {
+        None => {}
+        Some(Value::Null) => patch.rate_limit_kbps = Some(None),
+        Some(v) => match v.as_u64().filter(|n| *n <= MAX_RATE_LIMIT_KBPS) {
+            Some(n) => patch.rate_limit_kbps = Some(Some(n as u32)),
+            None => {
+                return Err(ApiError::bad_field(
+                    "rate_limit_kbps",
+                    format!("rate_limit_kbps must be a whole number of kbit/s from 0 (no limit) to {MAX_RATE_LIMIT_KBPS}, or null for the gateway's default"),
                 ))
             }
         },

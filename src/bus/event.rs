@@ -178,6 +178,10 @@ pub struct DeviceUpdated {
     pub cloudlink_enabled: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub poll_interval_s: Option<Option<u32>>,
+    /// The device's own bandwidth limit, kbit/s (`null`: back to the
+    /// gateway's default), when it changed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_limit_kbps: Option<Option<u32>>,
     /// The new key, after a key change.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub public_key: Option<String>,

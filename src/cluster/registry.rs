@@ -60,6 +60,9 @@ pub struct DeviceRecord {
     pub cloudlink_enabled: bool,
     pub app_id: Option<u32>,
     pub device_api_key: Option<String>,
+    /// A record written before limits existed has none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit_kbps: Option<u32>,
     /// The gateway that wrote this version: it alone announces the change
     /// cluster-wide (every gateway announces it to its own reactor).
     #[serde(default)]
@@ -91,6 +94,7 @@ impl DeviceRecord {
             },
             app_id: self.app_id,
             has_device_api_key: self.device_api_key.is_some(),
+            rate_limit_kbps: self.rate_limit_kbps,
         }
     }
 }
@@ -228,6 +232,7 @@ impl SharedRegistry {
             cloudlink_enabled: true,
             app_id: None,
             device_api_key: None,
+            rate_limit_kbps: None,
             by: self.me.clone(),
         };
         match self.store.create(&dk, record.bytes()).await {
@@ -357,6 +362,9 @@ impl SharedRegistry {
             }
             if let Some(a) = patch.app_id {
                 after.app_id = a;
+            }
+            if let Some(l) = patch.rate_limit_kbps {
+                after.rate_limit_kbps = l;
             }
             let mut new_claim = None;
             if let Some(key) = &patch.public_key {
@@ -588,6 +596,7 @@ impl SharedRegistry {
                 cloudlink_enabled: d.status.cloudlink_enabled,
                 app_id: d.app_id,
                 device_api_key: api_key,
+                rate_limit_kbps: d.rate_limit_kbps,
                 by: self.me.clone(),
             };
             match self.store.create(dev_key(uuid), record.bytes()).await {
@@ -771,6 +780,10 @@ fn publish_update(bus: &dyn EventBus, before: &Device, after: &Device, reach: Re
     if before.app_id != after.app_id {
         changed.push("app_id");
     }
+    let limit = before.rate_limit_kbps != after.rate_limit_kbps;
+    if limit {
+        changed.push("rate_limit_kbps");
+    }
     bus.publish_reach(
         Some(&after.uuid),
         Event::DeviceUpdated(DeviceUpdated {
@@ -780,6 +793,7 @@ fn publish_update(bus: &dyn EventBus, before: &Device, after: &Device, reach: Re
             public_key: rekeyed.then(|| encode_key(&after.public_key)),
             previous_key: rekeyed.then_some(before.public_key),
             address: after.address,
+            rate_limit_kbps: limit.then_some(after.rate_limit_kbps),
         }),
         SystemTime::now(),
         reach,
@@ -803,6 +817,7 @@ mod tests {
             cloudlink_enabled: true,
             app_id: None,
             device_api_key: Some("secret".into()),
+            rate_limit_kbps: Some(10_000),
             by: "gw-a".into(),
         };
         assert_eq!(DeviceRecord::parse(&r.bytes()), Some(r.clone()));

@@ -153,6 +153,9 @@ pub struct PacketPath {
     pub(crate) egress: OnceLock<std::sync::Weak<std::net::UdpSocket>>,
     /// (monotonic, wall) at the same moment: see [`wall`](Self::wall).
     wall_anchor: parking_lot::RwLock<(Instant, SystemTime)>,
+    /// Per-device bandwidth limits (kept current by the fleet reactor; the
+    /// relay shapes with them, the sink polices with them).
+    pub limits: crate::relay::rate_limit::RateLimits,
 }
 
 impl PacketPath {
@@ -185,6 +188,7 @@ impl PacketPath {
             egress: OnceLock::new(),
             // Set-up, not a stage: the I/O layer re-anchors from then on.
             wall_anchor: parking_lot::RwLock::new((Instant::now(), SystemTime::now())),
+            limits: Default::default(),
         }
     }
 

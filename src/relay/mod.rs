@@ -4,7 +4,9 @@
 //! - [`netstack`]: the userspace TCP/IP stack (smoltcp), one per peer;
 //! - [`stream`]: the shared stack and the loop that relays one stream;
 //! - [`proxy`]: the HTTP CONNECT proxy in front of it;
-//! - [`icmp`]: echo replies on the gateway's tunnel address.
+//! - [`icmp`]: echo replies on the gateway's tunnel address;
+//! - [`rate_limit`]: per-device bandwidth limits (shaped streams, policed
+//!   other traffic).
 //!
 //! The gateway keeps one small stack per stream (created with the stream,
 //! dropped when it ends), found from an inbound segment by device and port,
@@ -14,6 +16,7 @@
 pub mod icmp;
 pub mod netstack;
 pub mod proxy;
+pub mod rate_limit;
 pub mod stream;
 
 use dashmap::DashMap;
@@ -125,6 +128,9 @@ pub struct OpenStream {
     pub handle: SocketHandle,
     metrics: Arc<Metrics>,
     pub device: String,
+    /// The device's bandwidth limiter (shared by its streams; a limit set
+    /// while the stream runs applies to it).
+    pub limiter: Arc<rate_limit::DeviceLimiter>,
 }
 
 impl Drop for OpenStream {
@@ -175,6 +181,7 @@ impl Relay {
             if let Some((_, d)) = self.devices.remove_if(&uuid, |_, d| d.created <= at) {
                 d.streams.iter().for_each(|s| s.kill());
             }
+            self.path.limits.release(&uuid);
         }
     }
 
@@ -292,6 +299,7 @@ impl Relay {
             handle,
             metrics: self.metrics.clone(),
             device: uuid.to_owned(),
+            limiter: self.path.limits.stream_limiter(uuid),
         };
         // A link-down between the check above and the insert: kill now.
         if !session.is_connected() || self.devices.get(&*session.uuid).is_none() {
@@ -331,6 +339,10 @@ impl Relay {
             .collect()
     }
 
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
+    }
+
     pub fn count_bytes(&self, to_device: bool, n: u64) {
         if to_device {
             self.metrics.relay_bytes_to_device.inc_by(n);
@@ -355,9 +367,25 @@ impl TunnelSink for Relay {
         }
         match packet[9] {
             1 => {
+                // Not a relay stream: policed by the device's limit, each
+                // way (a leaf shard lock, taken only here).
+                let limiter = self.path.limits.limiter(&session.uuid);
+                let now = Instant::now();
+                use rate_limit::Direction;
+                if let Some(l) = &limiter {
+                    if !l.admit(Direction::FromDevice, now, packet.len()) {
+                        self.metrics.throttled(false, true, packet.len() as u64);
+                        return;
+                    }
+                }
                 let mut out = [0u8; 1500];
                 match icmp::echo_reply(packet, &mut out) {
-                    Some(n) => answer.send(&out[..n]),
+                    Some(n) => match &limiter {
+                        Some(l) if !l.admit(Direction::ToDevice, now, n) => {
+                            self.metrics.throttled(true, true, n as u64)
+                        }
+                        _ => answer.send(&out[..n]),
+                    },
                     None => self.metrics.dropped(DropReason::Unsupported),
                 }
             }

@@ -352,9 +352,19 @@ async fn handle(
     tracing::info!(device = %uuid, port, "relay stream open");
     let started = std::time::SystemTime::now();
     let r = relay.clone();
-    let moved = super::stream::relay(&stream.stack, stream.handle, conn, &move |up, n| {
-        r.count_bytes(up, n)
-    })
+    let m = relay.metrics();
+    let on_shaped = move |to_device, n| m.throttled(to_device, false, n);
+    let shaping = super::stream::Shaping {
+        limiter: &stream.limiter,
+        on_shaped: &on_shaped,
+    };
+    let moved = super::stream::relay(
+        &stream.stack,
+        stream.handle,
+        conn,
+        Some(&shaping),
+        &move |up, n| r.count_bytes(up, n),
+    )
     .await;
     tracing::info!(device = %uuid, port, up = moved.up, down = moved.down, "relay stream closed");
     if let Some(audit) = &config.audit {

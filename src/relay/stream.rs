@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
 
 use super::netstack::NetStack;
+use super::rate_limit::{DeviceLimiter, Direction};
 use crate::egress::Egress;
 
 /// How a shared stack reaches its peer. Every stack operation that can emit
@@ -44,6 +45,16 @@ const IDLE: Duration = Duration::from_secs(1);
 /// `buf` (allocated on demand); `None` once the device sent FIN or the
 /// stream is gone.
 pub async fn recv_into(stack: &SharedStack, h: SocketHandle, buf: &mut Vec<u8>) -> Option<usize> {
+    recv_at_most(stack, h, buf, CHUNK).await
+}
+
+/// [`recv_into`], copying at most `max` bytes.
+async fn recv_at_most(
+    stack: &SharedStack,
+    h: SocketHandle,
+    buf: &mut Vec<u8>,
+    max: usize,
+) -> Option<usize> {
     let got = poll_fn(|cx| {
         let mut s = stack.stack.lock();
         let sock = s.tcp(h);
@@ -51,7 +62,8 @@ pub async fn recv_into(stack: &SharedStack, h: SocketHandle, buf: &mut Vec<u8>) 
             if buf.is_empty() {
                 *buf = vec![0u8; CHUNK];
             }
-            Poll::Ready(Some(sock.recv_slice(buf).unwrap_or(0)))
+            let max = max.min(buf.len());
+            Poll::Ready(Some(sock.recv_slice(&mut buf[..max]).unwrap_or(0)))
         } else if !sock.may_recv() {
             Poll::Ready(None)
         } else {
@@ -307,12 +319,50 @@ pub struct Moved {
     pub down: u64,
 }
 
+/// A device's bandwidth limit as a relay applies it: bytes move only as
+/// the limiter grants them; `on_shaped(to_device, n)` is told of bytes that
+/// had to wait.
+pub struct Shaping<'a> {
+    pub limiter: &'a DeviceLimiter,
+    pub on_shaped: &'a (dyn Fn(bool, u64) + Sync),
+}
+
+impl Shaping<'_> {
+    /// Waits until the limiter grants some of `want` bytes; the grant, and
+    /// whether it had to wait.
+    async fn grant(&self, d: Direction, want: usize) -> (usize, bool) {
+        let mut waited = false;
+        loop {
+            match self.limiter.grant(d, Instant::now(), want) {
+                Ok(n) => return (n, waited),
+                Err(wait) => {
+                    waited = true;
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }
+    }
+
+    /// Settles a grant of which `used` bytes moved.
+    fn settle(&self, d: Direction, granted: usize, used: usize, waited: bool) {
+        self.limiter.unused(d, granted.saturating_sub(used));
+        if waited && used > 0 {
+            (self.on_shaped)(d == Direction::ToDevice, used as u64);
+        }
+    }
+}
+
 /// Relays between an established stack socket and a kernel TCP stream until
 /// both directions are finished. `on_bytes(up, n)` is called per chunk.
+/// With `shaping`, each direction moves no faster than the device's limit:
+/// the client is read only as the bucket allows, and the device's bytes are
+/// taken from the stack only as the bucket allows, so the window the device
+/// sees closes (its TCP slows down instead of losing segments).
 pub async fn relay(
     stack: &SharedStack,
     h: SocketHandle,
     client: tokio::net::TcpStream,
+    shaping: Option<&Shaping<'_>>,
     on_bytes: &(dyn Fn(bool, u64) + Sync),
 ) -> Moved {
     let _ = client.set_nodelay(true);
@@ -347,7 +397,16 @@ pub async fn relay(
             if buf.is_empty() {
                 buf = vec![0u8; CHUNK];
             }
-            let read = match rd.try_read(&mut buf[..want]) {
+            let (want, waited) = match shaping {
+                Some(s) => s.grant(Direction::ToDevice, want).await,
+                None => (want, false),
+            };
+            let read = rd.try_read(&mut buf[..want]);
+            if let Some(s) = shaping {
+                let used = *read.as_ref().unwrap_or(&0);
+                s.settle(Direction::ToDevice, want, used, waited);
+            }
+            let read = match read {
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
                 r => r,
             };
@@ -373,15 +432,23 @@ pub async fn relay(
         let mut buf: Vec<u8> = Vec::new();
         let mut total = 0u64;
         loop {
+            let (max, waited) = match shaping {
+                Some(s) => s.grant(Direction::FromDevice, CHUNK).await,
+                None => (CHUNK, false),
+            };
             // Keep the copy buffer through short pauses; after a second
             // without data it goes, and comes back with the next bytes.
-            let got = match tokio::time::timeout(IDLE, recv_into(stack, h, &mut buf)).await {
+            let got = match tokio::time::timeout(IDLE, recv_at_most(stack, h, &mut buf, max)).await
+            {
                 Ok(got) => got,
                 Err(_) => {
                     buf = Vec::new();
-                    recv_into(stack, h, &mut buf).await
+                    recv_at_most(stack, h, &mut buf, max).await
                 }
             };
+            if let Some(s) = shaping {
+                s.settle(Direction::FromDevice, max, got.unwrap_or(0), waited);
+            }
             match got {
                 Some(n) => {
                     if wr.write_all(&buf[..n]).await.is_err() {

@@ -58,6 +58,10 @@ const MIGRATIONS: &[Migration] = &[
         what: "the audit trail",
         run: v4_audit,
     },
+    Migration {
+        what: "per-device bandwidth limits",
+        run: v5_rate_limits,
+    },
 ];
 
 fn v1_baseline(t: &Transaction<'_>) -> rusqlite::Result<()> {
@@ -132,6 +136,10 @@ fn v3_tokens(t: &Transaction<'_>) -> rusqlite::Result<()> {
             expires_at  INTEGER
         );",
     )
+}
+
+fn v5_rate_limits(t: &Transaction<'_>) -> rusqlite::Result<()> {
+    t.execute_batch("ALTER TABLE devices ADD COLUMN rate_limit_kbps INTEGER;")
 }
 
 fn v4_audit(t: &Transaction<'_>) -> rusqlite::Result<()> {
