@@ -368,7 +368,8 @@ impl ActionQueue {
 
     fn publish(&self, a: &StoredAction, kind: fn(ActionOutcome) -> Event, reason: &str) {
         let outcome = ActionOutcome {
-            endpoint: None,
+            // Where the device is now (`null`: no session here).
+            endpoint: self.relay.upgrade().and_then(|r| r.endpoint_of(&a.device)),
             reason: reason.to_owned(),
             action_id: a.id.clone(),
             action: a.action.clone(),

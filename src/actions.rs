@@ -113,6 +113,10 @@ pub enum DeliveryError {
     Unreachable,
     #[error("the device did not answer in time")]
     Timeout,
+    /// The device never accepted the connection (within the relay's
+    /// connect timeout): it is likely gone although its link looked up.
+    #[error("the device did not accept the connection in time")]
+    NoConnection,
     #[error("the device's answer is not HTTP: {0}")]
     BadAnswer(String),
     /// A bound on open relay streams: nothing was sent.
@@ -137,7 +141,7 @@ pub async fn deliver(
             .map_err(|e| match e {
                 ConnectError::UnknownDevice => DeliveryError::UnknownDevice,
                 ConnectError::LinkDown => DeliveryError::Unavailable,
-                ConnectError::Timeout => DeliveryError::Timeout,
+                ConnectError::Timeout => DeliveryError::NoConnection,
                 ConnectError::TooManyStreams(m) => DeliveryError::Busy(m),
                 ConnectError::Refused | ConnectError::Internal(_) => DeliveryError::Unreachable,
             })?;
@@ -210,7 +214,7 @@ pub async fn deliver_counted(
         Err(DeliveryError::UnknownDevice) => "unknown_device",
         Err(DeliveryError::Unavailable) => "cloudlink_unavailable",
         Err(DeliveryError::Unreachable) => "device_unreachable",
-        Err(DeliveryError::Timeout) => "device_timeout",
+        Err(DeliveryError::Timeout | DeliveryError::NoConnection) => "device_timeout",
         Err(DeliveryError::BadAnswer(_)) => "device_bad_answer",
         Err(DeliveryError::Busy(_)) => "too_many_streams",
     };

@@ -13,9 +13,9 @@
 //! - `audit.token`: token id of the admin, the token made or revoked.
 //!
 //! Records are written off the async workers and never fail the request
-//! they describe (a failed write is logged). In cluster mode each gateway
-//! keeps the records of what went through it; the events are the
-//! cluster's.
+//! they describe (a failed write is logged). In cluster mode the records
+//! are the cluster's (`cluster::audit`: a JetStream stream every gateway
+//! reads), and each gateway keeps its own in SQLite besides.
 
 use parking_lot::Mutex;
 use rusqlite::params;
@@ -51,6 +51,8 @@ pub struct AuditTrail {
     conn: Arc<Mutex<rusqlite::Connection>>,
     events: Arc<dyn EventBus>,
     retention: Duration,
+    /// Cluster mode: the shared trail.
+    shared: std::sync::OnceLock<Arc<crate::cluster::audit::SharedAudit>>,
 }
 
 /// Longest page of `GET /v1/audit`.
@@ -67,7 +69,22 @@ impl AuditTrail {
             conn: Arc::new(Mutex::new(conn)),
             events,
             retention,
+            shared: Default::default(),
         })
+    }
+
+    /// Cluster mode: records are shared through `shared` from now on.
+    pub fn share(&self, shared: crate::cluster::audit::SharedAudit) {
+        let _ = self.shared.set(Arc::new(shared));
+    }
+
+    /// The shared trail, in cluster mode.
+    pub fn shared(&self) -> Option<Arc<crate::cluster::audit::SharedAudit>> {
+        self.shared.get().cloned()
+    }
+
+    pub fn retention(&self) -> Duration {
+        self.retention
     }
 
     /// Records `kind` done with `token_id`'s token on `device`; `detail` is
@@ -92,6 +109,15 @@ impl AuditTrail {
         };
         self.events
             .publish(device, event, std::time::SystemTime::now());
+        if let Some(shared) = self.shared.get() {
+            let mut r = Map::new();
+            r.insert("at_ms".into(), at.into());
+            r.insert("type".into(), kind.as_str().into());
+            r.insert("token_id".into(), json!(token_id));
+            r.insert("device".into(), json!(device));
+            r.insert("detail".into(), Value::Object(detail.clone()));
+            shared.publish(device, r);
+        }
         let conn = self.conn.clone();
         let (token_id, device) = (token_id.map(str::to_owned), device.map(str::to_owned));
         let text = Value::Object(detail).to_string();

@@ -60,7 +60,7 @@ pub struct ServeArgs {
     #[arg(long, env = "CLOUDLINK_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
     /// Tunnel network; the gateway takes its first host address [default: 10.240.0.0/12]
-    #[arg(long, env = "CLOUDLINK_TUNNEL_CIDR")]
+    #[arg(long, env = "CLOUDLINK_TUNNEL_CIDR", value_parser = parse_tunnel_cidr)]
     pub tunnel_cidr: Option<ipnet::Ipv4Net>,
     /// Public host:port written into device configs [default: this host's name and the UDP port]
     #[arg(long, env = "CLOUDLINK_ENDPOINT")]
@@ -118,6 +118,9 @@ pub struct ServeArgs {
     /// API connections open at once; beyond, new ones are closed at once [default: 4096]
     #[arg(long, env = "CLOUDLINK_API_MAX_CONNECTIONS")]
     pub api_max_connections: Option<usize>,
+    /// API connections open at once from one source address; beyond, new ones from it are closed at once (raise it behind a reverse proxy, whose connections all come from its address) [default: 128]
+    #[arg(long, env = "CLOUDLINK_API_MAX_CONNECTIONS_PER_IP")]
+    pub api_max_connections_per_ip: Option<usize>,
     /// Event streams (`GET /v1/events`) open at once; beyond, 503 [default: 256]
     #[arg(long, env = "CLOUDLINK_MAX_EVENT_STREAMS")]
     pub max_event_streams: Option<usize>,
@@ -157,7 +160,7 @@ pub struct ServeArgs {
     #[arg(long, env = "CLOUDLINK_HEARTBEAT_GRACE", value_parser = humantime::parse_duration)]
     #[serde(default, with = "opt_duration")]
     pub heartbeat_grace: Option<Duration>,
-    /// Log filter (tracing's EnvFilter syntax) [default: info]
+    /// Log filter (tracing's EnvFilter syntax); boringtun's own messages, which name no device, are shown only at error unless the filter names boringtun [default: info]
     #[arg(long, env = "CLOUDLINK_LOG")]
     pub log: Option<String>,
     /// The gateway's WireGuard private key, from a file (a mounted secret; every gateway of a cluster uses the same) [default: <data-dir>/gateway.key, generated on first start]
@@ -267,6 +270,9 @@ pub struct LoadgenArgs {
     /// Only register the devices (and write --keys), then stop: the devices dial later with --no-register, from where the API is not reachable
     #[arg(long, env = "CLOUDLINK_LOADGEN_REGISTER_ONLY")]
     pub register_only: bool,
+    /// Only delete the devices an earlier run registered (every uuid starting with --uuid-prefix), then stop
+    #[arg(long, env = "CLOUDLINK_LOADGEN_CLEANUP")]
+    pub cleanup: bool,
     /// Rekey each session this old, as kernel and wireguard-go peers do with keepalives only ("0s": boringtun's own schedule, 180 s)
     #[arg(long, env = "CLOUDLINK_LOADGEN_REKEY_AFTER", default_value = "120s", value_parser = humantime::parse_duration)]
     pub rekey_after: Duration,
@@ -318,6 +324,7 @@ impl LoadgenArgs {
             await_restart: self.await_restart,
             prepare_only: self.prepare_only,
             register_only: self.register_only,
+            cleanup: self.cleanup,
             rekey_after: (!self.rekey_after.is_zero()).then_some(self.rekey_after),
             source_net: self.source_net,
         })
@@ -585,6 +592,10 @@ impl ServeArgs {
                     .api_max_connections
                     .or(file.api_max_connections)
                     .unwrap_or(d.api_limits.max_connections),
+                max_connections_per_ip: self
+                    .api_max_connections_per_ip
+                    .or(file.api_max_connections_per_ip)
+                    .unwrap_or(d.api_limits.max_connections_per_ip),
             },
             max_event_streams: self
                 .max_event_streams
@@ -693,13 +704,14 @@ impl GatewayConfig {
             }
         }
         if l.max_connections == 0
+            || l.max_connections_per_ip == 0
             || self.max_event_streams == 0
             || self.max_queued_actions == 0
             || self.max_relay_streams == 0
             || self.max_device_streams == 0
         {
             return Err(Error::Config(
-                "--api-max-connections, --max-event-streams, --max-queued-actions, --max-relay-streams and --max-device-streams must be at least 1".into(),
+                "--api-max-connections, --api-max-connections-per-ip, --max-event-streams, --max-queued-actions, --max-relay-streams and --max-device-streams must be at least 1".into(),
             ));
         }
         if self.max_queued_actions > crate::cluster::actions::MAX_PER_DEVICE {
@@ -752,6 +764,22 @@ fn endpoint_has_port(e: &str) -> bool {
             && port.parse::<u16>().is_ok_and(|p| p > 0)
             && (!host.contains(':') || (host.starts_with('[') && host.ends_with(']')))
     })
+}
+
+/// `--tunnel-cidr`: an IPv4 network, with a message that says so when given
+/// an IPv6 one (ipnet alone says "invalid IP address syntax").
+fn parse_tunnel_cidr(s: &str) -> Result<ipnet::Ipv4Net, String> {
+    if let Ok(n) = s.parse::<ipnet::Ipv4Net>() {
+        return Ok(n);
+    }
+    if s.parse::<ipnet::Ipv6Net>().is_ok() {
+        return Err(format!(
+            "{s} is an IPv6 network; tunnel addresses are IPv4 only (devices may still reach the gateway over IPv6: --listen [::]:51820)"
+        ));
+    }
+    Err(format!(
+        "{s} is not an IPv4 network in CIDR notation, e.g. 10.240.0.0/12"
+    ))
 }
 
 #[cfg(test)]

@@ -98,6 +98,66 @@ pub fn write_secret_file(path: &Path, contents: &[u8]) -> Result<(), Error> {
     Ok(())
 }
 
+/// Holds the data directory for this process: an exclusive `flock` on
+/// `gateway.lock` (with our pid in it), released when the file is dropped
+/// or the process dies. A second gateway on the same directory would share
+/// its registry and key and answer for the same devices; it is refused at
+/// start instead.
+pub fn lock(dir: &Path) -> Result<std::fs::File, Error> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| Error::io(dir, e))?;
+    let path = dir.join("gateway.lock");
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| Error::io(&path, e))?;
+    // SAFETY: flock on a descriptor we own.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.kind() == std::io::ErrorKind::WouldBlock {
+            let holder = std::fs::read_to_string(&path).unwrap_or_default();
+            let holder = holder.trim();
+            return Err(Error::Config(format!(
+                "the data directory {} is in use by another gateway{}; give each gateway its own --data-dir",
+                dir.display(),
+                if holder.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (pid {holder})")
+                }
+            )));
+        }
+        return Err(Error::io(&path, e));
+    }
+    file.set_len(0).map_err(|e| Error::io(&path, e))?;
+    writeln!(file, "{}", std::process::id()).map_err(|e| Error::io(&path, e))?;
+    Ok(file)
+}
+
+/// Fails when another process already serves `addr` over UDP. The gateway's
+/// sockets use `SO_REUSEPORT` (one per packet worker), so a second gateway
+/// binding the same port would succeed and silently take about half of the
+/// devices' datagrams; a probe bound *without* it is refused by the kernel
+/// while anyone holds the port.
+pub fn probe_udp_port(addr: std::net::SocketAddr) -> Result<(), Error> {
+    match std::net::UdpSocket::bind(addr) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => Err(Error::Config(format!(
+            "UDP {addr} is already served by another process (another gateway?); a second one on the same port would take about half of the devices' datagrams. Stop it, or give this one another --listen"
+        ))),
+        Err(e) => Err(Error::Config(format!("binding the WireGuard UDP socket on {addr}: {e}"))),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -237,6 +237,56 @@ impl Fleet {
         Ok(Changed { value: d, cursor })
     }
 
+    /// Deletes every device whose uuid starts with `prefix` (not empty:
+    /// the API refuses that); how many were deleted. Alone: one
+    /// transaction, then one `device.deleted` each. Cluster mode: each
+    /// through the shared registry, 64 at a time.
+    pub fn delete_prefix(&self, prefix: &str) -> Result<Changed<usize>, RegistryError> {
+        assert!(!prefix.is_empty(), "a bulk delete needs a prefix");
+        let uuids = self.registry.uuids_with_prefix(prefix)?;
+        if let Some(shared) = &self.shared {
+            let deleted = Self::block_on(async {
+                use futures_util::StreamExt;
+                let results: Vec<_> = futures_util::stream::iter(uuids.iter())
+                    .map(|u| shared.delete(u))
+                    .buffer_unordered(64)
+                    .collect()
+                    .await;
+                let mut n = 0;
+                for r in results {
+                    if r?.is_some() {
+                        n += 1;
+                    }
+                }
+                if let Some(last) = uuids.last() {
+                    shared.wait_gone(last, REPLICA_WAIT).await;
+                }
+                Ok::<_, crate::cluster::ClusterError>(n)
+            })
+            .map_err(cluster_error)?;
+            return Ok(Changed {
+                value: deleted,
+                cursor: Some(self.bus.local_last_id()),
+            });
+        }
+        let gone = self.registry.delete_many(&uuids)?;
+        let mut cursor = None;
+        for d in &gone {
+            cursor = Some(self.bus.publish(
+                Some(&d.uuid),
+                Event::DeviceDeleted(DeviceDeleted {
+                    address: d.address.to_string(),
+                    public_key: d.public_key,
+                }),
+                SystemTime::now(),
+            ));
+        }
+        Ok(Changed {
+            value: gone.len(),
+            cursor,
+        })
+    }
+
     /// Waits until the reactor applied the event at `cursor` (at most
     /// `timeout`: a stopped reactor must not hang the API).
     pub async fn settled(&self, cursor: Option<u64>, timeout: Duration) {

@@ -378,6 +378,17 @@ impl Gateway {
                     .map_err(|e| Error::Config(format!("audit table task failed: {e}")))??,
             )
         };
+        if let Some(c) = &cluster {
+            audit.share(
+                crate::cluster::audit::SharedAudit::open(
+                    &c.jetstream,
+                    c.replicas,
+                    config.audit_retention,
+                    &c.gateway_id,
+                )
+                .await?,
+            );
+        }
         tokio::spawn(audit.clone().run_retention(stop_status.subscribe()));
         let draining = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let api_state = Arc::new(ApiState {

@@ -50,7 +50,16 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Serve(args) => {
             let config = args.resolve()?;
-            init_tracing(&config.log);
+            // boringtun's own warnings (`REKEY_TIMEOUT`, one per silent
+            // peer per 5 s after a restart: 850 lines in 90 s for 55 gone
+            // devices) name no device; the gateway reports link state
+            // itself. `--log info,boringtun=warn` brings them back.
+            let filter = if config.log.contains("boringtun") {
+                config.log.clone()
+            } else {
+                format!("{},boringtun=error", config.log)
+            };
+            init_tracing(&filter);
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .thread_name("cloudlink-api")
@@ -61,6 +70,9 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn serve(config: cloudlink::GatewayConfig) -> anyhow::Result<()> {
+    // One gateway per data directory and per UDP port, refused at the door.
+    let _lock = cloudlink::data_dir::lock(&config.data_dir)?;
+    cloudlink::data_dir::probe_udp_port(config.listen)?;
     // SO_REUSEPORT so that each packet worker gets its own socket on the port.
     let udp = cloudlink::packet_path::udp_io::bind_reuseport(config.listen)
         .with_context(|| format!("binding the WireGuard UDP socket on {}", config.listen))?;

@@ -690,6 +690,42 @@ impl Registry {
         Ok(dev)
     }
 
+    /// The uuids starting with `prefix`, in order.
+    pub fn uuids_with_prefix(&self, prefix: &str) -> Result<Vec<String>, RegistryError> {
+        let r = self.reader.lock();
+        // A range on the unique index: no LIKE, no escaping.
+        let mut st = r.prepare_cached(
+            "SELECT uuid FROM devices WHERE uuid >= ?1 AND substr(uuid, 1, length(?1)) = ?1 ORDER BY uuid",
+        )?;
+        let rows = st
+            .query_map([prefix], |r| r.get::<_, String>(0))?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+
+    /// Deletes `uuids` in one transaction; the devices that were there.
+    pub fn delete_many(&self, uuids: &[String]) -> Result<Vec<Device>, RegistryError> {
+        let mut w = self.writer.lock();
+        let tx = w
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut gone = Vec::with_capacity(uuids.len());
+        {
+            let mut st = tx.prepare_cached(&format!(
+                "DELETE FROM devices WHERE uuid = ?1 RETURNING {DEVICE_COLUMNS}"
+            ))?;
+            for u in uuids {
+                if let Some(d) = st.query_row([u], row_to_device).optional()? {
+                    gone.push(d);
+                }
+            }
+        }
+        tx.commit()?;
+        drop(w);
+        self.count.fetch_sub(gone.len() as i64, Ordering::Relaxed);
+        Ok(gone)
+    }
+
     /// Cluster mode: makes the local copy of `dev` what the cluster's
     /// registry says (insert or replace, address and settings included);
     /// a local row holding its key or address under another uuid (a change

@@ -200,7 +200,14 @@ fn stalled_sign_ins_hold_no_memory_and_are_dropped_at_the_timeout() {
 /// one is closed at the header timeout.
 #[test]
 fn half_sent_heads_are_closed_at_the_header_timeout() {
-    let g = Gateway::start(&["--api-header-timeout", "2s"]);
+    // All from 127.0.0.1: the per-address cap is raised so that the
+    // header timeout, not the cap, is what closes them.
+    let g = Gateway::start(&[
+        "--api-header-timeout",
+        "2s",
+        "--api-max-connections-per-ip",
+        "4096",
+    ]);
     let mut conns = Vec::new();
     for _ in 0..3000 {
         let mut s = TcpStream::connect(&g.api).unwrap();
@@ -228,6 +235,86 @@ fn half_sent_heads_are_closed_at_the_header_timeout() {
         request(&g.api, "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").0,
         200
     );
+}
+
+/// One address may hold at most `--api-max-connections-per-ip` connections
+/// (`benches/abuse.sh`: 2,000 slow clients from one address held 110 MiB);
+/// another address still gets in, and a place freed is taken again.
+#[test]
+fn connections_per_source_address_are_capped() {
+    let g = Gateway::start(&["--api-max-connections-per-ip", "5"]);
+    // The start-up probe's connection is gone before we count.
+    std::thread::sleep(Duration::from_millis(500));
+    let mut held: Vec<TcpStream> = (0..7)
+        .map(|_| TcpStream::connect(&g.api).unwrap())
+        .collect();
+    let mut closed = 0;
+    for s in &mut held {
+        if closed_within(s, Duration::from_millis(300)).is_some() {
+            closed += 1;
+        }
+    }
+    assert_eq!(closed, 2, "the two beyond the cap are closed at once");
+    // From another loopback address: in, and answered.
+    let api: std::net::SocketAddr = g.api.parse().unwrap();
+    let sock = socket_from("127.0.0.2", api);
+    let mut s = sock;
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = [0u8; 64];
+    let n = s.read(&mut buf).unwrap();
+    assert!(
+        buf[..n].starts_with(b"HTTP/1.1 200"),
+        "{:?}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+    // One of 127.0.0.1's closes: its place is free again.
+    held.truncate(4);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        request(&g.api, "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").0,
+        200
+    );
+    assert!(g.metric("cloudlink_api_refused_total{reason=\"max_connections_per_ip\"}") >= 2.0);
+}
+
+/// A TCP connection to `to` from the loopback address `from`.
+fn socket_from(from: &str, to: std::net::SocketAddr) -> TcpStream {
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+    assert!(fd >= 0);
+    let bind = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(from.parse::<std::net::Ipv4Addr>().unwrap().octets()),
+        },
+        sin_zero: [0; 8],
+    };
+    let std::net::SocketAddr::V4(to) = to else {
+        panic!("IPv4 only")
+    };
+    let dst = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: to.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(to.ip().octets()),
+        },
+        sin_zero: [0; 8],
+    };
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: fd is a fresh socket; both addresses are valid sockaddr_in.
+    unsafe {
+        assert_eq!(
+            libc::bind(fd, (&bind as *const libc::sockaddr_in).cast(), len),
+            0
+        );
+        assert_eq!(
+            libc::connect(fd, (&dst as *const libc::sockaddr_in).cast(), len),
+            0
+        );
+        std::os::fd::FromRawFd::from_raw_fd(fd)
+    }
 }
 
 /// Connections beyond `--api-max-connections` are closed at once, and

@@ -496,6 +496,14 @@ async fn queued_actions_wait_for_link_up_survive_a_restart_and_expire() {
     assert_eq!(m.data["action"], "reboot");
     assert_eq!(m.data["state"], "completed");
     assert_eq!(m.data["device_status"], 202);
+    // Where the connected device is (it was `null` before).
+    assert!(
+        m.data["endpoint"]
+            .as_str()
+            .is_some_and(|e| e.starts_with("127.0.0.1:")),
+        "{}",
+        m.data
+    );
     let (_, a) = g.call("GET", &format!("/v1/actions/{id}"), None).await;
     assert_eq!(a["state"], "completed");
     assert_eq!(a["device_body"], json!({"Data": "OK", "Error": null}));

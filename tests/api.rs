@@ -5,6 +5,7 @@ mod common;
 use cloudlink::keys::{encode_key, generate_private_key, public_key};
 use common::*;
 use serde_json::{json, Value};
+use std::time::Duration;
 
 fn key() -> String {
     encode_key(&public_key(&generate_private_key()))
@@ -269,6 +270,75 @@ async fn listing_pages_and_errors() {
     assert_error(st, &e, 400, "invalid_field", Some("sort"));
     let (st, e) = g.call("GET", "/v1/devices?colour=red", None).await;
     assert_error(st, &e, 400, "invalid_field", Some("colour"));
+    g.stop().await;
+}
+
+/// `DELETE /v1/devices?prefix=`: every device whose uuid starts with a
+/// non-empty prefix goes, each announced as `device.deleted`; no prefix, or
+/// an empty one, is a 400 that deletes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_are_deleted_by_prefix() {
+    let mut g = TestGateway::start().await;
+    for u in ["lg-0000001", "lg-0000002", "lg0", "kiosk-1"] {
+        g.register(u, &public_key(&generate_private_key())).await;
+    }
+    let mut events = g.events(None).await;
+    for q in ["", "?prefix=", "?prefix=lg-&x=1"] {
+        let (st, e) = g.call("DELETE", &format!("/v1/devices{q}"), None).await;
+        assert_eq!(st, 400, "{q}: {e}");
+    }
+    let (st, r) = g.call("DELETE", "/v1/devices?prefix=lg-", None).await;
+    assert_eq!((st, &r), (200, &json!({"deleted": 2, "prefix": "lg-"})));
+    let (_, list) = g.call("GET", "/v1/devices", None).await;
+    let mut left: Vec<&str> = list["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["uuid"].as_str().unwrap())
+        .collect();
+    left.sort();
+    assert_eq!(left, ["kiosk-1", "lg0"]);
+    for u in ["lg-0000001", "lg-0000002"] {
+        events
+            .wait_for(Duration::from_secs(5), |e| {
+                e["type"] == "device.deleted" && e["device"] == u
+            })
+            .await;
+    }
+    let (st, r) = g.call("DELETE", "/v1/devices?prefix=nothing-", None).await;
+    assert_eq!((st, &r["deleted"]), (200, &json!(0)));
+    g.stop().await;
+}
+
+/// `GET /v1/devices/{uuid}/wg-quick`: the device's config as a file, the
+/// same text as the JSON's `wg_quick`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_wg_quick_config_is_served_as_a_file() {
+    let mut g = TestGateway::start().await;
+    g.register("kiosk-7", &public_key(&generate_private_key()))
+        .await;
+    let r = reqwest::Client::new()
+        .get(g.url("/v1/devices/kiosk-7/wg-quick"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.headers()["content-type"].to_str().unwrap(),
+        "text/plain; charset=utf-8"
+    );
+    let text = r.text().await.unwrap();
+    assert_eq!(
+        text,
+        g.device("kiosk-7").await["wg_quick"].as_str().unwrap()
+    );
+    assert!(
+        text.starts_with("# cloudlink device kiosk-7\n[Interface]\n"),
+        "{text}"
+    );
+    let (st, e) = g.call("GET", "/v1/devices/nope/wg-quick", None).await;
+    assert_error(st, &e, 404, "device_not_found", Some("uuid"));
     g.stop().await;
 }
 

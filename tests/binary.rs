@@ -226,6 +226,73 @@ fn bad_configuration_is_a_clear_error() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("link-timeout"));
 }
 
+/// An IPv6 tunnel network is refused saying tunnel addresses are IPv4.
+#[test]
+fn an_ipv6_tunnel_network_is_refused_with_a_message_that_says_why() {
+    let out = Command::new(BIN)
+        .args(["serve", "--tunnel-cidr", "fd00:cl::/64"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not an IPv4 network"), "{err}");
+    let out = Command::new(BIN)
+        .args(["serve", "--tunnel-cidr", "fd00::/64"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("IPv4 only"), "{err}");
+}
+
+/// A second gateway on a UDP port already served (the sockets use
+/// SO_REUSEPORT, so its bind alone would succeed and take half of the
+/// devices' datagrams) or on a data directory in use is refused at start,
+/// saying which; the first keeps serving.
+#[test]
+fn a_second_gateway_on_the_same_port_or_data_directory_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut first = serve(&dir.path().join("a"), &[]);
+    let second = |data: &std::path::Path, udp: &str| {
+        Command::new(BIN)
+            .arg("serve")
+            .env("CLOUDLINK_LISTEN", udp)
+            .env("CLOUDLINK_API", format!("127.0.0.1:{}", free_port()))
+            .env("CLOUDLINK_PROXY", "127.0.0.1:0")
+            .env("CLOUDLINK_DATA_DIR", data)
+            .env_remove("CLOUDLINK_TOKEN")
+            .output()
+            .unwrap()
+    };
+    let out = second(&dir.path().join("b"), &first.udp);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("UDP {} is already served", first.udp)),
+        "{err}"
+    );
+    let out = second(
+        &dir.path().join("a"),
+        &format!("127.0.0.1:{}", free_udp_port()),
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("is in use by another gateway")
+            && err.contains(&format!("pid {}", first.child.id())),
+        "{err}"
+    );
+    // The first still answers.
+    assert_eq!(
+        http("GET", &format!("{}/healthz", first.api), None, None)
+            .unwrap()
+            .0,
+        200
+    );
+    first.child.kill().unwrap();
+    first.child.wait().unwrap();
+}
+
 #[test]
 fn genkey_and_pubkey() {
     let out = Command::new(BIN).arg("genkey").output().unwrap();
@@ -324,6 +391,30 @@ fn loadgen_connects_a_small_fleet_and_reports() {
     );
     assert!(
         metrics.contains("cloudlink_handshakes_total{result=\"completed\"} 50"),
+        "{metrics}"
+    );
+    // A device of someone else's stays; `--cleanup` deletes the run's 50.
+    let key = cloudlink::keys::encode_key(&cloudlink::keys::public_key(
+        &cloudlink::keys::generate_private_key(),
+    ));
+    let (st, body) = http(
+        "POST",
+        &format!("{}/v1/devices", s.api),
+        Some(token),
+        Some(&format!(r#"{{"uuid":"kiosk-1","public_key":"{key}"}}"#)),
+    )
+    .unwrap();
+    assert_eq!(st, 201, "{body}");
+    let out = Command::new(BIN)
+        .args(["loadgen", "--cleanup", "--api", &s.api, "--token", token])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("deleted 50 devices"), "{err}");
+    let (_, metrics) = http("GET", &format!("{}/metrics", s.api), None, None).unwrap();
+    assert!(
+        metrics.contains("cloudlink_devices_registered 1"),
         "{metrics}"
     );
     let _ = s.child.kill();

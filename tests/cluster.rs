@@ -2093,4 +2093,37 @@ async fn tokens_are_the_clusters() {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    // The audit trail is the cluster's: the token made through A and
+    // revoked through B are both on A's and on B's `GET /v1/audit`, each
+    // naming the gateway that saw it.
+    for api in [&a.api, &b.api] {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let (st, audit) = call(api, "GET", "/v1/audit", None).await;
+            assert_eq!(st, 200, "{audit}");
+            assert!(audit.get("partial").is_none(), "{audit}");
+            let tokens: Vec<(String, String)> = audit["records"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|r| r["type"] == "audit.token")
+                .map(|r| {
+                    (
+                        r["detail"]["change"]
+                            .as_str()
+                            .unwrap_or_default()
+                            .to_owned(),
+                        r["gateway"].as_str().unwrap_or_default().to_owned(),
+                    )
+                })
+                .collect();
+            if tokens.len() == 2 {
+                assert_eq!(tokens[0].1, "gw-a", "{audit}");
+                assert_eq!(tokens[1].1, "gw-b", "{audit}");
+                break;
+            }
+            assert!(Instant::now() < deadline, "{api}: {audit}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
 }

@@ -474,13 +474,15 @@ fn a_storm_queues_initiations_answers_cookies_and_never_starves_transport() {
         0
     );
 
-    // Workers drain the queue a few at a time; the load lifts below 1/8.
+    // Workers drain the queue a few at a time; the load lifts a second
+    // after the queue fell below 1/8 (as the kernel's), not at once.
     let mut done = 0;
     while !rig.path.handshakes.is_empty() {
         done += rig.path.process_handshakes(now, 4, &mut rig.out, &mut tx);
     }
     assert_eq!(done, cap);
-    assert!(!rig.path.under_load());
+    assert!(rig.path.under_load_at(now + Duration::from_millis(900)));
+    assert!(!rig.path.under_load_at(now + Duration::from_millis(1001)));
 }
 
 /// Rekeys take the hint (no DH to learn the key) when the device initiates
@@ -656,9 +658,11 @@ fn under_load_one_source_gets_its_budget_and_known_endpoints_go_first() {
             .handle_datagram(now, flood, &retry, &mut rig.out, &mut tx);
     }
     assert!(tx.is_empty());
+    // The budget is asked before the MACs: the initiation that got the
+    // cookie reply took one of the burst of 5.
     let admitted = rig.path.handshakes.len() - queued;
-    assert_eq!(admitted, 5, "the burst, no more");
-    assert_eq!(rig.metrics.dropped_count(DropReason::SourceBudget), 95);
+    assert_eq!(admitted, 4, "the burst, no more");
+    assert_eq!(rig.metrics.dropped_count(DropReason::SourceBudget), 96);
 
     // The known device re-handshakes from its endpoint: no cookie reply,
     // and it is answered first.

@@ -522,6 +522,15 @@ async fn run(
             "device_unreachable",
             format!("device {uuid} refused the connection to its supervisor API (port {})", crate::actions::SUPERVISOR_PORT),
         )),
+        Err(DeliveryError::NoConnection) => Err(ApiError::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "device_timeout",
+            format!(
+                "device {uuid} did not accept a connection to its supervisor API (port {}) within {} s; it may be off or unplugged although its cloudlink has not timed out yet",
+                crate::actions::SUPERVISOR_PORT,
+                s.relay.connect_timeout.as_secs_f32()
+            ),
+        )),
         Err(DeliveryError::Timeout) => Err(ApiError::new(
             StatusCode::GATEWAY_TIMEOUT,
             "device_timeout",

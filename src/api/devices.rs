@@ -385,6 +385,31 @@ fn check_path_uuid(uuid: &str) -> Result<(), ApiError> {
     validate_uuid(uuid).map_err(|m| ApiError::bad_field("uuid", m))
 }
 
+/// `GET /v1/devices/{uuid}/wg-quick`: the device's wg-quick configuration
+/// as a file (`text/plain`), its private key left as a placeholder for the
+/// device to fill in: `curl ... > wg0.conf` on the device.
+pub async fn wg_quick_text(
+    State(s): State<SharedState>,
+    Path(uuid): Path<String>,
+) -> Result<axum::response::Response, ApiError> {
+    check_path_uuid(&uuid)?;
+    let registry = s.registry.clone();
+    let u = uuid.clone();
+    match blocking(move || registry.get(&u)).await? {
+        Some(d) => Ok(axum::response::IntoResponse::into_response((
+            [
+                (
+                    axum::http::header::CONTENT_TYPE,
+                    "text/plain; charset=utf-8",
+                ),
+                (axum::http::header::CACHE_CONTROL, "no-store"),
+            ],
+            wg_quick(&s, &d),
+        ))),
+        None => Err(ApiError::unknown_device(&uuid)),
+    }
+}
+
 /// `GET /v1/devices/{uuid}`
 pub async fn get_one(
     State(s): State<SharedState>,
@@ -547,6 +572,46 @@ pub async fn delete(
         }
         None => Err(ApiError::unknown_device(&uuid)),
     }
+}
+
+/// `DELETE /v1/devices?prefix=`: deletes every device whose uuid starts
+/// with a non-empty prefix (admin); `{"deleted": n, "prefix"}`. Cleaning up
+/// after a load test or a retired batch of devices.
+pub async fn delete_by_prefix(
+    State(s): State<SharedState>,
+    axum::extract::Query(q): axum::extract::Query<std::collections::HashMap<String, String>>,
+    grant: Option<axum::Extension<crate::tokens::Grant>>,
+) -> Result<Json<Value>, ApiError> {
+    if let Some(k) = q.keys().find(|k| k.as_str() != "prefix") {
+        return Err(ApiError::bad_field(
+            k.clone(),
+            format!("unknown query parameter {k:?}; a bulk delete takes prefix"),
+        ));
+    }
+    let prefix = q.get("prefix").cloned().unwrap_or_default();
+    if prefix.is_empty() {
+        return Err(ApiError::bad_field(
+            "prefix",
+            "a bulk delete needs a non-empty prefix (DELETE /v1/devices?prefix=lg-); one device is DELETE /v1/devices/{uuid}",
+        ));
+    }
+    let fleet = s.fleet.clone();
+    let p = prefix.clone();
+    let changed = blocking(move || fleet.delete_prefix(&p)).await?;
+    s.fleet.settled(changed.cursor, SETTLE).await;
+    if changed.value > 0 {
+        s.audit.record(
+            crate::audit::Kind::Device,
+            grant.as_ref().and_then(|g| g.token_id.as_deref()),
+            None,
+            crate::audit_detail! {
+                "change" => "deleted_by_prefix",
+                "prefix" => prefix,
+                "count" => changed.value,
+            },
+        );
+    }
+    Ok(Json(json!({ "deleted": changed.value, "prefix": prefix })))
 }
 
 fn parse_poll_interval(v: &Value) -> Result<u32, ApiError> {

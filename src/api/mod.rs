@@ -78,9 +78,15 @@ pub type SharedState = Arc<ApiState>;
 
 pub fn router(state: SharedState) -> Router {
     let v1 = Router::new()
-        .route("/devices", get(listing::list).post(devices::register))
+        .route(
+            "/devices",
+            get(listing::list)
+                .post(devices::register)
+                .delete(devices::delete_by_prefix),
+        )
         .route("/devices/batch", post(devices::register_batch))
         .route("/devices/{uuid}/heartbeat", post(devices::heartbeat))
+        .route("/devices/{uuid}/wg-quick", get(devices::wg_quick_text))
         .route("/heartbeats", post(devices::heartbeats))
         .route("/devices/{uuid}/actions/{action}", post(actions::action))
         .route("/actions/{id}", get(actions::get_action))

@@ -3,8 +3,12 @@
 //! needs no credentials, so nothing a peer sends may hold memory or a
 //! connection for long.
 //!
-//! - at most `max_connections` connections; beyond, a new one is closed at
-//!   once (counted);
+//! - at most `max_connections` connections, and `max_connections_per_ip`
+//!   from one source address; beyond, a new one is closed at once
+//!   (counted). Why per address: a connection waiting for its head or
+//!   body holds about 56 KiB here (hyper's read and write buffers, the
+//!   request's futures, the allocator's share), so 2,000 slow clients from
+//!   one address held 110 MiB (`benches/abuse.sh`); 128 of them hold 7;
 //! - a request head must arrive within `header_timeout` (hyper's header
 //!   read timeout), a request body within `body_timeout` of its head (a
 //!   deadline on the whole body, not per chunk: a trickle does not reset
@@ -36,6 +40,7 @@ pub struct Limits {
     pub body_timeout: Duration,
     pub idle_timeout: Duration,
     pub max_connections: usize,
+    pub max_connections_per_ip: usize,
 }
 
 impl Default for Limits {
@@ -45,6 +50,7 @@ impl Default for Limits {
             body_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(120),
             max_connections: 4096,
+            max_connections_per_ip: 128,
         }
     }
 }
@@ -60,6 +66,7 @@ pub async fn serve(
     drain: Duration,
 ) {
     let permits = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
+    let per_ip = Arc::new(PerIp::default());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut conns = tokio::task::JoinSet::new();
     tokio::pin!(shutdown);
@@ -83,10 +90,15 @@ pub async fn serve(
             drop(stream);
             continue;
         };
+        let Some(ip_slot) = PerIp::take(&per_ip, peer.ip(), limits.max_connections_per_ip) else {
+            metrics.api_refused("max_connections_per_ip");
+            drop(stream);
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let (app, metrics, mut stop) = (app.clone(), metrics.clone(), stop_rx.clone());
         conns.spawn(async move {
-            let _permit = permit;
+            let _permit = (permit, ip_slot);
             metrics.api_connections.inc();
             let body_metrics = metrics.clone();
             let io = hyper_util::rt::TokioIo::new(IdleIo::new(stream, limits.idle_timeout));
@@ -137,6 +149,37 @@ pub async fn serve(
 }
 
 const IDLE: &str = "the connection was idle too long";
+
+/// Connections open per source address.
+#[derive(Default)]
+struct PerIp(parking_lot::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>);
+
+/// One connection's place in its address's count, given back on drop.
+struct IpSlot(Arc<PerIp>, std::net::IpAddr);
+
+impl PerIp {
+    fn take(me: &Arc<PerIp>, ip: std::net::IpAddr, max: usize) -> Option<IpSlot> {
+        let mut m = me.0.lock();
+        let n = m.entry(ip).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(IpSlot(me.clone(), ip))
+    }
+}
+
+impl Drop for IpSlot {
+    fn drop(&mut self) {
+        let mut m = self.0 .0.lock();
+        if let Some(n) = m.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.1);
+            }
+        }
+    }
+}
 
 /// A stream that fails once no byte went either way for `idle`.
 struct IdleIo<T> {

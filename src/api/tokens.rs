@@ -187,6 +187,20 @@ pub async fn audit(
             })?,
     };
     let device = q.get("device").cloned();
+    if let Some(shared) = s.audit.shared() {
+        // Cluster mode: the cluster's records; this gateway's own if NATS
+        // cannot be read.
+        match shared.query(device.as_deref(), since, limit).await {
+            Ok(records) => return Ok(Json(json!({ "records": records }))),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the cluster's audit trail; answering with this gateway's records");
+                let trail = s.audit.clone();
+                let records =
+                    super::blocking(move || trail.query(device.as_deref(), since, limit)).await?;
+                return Ok(Json(json!({ "records": records, "partial": true })));
+            }
+        }
+    }
     let trail = s.audit.clone();
     let records = super::blocking(move || trail.query(device.as_deref(), since, limit)).await?;
     Ok(Json(json!({ "records": records })))

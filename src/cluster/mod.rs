@@ -17,6 +17,7 @@
 //! watches), so nothing home-made decides who is alive or who owns what.
 
 pub mod actions;
+pub mod audit;
 pub mod counters;
 pub mod events;
 pub mod handover;

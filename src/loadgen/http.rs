@@ -1,5 +1,5 @@
-//! The one HTTP call the load generator makes (a JSON POST to the
-//! gateway's API on loopback). Plain HTTP/1.1 over a `TcpStream`: the
+//! The HTTP calls the load generator makes (registering its devices, and
+//! deleting them with `--cleanup`) to the gateway's API. Plain HTTP/1.1 over a `TcpStream`: the
 //! gateway binary has no HTTP client otherwise, and this needs none of one's
 //! features (no TLS, no redirects, no pooling).
 
@@ -10,6 +10,17 @@ use std::time::Duration;
 /// POSTs `body` as JSON to `base` (`http://host:port`) + `path`; returns the
 /// status and the body.
 pub fn post(base: &str, path: &str, token: &str, body: &str) -> std::io::Result<(u16, Vec<u8>)> {
+    request("POST", base, path, token, body)
+}
+
+/// `method` with `body` as JSON; the status and the body.
+pub fn request(
+    method: &str,
+    base: &str,
+    path: &str,
+    token: &str,
+    body: &str,
+) -> std::io::Result<(u16, Vec<u8>)> {
     let invalid = |m: &str| std::io::Error::new(std::io::ErrorKind::InvalidInput, m.to_string());
     let hostport = base
         .strip_prefix("http://")
@@ -19,7 +30,7 @@ pub fn post(base: &str, path: &str, token: &str, body: &str) -> std::io::Result<
     s.set_read_timeout(Some(Duration::from_secs(120)))?;
     write!(
         s,
-        "POST {path} HTTP/1.1\r\nHost: {hostport}\r\nAuthorization: Bearer {token}\r\n\
+        "{method} {path} HTTP/1.1\r\nHost: {hostport}\r\nAuthorization: Bearer {token}\r\n\
          Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     )?;

@@ -65,6 +65,8 @@ pub struct LoadgenConfig {
     pub prepare_only: bool,
     /// Only register the devices (and write `keys`), then stop.
     pub register_only: bool,
+    /// Only delete the devices with `uuid_prefix`, then stop.
+    pub cleanup: bool,
     /// Rekey every session this old, as kernel and wireguard-go peers do
     /// (`None`: boringtun's own schedule).
     pub rekey_after: Option<Duration>,
@@ -255,6 +257,48 @@ fn register(cfg: &LoadgenConfig, publics: &[PublicKey]) -> Result<KeyBytes, Load
     gateway_key.ok_or_else(|| err("no devices to register".into()))
 }
 
+/// `--cleanup`: deletes the devices a run registered (every uuid starting
+/// with `--uuid-prefix`) through `DELETE /v1/devices?prefix=`.
+fn cleanup(cfg: &LoadgenConfig) -> Result<u64, LoadgenError> {
+    let api = cfg
+        .api
+        .clone()
+        .ok_or_else(|| LoadgenError::Config("--api is needed to delete the devices".into()))?;
+    if cfg.uuid_prefix.is_empty() {
+        return Err(LoadgenError::Config(
+            "--cleanup needs a non-empty --uuid-prefix (it deletes every device whose uuid starts with it)".into(),
+        ));
+    }
+    let err = |message: String| LoadgenError::Register {
+        api: api.clone(),
+        message,
+    };
+    let mut query = String::new();
+    for b in cfg.uuid_prefix.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            query.push(b as char);
+        } else {
+            query.push_str(&format!("%{b:02X}"));
+        }
+    }
+    let (status, answer) = http::request(
+        "DELETE",
+        &api,
+        &format!("/v1/devices?prefix={query}"),
+        cfg.token.as_deref().unwrap_or_default(),
+        "",
+    )
+    .map_err(|e| err(e.to_string()))?;
+    if status != 200 {
+        return Err(err(format!(
+            "HTTP {status}: {}",
+            String::from_utf8_lossy(&answer)
+        )));
+    }
+    let v: serde_json::Value = serde_json::from_slice(&answer).map_err(|e| err(e.to_string()))?;
+    Ok(v["deleted"].as_u64().unwrap_or(0))
+}
+
 fn bind_sockets(cfg: &LoadgenConfig) -> Result<Vec<UdpSocket>, LoadgenError> {
     let ips = cfg.source_ips.max(1);
     (0..cfg.sockets.max(1))
@@ -293,6 +337,14 @@ pub fn run(cfg: LoadgenConfig) -> Result<Report, LoadgenError> {
         return Err(LoadgenError::Config(
             "--rate must be above 0 (or use --storm)".into(),
         ));
+    }
+    if cfg.cleanup {
+        let n = cleanup(&cfg)?;
+        eprintln!(
+            "loadgen: deleted {n} devices whose uuid starts with {:?}",
+            cfg.uuid_prefix
+        );
+        return Ok(no_run(&cfg));
     }
     let t_keys = Instant::now();
     let secrets = fleet_keys(&cfg)?;

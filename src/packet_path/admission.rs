@@ -25,7 +25,15 @@
 //! - every other source address has a **budget** of
 //!   [`SOURCE_PER_SECOND`] initiations a second (burst [`SOURCE_BURST`]),
 //!   as the kernel's WireGuard limits each source under load; beyond it
-//!   they are dropped (`source_budget`) before they reach the queue.
+//!   they are dropped (`source_budget`). The budget is asked *before* the
+//!   MACs are checked: a cookie reply costs a MAC and an AEAD, and
+//!   `benches/abuse.sh` showed that answering 430,000 initiations a second
+//!   from 16 addresses with cookie replies took the receive workers' whole
+//!   core, so the kernel dropped two thirds of the legitimate devices'
+//!   datagrams; a budget lookup costs about as much as dropping junk;
+//! - load lasts a second after the queue fell below 1/8 (the kernel's
+//!   `UNDER_LOAD_AFTER_TIME`): without that, a flood let through whenever
+//!   the queue drained refilled it at once.
 //!
 //! boringtun's `RateLimiter` judges load by its own per-second count, so the
 //! gateway keeps two: one that never reports load (checks mac1 only) and
@@ -73,7 +81,14 @@ pub struct HandshakeQueue {
     q: Mutex<Queues>,
     len: AtomicUsize,
     cap: usize,
+    /// Microseconds after `origin` until which the gateway counts itself
+    /// under load (a second after the queue was last 1/8 full).
+    loaded_until: AtomicU64,
+    origin: Instant,
 }
+
+/// How long load lasts after the queue was last 1/8 full.
+const UNDER_LOAD_AFTER_US: u64 = 1_000_000;
 
 #[derive(Default)]
 struct Queues {
@@ -90,6 +105,8 @@ impl HandshakeQueue {
             }),
             len: AtomicUsize::new(0),
             cap: cap.max(8),
+            loaded_until: AtomicU64::new(0),
+            origin: Instant::now(),
         }
     }
     pub fn len(&self) -> usize {
@@ -104,6 +121,18 @@ impl HandshakeQueue {
     /// Under load from 1/8 full, as the kernel's WireGuard.
     pub fn under_load(&self) -> bool {
         self.len() >= self.cap / 8
+    }
+
+    /// [`under_load`](Self::under_load), or it was less than a second
+    /// before `now`.
+    pub fn under_load_at(&self, now: Instant) -> bool {
+        let us = now.saturating_duration_since(self.origin).as_micros() as u64;
+        if self.under_load() {
+            self.loaded_until
+                .store(us + UNDER_LOAD_AFTER_US, Ordering::Relaxed);
+            return true;
+        }
+        us < self.loaded_until.load(Ordering::Relaxed)
     }
     fn push(&self, item: Queued, known: bool) -> bool {
         let mut q = self.q.lock();
@@ -126,23 +155,32 @@ impl HandshakeQueue {
 }
 
 /// Each unknown source address's initiation budget under load (a token
-/// bucket per address), shared by all workers. One mutex: it is taken only
-/// for initiations from unknown sources while under load, after their MACs
-/// were checked, never on the transport path.
+/// bucket per address), shared by all workers. Sharded mutexes: they are
+/// taken only for initiations from unknown sources while under load, never
+/// on the transport path, and a flood from many addresses spreads over
+/// the shards.
 #[derive(Default)]
 pub(crate) struct SourceBudget {
-    buckets: Mutex<HashMap<IpAddr, (f32, Instant)>>,
+    shards: [Mutex<HashMap<IpAddr, (f32, Instant)>>; BUDGET_SHARDS],
 }
+
+const BUDGET_SHARDS: usize = 16;
 
 impl SourceBudget {
     /// Takes one initiation from `ip`'s budget; false when it is spent.
     pub(crate) fn allow(&self, ip: IpAddr, now: Instant) -> bool {
-        let mut b = self.buckets.lock();
-        if b.len() >= SOURCE_TABLE && !b.contains_key(&ip) {
+        let shard = match ip {
+            IpAddr::V4(a) => u32::from(a) as usize,
+            IpAddr::V6(a) => (u128::from(a) as usize) ^ ((u128::from(a) >> 64) as usize),
+        };
+        // Fibonacci hashing: neighbouring addresses land on different shards.
+        let shard = (shard.wrapping_mul(0x9E37_79B9) >> 8) % BUDGET_SHARDS;
+        let mut b = self.shards[shard].lock();
+        if b.len() >= SOURCE_TABLE / BUDGET_SHARDS && !b.contains_key(&ip) {
             // Addresses quiet for a second are back at full budget:
             // forgetting them changes nothing.
             b.retain(|_, (_, at)| now.saturating_duration_since(*at).as_secs() < 1);
-            if b.len() >= SOURCE_TABLE {
+            if b.len() >= SOURCE_TABLE / BUDGET_SHARDS {
                 return false;
             }
         }
@@ -191,7 +229,12 @@ impl RateWindow {
 impl PacketPath {
     /// Whether initiations must prove their source (mac2) right now.
     pub fn under_load(&self) -> bool {
-        self.handshakes.under_load()
+        self.under_load_at(Instant::now())
+    }
+
+    /// [`under_load`](Self::under_load) at `now` (simulated time in tests).
+    pub fn under_load_at(&self, now: Instant) -> bool {
+        self.handshakes.under_load_at(now)
             || (self.config.handshake_rate_limit > 0
                 && self.rate_window.count.load(Ordering::Relaxed)
                     > self.config.handshake_rate_limit)
@@ -210,7 +253,13 @@ impl PacketPath {
     ) {
         self.rate_window.count.fetch_add(1, Ordering::Relaxed);
         let known = self.sessions.is_known_endpoint(&src);
-        let under_load = self.under_load();
+        let under_load = self.under_load_at(now);
+        // Before any MAC: see the module's notes on fairness.
+        if under_load && !known && !self.source_budget.allow(src.ip(), now) {
+            self.metrics.handshake(HandshakeResult::RateLimited);
+            self.metrics.dropped(DropReason::SourceBudget);
+            return;
+        }
         let limiter = if under_load && !known {
             &self.cookie_limiter
         } else {
@@ -239,11 +288,6 @@ impl PacketPath {
             self.metrics.dropped(DropReason::Malformed);
             return;
         };
-        if under_load && !known && !self.source_budget.allow(src.ip(), now) {
-            self.metrics.handshake(HandshakeResult::RateLimited);
-            self.metrics.dropped(DropReason::SourceBudget);
-            return;
-        }
         if self.handshakes.push(Queued { src, datagram }, known) {
             self.metrics
                 .handshake_queue

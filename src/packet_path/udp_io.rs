@@ -91,13 +91,14 @@ impl PacketThreads {
         }
         path.set_egress(&sockets[0]);
         let stop = Arc::new(AtomicBool::new(false));
+        let flooded: Arc<[AtomicBool]> = sockets.iter().map(|_| AtomicBool::new(false)).collect();
         let mut handles = Vec::new();
         for (i, socket) in sockets.iter().cloned().enumerate() {
-            let (path, stop) = (path.clone(), stop.clone());
+            let (path, stop, flooded) = (path.clone(), stop.clone(), flooded.clone());
             handles.push(
                 std::thread::Builder::new()
                     .name(format!("cloudlink-rx{i}"))
-                    .spawn(move || worker_loop(&path, &socket, &stop))?,
+                    .spawn(move || worker_loop(&path, &socket, &stop, &flooded, i))?,
             );
         }
         {
@@ -121,7 +122,29 @@ impl PacketThreads {
     }
 }
 
-fn worker_loop(path: &PacketPath, socket: &UdpSocket, stop: &AtomicBool) {
+/// Receive batches in a row a flooded worker may take before it runs one
+/// queued handshake itself (when another worker is free to run them).
+const FLOODED_BATCHES_PER_HANDSHAKE: u32 = 16;
+
+/// One receive worker. `flooded[me]` says whether its last batch was full
+/// (its socket holds more than it has read): such a worker leaves queued
+/// handshakes to workers whose sockets are drained, and runs only one
+/// every [`FLOODED_BATCHES_PER_HANDSHAKE`] batches itself. Why: SO_REUSEPORT
+/// hashes a flow to one socket, so one source flooding at 450,000
+/// datagrams a second lands on one worker; at four handshakes (1.2 ms of
+/// Diffie-Hellman) per 32 datagrams it read 27,000 a second, its socket
+/// overflowed and the legitimate devices hashed to it lost 3 % of their
+/// packets (`benches/abuse.sh`), while the other worker sat idle. When
+/// every worker is flooded (a reconnect storm) they run handshakes as
+/// before.
+fn worker_loop(
+    path: &PacketPath,
+    socket: &UdpSocket,
+    stop: &AtomicBool,
+    flooded: &[AtomicBool],
+    me: usize,
+) {
+    let mut full_batches = 0u32;
     let fd = socket.as_raw_fd();
     let mut rx = RecvBatch::new();
     let mut tx = SendBatch::new(socket, &path.metrics);
@@ -134,8 +157,10 @@ fn worker_loop(path: &PacketPath, socket: &UdpSocket, stop: &AtomicBool) {
         } else {
             libc::MSG_DONTWAIT
         };
+        let mut received = 0;
         match rx.recv(fd, flags) {
             Ok(n) => {
+                received = n;
                 let now = Instant::now();
                 // Counted here, once per batch: no shared counter per packet.
                 path.metrics.rx_packets.inc_by(n as u64);
@@ -162,7 +187,26 @@ fn worker_loop(path: &PacketPath, socket: &UdpSocket, stop: &AtomicBool) {
                 std::thread::sleep(Duration::from_millis(10));
             }
         }
-        if path.process_handshakes(Instant::now(), HANDSHAKES_PER_TURN, &mut out, &mut tx) > 0 {
+        let full = received == BATCH;
+        flooded[me].store(full, Ordering::Relaxed);
+        let turn = if full {
+            full_batches += 1;
+            let someone_free = flooded
+                .iter()
+                .enumerate()
+                .any(|(i, f)| i != me && !f.load(Ordering::Relaxed));
+            if !someone_free {
+                HANDSHAKES_PER_TURN
+            } else if full_batches.is_multiple_of(FLOODED_BATCHES_PER_HANDSHAKE) {
+                1
+            } else {
+                0
+            }
+        } else {
+            full_batches = 0;
+            HANDSHAKES_PER_TURN
+        };
+        if turn > 0 && path.process_handshakes(Instant::now(), turn, &mut out, &mut tx) > 0 {
             tx.flush();
         }
     }

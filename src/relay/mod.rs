@@ -339,6 +339,13 @@ impl Relay {
             .collect()
     }
 
+    /// The device's current endpoint, if it has a session here (takes the
+    /// session's lock: never call it holding one).
+    pub fn endpoint_of(&self, uuid: &str) -> Option<String> {
+        let session = self.path.sessions.by_uuid(uuid)?;
+        Some(session.snapshot().endpoint.to_string())
+    }
+
     pub fn metrics(&self) -> Arc<Metrics> {
         self.metrics.clone()
     }
