@@ -31,6 +31,8 @@ pub struct Cli {
 pub enum Command {
     /// Run the gateway.
     Serve(ServeArgs),
+    #[command(flatten)]
+    Client(crate::cli::CliCommand),
     /// Run on a device: dial the gateway and forward ports to local services.
     Agent(AgentArgs),
     /// Simulate a fleet of WireGuard devices against a gateway (load tests).

@@ -13,6 +13,7 @@ pub mod api;
 pub mod audit;
 pub mod auth;
 pub mod bus;
+pub mod cli;
 pub mod cluster;
 pub mod config;
 pub mod data_dir;

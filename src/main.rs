@@ -11,6 +11,7 @@ fn main() -> anyhow::Result<()> {
     cloudlink::relay::netstack::lazy_stream_buffers();
     let cli = Cli::parse();
     match cli.command {
+        Command::Client(cmd) => std::process::exit(cloudlink::cli::run(cmd)),
         Command::Genkey => {
             let k = keys::generate_private_key();
             println!("{}", keys::encode_key(&k));

@@ -123,7 +123,21 @@ impl SshFixture {
         let proxy_command = format!(
             "socat - PROXY:{proxy_host}:%h:%p,proxyport={proxy_port},proxyauth=user:{token}"
         );
+        self.ssh_through(&proxy_command, &[], host, port, command, stdin_file)
+    }
+
+    /// ssh with `proxy_command` as its ProxyCommand (and `env` set for it).
+    pub fn ssh_through(
+        &self,
+        proxy_command: &str,
+        env: &[(&str, &str)],
+        host: &str,
+        port: u16,
+        command: &str,
+        stdin_file: Option<&Path>,
+    ) -> Output {
         let mut c = Command::new("ssh");
+        c.envs(env.iter().copied());
         c.arg("-i")
             .arg(&self.client_key)
             .args([
