@@ -41,6 +41,13 @@ pub enum Command {
     Genkey,
     /// Read a private key on stdin, print its public key (like `wg pubkey`).
     Pubkey,
+    /// Print shell completions (bash, zsh, fish, elvish, powershell)
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff), e.g. `cloudlink man > cloudlink.1`
+    Man,
 }
 
 /// `cloudlink serve` flags. All optional here: defaults are applied after

@@ -181,6 +181,9 @@ pub struct Metrics {
     pub cluster_nats_rtt: prometheus::Gauge,
     /// Times another process took this gateway's lease.
     pub cluster_lease_lost: IntCounter,
+    /// Event stream consumers told to `resync` (they fell too far behind,
+    /// or resumed from an id this bus no longer has).
+    pub event_resyncs: IntCounter,
     /// Devices this gateway holds in the cluster's ownership directory.
     pub cluster_owned: IntGauge,
     /// Devices of gateways whose lease expired that this gateway marked down.
@@ -218,6 +221,20 @@ pub struct Metrics {
 impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
+        // `cloudlink_build_info{version}` 1: which build runs where (a
+        // rollout's progress, a dashboard's version column).
+        {
+            let info = prometheus::IntGaugeVec::new(
+                Opts::new(
+                    "cloudlink_build_info",
+                    "The running build: 1, labelled with its version.",
+                ),
+                &["version"],
+            )
+            .expect("valid metric");
+            info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+            registry.register(Box::new(info)).expect("unique metric");
+        }
         let gauge = |name: &str, help: &str| {
             let g = IntGauge::new(name, help).expect("valid metric");
             registry
@@ -411,6 +428,10 @@ impl Metrics {
             cluster_takeovers: counter(
                 "cloudlink_cluster_takeover_redials_total",
                 "Cluster mode: devices this gateway redialled to take them over from a gateway that stopped.",
+            ),
+            event_resyncs: counter(
+                "cloudlink_event_resyncs_total",
+                "Event stream consumers told to resync (reload the listing and resume from its as_of): they fell too far behind or resumed from an id this bus no longer has.",
             ),
             cluster_lease_lost: counter(
                 "cloudlink_cluster_lease_lost_total",

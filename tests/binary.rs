@@ -226,6 +226,44 @@ fn bad_configuration_is_a_clear_error() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("link-timeout"));
 }
 
+/// `cloudlink completions <shell>` and `cloudlink man` print what the
+/// shells and `man` read, covering the client commands.
+#[test]
+fn completions_and_man_page() {
+    let out = Command::new(BIN)
+        .args(["completions", "bash"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let bash = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        bash.contains("_cloudlink()") && bash.contains("devices"),
+        "{bash}"
+    );
+    let check = Command::new("bash")
+        .arg("-n")
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin.take().unwrap().write_all(&out.stdout)?;
+            c.wait()
+        })
+        .unwrap();
+    assert!(check.success(), "bash -n refused the completions");
+    let out = Command::new(BIN)
+        .args(["completions", "zsh"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("#compdef cloudlink"));
+    let out = Command::new(BIN).arg("man").output().unwrap();
+    let man = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        man.contains(".TH cloudlink 1") && man.contains("devices"),
+        "{man}"
+    );
+}
+
 /// An IPv6 tunnel network is refused saying tunnel addresses are IPv4.
 #[test]
 fn an_ipv6_tunnel_network_is_refused_with_a_message_that_says_why() {

