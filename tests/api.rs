@@ -531,14 +531,25 @@ async fn names_that_reach_hooks_and_screens_are_checked() {
 }
 
 /// Keys that can never work are refused (issue "Operate it"): the all-zero
-/// key and the gateway's own public key, on registration, in a batch and
+/// key, other points of small order and the gateway's own public key, on
+/// registration, in a batch and
 /// in a key change.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keys_that_can_never_work_are_refused() {
     let mut g = TestGateway::start().await;
     let own = encode_key(g.gw().path.public_key().as_bytes());
     let zero = encode_key(&[0u8; 32]);
-    for k in [&own, &zero] {
+    // Points of small order: u = 1 (order 4) and the order-8 point
+    // 0xe0eb7a7c...b800 (from the usual X25519 blocklist).
+    let mut one = [0u8; 32];
+    one[0] = 1;
+    let order8 = [
+        0xe0, 0xeb, 0x7a, 0x7c, 0x3b, 0x41, 0xb8, 0xae, 0x16, 0x56, 0xe3, 0xfa, 0xf1, 0x9f, 0xc4,
+        0x6a, 0xda, 0x09, 0x8d, 0xeb, 0x9c, 0x32, 0xb1, 0xfd, 0x86, 0x62, 0x05, 0x16, 0x5f, 0x49,
+        0xb8, 0x00,
+    ];
+    let (one, order8) = (encode_key(&one), encode_key(&order8));
+    for k in [&own, &zero, &one, &order8] {
         let (st, b) = g
             .call(
                 "POST",

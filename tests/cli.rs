@@ -214,7 +214,18 @@ async fn ssh_through_cloudlink_connect_and_show() {
         .unwrap()
         .port();
     let mut sshd = ssh.start_sshd(&[], &format!("127.0.0.1:{sshd_port}"));
-    let _agent = Agent::start(&g, "cli-dev", &[format!("22222=127.0.0.1:{sshd_port}")]).await;
+    let marker = tempfile::tempdir().unwrap();
+    let rebooted = marker.path().join("rebooted");
+    let _agent = Agent::start_with(
+        &g,
+        "cli-dev",
+        &[format!("22222=127.0.0.1:{sshd_port}")],
+        &[
+            "--on-action".into(),
+            format!("reboot=touch {}", rebooted.display()),
+        ],
+    )
+    .await;
     events
         .wait_for(Duration::from_secs(20), |e| {
             e["type"] == "link.up" && e["device"] == "cli-dev"
@@ -263,6 +274,17 @@ async fn ssh_through_cloudlink_connect_and_show() {
         "{shown}"
     );
     assert!(shown.contains("endpoint: 127.0.0.1:"), "{shown}");
+
+    // An action through the CLI: the agent's hook ran.
+    let out = tokio::task::block_in_place(|| {
+        ok(cli(&g, TOKEN, &["actions", "run", "cli-dev", "reboot", "--json"]))
+    });
+    let answer: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(answer["device_status"], 202, "{answer}");
+    assert!(
+        eventually(Duration::from_secs(10), async || rebooted.exists()).await,
+        "the reboot hook did not run"
+    );
 
     // The follower printed the device's link.up as one JSON line.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);

@@ -44,6 +44,15 @@ fn usable_key(
             "that is the gateway's own public key; the device needs its own (`wg genkey`, then `wg pubkey`)",
         ));
     }
+    // A point of small order: every (clamped, so a multiple of 8) scalar
+    // maps it to zero, and WireGuard refuses a zero shared secret. One
+    // X25519 with a fixed scalar tells (about 50 µs, at registration only).
+    if x25519_dalek::x25519([1u8; 32], *key) == [0u8; 32] {
+        return Err(ApiError::bad_field(
+            field,
+            "that key is a point of small order, which can never make a WireGuard handshake; generate the device's key with `wg genkey`",
+        ));
+    }
     Ok(())
 }
 

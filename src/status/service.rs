@@ -413,7 +413,13 @@ fn publish_change(
         detail: x.detail(),
     };
     let view = t.view(c.id);
-    tracing::info!(device = %uuid, from = ?c.from, to = ?c.to, "status changed");
+    // The API's words (`reduced-functionality/cloudlink-only`), not the
+    // enum's names.
+    let word = |x: Status| match x.detail() {
+        Some(d) => format!("{}/{d}", x.name()),
+        None => x.name().to_owned(),
+    };
+    tracing::info!(device = %uuid, from = %word(c.from), to = %word(c.to), reason, "status changed");
     events.publish_reach(
         Some(uuid),
         Event::StatusChanged(StatusChanged {
