@@ -277,7 +277,11 @@ async fn ssh_through_cloudlink_connect_and_show() {
 
     // An action through the CLI: the agent's hook ran.
     let out = tokio::task::block_in_place(|| {
-        ok(cli(&g, TOKEN, &["actions", "run", "cli-dev", "reboot", "--json"]))
+        ok(cli(
+            &g,
+            TOKEN,
+            &["actions", "run", "cli-dev", "reboot", "--json"],
+        ))
     });
     let answer: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(answer["device_status"], 202, "{answer}");
