@@ -143,6 +143,60 @@ pub fn lock(dir: &Path) -> Result<std::fs::File, Error> {
     Ok(file)
 }
 
+/// The process holding a UDP socket on `port` (pid, command line), from
+/// `/proc/net/udp{,6}` and the processes' descriptors; `None` if it cannot
+/// be told (another user's process, no /proc).
+fn udp_port_holder(port: u16) -> Option<(u32, String)> {
+    let mut inodes = Vec::new();
+    for table in ["/proc/net/udp", "/proc/net/udp6"] {
+        let text = std::fs::read_to_string(table).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let local_port = f
+                .get(1)
+                .and_then(|a| a.rsplit(':').next())
+                .and_then(|p| u16::from_str_radix(p, 16).ok());
+            if local_port == Some(port) {
+                if let Some(inode) = f.get(9) {
+                    inodes.push(format!("socket:[{inode}]"));
+                }
+            }
+        }
+    }
+    if inodes.is_empty() {
+        return None;
+    }
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if pid == std::process::id() {
+            continue;
+        }
+        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            let Ok(target) = std::fs::read_link(fd.path()) else {
+                continue;
+            };
+            if inodes.iter().any(|i| target.as_os_str() == i.as_str()) {
+                let cmd = std::fs::read(entry.path().join("cmdline"))
+                    .map(|b| {
+                        b.split(|c| *c == 0)
+                            .filter(|a| !a.is_empty())
+                            .map(|a| String::from_utf8_lossy(a).into_owned())
+                            .collect::<Vec<_>>()
+                            .join(" ")
+                    })
+                    .unwrap_or_default();
+                return Some((pid, cmd));
+            }
+        }
+    }
+    None
+}
+
 /// Fails when another process already serves `addr` over UDP. The gateway's
 /// sockets use `SO_REUSEPORT` (one per packet worker), so a second gateway
 /// binding the same port would succeed and silently take about half of the
@@ -151,10 +205,17 @@ pub fn lock(dir: &Path) -> Result<std::fs::File, Error> {
 pub fn probe_udp_port(addr: std::net::SocketAddr) -> Result<(), Error> {
     match std::net::UdpSocket::bind(addr) {
         Ok(_) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => Err(Error::Config(format!(
-            "UDP {addr} is already served by another process (another gateway?); a second one on the same port would take about half of the devices' datagrams. Stop it, or give this one another --listen"
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+            let holder = udp_port_holder(addr.port())
+                .map(|(pid, cmd)| format!(" (pid {pid}: {cmd})"))
+                .unwrap_or_default();
+            Err(Error::Config(format!(
+                "UDP {addr} is already served by another process{holder}; a second gateway on the same port would take about half of the devices' datagrams. Stop it, or give this one another --listen"
+            )))
+        }
+        Err(e) => Err(Error::Config(format!(
+            "binding the WireGuard UDP socket on {addr}: {e}"
         ))),
-        Err(e) => Err(Error::Config(format!("binding the WireGuard UDP socket on {addr}: {e}"))),
     }
 }
 

@@ -306,7 +306,9 @@ fn a_second_gateway_on_the_same_port_or_data_directory_is_refused() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains(&format!("UDP {} is already served", first.udp)),
+        err.contains(&format!("UDP {} is already served", first.udp))
+            && err.contains(&format!("(pid {}: ", first.child.id()))
+            && err.contains("serve"),
         "{err}"
     );
     let out = second(
