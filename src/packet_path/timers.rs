@@ -62,12 +62,21 @@ impl PacketPath {
         }
         let n = round.len();
         let share = n * bucket / BUCKETS as usize..n * (bucket + 1) / BUCKETS as usize;
+        // boringtun's own warnings (REKEY_TIMEOUT, ...) name no peer: when
+        // they are shown at all (`--log ...,boringtun=warn`), they are
+        // emitted inside a span naming the device. Checked once per tick,
+        // so a gateway that hides them (the default) pays nothing.
+        let tag_boringtun = tracing::enabled!(target: "boringtun", tracing::Level::WARN);
         for session in &round[share] {
             let session = session.clone();
             let mut st = session.state.lock();
             let to = st.link.endpoint();
             let mut expired = false;
-            match st.tunn.update_timers(out) {
+            let span = tag_boringtun
+                .then(|| tracing::warn_span!("session", device = %session.uuid).entered());
+            let result = st.tunn.update_timers(out);
+            drop(span);
+            match result {
                 TunnResult::WriteToNetwork(datagram) => {
                     self.transmit(tx, Some(&mut st.traffic), to, datagram)
                 }
