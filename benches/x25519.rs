@@ -19,7 +19,8 @@
 //!
 //! Run: `cargo bench --bench x25519`.
 
-use criterion::{black_box, criterion_group, criterion_main, Criterion};
+use criterion::{criterion_group, criterion_main, Criterion};
+use std::hint::black_box;
 use ring::agreement::{agree_ephemeral, EphemeralPrivateKey, UnparsedPublicKey, X25519};
 use ring::rand::SystemRandom;
 use x25519_dalek::{PublicKey, StaticSecret};
