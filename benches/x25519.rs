@@ -20,9 +20,9 @@
 //! Run: `cargo bench --bench x25519`.
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use std::hint::black_box;
 use ring::agreement::{agree_ephemeral, EphemeralPrivateKey, UnparsedPublicKey, X25519};
 use ring::rand::SystemRandom;
+use std::hint::black_box;
 use x25519_dalek::{PublicKey, StaticSecret};
 
 fn x25519(c: &mut Criterion) {

@@ -145,7 +145,10 @@ fn boringtun_budget(meta: &tracing::Metadata<'_>) -> bool {
     static EMPTY_AT_MS: AtomicU64 = AtomicU64::new(0);
     const BURST: u64 = 20;
     const EVERY_MS: u64 = 1000;
-    let now = START.get_or_init(std::time::Instant::now).elapsed().as_millis() as u64
+    let now = START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_millis() as u64
         + BURST * EVERY_MS;
     let mut at = EMPTY_AT_MS.load(Ordering::Relaxed);
     loop {

