@@ -264,7 +264,8 @@ fn completions_and_man_page() {
     );
 }
 
-/// An IPv6 tunnel network is refused saying tunnel addresses are IPv4.
+/// An IPv6 tunnel network is refused saying tunnel addresses are IPv4; an
+/// endpoint without a port is refused.
 #[test]
 fn an_ipv6_tunnel_network_is_refused_with_a_message_that_says_why() {
     let out = Command::new(BIN)
@@ -281,6 +282,14 @@ fn an_ipv6_tunnel_network_is_refused_with_a_message_that_says_why() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("IPv4 only"), "{err}");
+    // An endpoint without a port: devices' `wg` would refuse the config.
+    let out = Command::new(BIN)
+        .args(["serve", "--endpoint", "gw.example.net"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("must be host:port"), "{err}");
 }
 
 /// A second gateway on a UDP port already served (the sockets use
