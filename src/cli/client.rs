@@ -105,15 +105,16 @@ impl Client {
             .map_err(|e| self.unreachable(e))
     }
 
-    /// A JSON request: the answer's body on 2xx; the API's error otherwise.
-    pub async fn call(
+    /// A request and its whole answer: (status, body).
+    pub async fn exchange(
         &self,
         method: &str,
         path: &str,
         body: Option<&Value>,
-    ) -> Result<Value, CliError> {
-        let (status, text) = tokio::time::timeout(TIMEOUT, async {
-            let r = self.send(method, path, body, &[]).await?;
+        extra: &[(&str, &str)],
+    ) -> Result<(u16, Bytes), CliError> {
+        tokio::time::timeout(TIMEOUT, async {
+            let r = self.send(method, path, body, extra).await?;
             let status = r.status().as_u16();
             let bytes = r
                 .into_body()
@@ -124,7 +125,28 @@ impl Client {
             Ok::<_, CliError>((status, bytes))
         })
         .await
-        .map_err(|_| self.unreachable(format!("no answer within {} s", TIMEOUT.as_secs())))??;
+        .map_err(|_| self.unreachable(format!("no answer within {} s", TIMEOUT.as_secs())))?
+    }
+
+    /// A JSON request: the answer's body on 2xx; the API's error otherwise.
+    pub async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<Value, CliError> {
+        self.call_with(method, path, body, &[]).await
+    }
+
+    /// [`call`](Self::call) with extra headers.
+    pub async fn call_with(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+        extra: &[(&str, &str)],
+    ) -> Result<Value, CliError> {
+        let (status, text) = self.exchange(method, path, body, extra).await?;
         let value = if text.is_empty() {
             Value::Null
         } else {
@@ -139,14 +161,7 @@ impl Client {
 
     /// A text request (the wg-quick file).
     pub async fn text(&self, path: &str) -> Result<String, CliError> {
-        let r = self.send("GET", path, None, &[]).await?;
-        let status = r.status().as_u16();
-        let bytes = r
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| self.unreachable(e))?
-            .to_bytes();
+        let (status, bytes) = self.exchange("GET", path, None, &[]).await?;
         if status == 200 {
             return Ok(String::from_utf8_lossy(&bytes).into_owned());
         }

@@ -584,20 +584,9 @@ async fn actions(client: &Client, cmd: ActionsCmd, json_out: bool) -> Result<(),
             if let Some(k) = &idempotency_key {
                 headers.push(("idempotency-key", k.as_str()));
             }
-            let r = client.send("POST", &path, Some(&body), &headers).await?;
-            let status = r.status().as_u16();
-            let bytes = http_body_util::BodyExt::collect(r.into_body())
-                .await
-                .map_err(|e| CliError::Unreachable {
-                    url: client.url().to_owned(),
-                    why: e.to_string(),
-                })?
-                .to_bytes();
-            let v: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-            if !(200..300).contains(&status) {
-                return Err(api_error(status, &v));
-            }
-            v
+            client
+                .call_with("POST", &path, Some(&body), &headers)
+                .await?
         }
         ActionsCmd::Get { id } => {
             client
