@@ -80,9 +80,11 @@ async fn sigterm_lets_an_open_ssh_session_finish_then_stops_cleanly() {
         cloudlink::keys::encode_key(&key),
     )
     .unwrap();
+    // Following the stream before the agent starts: its link.up may come
+    // within milliseconds (a clean-clone run missed it once).
+    let mut events = common::SseReader::connect(&format!("{base}/v1/events"), None).await;
     let _agent =
         common::proxy::Agent::spawn_with(agent_dir, &[format!("22=127.0.0.1:{sshd_port}")], &[]);
-    let mut events = common::SseReader::connect(&format!("{base}/v1/events"), None).await;
     events
         .wait_for(Duration::from_secs(20), |e| {
             e["type"] == "link.up" && e["device"] == "draining"
