@@ -269,8 +269,10 @@ fn connections_per_source_address_are_capped() {
         "{:?}",
         String::from_utf8_lossy(&buf[..n])
     );
-    // One of 127.0.0.1's closes: its place is free again.
-    held.truncate(4);
+    // Two of 127.0.0.1's close: their places are free again (two, so that
+    // the health check's connection, still closing on the gateway's side,
+    // leaves a place for the metrics request after it).
+    held.truncate(3);
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(
         request(&g.api, "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").0,
