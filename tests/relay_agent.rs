@@ -654,8 +654,17 @@ async fn a_device_bandwidth_limit_holds_and_leaves_other_devices_alone() {
     ];
     let _limited = Agent::start(&g, "limited", &forwards).await;
     let _free = Agent::start(&g, "free", &forwards).await;
-    wait_up(&mut events, "limited").await;
-    wait_up(&mut events, "free").await;
+    // Both link.up events, in whichever order they come (waiting for one
+    // and then the other would skip the second if it came first).
+    let mut up = std::collections::HashSet::new();
+    while up.len() < 2 {
+        let m = events
+            .wait_for(WAIT, |e| {
+                e["type"] == "link.up" && (e["device"] == "limited" || e["device"] == "free")
+            })
+            .await;
+        up.insert(m.data["device"].as_str().unwrap().to_owned());
+    }
     let proxy = g.gw().proxy_addr();
 
     // The free device's stream opens under the default limit; the PATCH
