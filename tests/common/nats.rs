@@ -109,6 +109,35 @@ pub struct NatsCluster {
     _dirs: Vec<tempfile::TempDir>,
 }
 
+/// Distinct servers the NATS server monitored on `port` has routes to.
+fn route_peers(port: u16) -> usize {
+    use std::io::{Read, Write};
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+        return 0;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    if s.write_all(b"GET /routez HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        .is_err()
+    {
+        return 0;
+    }
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    let Some((_, body)) = out.split_once("\r\n\r\n") else {
+        return 0;
+    };
+    let v: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
+    let peers: std::collections::HashSet<String> = v["routes"]
+        .as_array()
+        .map(|r| {
+            r.iter()
+                .filter_map(|x| x["remote_id"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    peers.len()
+}
+
 fn http_ok(port: u16, path: &str) -> bool {
     use std::io::{Read, Write};
     let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
@@ -167,13 +196,16 @@ impl NatsCluster {
             monitors: ports.iter().map(|(_, _, m)| *m).collect(),
             _dirs: dirs,
         };
-        // Healthy means JetStream is up and the cluster has a meta leader.
+        // Healthy means JetStream is up and the cluster has a meta leader;
+        // meshed means every server has routes to both others (a gateway
+        // picks its replica count from the servers it is told of, and two
+        // of three can be healthy before the third is routed).
         let deadline = Instant::now() + Duration::from_secs(30);
         for m in &c.monitors {
-            while !http_ok(*m, "/healthz") {
+            while !http_ok(*m, "/healthz") || route_peers(*m) < 2 {
                 assert!(
                     Instant::now() < deadline,
-                    "the NATS cluster did not become healthy"
+                    "the NATS cluster did not become healthy and meshed"
                 );
                 std::thread::sleep(Duration::from_millis(100));
             }
