@@ -288,6 +288,9 @@ pub struct LoadgenArgs {
     /// Bind the sockets to host addresses of this network (already on an interface), --source-ips of them
     #[arg(long, env = "CLOUDLINK_LOADGEN_SOURCE_NET")]
     pub source_net: Option<ipnet::Ipv4Net>,
+    /// Draw a random sender index for every handshake, as kernel and wireguard-go peers do (boringtun keeps the upper 24 bits for the life of a tunnel)
+    #[arg(long, env = "CLOUDLINK_LOADGEN_RANDOM_INDEX")]
+    pub random_index: bool,
 }
 
 impl LoadgenArgs {
@@ -336,6 +339,7 @@ impl LoadgenArgs {
             cleanup: self.cleanup,
             rekey_after: (!self.rekey_after.is_zero()).then_some(self.rekey_after),
             source_net: self.source_net,
+            random_index: self.random_index,
         })
     }
 }

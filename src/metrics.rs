@@ -118,6 +118,37 @@ impl HandshakeResult {
     }
 }
 
+/// How a handshake initiation found its device's session
+/// (`cloudlink_handshake_lookups_total{how}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyLookup {
+    /// Endpoint and sender-index prefix of the device's last initiation.
+    IndexHint = 0,
+    /// The only device at the initiation's source.
+    Endpoint = 1,
+    /// `parse_handshake_anon`: one Diffie-Hellman to learn the key.
+    Key = 2,
+    /// A hint or an endpoint named a device whose tunnel refused it.
+    Missed = 3,
+}
+
+impl KeyLookup {
+    pub const ALL: [KeyLookup; 4] = [
+        KeyLookup::IndexHint,
+        KeyLookup::Endpoint,
+        KeyLookup::Key,
+        KeyLookup::Missed,
+    ];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyLookup::IndexHint => "index_hint",
+            KeyLookup::Endpoint => "endpoint",
+            KeyLookup::Key => "key",
+            KeyLookup::Missed => "missed",
+        }
+    }
+}
+
 /// Results of actions (`cloudlink_actions_total{result}`).
 pub const ACTION_RESULTS: [&str; 11] = [
     "device_answered",
@@ -211,6 +242,9 @@ pub struct Metrics {
     pub cluster_takeovers: IntCounter,
     relay_results: Vec<IntCounter>,
     handshakes: Vec<IntCounter>,
+    /// How initiations found their device, in the order of
+    /// [`KeyLookup::ALL`].
+    key_lookups: Vec<IntCounter>,
     dropped: Vec<IntCounter>,
     /// The same, one counter per reason, for the gateway's own use (tests,
     /// the fuzz harness): `/metrics` shows some reasons under one label.
@@ -478,6 +512,12 @@ impl Metrics {
                 "WireGuard datagrams received.",
             ),
             tx_packets: counter("cloudlink_tx_packets_total", "WireGuard datagrams sent."),
+            key_lookups: vec(
+                "cloudlink_handshake_lookups_total",
+                "Handshake initiations by how their device's session was found: index_hint and endpoint spare a Diffie-Hellman, key spends one to learn the initiator's key, missed counts guesses that named another device (one Diffie-Hellman lost).",
+                "how",
+                &KeyLookup::ALL.map(KeyLookup::as_str),
+            ),
             handshakes: vec(
                 "cloudlink_handshakes_total",
                 "Handshake initiations received, by result.",
@@ -524,6 +564,12 @@ impl Metrics {
             .position(|r| *r == result)
             .unwrap()]
         .get()
+    }
+    pub fn key_lookup(&self, how: KeyLookup) {
+        self.key_lookups[how as usize].inc();
+    }
+    pub fn key_lookup_count(&self, how: KeyLookup) -> u64 {
+        self.key_lookups[how as usize].get()
     }
     pub fn relay_result(&self, result: &str) {
         if let Some(i) = RELAY_RESULTS.iter().position(|r| *r == result) {

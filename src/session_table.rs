@@ -159,6 +159,24 @@ impl std::hash::Hasher for IndexHasher {
     }
 }
 
+/// Sessions at one endpoint: how many, and the one that came last.
+#[derive(Debug, Clone, Copy)]
+struct EndpointUse {
+    count: u32,
+    last: u32,
+}
+
+impl SessionTable {
+    fn endpoint_arrived(&self, endpoint: std::net::SocketAddr, index: u32) {
+        let mut e = self.by_endpoint.entry(endpoint).or_insert(EndpointUse {
+            count: 0,
+            last: index,
+        });
+        e.count += 1;
+        e.last = index;
+    }
+}
+
 #[derive(Default)]
 pub struct SessionTable {
     /// Keyed by indices the gateway hands out itself (sequential from a
@@ -181,9 +199,12 @@ pub struct SessionTable {
     /// would cost one DH before the usual path).
     by_hint: DashMap<HintKey, u32>,
     /// Each session's current endpoint, counted (devices behind one NAT
-    /// may share one): initiations from a known endpoint go ahead of
-    /// unknown sources under load (`packet_path::admission`).
-    by_endpoint: DashMap<std::net::SocketAddr, u32>,
+    /// may share one), with the session that came there last: initiations
+    /// from a known endpoint go ahead of unknown sources under load
+    /// (`packet_path::admission`), and a rekey whose index misses the hint
+    /// (kernel and wireguard-go peers draw a random sender index per
+    /// handshake) goes to the endpoint's only session (see [`Self::sole_at`]).
+    by_endpoint: DashMap<std::net::SocketAddr, EndpointUse>,
     next_index: AtomicU32,
 }
 
@@ -231,8 +252,9 @@ impl SessionTable {
                 }
                 self.by_address.insert(session.address, session.clone());
                 let endpoint = session.state.lock().link.endpoint();
+                let index = session.index;
                 v.insert(session);
-                *self.by_endpoint.entry(endpoint).or_insert(0) += 1;
+                self.endpoint_arrived(endpoint, index);
                 Ok(())
             }
         }
@@ -263,19 +285,34 @@ impl SessionTable {
         self.by_endpoint.contains_key(endpoint)
     }
 
-    /// A session's endpoint changed (roaming, a handshake from elsewhere).
-    pub fn endpoint_moved(&self, from: std::net::SocketAddr, to: std::net::SocketAddr) {
+    /// The session of the only device at `endpoint`, if exactly one is
+    /// there. A device's own NAT mapping (or its own socket) is its endpoint
+    /// for the life of a tunnel, so a rekey from there is almost always
+    /// that device's: trying its tunnel first spares the Diffie-Hellman that
+    /// learns the key. Devices sharing an endpoint are not guessed between
+    /// (a wrong guess costs that DH twice).
+    pub fn sole_at(&self, endpoint: &std::net::SocketAddr) -> Option<Arc<Session>> {
+        let e = *self.by_endpoint.get(endpoint)?;
+        if e.count != 1 {
+            return None;
+        }
+        self.by_index(e.last)
+    }
+
+    /// Session `index`'s endpoint changed (roaming, a handshake from
+    /// elsewhere).
+    pub fn endpoint_moved(&self, index: u32, from: std::net::SocketAddr, to: std::net::SocketAddr) {
         if from == to {
             return;
         }
         self.forget_endpoint(from);
-        *self.by_endpoint.entry(to).or_insert(0) += 1;
+        self.endpoint_arrived(to, index);
     }
 
     fn forget_endpoint(&self, endpoint: std::net::SocketAddr) {
         if let Entry::Occupied(mut e) = self.by_endpoint.entry(endpoint) {
-            *e.get_mut() -= 1;
-            if *e.get() == 0 {
+            e.get_mut().count -= 1;
+            if e.get().count == 0 {
                 e.remove();
             }
         }

@@ -544,6 +544,90 @@ fn rekeys_from_a_shared_endpoint_are_answered_for_every_device() {
     );
 }
 
+/// Kernel and wireguard-go peers draw a random sender index for every
+/// handshake, so the index hint misses their rekeys: the endpoint's only
+/// session takes them instead, with no Diffie-Hellman spent learning the
+/// key. A different device arriving at an endpoint (a NAT mapping reused)
+/// costs one wrong guess and is still answered.
+#[test]
+fn rekeys_with_a_random_index_go_to_the_endpoints_session() {
+    use cloudlink::metrics::KeyLookup;
+    let (mut rig, registry) = rig();
+    let now = Instant::now();
+    let mut keys = Vec::new();
+    for i in 0..3 {
+        let key = generate_private_key();
+        registry
+            .register(NewDevice {
+                uuid: format!("random-index-{i}"),
+                public_key: public_key(&key),
+                name: None,
+            })
+            .unwrap();
+        keys.push(key);
+    }
+    let endpoint =
+        |i: usize| -> SocketAddr { format!("203.0.113.{}:51820", 60 + i).parse().unwrap() };
+    let gw_public = rig.path.public_key();
+    let fresh = |key: [u8; 32], index: u32| {
+        Tunn::new(StaticSecret::from(key), gw_public, None, None, index, None)
+    };
+    let mut buf = vec![0u8; 2048];
+    let mut index = 1000;
+    for (i, key) in keys.iter().enumerate() {
+        let mut dev = fresh(*key, index);
+        index += 1;
+        connect(&mut rig, &mut dev, endpoint(i), now);
+    }
+    assert_eq!(
+        rig.metrics.key_lookup_count(KeyLookup::Key),
+        3,
+        "first contacts learn the key"
+    );
+    for round in 0..4 {
+        for (i, key) in keys.iter().enumerate() {
+            // A new tunnel each time: a new index, as a kernel peer's.
+            let mut dev = fresh(*key, index);
+            index += 1;
+            let init = initiation(&mut dev, false);
+            let answers = rig.feed(now, endpoint(i), &init);
+            assert_eq!(answers.len(), 1, "round {round}, device {i}: one response");
+            assert!(matches!(
+                dev.decapsulate(None, &answers[0].1, &mut buf),
+                TunnResult::WriteToNetwork(_)
+            ));
+        }
+    }
+    assert_eq!(rig.metrics.key_lookup_count(KeyLookup::Endpoint), 12);
+    assert_eq!(
+        rig.metrics.key_lookup_count(KeyLookup::Key),
+        3,
+        "no rekey learned the key"
+    );
+    assert_eq!(rig.metrics.key_lookup_count(KeyLookup::Missed), 0);
+
+    // Device 0 comes from device 1's endpoint: the guess names device 1,
+    // whose tunnel refuses; the key is learned and device 0 answered.
+    let mut dev = fresh(keys[0], index);
+    let init = initiation(&mut dev, false);
+    let answers = rig.feed(now, endpoint(1), &init);
+    assert_eq!(answers.len(), 1, "answered after a wrong guess");
+    assert_eq!(rig.metrics.key_lookup_count(KeyLookup::Missed), 1);
+    assert_eq!(rig.metrics.key_lookup_count(KeyLookup::Key), 4);
+    assert_eq!(
+        rig.metrics
+            .handshake_count(cloudlink::metrics::HandshakeResult::Invalid),
+        0,
+        "a wrong guess is not a failed handshake"
+    );
+    // Two devices at one endpoint now: neither is guessed.
+    let mut dev = fresh(keys[1], index + 1);
+    let init = initiation(&mut dev, false);
+    assert_eq!(rig.feed(now, endpoint(1), &init).len(), 1);
+    assert_eq!(rig.metrics.key_lookup_count(KeyLookup::Missed), 1);
+    assert_eq!(rig.metrics.key_lookup_count(KeyLookup::Key), 5);
+}
+
 /// The fleet reactor applies device events from the bus; one that fell
 /// behind (the ring dropped events it had not read) rebuilds the directory
 /// and the status tracker from the store instead of missing a device.

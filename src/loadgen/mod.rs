@@ -74,6 +74,9 @@ pub struct LoadgenConfig {
     /// network instead of 127.1.x.y (a real server rate-limits handshakes
     /// per source address under load, as devices each have their own).
     pub source_net: Option<ipnet::Ipv4Net>,
+    /// A new random sender index for every handshake (kernel and
+    /// wireguard-go style) instead of boringtun's fixed upper 24 bits.
+    pub random_index: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -110,6 +113,8 @@ struct Device {
     attempt: Instant,
     /// When the current session's handshake completed.
     session_at: Instant,
+    /// The current tunnel's 24-bit index (with `random_index`).
+    index: u32,
     socket: usize,
 }
 
@@ -409,6 +414,7 @@ pub fn run(cfg: LoadgenConfig) -> Result<Report, LoadgenError> {
                     None,
                 ),
                 secret,
+                index: i as u32,
                 phase: Phase::Waiting,
                 attempt: start,
                 session_at: start,
@@ -432,6 +438,7 @@ pub fn run(cfg: LoadgenConfig) -> Result<Report, LoadgenError> {
             start,
             stop: stop.clone(),
             gateway_key,
+            by_index: Default::default(),
         };
         handles.push(
             std::thread::Builder::new()
@@ -553,6 +560,10 @@ struct Worker {
     start: Instant,
     stop: Arc<AtomicBool>,
     gateway_key: PublicKey,
+    /// With `random_index`: each device's current 24-bit tunnel index →
+    /// the device (this worker's devices only; datagrams for them arrive
+    /// on this worker's sockets).
+    by_index: std::collections::HashMap<u32, u32>,
 }
 
 impl Worker {
@@ -577,22 +588,60 @@ impl Worker {
         }
     }
 
-    /// Replaces device `local`'s tunnel with a new one (same key and
-    /// index), as a device that rebooted or started over.
+    /// Replaces device `local`'s tunnel with a new one (same key), as a
+    /// device that rebooted or started over. Its index is the device's
+    /// number, or with `random_index` a new random one.
     fn fresh_tunnel(&mut self, local: usize) {
-        let global = local * self.threads + self.w;
+        let index = self.tunnel_index(local);
         let d = &mut self.devices[local];
         d.tunn = Tunn::new(
             d.secret.clone(),
             self.gateway_key,
             None,
             Some(KEEPALIVE_S),
-            global as u32,
+            index,
             None,
         );
     }
 
+    /// The 24-bit index of device `local`'s next tunnel.
+    fn tunnel_index(&mut self, local: usize) -> u32 {
+        let global = (local * self.threads + self.w) as u32;
+        if !self.cfg.random_index {
+            return global;
+        }
+        let d = &self.devices[local];
+        self.by_index.remove(&d.index);
+        loop {
+            let i = rand_core::RngCore::next_u32(&mut rand_core::OsRng) >> 8;
+            if i != 0 && !self.by_index.contains_key(&i) {
+                self.by_index.insert(i, local as u32);
+                self.devices[local].index = i;
+                return i;
+            }
+        }
+    }
+
+    /// A rekey: with `random_index` on a new tunnel (a new random index),
+    /// as kernel and wireguard-go peers draw one per handshake.
+    fn rekey(&mut self, local: usize, now: Instant, buf: &mut [u8]) {
+        if self.cfg.random_index {
+            self.fresh_tunnel(local);
+        }
+        let d = &mut self.devices[local];
+        d.session_at = now;
+        let socket = d.socket;
+        if let TunnResult::WriteToNetwork(p) = d.tunn.format_handshake_initiation(buf, false) {
+            let p = p.to_vec();
+            self.shared.initiations.fetch_add(1, Ordering::Relaxed);
+            self.send(socket, &p);
+        }
+    }
+
     fn initiate(&mut self, local: usize, now: Instant, buf: &mut [u8]) {
+        if self.cfg.random_index {
+            self.fresh_tunnel(local);
+        }
         let d = &mut self.devices[local];
         d.phase = Phase::Handshaking;
         d.attempt = now;
@@ -680,14 +729,7 @@ impl Worker {
                     if let Some(rekey) = self.cfg.rekey_after {
                         if d.phase == Phase::Connected && now.duration_since(d.session_at) >= rekey
                         {
-                            d.session_at = now;
-                            if let TunnResult::WriteToNetwork(p) =
-                                d.tunn.format_handshake_initiation(&mut out, false)
-                            {
-                                let p = p.to_vec();
-                                self.shared.initiations.fetch_add(1, Ordering::Relaxed);
-                                self.send(socket, &p);
-                            }
+                            self.rekey(timer_cursor, now, &mut out);
                             continue;
                         }
                     }
@@ -775,11 +817,18 @@ impl Worker {
             }
             _ => return,
         };
-        let global = (idx >> 8) as usize;
-        if global % self.threads != self.w {
-            return;
-        }
-        let local = global / self.threads;
+        let local = if self.cfg.random_index {
+            match self.by_index.get(&(idx >> 8)) {
+                Some(&l) => l as usize,
+                None => return,
+            }
+        } else {
+            let global = (idx >> 8) as usize;
+            if global % self.threads != self.w {
+                return;
+            }
+            global / self.threads
+        };
         let Some(d) = self.devices.get_mut(local) else {
             return;
         };

@@ -2,11 +2,18 @@
 //! and the load decision) let into the queue, taken by a worker.
 //!
 //! 1. (admission already checked mac1, and mac2 when under load.)
-//! 2. `parse_handshake_anon` learns the initiator's static key (one DH).
-//! 3. The device's session, if it has one, takes the initiation (a rekey or
-//!    a reconnect). Otherwise the in-memory directory is asked (never the
-//!    store); unknown keys are dropped silently and counted, known ones get
-//!    a new `Tunn` and session.
+//! 2. A rekey goes straight to its device's session when the initiation's
+//!    source tells which one it is: the endpoint and sender-index prefix of
+//!    the device's last initiation (boringtun initiators keep the prefix),
+//!    else the only device at that endpoint (kernel and wireguard-go draw a
+//!    random index each time). The session's tunnel checks the key itself,
+//!    with the three variable-base DH a responder cannot avoid; only when
+//!    it refuses does the next step run.
+//! 3. `parse_handshake_anon` learns the initiator's static key (one more
+//!    DH). The device's session, if it has one, takes the initiation (a
+//!    reconnect from elsewhere). Otherwise the in-memory directory is asked
+//!    (never the store); unknown keys are dropped silently and counted,
+//!    known ones get a new `Tunn` and session.
 //! 4. The session's `Tunn` answers with a handshake response, which goes back
 //!    to the initiation's source; that source becomes the endpoint (a valid
 //!    initiation proves possession of the device's key and is replay
@@ -27,7 +34,7 @@ use x25519_dalek::PublicKey;
 use super::{PacketPath, Transmit};
 use crate::keys::KeyBytes;
 use crate::link_state::LinkState;
-use crate::metrics::{DropReason, HandshakeResult};
+use crate::metrics::{DropReason, HandshakeResult, KeyLookup};
 use crate::session_table::{HintKey, Session, SessionState};
 
 impl PacketPath {
@@ -53,11 +60,25 @@ impl PacketPath {
             index_prefix: u32::from_le_bytes([datagram[4], datagram[5], datagram[6], datagram[7]])
                 >> 8,
         };
-        if let Some(session) = self.sessions.by_hint(hint) {
-            if self.answer_initiation(now, src, hint, &session, false, datagram, out, tx) {
+        let hinted = self.sessions.by_hint(hint);
+        if let Some(session) = &hinted {
+            if self.answer_initiation(now, src, hint, session, false, datagram, out, tx) {
+                self.metrics.key_lookup(KeyLookup::IndexHint);
                 return;
             }
+            self.metrics.key_lookup(KeyLookup::Missed);
         }
+        if let Some(session) = self.sessions.sole_at(&src) {
+            let tried = hinted.is_some_and(|h| Arc::ptr_eq(&h, &session));
+            if !tried && session.state.lock().link.endpoint() == src {
+                if self.answer_initiation(now, src, hint, &session, false, datagram, out, tx) {
+                    self.metrics.key_lookup(KeyLookup::Endpoint);
+                    return;
+                }
+                self.metrics.key_lookup(KeyLookup::Missed);
+            }
+        }
+        self.metrics.key_lookup(KeyLookup::Key);
         let half = match parse_handshake_anon(&self.secret, &self.public, &init) {
             Ok(h) => h,
             Err(_) => {
@@ -110,7 +131,7 @@ impl PacketPath {
                 st.last_handshake_at = Some(at);
                 let before = st.link.endpoint();
                 let transition = st.link.on_authenticated(now, src, false);
-                self.sessions.endpoint_moved(before, src);
+                self.sessions.endpoint_moved(session.index, before, src);
                 if let Some(t) = transition {
                     self.announce(session, t, at);
                 }

@@ -107,7 +107,7 @@ impl PacketPath {
     ) {
         let before = st.link.endpoint();
         let transition = st.link.on_authenticated(now, src, transport);
-        self.sessions.endpoint_moved(before, src);
+        self.sessions.endpoint_moved(session.index, before, src);
         if let Some(t) = transition {
             let at = self.wall(now);
             if matches!(t, crate::link_state::LinkTransition::Up { .. }) {
