@@ -2,7 +2,8 @@
 //! direction and through 100 concurrent streams, gateway and agent on
 //! loopback, beside plain loopback TCP measured in the same run.
 //!
-//! Run: `cargo bench --bench relay_throughput` (release). The gateway and
+//! Run: `cargo bench --bench relay_throughput` (release; `SINGLE_ONLY=1`
+//! measures one stream each way only, `SINGLE_ONLY=up` or `down` one way). The gateway and
 //! the agent are the real binary; the client, the sink and the source are
 //! in this process. Each figure moves a fixed number of bytes and is
 //! bounded in time.
@@ -117,8 +118,21 @@ async fn measure<F: std::future::Future<Output = ()>>(bytes: usize, f: F) -> f64
 }
 
 async fn run_set(proxy: Option<SocketAddr>, sink: SocketAddr, source: SocketAddr) -> [f64; 4] {
-    let up1 = measure(SINGLE, upload(proxy, sink, SINGLE)).await;
-    let down1 = measure(SINGLE, download(proxy, source, SINGLE)).await;
+    let only = std::env::var("SINGLE_ONLY").unwrap_or_default();
+    let up1 = if only != "down" {
+        measure(SINGLE, upload(proxy, sink, SINGLE)).await
+    } else {
+        f64::NAN
+    };
+    let down1 = if only != "up" {
+        measure(SINGLE, download(proxy, source, SINGLE)).await
+    } else {
+        f64::NAN
+    };
+    if !only.is_empty() {
+        // For profiling one stream: the 100-stream sets are skipped.
+        return [up1, down1, f64::NAN, f64::NAN];
+    }
     let total = PER_STREAM * STREAMS;
     let upn = measure(total, async {
         let hs: Vec<_> = (0..STREAMS)

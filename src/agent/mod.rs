@@ -18,6 +18,9 @@ use boringtun::noise::{Tunn, TunnResult};
 use dashmap::DashMap;
 use parking_lot::Mutex;
 use std::cell::RefCell;
+
+use crate::packet_path::udp_io::{BatchSlots, RecvBatch, SendBatch};
+use crate::packet_path::Transmit;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -140,10 +143,36 @@ pub async fn run(config: AgentConfig, mut stop: tokio::sync::watch::Receiver<boo
 struct AgentEgress {
     tunn: Arc<Mutex<Tunn>>,
     socket: Arc<UdpSocket>,
+    /// The gateway's endpoint (the socket is connected to it).
+    to: SocketAddr,
 }
 
 thread_local! {
     static ENCAP: RefCell<Vec<u8>> = RefCell::new(vec![0u8; 65_600]);
+    /// Datagrams a stack call made on this thread, sent with one
+    /// `sendmmsg` when the call ends. (Holding the answers to a whole
+    /// receive batch until its end was measured slower: 612-705 Mbit/s
+    /// device to client against 791 without.)
+    static OUT: RefCell<Option<Box<BatchSlots>>> = const { RefCell::new(None) };
+}
+
+/// The agent's egress for one stack call: encrypts at once, queues the
+/// datagram in this thread's batch.
+struct Batched<'a, 'b> {
+    tunn: &'a Mutex<Tunn>,
+    to: SocketAddr,
+    tx: RefCell<SendBatch<'a, &'b mut BatchSlots>>,
+}
+
+impl Egress for Batched<'_, '_> {
+    fn send(&self, packet: &[u8]) {
+        ENCAP.with(|b| {
+            let mut b = b.borrow_mut();
+            if let TunnResult::WriteToNetwork(d) = self.tunn.lock().encapsulate(packet, &mut b) {
+                self.tx.borrow_mut().send(self.to, d);
+            }
+        });
+    }
 }
 
 /// The agent's stacks reach the gateway through its one tunnel; the order
@@ -151,7 +180,25 @@ thread_local! {
 /// feeds a stack).
 impl Wire for AgentEgress {
     fn with_egress(&self, f: &mut dyn FnMut(&dyn Egress)) {
-        f(self)
+        // A stack's burst of segments leaves with one `sendmmsg`.
+        OUT.with(|b| match b.try_borrow_mut() {
+            Ok(mut b) => {
+                let b = b.get_or_insert_with(|| Box::new(BatchSlots::new()));
+                let egress = Batched {
+                    tunn: &self.tunn,
+                    to: self.to,
+                    tx: RefCell::new(SendBatch::on(
+                        std::os::fd::AsFd::as_fd(&*self.socket),
+                        None,
+                        b,
+                    )),
+                };
+                f(&egress);
+                egress.tx.borrow_mut().flush();
+            }
+            // Re-entered on this thread (not done today): one at a time.
+            Err(_) => f(self),
+        })
     }
 }
 
@@ -198,7 +245,6 @@ async fn session(cfg: &AgentConfig, stop: &mut tokio::sync::watch::Receiver<bool
         u32::from_le_bytes(idx) >> 8,
         None,
     )));
-    let mut buf = vec![0u8; 65_600];
     let mut out = vec![0u8; 65_600];
     let first = match tunn.lock().format_handshake_initiation(&mut out, false) {
         TunnResult::WriteToNetwork(p) => Some(p.len()),
@@ -213,7 +259,9 @@ async fn session(cfg: &AgentConfig, stop: &mut tokio::sync::watch::Receiver<bool
     let egress: Arc<dyn Wire> = Arc::new(AgentEgress {
         tunn: tunn.clone(),
         socket: socket.clone(),
+        to: endpoint,
     });
+    let mut batch = RecvBatch::with_slots(RECV_SLOT);
     let pacer = crate::relay::netstack::new_pacer(Instant::now());
     let conns = Connections {
         address: cfg.wg.address,
@@ -237,31 +285,23 @@ async fn session(cfg: &AgentConfig, stop: &mut tokio::sync::watch::Receiver<bool
     let mut ping_seq: u16 = 0;
     let end = loop {
         tokio::select! {
-            r = socket.recv(&mut buf) => {
-                let Ok(n) = r else { continue };
-                let out_start = out.as_ptr() as usize;
-                let mut t = tunn.lock();
-                match t.decapsulate(None, &buf[..n], &mut out) {
-                    TunnResult::WriteToNetwork(p) => {
-                        let _ = socket.try_send(p);
-                        while let TunnResult::WriteToNetwork(p) = t.decapsulate(None, &[], &mut out) {
-                            let _ = socket.try_send(p);
-                        }
+            r = socket.readable() => {
+                if r.is_err() {
+                    continue;
+                }
+                // Up to a batch of datagrams per wakeup, one `recvmmsg`.
+                let fd = std::os::fd::AsRawFd::as_raw_fd(&*socket);
+                let n = match socket.try_io(tokio::io::Interest::READABLE, || {
+                    batch.recv(fd, libc::MSG_DONTWAIT)
+                }) {
+                    Ok(n) => n,
+                    Err(_) => continue,
+                };
+                for i in 0..n {
+                    let (_, datagram) = batch.get(i);
+                    if receive(&tunn, &socket, datagram, &mut out, &conns, cfg) {
                         last_auth = Some(Instant::now());
                     }
-                    TunnResult::WriteToTunnelV4(p, src) => {
-                        last_auth = Some(Instant::now());
-                        // boringtun hands back a sub-slice of `out`.
-                        let start = p.as_ptr() as usize - out_start;
-                        let range = start..start + p.len();
-                        drop(t);
-                        let packet = &out[range];
-                        if src == cfg.wg.gateway_address && packet.len() >= 20 && packet[9] == 6 {
-                            conns.input(packet);
-                        }
-                    }
-                    TunnResult::Done => last_auth = Some(Instant::now()),
-                    _ => {}
                 }
             }
             _ = tick.tick() => {
@@ -304,6 +344,47 @@ async fn session(cfg: &AgentConfig, stop: &mut tokio::sync::watch::Receiver<bool
     };
     conns.kill_all();
     end
+}
+
+/// Largest datagram the agent takes from the gateway: a full inner packet
+/// (the tunnel's MTU) and WireGuard's 32 bytes, with room to spare.
+const RECV_SLOT: usize = 2048;
+
+/// One datagram from the gateway: decrypted in the tunnel; handshake
+/// answers and queued packets go out at once, TCP segments for the agent's
+/// stacks go to them. True when it authenticated.
+fn receive(
+    tunn: &Mutex<Tunn>,
+    socket: &UdpSocket,
+    datagram: &[u8],
+    out: &mut [u8],
+    conns: &Connections,
+    cfg: &AgentConfig,
+) -> bool {
+    let out_start = out.as_ptr() as usize;
+    let mut t = tunn.lock();
+    match t.decapsulate(None, datagram, out) {
+        TunnResult::WriteToNetwork(p) => {
+            let _ = socket.try_send(p);
+            while let TunnResult::WriteToNetwork(p) = t.decapsulate(None, &[], out) {
+                let _ = socket.try_send(p);
+            }
+            true
+        }
+        TunnResult::WriteToTunnelV4(p, src) => {
+            // boringtun hands back a sub-slice of `out`.
+            let start = p.as_ptr() as usize - out_start;
+            let range = start..start + p.len();
+            drop(t);
+            let packet = &out[range];
+            if src == cfg.wg.gateway_address && packet.len() >= 20 && packet[9] == 6 {
+                conns.input(packet);
+            }
+            true
+        }
+        TunnResult::Done => true,
+        _ => false,
+    }
 }
 
 /// The agent's TCP connections, one small stack each, found by the

@@ -20,6 +20,7 @@ use boringtun::noise::TunnResult;
 use std::cell::{Cell, RefCell};
 use std::net::{Ipv4Addr, SocketAddr};
 
+use super::udp_io::{BatchSlots, SendBatch};
 use super::{PacketPath, Transmit, BUF_SIZE};
 use crate::egress::{Egress, Unreachable};
 use crate::metrics::Metrics;
@@ -62,6 +63,9 @@ pub fn socket_tx<'a>(socket: &'a std::net::UdpSocket, metrics: &'a Metrics) -> i
 thread_local! {
     /// Encryption buffer of the calling thread: sending does not allocate.
     static SEND_BUF: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; BUF_SIZE].into_boxed_slice());
+    /// Send batch of a thread that makes output outside the packet workers
+    /// (relay tasks, the timer thread), allocated on first use.
+    static EGRESS_BATCH: RefCell<Option<Box<BatchSlots>>> = const { RefCell::new(None) };
 }
 
 /// Encrypts `packet` with the locked session state `st` and hands the
@@ -144,12 +148,28 @@ impl PacketPath {
         let Some(socket) = self.egress_socket() else {
             return f(&Unreachable);
         };
-        let mut tx = SocketTx {
-            socket: &socket,
-            metrics: &self.metrics,
-        };
-        let mut st = session.state.lock();
-        f(&SessionOutput::new(&mut st, &mut tx));
+        // What `f` makes (a stack's burst of segments) leaves with one
+        // `sendmmsg` per batch, still under the session lock (so in the
+        // order it was encrypted), from storage this thread keeps.
+        EGRESS_BATCH.with(|b| match b.try_borrow_mut() {
+            Ok(mut b) => {
+                let b = b.get_or_insert_with(|| Box::new(BatchSlots::new()));
+                let mut tx =
+                    SendBatch::on(std::os::fd::AsFd::as_fd(&*socket), Some(&self.metrics), b);
+                let mut st = session.state.lock();
+                f(&SessionOutput::new(&mut st, &mut tx));
+                tx.flush();
+            }
+            // Re-entered on this thread (not done today): unbatched.
+            Err(_) => {
+                let mut tx = SocketTx {
+                    socket: &socket,
+                    metrics: &self.metrics,
+                };
+                let mut st = session.state.lock();
+                f(&SessionOutput::new(&mut st, &mut tx));
+            }
+        })
     }
 
     /// Sends an IP packet to the device with tunnel address `dst`, at once.

@@ -238,7 +238,7 @@ fn timer_loop(path: &PacketPath, socket: &UdpSocket, stop: &AtomicBool) {
 
 /// Receive side of `recvmmsg`: BATCH buffers and their headers, allocated
 /// once.
-struct RecvBatch {
+pub(crate) struct RecvBatch {
     bufs: Vec<Box<[u8]>>,
     addrs: Vec<libc::sockaddr_storage>,
     iovs: Vec<libc::iovec>,
@@ -247,9 +247,14 @@ struct RecvBatch {
 
 impl RecvBatch {
     fn new() -> Self {
+        Self::with_slots(BUF_SIZE)
+    }
+
+    /// BATCH buffers of `slot` bytes each (a longer datagram is cut).
+    pub(crate) fn with_slots(slot: usize) -> Self {
         RecvBatch {
             bufs: (0..BATCH)
-                .map(|_| vec![0u8; BUF_SIZE].into_boxed_slice())
+                .map(|_| vec![0u8; slot].into_boxed_slice())
                 .collect(),
             // SAFETY: all-zero is a valid sockaddr_storage / iovec / mmsghdr.
             addrs: vec![unsafe { std::mem::zeroed() }; BATCH],
@@ -258,7 +263,7 @@ impl RecvBatch {
         }
     }
 
-    fn recv(&mut self, fd: RawFd, flags: libc::c_int) -> std::io::Result<usize> {
+    pub(crate) fn recv(&mut self, fd: RawFd, flags: libc::c_int) -> std::io::Result<usize> {
         for i in 0..BATCH {
             self.iovs[i] = libc::iovec {
                 iov_base: self.bufs[i].as_mut_ptr().cast(),
@@ -298,19 +303,19 @@ impl RecvBatch {
 
     /// Source and bytes of datagram `i` of the last receive (no source if the
     /// address family is not IP).
-    fn get(&self, i: usize) -> (Option<SocketAddr>, &[u8]) {
+    pub(crate) fn get(&self, i: usize) -> (Option<SocketAddr>, &[u8]) {
         let len = self.hdrs[i].msg_len as usize;
         (
             from_sockaddr(&self.addrs[i]),
-            &self.bufs[i][..len.min(BUF_SIZE)],
+            &self.bufs[i][..len.min(self.bufs[i].len())],
         )
     }
 }
 
-/// Send side: datagrams of one batch, flushed with one `sendmmsg`.
-struct SendBatch<'a> {
-    socket: &'a UdpSocket,
-    metrics: &'a crate::metrics::Metrics,
+/// Storage of a send batch: datagrams copied in, flushed with one
+/// `sendmmsg`. Owned apart from the socket so that a thread can keep one
+/// for output made outside the workers (see `send::with_session_egress`).
+pub(crate) struct BatchSlots {
     slots: Vec<[u8; SEND_SLOT]>,
     lens: Vec<usize>,
     addrs: Vec<(libc::sockaddr_storage, libc::socklen_t)>,
@@ -319,11 +324,9 @@ struct SendBatch<'a> {
     n: usize,
 }
 
-impl<'a> SendBatch<'a> {
-    fn new(socket: &'a UdpSocket, metrics: &'a crate::metrics::Metrics) -> Self {
-        SendBatch {
-            socket,
-            metrics,
+impl BatchSlots {
+    pub(crate) fn new() -> Self {
+        BatchSlots {
             slots: vec![[0u8; SEND_SLOT]; BATCH],
             lens: vec![0; BATCH],
             // SAFETY: all-zero is a valid sockaddr_storage / iovec / mmsghdr.
@@ -333,26 +336,60 @@ impl<'a> SendBatch<'a> {
             n: 0,
         }
     }
+}
 
+/// Send side: datagrams of one batch, flushed with one `sendmmsg`.
+pub(crate) struct SendBatch<'a, B: std::borrow::BorrowMut<BatchSlots>> {
+    socket: std::os::fd::BorrowedFd<'a>,
+    /// The gateway's counters (the agent has none).
+    metrics: Option<&'a crate::metrics::Metrics>,
+    b: B,
+}
+
+impl<'a> SendBatch<'a, BatchSlots> {
+    fn new(socket: &'a UdpSocket, metrics: &'a crate::metrics::Metrics) -> Self {
+        SendBatch {
+            socket: std::os::fd::AsFd::as_fd(socket),
+            metrics: Some(metrics),
+            b: BatchSlots::new(),
+        }
+    }
+}
+
+impl<'a, 'b> SendBatch<'a, &'b mut BatchSlots> {
+    /// A batch on borrowed storage, sending through the UDP socket
+    /// `socket`. Nothing leaves before [`Transmit::flush`].
+    pub(crate) fn on(
+        socket: std::os::fd::BorrowedFd<'a>,
+        metrics: Option<&'a crate::metrics::Metrics>,
+        b: &'b mut BatchSlots,
+    ) -> Self {
+        SendBatch { socket, metrics, b }
+    }
+}
+
+impl<B: std::borrow::BorrowMut<BatchSlots>> SendBatch<'_, B> {
     fn send_now(&mut self) {
-        if self.n == 0 {
+        let b = self.b.borrow_mut();
+        if b.n == 0 {
             return;
         }
-        self.metrics.tx_packets.inc_by(self.n as u64);
-        self.metrics
-            .tx_bytes
-            .inc_by(self.lens[..self.n].iter().map(|&l| l as u64).sum());
+        if let Some(m) = self.metrics {
+            m.tx_packets.inc_by(b.n as u64);
+            m.tx_bytes
+                .inc_by(b.lens[..b.n].iter().map(|&l| l as u64).sum());
+        }
         let mut sent = 0;
-        while sent < self.n {
-            for i in sent..self.n {
-                self.iovs[i] = libc::iovec {
-                    iov_base: self.slots[i].as_mut_ptr().cast(),
-                    iov_len: self.lens[i],
+        while sent < b.n {
+            for i in sent..b.n {
+                b.iovs[i] = libc::iovec {
+                    iov_base: b.slots[i].as_mut_ptr().cast(),
+                    iov_len: b.lens[i],
                 };
-                let h = &mut self.hdrs[i].msg_hdr;
-                h.msg_name = (&mut self.addrs[i].0 as *mut libc::sockaddr_storage).cast();
-                h.msg_namelen = self.addrs[i].1;
-                h.msg_iov = &mut self.iovs[i];
+                let h = &mut b.hdrs[i].msg_hdr;
+                h.msg_name = (&mut b.addrs[i].0 as *mut libc::sockaddr_storage).cast();
+                h.msg_namelen = b.addrs[i].1;
+                h.msg_iov = &mut b.iovs[i];
                 h.msg_iovlen = 1;
                 h.msg_control = std::ptr::null_mut();
                 h.msg_controllen = 0;
@@ -362,8 +399,8 @@ impl<'a> SendBatch<'a> {
             let r = unsafe {
                 libc::sendmmsg(
                     self.socket.as_raw_fd(),
-                    self.hdrs[sent..].as_mut_ptr(),
-                    (self.n - sent) as libc::c_uint,
+                    b.hdrs[sent..].as_mut_ptr(),
+                    (b.n - sent) as libc::c_uint,
                     0,
                 )
             };
@@ -377,11 +414,11 @@ impl<'a> SendBatch<'a> {
                 sent += r as usize;
             }
         }
-        self.n = 0;
+        b.n = 0;
     }
 }
 
-impl Transmit for SendBatch<'_> {
+impl<B: std::borrow::BorrowMut<BatchSlots>> Transmit for SendBatch<'_, B> {
     fn flush(&mut self) {
         self.send_now();
     }
@@ -391,21 +428,37 @@ impl Transmit for SendBatch<'_> {
             // Alone, and after what the batch holds: a device's datagrams
             // leave in the order they were encrypted.
             self.send_now();
-            self.metrics.tx_packets.inc();
-            self.metrics.tx_bytes.inc_by(datagram.len() as u64);
-            if let Err(e) = self.socket.send_to(datagram, to) {
+            if let Some(m) = self.metrics {
+                m.tx_packets.inc();
+                m.tx_bytes.inc_by(datagram.len() as u64);
+            }
+            let (addr, len) = to_sockaddr(to);
+            // SAFETY: `datagram` and `addr` are valid for the call.
+            let r = unsafe {
+                libc::sendto(
+                    self.socket.as_raw_fd(),
+                    datagram.as_ptr().cast(),
+                    datagram.len(),
+                    0,
+                    (&addr as *const libc::sockaddr_storage).cast(),
+                    len,
+                )
+            };
+            if r < 0 {
+                let e = std::io::Error::last_os_error();
                 tracing::trace!(%to, error = %e, "send failed");
             }
             return;
         }
-        if self.n == BATCH {
+        if self.b.borrow().n == BATCH {
             self.send_now();
         }
-        let i = self.n;
-        self.slots[i][..datagram.len()].copy_from_slice(datagram);
-        self.lens[i] = datagram.len();
-        self.addrs[i] = to_sockaddr(to);
-        self.n += 1;
+        let b = self.b.borrow_mut();
+        let i = b.n;
+        b.slots[i][..datagram.len()].copy_from_slice(datagram);
+        b.lens[i] = datagram.len();
+        b.addrs[i] = to_sockaddr(to);
+        b.n += 1;
     }
 }
 

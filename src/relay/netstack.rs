@@ -81,6 +81,15 @@ pub struct NetStack {
     tx_dirty: Option<Instant>,
     /// Receive-side bookkeeping for giving an idle ring's pages back.
     rx: RxTrack,
+    /// Send-side bookkeeping for the pacer (bytes in flight, round trips).
+    tx: TxTrack,
+}
+
+impl Drop for NetStack {
+    fn drop(&mut self) {
+        let mut p = self.pacer.lock();
+        p.inflight = p.inflight.saturating_sub(self.tx.reported);
+    }
 }
 
 /// What the stack needs to know to give the pages of an idle receive ring
@@ -173,6 +182,8 @@ struct TxTok<'a> {
     emitted: &'a mut usize,
     budget: &'a mut u32,
     rx: &'a mut RxTrack,
+    tx: &'a mut TxTrack,
+    now: Instant,
 }
 
 impl smoltcp::phy::RxToken for RxTok<'_> {
@@ -188,6 +199,7 @@ impl smoltcp::phy::TxToken for TxTok<'_> {
         }
         let r = f(&mut self.scratch[..len]);
         self.rx.outbound(&self.scratch[..len]);
+        self.tx.outbound(self.now, &self.scratch[..len]);
         self.egress.send(&self.scratch[..len]);
         *self.emitted += 1;
         *self.budget = self.budget.saturating_sub(1);
@@ -206,18 +218,32 @@ struct Dev<'a> {
     budget: &'a mut u32,
     throttled: bool,
     rx_track: &'a mut RxTrack,
+    tx_track: &'a mut TxTrack,
+    now: Instant,
 }
 
-/// Bounds the bursts sent into the tunnel towards one peer: at most `BURST`
-/// packets at once, refilled at `PER_MS` a millisecond (about 490 Mbit/s of
-/// full segments: what a wireguard-go peer takes on this class of machine). smoltcp otherwise sends a whole window back to back, and
-/// after a loss resends everything from the lost segment; a peer such as
-/// wireguard-go with the kernel's default 208 KiB UDP receive buffer drops
-/// the tail of such bursts, and the stream crawls from retransmission timeout
-/// to retransmission timeout.
+/// Paces the segments sent into the tunnel towards one peer at a rate that
+/// follows the path: twice the bytes in flight per smoothed round trip (as
+/// Linux paces TCP in slow start), with bursts of two milliseconds' worth
+/// (the timer's resolution is one). smoltcp otherwise sends a whole window
+/// back to back, and after a loss resends everything from the lost
+/// segment; a peer such as wireguard-go with the kernel's default 208 KiB
+/// UDP receive buffer drops the tail of such bursts, and the stream crawls
+/// from retransmission timeout to retransmission timeout. Pacing spreads a
+/// window over half a round trip instead; since the rate is twice what the
+/// window delivers, it never holds a stream below what its window allows.
+///
+/// Until a round trip is measured the rate is `START_PER_MS` (about 490
+/// Mbit/s of full segments, what a wireguard-go peer takes on this class of
+/// machine); it never falls below `MIN_PER_MS`.
 pub struct Pacer {
+    /// Packets that may leave now.
     tokens: u32,
     last: Instant,
+    /// Smoothed round trip of the peer's streams (RFC 6298's 1/8 gain).
+    srtt_us: Option<u64>,
+    /// Bytes sent and not yet acknowledged, over the peer's streams.
+    inflight: u64,
 }
 
 /// A pacer shared by every stream towards one peer: the bound is on what
@@ -226,21 +252,116 @@ pub type SharedPacer = std::sync::Arc<parking_lot::Mutex<Pacer>>;
 
 pub fn new_pacer(now: Instant) -> SharedPacer {
     std::sync::Arc::new(parking_lot::Mutex::new(Pacer {
-        tokens: BURST,
+        tokens: START_PER_MS as u32,
         last: now,
+        srtt_us: None,
+        inflight: 0,
     }))
 }
 
-const BURST: u32 = 44;
-const PER_MS: u64 = 44;
+const START_PER_MS: u64 = 44;
+const MIN_PER_MS: u64 = 8;
+const MIN_BURST: u32 = 16;
+/// Full segment on the wire (bytes per paced packet, for the rate).
+const SEGMENT: u64 = (MTU - 40) as u64;
 
 impl Pacer {
+    /// Packets a millisecond.
+    fn per_ms(&self) -> u64 {
+        match self.srtt_us {
+            None => START_PER_MS,
+            Some(rtt) => (2 * self.inflight * 1000 / SEGMENT / rtt.max(1)).max(MIN_PER_MS),
+        }
+    }
+
+    fn burst(&self) -> u32 {
+        (2 * self.per_ms()).clamp(MIN_BURST as u64, 4096) as u32
+    }
+
     fn refill(&mut self, now: Instant) {
         let us = now.saturating_duration_since(self.last).as_micros() as u64;
-        let add = us * PER_MS / 1000;
+        let add = us * self.per_ms() / 1000;
         if add > 0 {
-            self.tokens = (self.tokens as u64 + add).min(BURST as u64) as u32;
+            self.tokens = (self.tokens as u64 + add).min(self.burst() as u64) as u32;
             self.last = now;
+        }
+    }
+
+    /// A round-trip sample of one of the peer's streams.
+    fn rtt_sample(&mut self, us: u64) {
+        self.srtt_us = Some(match self.srtt_us {
+            None => us,
+            Some(s) => (7 * s + us) / 8,
+        });
+    }
+}
+
+/// One stack's share of its pacer's view: the bytes it has in flight and a
+/// round trip being timed (one segment at a time, not a retransmitted one:
+/// Karn's rule).
+#[derive(Default)]
+struct TxTrack {
+    /// End of the furthest segment sent.
+    high: Option<u32>,
+    /// Furthest acknowledgement received.
+    acked: Option<u32>,
+    /// (end of a segment, when it left), until an ACK covers it.
+    timing: Option<(u32, Instant)>,
+    /// In flight as last added to the pacer's total.
+    reported: u64,
+}
+
+/// `a` is after `b` in sequence space.
+fn seq_after(a: u32, b: u32) -> bool {
+    (a.wrapping_sub(b) as i32) > 0
+}
+
+impl TxTrack {
+    fn outbound(&mut self, now: Instant, p: &[u8]) {
+        let Some((seq, len, _)) = tcp_segment(p) else {
+            return;
+        };
+        if len == 0 {
+            return;
+        }
+        let end = seq.wrapping_add(len);
+        match self.high {
+            Some(h) if !seq_after(end, h) => {
+                // A retransmission: its ACK would time two sends at once.
+                self.timing = None;
+            }
+            _ => {
+                self.high = Some(end);
+                if self.timing.is_none() {
+                    self.timing = Some((end, now));
+                }
+            }
+        }
+    }
+
+    /// An inbound segment; returns a round-trip sample if it ended one.
+    fn inbound(&mut self, now: Instant, p: &[u8]) -> Option<u64> {
+        let tcp = tcp_header(p)?;
+        if tcp[13] & ACK == 0 {
+            return None;
+        }
+        let ack = u32::from_be_bytes([tcp[8], tcp[9], tcp[10], tcp[11]]);
+        match self.acked {
+            Some(a) if !seq_after(ack, a) => return None,
+            _ => self.acked = Some(ack),
+        }
+        let (end, at) = self.timing?;
+        if seq_after(end, ack) {
+            return None;
+        }
+        self.timing = None;
+        Some(now.saturating_duration_since(at).as_micros() as u64)
+    }
+
+    fn inflight(&self) -> u64 {
+        match (self.high, self.acked) {
+            (Some(h), Some(a)) if seq_after(h, a) => h.wrapping_sub(a) as u64,
+            _ => 0,
         }
     }
 }
@@ -265,6 +386,8 @@ impl Device for Dev<'_> {
                 emitted: &mut self.emitted,
                 budget: self.budget,
                 rx: self.rx_track,
+                tx: self.tx_track,
+                now: self.now,
             },
         ))
     }
@@ -280,6 +403,8 @@ impl Device for Dev<'_> {
             emitted: &mut self.emitted,
             budget: self.budget,
             rx: self.rx_track,
+            tx: self.tx_track,
+            now: self.now,
         })
     }
 
@@ -307,6 +432,7 @@ impl NetStack {
         let mut scratch = vec![0u8; MTU];
         let mut budget = 0;
         let mut rx = RxTrack::default();
+        let mut tx = TxTrack::default();
         let mut dev = Dev {
             rx: None,
             scratch: &mut scratch,
@@ -315,6 +441,8 @@ impl NetStack {
             budget: &mut budget,
             throttled: false,
             rx_track: &mut rx,
+            tx_track: &mut tx,
+            now,
         };
         let origin = now;
         let mut iface = Interface::new(config, &mut dev, smoltcp::time::Instant::from_micros(0));
@@ -333,6 +461,7 @@ impl NetStack {
             throttled: false,
             tx_dirty: None,
             rx,
+            tx,
         }
     }
 
@@ -349,7 +478,8 @@ impl NetStack {
         // Whatever the pacer says, the segment that acknowledges this input
         // goes out now (every segment carries the current ACK): a pending
         // ACK is what smoltcp's `poll_at` must never see (see `new_socket`).
-        let mut budget = self.take_budget(now).max(1);
+        let rtt = self.tx.inbound(now, packet);
+        let mut budget = self.take_budget(now, rtt).max(1);
         self.rx.inbound(now, packet);
         let mut dev = Dev {
             rx: Some(packet),
@@ -359,6 +489,8 @@ impl NetStack {
             budget: &mut budget,
             throttled: false,
             rx_track: &mut self.rx,
+            tx_track: &mut self.tx,
+            now,
         };
         self.iface.poll(ts, &mut dev, &mut self.sockets);
         self.throttled = dev.throttled;
@@ -366,15 +498,24 @@ impl NetStack {
         self.flush_with(now, ts, egress);
     }
 
-    fn take_budget(&self, now: Instant) -> u32 {
+    /// Takes the pacer's tokens (after telling it a round-trip sample, if
+    /// `rtt` is one).
+    fn take_budget(&self, now: Instant, rtt: Option<u64>) -> u32 {
         let mut p = self.pacer.lock();
+        if let Some(us) = rtt {
+            p.rtt_sample(us);
+        }
         p.refill(now);
         std::mem::take(&mut p.tokens)
     }
 
-    fn give_back(&self, budget: u32) {
+    /// Returns unused tokens and this stack's bytes in flight now.
+    fn give_back(&mut self, budget: u32) {
+        let inflight = self.tx.inflight();
         let mut p = self.pacer.lock();
-        p.tokens = (p.tokens + budget).min(BURST);
+        p.inflight = (p.inflight + inflight).saturating_sub(self.tx.reported);
+        self.tx.reported = inflight;
+        p.tokens = (p.tokens + budget).min(p.burst());
     }
 
     /// True when the last egress stopped for the pacer with more to send:
@@ -390,7 +531,7 @@ impl NetStack {
     }
 
     fn flush_with(&mut self, now: Instant, ts: smoltcp::time::Instant, egress: &dyn Egress) {
-        let mut budget = self.take_budget(now);
+        let mut budget = self.take_budget(now, None);
         loop {
             let mut dev = Dev {
                 rx: None,
@@ -400,6 +541,8 @@ impl NetStack {
                 budget: &mut budget,
                 throttled: false,
                 rx_track: &mut self.rx,
+                tx_track: &mut self.tx,
+                now,
             };
             self.iface.poll_egress(ts, &mut dev, &mut self.sockets);
             self.throttled = dev.throttled;
@@ -749,6 +892,76 @@ mod tests {
         assert_eq!(gw.tcp(conn).state(), tcp::State::Closed, "refused");
     }
 
+    /// The pacer's rate follows the path: twice the bytes in flight per
+    /// smoothed round trip, never below its floor, and the first round trip
+    /// measured between two stacks reaches it.
+    #[test]
+    fn pacing_follows_the_round_trip_and_the_window() {
+        let now = Instant::now();
+        let mut p = Pacer {
+            tokens: 0,
+            last: now,
+            srtt_us: None,
+            inflight: 0,
+        };
+        assert_eq!(p.per_ms(), START_PER_MS, "no round trip measured yet");
+        p.rtt_sample(1_000);
+        p.inflight = 1_000 * SEGMENT;
+        assert_eq!(
+            p.per_ms(),
+            2_000,
+            "1,000 segments in flight over 1 ms, twice"
+        );
+        p.rtt_sample(9_000);
+        assert_eq!(p.srtt_us, Some(2_000), "smoothed with a gain of 1/8");
+        assert_eq!(p.per_ms(), 1_000);
+        p.inflight = 0;
+        assert_eq!(p.per_ms(), MIN_PER_MS, "an idle path keeps the floor");
+        p.inflight = 1_000 * SEGMENT;
+        p.refill(now + std::time::Duration::from_millis(10));
+        assert_eq!(
+            p.tokens,
+            p.burst(),
+            "refills stop at two milliseconds' worth"
+        );
+        assert_eq!(p.burst(), 2_000);
+
+        // Two stacks: a transfer times round trips and counts what is in
+        // flight, and a closed stack takes its share back.
+        let (gw_out, dev_out) = (Wire::default(), Wire::default());
+        let dev_ip: Ipv4Addr = "10.240.0.2".parse().unwrap();
+        let pacer = new_pacer(now);
+        let mut gw = NetStack::new("10.240.0.1".parse().unwrap(), now, pacer.clone());
+        let mut dev = NetStack::new(dev_ip, now, new_pacer(now));
+        let l = dev.listen(22).unwrap();
+        let conn = gw.connect_from(50004, (dev_ip, 22)).unwrap();
+        gw.poll(now, &gw_out);
+        settle(&mut gw, &gw_out, &mut dev, &dev_out, now);
+        let t = now + std::time::Duration::from_millis(3);
+        gw.send(conn, &[7u8; 10_000]);
+        gw.poll(t, &gw_out);
+        assert!(
+            pacer.lock().inflight >= 10_000,
+            "the segments are in flight"
+        );
+        // The answer comes 3 ms after they left.
+        let t2 = t + std::time::Duration::from_millis(3);
+        settle(&mut gw, &gw_out, &mut dev, &dev_out, t2);
+        let srtt = pacer.lock().srtt_us.expect("a round trip was timed");
+        assert!((3_000..=6_000).contains(&srtt), "srtt {srtt} µs");
+        assert_eq!(pacer.lock().inflight, 0, "all acknowledged");
+        let _ = l;
+        gw.send(conn, &[7u8; 5_000]);
+        gw.poll(t2, &gw_out);
+        assert!(pacer.lock().inflight > 0);
+        drop(gw);
+        assert_eq!(
+            pacer.lock().inflight,
+            0,
+            "a dropped stack takes its bytes back"
+        );
+    }
+
     #[test]
     fn pacing_bounds_a_burst() {
         let now = Instant::now();
@@ -764,7 +977,7 @@ mod tests {
         gw.send(conn, &vec![1u8; STREAM_BUFFER]);
         gw.poll(now, &gw_out);
         let sent = gw_out.0.lock().len();
-        assert!(sent as u32 <= BURST, "{sent} packets in one burst");
+        assert!(sent as u64 <= START_PER_MS, "{sent} packets in one burst");
         assert!(gw.throttled());
     }
 }

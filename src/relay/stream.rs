@@ -118,6 +118,11 @@ pub struct SharedStack {
     stack: Mutex<NetStack>,
     wire: Arc<dyn Wire>,
     timer: tokio::sync::Notify,
+    /// When the timer task will next run on its own (µs on [`clock`]),
+    /// written under the stack's lock: an operation wakes it only when the
+    /// stack needs it sooner (a wakeup per segment would cost a context
+    /// switch per segment).
+    timer_at: AtomicU64,
     /// Handles whose relay ended; removed once their TCP state allows.
     released: Mutex<Vec<SocketHandle>>,
     dead: AtomicBool,
@@ -131,29 +136,52 @@ impl SharedStack {
             stack: Mutex::new(stack),
             wire,
             timer: tokio::sync::Notify::new(),
+            timer_at: AtomicU64::new(0),
             released: Mutex::new(Vec::new()),
             dead: AtomicBool::new(false),
             open_streams: AtomicU64::new(0),
         })
     }
 
-    /// Runs `f` on the locked stack with the egress of its [`Wire`].
+    /// Runs `f` on the locked stack with the egress of its [`Wire`], then
+    /// wakes the timer task if the stack now needs it sooner.
     fn output<R: Default>(&self, f: impl FnOnce(&mut NetStack, &dyn Egress) -> R) -> R {
         let mut f = Some(f);
         let mut r = None;
+        let mut wake = false;
         self.wire.with_egress(&mut |egress| {
             if let Some(f) = f.take() {
                 let mut s = self.stack.lock();
                 r = Some(self.guard(|| f(&mut s, egress)));
+                wake = self.timer_needed_sooner(&mut s);
             }
         });
+        if wake {
+            self.timer.notify_one();
+        }
         r.unwrap_or_default()
+    }
+
+    /// Whether the locked stack `s` needs its timers before the timer task
+    /// wakes by itself.
+    fn timer_needed_sooner(&self, s: &mut NetStack) -> bool {
+        let now = Instant::now();
+        let delay = if s.throttled() {
+            Some(Duration::from_millis(1))
+        } else {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| s.poll_delay(now)))
+                .unwrap_or(Some(Duration::ZERO))
+        };
+        match delay {
+            // Half a millisecond of slack: the timer's resolution is one.
+            Some(d) => clock(now + d) + 500 < self.timer_at.load(Ordering::Acquire),
+            None => false,
+        }
     }
 
     /// One inbound packet from the tunnel.
     pub fn input(&self, packet: &[u8]) {
         self.output(|s, egress| s.input(Instant::now(), packet, egress));
-        self.timer.notify_one();
     }
 
     /// One inbound packet from the tunnel, for a caller that already holds
@@ -162,19 +190,20 @@ impl SharedStack {
     pub fn input_with(&self, packet: &[u8], egress: &dyn Egress) {
         let mut s = self.stack.lock();
         self.guard(|| s.input(Instant::now(), packet, egress));
+        let wake = self.timer_needed_sooner(&mut s);
         drop(s);
-        self.timer.notify_one();
+        if wake {
+            self.timer.notify_one();
+        }
     }
 
     /// Runs `f` on the stack, then egress.
     pub fn with<R: Default>(&self, f: impl FnOnce(&mut NetStack) -> R) -> R {
-        let r = self.output(|s, egress| {
+        self.output(|s, egress| {
             let r = f(s);
             s.poll(Instant::now(), egress);
             r
-        });
-        self.timer.notify_one();
-        r
+        })
     }
 
     /// A panic inside smoltcp must not take the packet thread (or a relay
@@ -258,6 +287,13 @@ impl SharedStack {
                 } else {
                     delay
                 };
+                // Under the lock: an operation after this sees when the
+                // task wakes (see `timer_at`).
+                let sleep = delay
+                    .unwrap_or(Duration::from_secs(1))
+                    .min(Duration::from_secs(1));
+                self.timer_at
+                    .store(clock(Instant::now() + sleep), Ordering::Release);
                 (delay, s.is_empty())
             });
             let (delay, empty) = delay;
@@ -308,6 +344,14 @@ impl SharedStack {
         self.released.lock().push(h);
         self.timer.notify_one();
     }
+}
+
+/// Microseconds since the first call in this process: instants as
+/// numbers an atomic can hold.
+fn clock(t: Instant) -> u64 {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let e = *EPOCH.get_or_init(Instant::now);
+    t.saturating_duration_since(e).as_micros() as u64
 }
 
 /// Bytes moved by one relay, per direction.
