@@ -11,7 +11,10 @@
 #   C. side by side: the same storm of N_WG devices against cloudlink and
 #      against Debian's wireguard-go (TUN in a network namespace the script
 #      creates, veth in 198.18.0.0/15): time to all connected, CPU per
-#      handshake, memory per peer.
+#      handshake, memory per peer. cloudlink takes the storm twice: from
+#      boringtun-style initiators (the upper 24 bits of the sender index
+#      kept for the life of a tunnel) and with --random-index (a new
+#      random index per handshake, as kernel and wireguard-go peers).
 #
 # Prints the figures and writes them (JSON, timelines, and the plot
 # storm.png) under $OUT. Everything runs on loopback or inside the
@@ -19,6 +22,8 @@
 #
 # Usage: bash benches/fleet.sh            (N=100000, N_WG=50000)
 #        N=20000 N_WG=10000 bash benches/fleet.sh   (a quicker look)
+#        N=250000 SCENARIOS=A OUT=target/fleet250k bash benches/fleet.sh
+#        (LG_THREADS: loadgen threads, default 2)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,6 +33,7 @@ RATE=${RATE:-2500}
 IDLE=${IDLE:-150}
 OUT=${OUT:-target/fleet}
 SCENARIOS=${SCENARIOS:-ABC}
+LG_THREADS=${LG_THREADS:-2}
 BIN=target/release/cloudlink
 mkdir -p "$OUT"
 
@@ -85,7 +91,7 @@ if [[ $SCENARIOS == *A* ]]; then
     rm -rf "$OUT/a" && mkdir -p "$OUT/a"
     start_gateway "$OUT/a/data" "$OUT/a/gateway.log"
     timeout $((IDLE + N / RATE + 300)) "$BIN" loadgen --gateway "127.0.0.1:$UDP" --api "http://127.0.0.1:$API" \
-        --token-file "$OUT/a/data/api-token" --devices "$N" --rate "$RATE" --sockets 512 --threads 1 \
+        --token-file "$OUT/a/data/api-token" --devices "$N" --rate "$RATE" --sockets 512 --threads "$LG_THREADS" \
         --duration "$((N / RATE + IDLE + 240))s" --exit-when-connected --settle "${IDLE}s" \
         --gateway-pid "$GPID" --timeline "$OUT/a/timeline.csv" >"$OUT/a/report.json" 2>"$OUT/a/loadgen.log"
     stop_gateway
@@ -123,15 +129,18 @@ fi
 if [[ $SCENARIOS == *C* ]]; then
     echo "== C: a storm of $N_WG devices, cloudlink and wireguard-go side by side"
     rm -rf "$OUT/c" && mkdir -p "$OUT/c"
-    # cloudlink, on loopback.
-    start_gateway "$OUT/c/data" "$OUT/c/gateway.log"
-    "$BIN" loadgen --gateway "127.0.0.1:$UDP" --api "http://127.0.0.1:$API" \
-        --token-file "$OUT/c/data/api-token" --devices "$N_WG" --storm --sockets 512 --source-ips 512 \
-        --duration 300s --exit-when-connected --settle 2s --gateway-pid "$GPID" \
-        --timeline "$OUT/c/cloudlink-timeline.csv" >"$OUT/c/cloudlink.json" 2>"$OUT/c/cloudlink-loadgen.log"
-    echo "$(completed_handshakes)" >"$OUT/c/cloudlink-handshakes"
-    stop_gateway
-    jq -c . "$OUT/c/cloudlink.json"
+    # cloudlink, on loopback: boringtun-style indices, then random ones.
+    for kind in "" "-random-index"; do
+        start_gateway "$OUT/c/data$kind" "$OUT/c/gateway$kind.log"
+        "$BIN" loadgen --gateway "127.0.0.1:$UDP" --api "http://127.0.0.1:$API" \
+            --token-file "$OUT/c/data$kind/api-token" --devices "$N_WG" --storm --sockets 512 --source-ips 512 \
+            ${kind:+--random-index} \
+            --duration 300s --exit-when-connected --settle 2s --gateway-pid "$GPID" \
+            --timeline "$OUT/c/cloudlink$kind-timeline.csv" >"$OUT/c/cloudlink$kind.json" 2>"$OUT/c/cloudlink$kind-loadgen.log"
+        echo "$(completed_handshakes)" >"$OUT/c/cloudlink$kind-handshakes"
+        stop_gateway
+        jq -c . "$OUT/c/cloudlink$kind.json"
+    done
 
     # wireguard-go in a namespace, reached over a veth pair.
     ip netns del clfleet 2>/dev/null || true
@@ -199,6 +208,11 @@ if [ -f "$OUT/c/wireguard-go2.json" ]; then
     jq -r --arg hs "$cl_hs" '
       "C  cloudlink     storm of \(.devices): all connected in \(.all_connected_s // "never") s, CPU per handshake \((.gateway_cpu_connect_s / ($hs|tonumber) * 1e6) | round) µs, RSS per device \(((.gateway_rss_bytes - .gateway_rss_registered_bytes) / .connected / 1024) * 10 | round / 10) KiB"' \
       "$OUT/c/cloudlink.json"
+    if [ -f "$OUT/c/cloudlink-random-index.json" ]; then
+        jq -r --arg hs "$(cat "$OUT/c/cloudlink-random-index-handshakes")" '
+          "C  cloudlink     storm of \(.devices), random sender indices: all connected in \(.all_connected_s // "never") s, CPU per handshake \((.gateway_cpu_connect_s / ($hs|tonumber) * 1e6) | round) µs"' \
+          "$OUT/c/cloudlink-random-index.json"
+    fi
     jq -r '
       "C  wireguard-go  storm of \(.devices): all connected in \(.all_connected_s // "never") s, CPU per handshake \((.gateway_cpu_connect_s / .handshakes * 1e6) | round) µs, RSS per configured peer \(((.rss_with_peers - .rss_before_peers) / .devices / 1024) * 10 | round / 10) KiB (+ \(((.gateway_rss_bytes - .rss_with_peers) / .devices / 1024) * 10 | round / 10) KiB once connected)"' \
       "$OUT/c/wireguard-go2.json"
@@ -206,8 +220,10 @@ fi
 
 # ---------------------------------------------------------------- plot
 plots=()
+[ -f "$OUT/a/timeline.csv" ] && plots+=("'$OUT/a/timeline.csv' using 1:2 every ::1 with lines lw 2 title 'cloudlink: $N devices at $RATE/s, then idle'")
 [ -f "$OUT/b/timeline.csv" ] && plots+=("'$OUT/b/timeline.csv' using 1:2 every ::1 with lines lw 2 title 'cloudlink: storm of $N, then restart'")
 [ -f "$OUT/c/cloudlink-timeline.csv" ] && plots+=("'$OUT/c/cloudlink-timeline.csv' using 1:2 every ::1 with lines lw 2 title 'cloudlink: storm of $N_WG'")
+[ -f "$OUT/c/cloudlink-random-index-timeline.csv" ] && plots+=("'$OUT/c/cloudlink-random-index-timeline.csv' using 1:2 every ::1 with lines lw 2 title 'cloudlink: storm of $N_WG, random indices'")
 [ -f "$OUT/c/wireguard-go-timeline.csv" ] && plots+=("'$OUT/c/wireguard-go-timeline.csv' using 1:2 every ::1 with lines lw 2 title 'wireguard-go: storm of $N_WG'")
 if [ ${#plots[@]} -gt 0 ]; then
     joined=$(IFS=,; echo "${plots[*]}")
@@ -227,8 +243,8 @@ fi
 # RESULTS=1: refresh the copies BENCHMARKS.md shows.
 if [ "${RESULTS:-0}" = 1 ]; then
     mkdir -p benches/results
-    [ -f "$OUT/storm.png" ] && cp "$OUT/storm.png" benches/results/storm.png
-    for f in a/report.json b/report2.json c/cloudlink.json c/wireguard-go2.json; do
-        [ -f "$OUT/$f" ] && jq . "$OUT/$f" >"benches/results/$(echo "$f" | tr / -)"
+    [ -f "$OUT/storm.png" ] && cp "$OUT/storm.png" "benches/results/${PLOT_NAME:-storm}.png"
+    for f in a/report.json b/report2.json c/cloudlink.json c/cloudlink-random-index.json c/wireguard-go2.json; do
+        [ -f "$OUT/$f" ] && jq . "$OUT/$f" >"benches/results/${RESULT_PREFIX:-}$(echo "$f" | tr / -)"
     done
 fi

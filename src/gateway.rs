@@ -352,6 +352,7 @@ impl Gateway {
             )
         };
         let endpoints_task = tokio::spawn(endpoints.run(registry.clone(), stop_status.subscribe()));
+        tokio::spawn(crate::memory::run(stop_status.subscribe()));
         // Scoped tokens: SQLite alone, the cluster's bucket in cluster mode.
         let tokens = match &cluster {
             None => {

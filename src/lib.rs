@@ -26,6 +26,7 @@ pub mod http1;
 pub mod keys;
 pub mod link_state;
 pub mod loadgen;
+pub mod memory;
 pub mod metrics;
 pub mod packet_path;
 pub mod redial;

@@ -610,8 +610,10 @@ impl Worker {
         if !self.cfg.random_index {
             return global;
         }
-        let d = &self.devices[local];
-        self.by_index.remove(&d.index);
+        let old = self.devices[local].index;
+        if self.by_index.get(&old) == Some(&(local as u32)) {
+            self.by_index.remove(&old);
+        }
         loop {
             let i = rand_core::RngCore::next_u32(&mut rand_core::OsRng) >> 8;
             if i != 0 && !self.by_index.contains_key(&i) {
