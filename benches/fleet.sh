@@ -34,7 +34,8 @@ IDLE=${IDLE:-150}
 OUT=${OUT:-target/fleet}
 SCENARIOS=${SCENARIOS:-ABC}
 LG_THREADS=${LG_THREADS:-2}
-BIN=target/release/cloudlink
+# BIN: another build to measure (for before/after figures in one session).
+BIN=${BIN:-target/release/cloudlink}
 mkdir -p "$OUT"
 
 need=()
@@ -50,7 +51,7 @@ if [ ${#need[@]} -gt 0 ]; then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}"
 fi
-cargo build --release --quiet
+[ "$BIN" = target/release/cloudlink ] && cargo build --release --quiet
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
 UDP=51999

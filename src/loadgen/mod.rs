@@ -386,66 +386,90 @@ pub fn run(cfg: LoadgenConfig) -> Result<Report, LoadgenError> {
     let threads = cfg.threads.max(1).min(sockets.len());
     let shared = Arc::new(Shared::default());
     let stop = Arc::new(AtomicBool::new(false));
-    let cpu_start = cfg.gateway_pid.and_then(report::cpu_seconds);
-    let rss_registered = cfg.gateway_pid.and_then(report::rss_bytes);
-    let start = Instant::now();
     let cfg = Arc::new(cfg);
 
     // Device i lives on worker i % threads; its socket is one of that
-    // worker's, so the worker that receives its datagrams owns it.
+    // worker's, so the worker that receives its datagrams owns it. Each
+    // worker builds its own devices (a `Tunn` costs two X25519), then all
+    // wait for one another: the run starts when every device is ready.
+    let built = Arc::new(std::sync::Barrier::new(threads + 1));
+    let go = Arc::new(std::sync::Barrier::new(threads + 1));
+    let started: Arc<std::sync::OnceLock<Instant>> = Arc::default();
     let mut secrets: Vec<Option<StaticSecret>> = secrets.into_iter().map(Some).collect();
     let mut handles = Vec::new();
     for w in 0..threads {
         let my_sockets: Vec<usize> = (w..sockets.len()).step_by(threads).collect();
-        let mut devices = Vec::new();
+        let mut mine = Vec::new();
         let mut i = w;
         while i < cfg.devices {
             let socket = my_sockets[(i / threads) % my_sockets.len()];
             let secret = secrets[i].take().expect("each key used once");
-            devices.push(Device {
-                mac1_key: mac1_key(&publics[i]),
-                back: false,
-                tunn: Tunn::new(
-                    secret.clone(),
-                    gateway_key,
-                    None,
-                    Some(KEEPALIVE_S),
-                    i as u32,
-                    None,
-                ),
-                secret,
-                index: i as u32,
-                phase: Phase::Waiting,
-                attempt: start,
-                session_at: start,
-                socket,
-            });
+            mine.push((i, secret, mac1_key(&publics[i]), socket));
             i += threads;
         }
-        let mut on_socket = vec![Vec::new(); sockets.len()];
-        for (local, d) in devices.iter().enumerate() {
-            on_socket[d.socket].push(local as u32);
-        }
-        let worker = Worker {
-            w,
-            threads,
-            on_socket,
-            devices,
-            sockets: sockets.clone(),
-            my_sockets,
-            shared: shared.clone(),
-            cfg: cfg.clone(),
-            start,
-            stop: stop.clone(),
-            gateway_key,
-            by_index: Default::default(),
-        };
+        let (sockets, shared, cfg, stop) = (sockets.clone(), shared.clone(), cfg.clone(), stop.clone());
+        let (built, go, started) = (built.clone(), go.clone(), started.clone());
         handles.push(
             std::thread::Builder::new()
                 .name(format!("loadgen-{w}"))
-                .spawn(move || worker.run())?,
+                .spawn(move || {
+                    let now = Instant::now();
+                    let devices: Vec<Device> = mine
+                        .into_iter()
+                        .map(|(i, secret, mac1_key, socket)| Device {
+                            mac1_key,
+                            back: false,
+                            tunn: Tunn::new(
+                                secret.clone(),
+                                gateway_key,
+                                None,
+                                Some(KEEPALIVE_S),
+                                i as u32,
+                                None,
+                            ),
+                            secret,
+                            index: i as u32,
+                            phase: Phase::Waiting,
+                            attempt: now,
+                            session_at: now,
+                            socket,
+                        })
+                        .collect();
+                    let mut on_socket = vec![Vec::new(); sockets.len()];
+                    for (local, d) in devices.iter().enumerate() {
+                        on_socket[d.socket].push(local as u32);
+                    }
+                    built.wait();
+                    go.wait();
+                    let start = *started.get().expect("set before the second barrier");
+                    let mut worker = Worker {
+                        w,
+                        threads,
+                        on_socket,
+                        devices,
+                        sockets,
+                        my_sockets,
+                        shared,
+                        cfg,
+                        start,
+                        stop,
+                        gateway_key,
+                        by_index: Default::default(),
+                    };
+                    for d in &mut worker.devices {
+                        d.attempt = start;
+                        d.session_at = start;
+                    }
+                    worker.run()
+                })?,
         );
     }
+    built.wait();
+    let cpu_start = cfg.gateway_pid.and_then(report::cpu_seconds);
+    let rss_registered = cfg.gateway_pid.and_then(report::rss_bytes);
+    let start = Instant::now();
+    let _ = started.set(start);
+    go.wait();
 
     // Progress, timeline and the end condition.
     let mut timeline = Vec::new();
