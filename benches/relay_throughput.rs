@@ -19,6 +19,8 @@ use tokio::net::{TcpListener, TcpStream};
 const SINGLE: usize = 256 << 20;
 const PER_STREAM: usize = 4 << 20;
 const STREAMS: usize = 100;
+/// Devices the 100 streams are spread over.
+const DEVICES: usize = 10;
 const TARGET_MBIT: f64 = 300.0;
 const LIMIT: Duration = Duration::from_secs(120);
 
@@ -78,8 +80,8 @@ async fn open(proxy: Option<SocketAddr>, direct: SocketAddr, target: &str) -> Tc
     }
 }
 
-async fn upload(proxy: Option<SocketAddr>, sink: SocketAddr, bytes: usize) {
-    let mut s = open(proxy, sink, "bench-dev:7001").await;
+async fn upload(proxy: Option<SocketAddr>, sink: SocketAddr, bytes: usize, device: String) {
+    let mut s = open(proxy, sink, &format!("{device}:7001")).await;
     let _ = s.set_nodelay(true);
     let buf = vec![0xa5u8; 256 << 10];
     let mut left = bytes;
@@ -94,8 +96,8 @@ async fn upload(proxy: Option<SocketAddr>, sink: SocketAddr, bytes: usize) {
     assert_eq!(ok, b"ok");
 }
 
-async fn download(proxy: Option<SocketAddr>, source: SocketAddr, bytes: usize) {
-    let mut s = open(proxy, source, "bench-dev:7002").await;
+async fn download(proxy: Option<SocketAddr>, source: SocketAddr, bytes: usize, device: String) {
+    let mut s = open(proxy, source, &format!("{device}:7002")).await;
     s.write_all(&(bytes as u64).to_le_bytes()).await.unwrap();
     let mut buf = vec![0u8; 256 << 10];
     let mut got = 0usize;
@@ -117,15 +119,23 @@ async fn measure<F: std::future::Future<Output = ()>>(bytes: usize, f: F) -> f64
     bytes as f64 * 8.0 / t.elapsed().as_secs_f64() / 1e6
 }
 
+/// The device stream `k` of the 100 goes to: ten streams to each of ten.
+fn device(k: usize) -> String {
+    match k % DEVICES {
+        0 => "bench-dev".into(),
+        d => format!("bench-dev-{d}"),
+    }
+}
+
 async fn run_set(proxy: Option<SocketAddr>, sink: SocketAddr, source: SocketAddr) -> [f64; 4] {
     let only = std::env::var("SINGLE_ONLY").unwrap_or_default();
     let up1 = if only != "down" {
-        measure(SINGLE, upload(proxy, sink, SINGLE)).await
+        measure(SINGLE, upload(proxy, sink, SINGLE, "bench-dev".into())).await
     } else {
         f64::NAN
     };
     let down1 = if only != "up" {
-        measure(SINGLE, download(proxy, source, SINGLE)).await
+        measure(SINGLE, download(proxy, source, SINGLE, "bench-dev".into())).await
     } else {
         f64::NAN
     };
@@ -136,7 +146,7 @@ async fn run_set(proxy: Option<SocketAddr>, sink: SocketAddr, source: SocketAddr
     let total = PER_STREAM * STREAMS;
     let upn = measure(total, async {
         let hs: Vec<_> = (0..STREAMS)
-            .map(|_| tokio::spawn(upload(proxy, sink, PER_STREAM)))
+            .map(|k| tokio::spawn(upload(proxy, sink, PER_STREAM, device(k))))
             .collect();
         for h in hs {
             h.await.unwrap();
@@ -145,7 +155,7 @@ async fn run_set(proxy: Option<SocketAddr>, sink: SocketAddr, source: SocketAddr
     .await;
     let downn = measure(total, async {
         let hs: Vec<_> = (0..STREAMS)
-            .map(|_| tokio::spawn(download(proxy, source, PER_STREAM)))
+            .map(|k| tokio::spawn(download(proxy, source, PER_STREAM, device(k))))
             .collect();
         for h in hs {
             h.await.unwrap();
@@ -170,14 +180,27 @@ fn main() {
             "7001,7002",
         )
         .await;
+        // Nine more devices, each its own agent (process) with the same
+        // forwards: the 100 streams go ten to each.
+        let mut agents = Vec::new();
+        for d in 1..DEVICES {
+            let uuid = format!("bench-dev-{d}");
+            agents.push(
+                fleet
+                    .gw
+                    .agent(&uuid, &[format!("7001={sink}"), format!("7002={source}")])
+                    .await,
+            );
+            fleet.gw.wait_connected(&uuid).await;
+        }
         let proxy = fleet.proxy;
         let plain = run_set(None, sink, source).await;
         let relay = run_set(Some(proxy), sink, source).await;
         let names = [
             "one stream, client to device",
             "one stream, device to client",
-            "100 streams, client to device",
-            "100 streams, device to client",
+            "100 streams to 10 devices, up",
+            "100 streams to 10 devices, down",
         ];
         println!("relay_throughput (Mbit/s; gateway and agent on loopback; plain loopback TCP beside)");
         for i in 0..4 {

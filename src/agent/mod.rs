@@ -19,8 +19,7 @@ use dashmap::DashMap;
 use parking_lot::Mutex;
 use std::cell::RefCell;
 
-use crate::packet_path::udp_io::{BatchSlots, RecvBatch, SendBatch};
-use crate::packet_path::Transmit;
+use crate::packet_path::udp_io::RecvBatch;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -143,36 +142,10 @@ pub async fn run(config: AgentConfig, mut stop: tokio::sync::watch::Receiver<boo
 struct AgentEgress {
     tunn: Arc<Mutex<Tunn>>,
     socket: Arc<UdpSocket>,
-    /// The gateway's endpoint (the socket is connected to it).
-    to: SocketAddr,
 }
 
 thread_local! {
     static ENCAP: RefCell<Vec<u8>> = RefCell::new(vec![0u8; 65_600]);
-    /// Datagrams a stack call made on this thread, sent with one
-    /// `sendmmsg` when the call ends. (Holding the answers to a whole
-    /// receive batch until its end was measured slower: 612-705 Mbit/s
-    /// device to client against 791 without.)
-    static OUT: RefCell<Option<Box<BatchSlots>>> = const { RefCell::new(None) };
-}
-
-/// The agent's egress for one stack call: encrypts at once, queues the
-/// datagram in this thread's batch.
-struct Batched<'a, 'b> {
-    tunn: &'a Mutex<Tunn>,
-    to: SocketAddr,
-    tx: RefCell<SendBatch<'a, &'b mut BatchSlots>>,
-}
-
-impl Egress for Batched<'_, '_> {
-    fn send(&self, packet: &[u8]) {
-        ENCAP.with(|b| {
-            let mut b = b.borrow_mut();
-            if let TunnResult::WriteToNetwork(d) = self.tunn.lock().encapsulate(packet, &mut b) {
-                self.tx.borrow_mut().send(self.to, d);
-            }
-        });
-    }
 }
 
 /// The agent's stacks reach the gateway through its one tunnel; the order
@@ -180,25 +153,13 @@ impl Egress for Batched<'_, '_> {
 /// feeds a stack).
 impl Wire for AgentEgress {
     fn with_egress(&self, f: &mut dyn FnMut(&dyn Egress)) {
-        // A stack's burst of segments leaves with one `sendmmsg`.
-        OUT.with(|b| match b.try_borrow_mut() {
-            Ok(mut b) => {
-                let b = b.get_or_insert_with(|| Box::new(BatchSlots::new()));
-                let egress = Batched {
-                    tunn: &self.tunn,
-                    to: self.to,
-                    tx: RefCell::new(SendBatch::on(
-                        std::os::fd::AsFd::as_fd(&*self.socket),
-                        None,
-                        b,
-                    )),
-                };
-                f(&egress);
-                egress.tx.borrow_mut().flush();
-            }
-            // Re-entered on this thread (not done today): one at a time.
-            Err(_) => f(self),
-        })
+        // Each datagram leaves at once. Batching a stack call's output (a
+        // per-thread `sendmmsg`) was tried: two threads (the receive loop and
+        // a relay task) then flush their batches in either order, the
+        // gateway sees a stream's segments out of order, and one run in
+        // three of `relay_throughput` delivered a stray byte (under
+        // investigation, see BENCHMARKS.md). Not kept.
+        f(self)
     }
 }
 
@@ -259,7 +220,6 @@ async fn session(cfg: &AgentConfig, stop: &mut tokio::sync::watch::Receiver<bool
     let egress: Arc<dyn Wire> = Arc::new(AgentEgress {
         tunn: tunn.clone(),
         socket: socket.clone(),
-        to: endpoint,
     });
     let mut batch = RecvBatch::with_slots(RECV_SLOT);
     let pacer = crate::relay::netstack::new_pacer(Instant::now());

@@ -407,7 +407,8 @@ pub fn run(cfg: LoadgenConfig) -> Result<Report, LoadgenError> {
             mine.push((i, secret, mac1_key(&publics[i]), socket));
             i += threads;
         }
-        let (sockets, shared, cfg, stop) = (sockets.clone(), shared.clone(), cfg.clone(), stop.clone());
+        let (sockets, shared, cfg, stop) =
+            (sockets.clone(), shared.clone(), cfg.clone(), stop.clone());
         let (built, go, started) = (built.clone(), go.clone(), started.clone());
         handles.push(
             std::thread::Builder::new()
