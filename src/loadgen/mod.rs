@@ -665,20 +665,12 @@ impl Worker {
         }
     }
 
+    /// A first attempt: an initiation as for a rekey, timed from now.
     fn initiate(&mut self, local: usize, now: Instant, buf: &mut [u8]) {
-        if self.cfg.random_index {
-            self.fresh_tunnel(local);
-        }
         let d = &mut self.devices[local];
         d.phase = Phase::Handshaking;
         d.attempt = now;
-        d.session_at = now;
-        let socket = d.socket;
-        if let TunnResult::WriteToNetwork(p) = d.tunn.format_handshake_initiation(buf, false) {
-            let p = p.to_vec();
-            self.shared.initiations.fetch_add(1, Ordering::Relaxed);
-            self.send(socket, &p);
-        }
+        self.rekey(local, now, buf);
     }
 
     fn run(mut self) {

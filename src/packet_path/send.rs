@@ -154,8 +154,7 @@ impl PacketPath {
         EGRESS_BATCH.with(|b| match b.try_borrow_mut() {
             Ok(mut b) => {
                 let b = b.get_or_insert_with(|| Box::new(BatchSlots::new()));
-                let mut tx =
-                    SendBatch::on(std::os::fd::AsFd::as_fd(&*socket), Some(&self.metrics), b);
+                let mut tx = SendBatch::on(std::os::fd::AsFd::as_fd(&*socket), &self.metrics, b);
                 let mut st = session.state.lock();
                 f(&SessionOutput::new(&mut st, &mut tx));
                 tx.flush();

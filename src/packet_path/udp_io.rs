@@ -341,8 +341,7 @@ impl BatchSlots {
 /// Send side: datagrams of one batch, flushed with one `sendmmsg`.
 pub(crate) struct SendBatch<'a, B: std::borrow::BorrowMut<BatchSlots>> {
     socket: std::os::fd::BorrowedFd<'a>,
-    /// The gateway's counters (the agent has none).
-    metrics: Option<&'a crate::metrics::Metrics>,
+    metrics: &'a crate::metrics::Metrics,
     b: B,
 }
 
@@ -350,7 +349,7 @@ impl<'a> SendBatch<'a, BatchSlots> {
     fn new(socket: &'a UdpSocket, metrics: &'a crate::metrics::Metrics) -> Self {
         SendBatch {
             socket: std::os::fd::AsFd::as_fd(socket),
-            metrics: Some(metrics),
+            metrics,
             b: BatchSlots::new(),
         }
     }
@@ -361,7 +360,7 @@ impl<'a, 'b> SendBatch<'a, &'b mut BatchSlots> {
     /// `socket`. Nothing leaves before [`Transmit::flush`].
     pub(crate) fn on(
         socket: std::os::fd::BorrowedFd<'a>,
-        metrics: Option<&'a crate::metrics::Metrics>,
+        metrics: &'a crate::metrics::Metrics,
         b: &'b mut BatchSlots,
     ) -> Self {
         SendBatch { socket, metrics, b }
@@ -374,11 +373,10 @@ impl<B: std::borrow::BorrowMut<BatchSlots>> SendBatch<'_, B> {
         if b.n == 0 {
             return;
         }
-        if let Some(m) = self.metrics {
-            m.tx_packets.inc_by(b.n as u64);
-            m.tx_bytes
-                .inc_by(b.lens[..b.n].iter().map(|&l| l as u64).sum());
-        }
+        self.metrics.tx_packets.inc_by(b.n as u64);
+        self.metrics
+            .tx_bytes
+            .inc_by(b.lens[..b.n].iter().map(|&l| l as u64).sum());
         let mut sent = 0;
         while sent < b.n {
             for i in sent..b.n {
@@ -428,10 +426,8 @@ impl<B: std::borrow::BorrowMut<BatchSlots>> Transmit for SendBatch<'_, B> {
             // Alone, and after what the batch holds: a device's datagrams
             // leave in the order they were encrypted.
             self.send_now();
-            if let Some(m) = self.metrics {
-                m.tx_packets.inc();
-                m.tx_bytes.inc_by(datagram.len() as u64);
-            }
+            self.metrics.tx_packets.inc();
+            self.metrics.tx_bytes.inc_by(datagram.len() as u64);
             let (addr, len) = to_sockaddr(to);
             // SAFETY: `datagram` and `addr` are valid for the call.
             let r = unsafe {
