@@ -220,6 +220,8 @@ async fn session(cfg: &AgentConfig, stop: &mut tokio::sync::watch::Receiver<bool
         socket: socket.clone(),
     });
     let mut batch = RecvBatch::with_slots(RECV_SLOT);
+    // Stacks fed segments by the current receive batch, flushed after it.
+    let mut fed: Vec<Arc<SharedStack>> = Vec::new();
     let pacer = crate::relay::netstack::new_pacer(Instant::now());
     let conns = Connections {
         address: cfg.wg.address,
@@ -257,9 +259,13 @@ async fn session(cfg: &AgentConfig, stop: &mut tokio::sync::watch::Receiver<bool
                 };
                 for i in 0..n {
                     let (_, datagram) = batch.get(i);
-                    if receive(&tunn, &socket, datagram, &mut out, &conns, cfg) {
+                    if receive(&tunn, &socket, datagram, &mut out, &conns, &mut fed, cfg) {
                         last_auth = Some(Instant::now());
                     }
+                }
+                // One ACK per stack for the whole batch.
+                for stack in fed.drain(..) {
+                    stack.flush();
                 }
             }
             _ = tick.tick() => {
@@ -317,6 +323,7 @@ fn receive(
     datagram: &[u8],
     out: &mut [u8],
     conns: &Connections,
+    fed: &mut Vec<Arc<SharedStack>>,
     cfg: &AgentConfig,
 ) -> bool {
     let out_start = out.as_ptr() as usize;
@@ -336,7 +343,7 @@ fn receive(
             drop(t);
             let packet = &out[range];
             if src == cfg.wg.gateway_address && packet.len() >= 20 && packet[9] == 6 {
-                conns.input(packet);
+                conns.input(packet, fed);
             }
             true
         }
@@ -366,7 +373,9 @@ enum Target {
 }
 
 impl Connections {
-    fn input(&self, packet: &[u8]) {
+    /// A segment from the gateway. One for an open connection is ingested
+    /// and its stack noted in `fed`, to be flushed after the receive batch.
+    fn input(&self, packet: &[u8], fed: &mut Vec<Arc<SharedStack>>) {
         let ihl = ((packet[0] & 0x0f) as usize) * 4;
         let Some(tcp) = packet.get(ihl..ihl + 14) else {
             return;
@@ -377,7 +386,11 @@ impl Connections {
         );
         let (syn, ack) = (tcp[13] & 0x02 != 0, tcp[13] & 0x10 != 0);
         if let Some(stack) = self.by_port.get(&src_port).map(|s| s.clone()) {
-            return stack.input(packet);
+            stack.ingest(packet);
+            if !fed.iter().any(|s| Arc::ptr_eq(s, &stack)) {
+                fed.push(stack);
+            }
+            return;
         }
         let target = match self.forwards.iter().find(|f| f.port == dst_port) {
             Some(f) => Some(Target::Forward(f.target.clone())),

@@ -71,6 +71,11 @@ impl Transmit for Vec<(SocketAddr, Vec<u8>)> {
 /// worker's batch.
 pub trait TunnelSink: Send + Sync + 'static {
     fn deliver(&self, session: &Arc<Session>, packet: &[u8], answer: &dyn crate::egress::Egress);
+
+    /// Called by a receive worker after each batch, on its thread, with no
+    /// lock held: a sink that put answers off (one ACK for a burst of
+    /// segments) sends them now.
+    fn end_of_batch(&self) {}
 }
 
 /// Told when a device's link goes up or down (device status builds on it).
@@ -200,6 +205,14 @@ impl PacketPath {
     }
 
     /// Plugs in the receiver of packets addressed to the gateway. Once.
+    /// Lets the sink send what it put off during a receive batch (see
+    /// [`TunnelSink::end_of_batch`]).
+    pub fn end_of_batch(&self) {
+        if let Some(sink) = self.sink.get() {
+            sink.end_of_batch();
+        }
+    }
+
     pub fn set_sink(&self, sink: Arc<dyn TunnelSink>) -> Result<(), Arc<dyn TunnelSink>> {
         self.sink.set(sink)
     }

@@ -173,6 +173,7 @@ fn worker_loop(
                     }
                 }
                 tx.flush();
+                path.end_of_batch();
             }
             Err(e)
                 if matches!(

@@ -366,7 +366,29 @@ fn tcp_dst_port(packet: &[u8]) -> Option<u16> {
     Some(u16::from_be_bytes([p[0], p[1]]))
 }
 
+thread_local! {
+    /// Stacks the current receive batch of this worker fed segments to,
+    /// flushed at its end ([`TunnelSink::end_of_batch`]).
+    static FED: std::cell::RefCell<Vec<Arc<SharedStack>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 impl TunnelSink for Relay {
+    fn end_of_batch(&self) {
+        // Taken out of the cell first: a flush takes the session lock and
+        // sends, and must not find the list borrowed.
+        let mut fed = FED.with(|f| std::mem::take(&mut *f.borrow_mut()));
+        for stack in fed.drain(..) {
+            stack.flush();
+        }
+        // The (empty) vector goes back, keeping its capacity.
+        FED.with(|f| {
+            let mut f = f.borrow_mut();
+            if f.is_empty() {
+                *f = fed;
+            }
+        });
+    }
+
     fn deliver(&self, session: &Arc<Session>, packet: &[u8], answer: &dyn Egress) {
         if packet.len() < 20 {
             self.metrics.dropped(DropReason::Unsupported);
@@ -405,7 +427,17 @@ impl TunnelSink for Relay {
                     Some(s.clone())
                 });
                 match stack {
-                    Some(stack) => stack.input_with(packet, answer),
+                    // The ACK waits for the end of the receive batch: one
+                    // for all the stream's segments in it.
+                    Some(stack) => {
+                        stack.ingest_with(packet, answer);
+                        FED.with(|f| {
+                            let mut f = f.borrow_mut();
+                            if !f.iter().any(|s| Arc::ptr_eq(s, &stack)) {
+                                f.push(stack);
+                            }
+                        });
+                    }
                     // A segment for a stream that no longer exists.
                     None => self.metrics.dropped(DropReason::NoStream),
                 }

@@ -184,17 +184,27 @@ impl SharedStack {
         self.output(|s, egress| s.input(Instant::now(), packet, egress));
     }
 
-    /// One inbound packet from the tunnel, for a caller that already holds
-    /// what orders the peer's output and passes its `egress` (the gateway's
-    /// packet path, under the device's session lock).
-    pub fn input_with(&self, packet: &[u8], egress: &dyn Egress) {
+    /// One inbound packet from the tunnel whose answer waits for
+    /// [`flush`](Self::flush): a receiver feeds a whole receive batch, then
+    /// flushes each stack it fed once (one ACK for the batch).
+    pub fn ingest(&self, packet: &[u8]) {
+        self.wire.with_egress(&mut |egress| {
+            let mut s = self.stack.lock();
+            self.guard(|| s.ingest(Instant::now(), packet, egress));
+        });
+    }
+
+    /// [`ingest`](Self::ingest) for a caller that already holds what orders
+    /// the peer's output and passes its `egress` (the gateway's packet
+    /// path, under the device's session lock).
+    pub fn ingest_with(&self, packet: &[u8], egress: &dyn Egress) {
         let mut s = self.stack.lock();
-        self.guard(|| s.input(Instant::now(), packet, egress));
-        let wake = self.timer_needed_sooner(&mut s);
-        drop(s);
-        if wake {
-            self.timer.notify_one();
-        }
+        self.guard(|| s.ingest(Instant::now(), packet, egress));
+    }
+
+    /// Sends what the stack owes after [`ingest`](Self::ingest).
+    pub fn flush(&self) {
+        self.with(|_| ())
     }
 
     /// Runs `f` on the stack, then egress.
