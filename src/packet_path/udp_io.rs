@@ -85,7 +85,9 @@ impl PacketThreads {
     /// Starts one worker per socket and the timer thread.
     pub fn start(path: Arc<PacketPath>, sockets: Vec<Arc<UdpSocket>>) -> std::io::Result<Self> {
         for s in &sockets {
-            size_socket_buffers(s.as_raw_fd(), 4 << 20);
+            // Room for bursts from many devices while the workers share
+            // the CPUs (ARCHITECTURE.md, "UDP socket buffers").
+            size_socket_buffers(s.as_raw_fd(), 16 << 20);
             // The timeout only bounds how long a stop request waits.
             s.set_read_timeout(Some(Duration::from_millis(100)))?;
         }
