@@ -554,28 +554,11 @@ impl NetStack {
     /// Feeds one inbound IP packet, then runs egress until nothing is left
     /// to send.
     pub fn input(&mut self, now: Instant, packet: &[u8], egress: &dyn Egress) {
-        let ts = self.ts(now);
         // Whatever the pacer says, the segment that acknowledges this input
         // goes out now (every segment carries the current ACK): a pending
         // ACK is what smoltcp's `poll_at` must never see (see `new_socket`).
-        let rtt = self.tx.inbound(now, packet);
-        let mut budget = self.take_budget(now, rtt).max(1);
-        self.rx.inbound(now, packet);
-        let mut dev = Dev {
-            rx: Some(packet),
-            scratch: &mut self.scratch,
-            egress,
-            emitted: 0,
-            budget: &mut budget,
-            throttled: false,
-            rx_track: &mut self.rx,
-            tx_track: &mut self.tx,
-            now,
-        };
-        self.iface.poll(ts, &mut dev, &mut self.sockets);
-        self.throttled = dev.throttled;
-        self.give_back(budget);
-        self.flush_with(now, ts, egress);
+        self.ingest(now, packet, egress);
+        self.poll(now, egress);
     }
 
     /// Feeds one inbound IP packet without running egress: what it calls
