@@ -28,11 +28,13 @@ use std::time::SystemTime;
 pub struct StoredEvent {
     /// Its cursor position.
     pub id: u64,
-    /// Unique per publication, stable across retries: for deduplication.
-    pub msg_id: Arc<str>,
     pub device: Option<Arc<str>>,
-    /// The typed event (`None` for one read back from a cluster's stream:
-    /// only its JSON travels).
+    /// The typed event, kept for device-lifecycle events only (the fleet
+    /// applies them; every other reader takes the JSON). `None` for the
+    /// rest, and for one read back from a cluster's stream (only its JSON
+    /// travels). A retained event is kept small: the ring holds up to
+    /// `--event-ring` of them, and their allocations sit among the
+    /// sessions' (BENCHMARKS.md, "250,000 devices").
     pub event: Option<Arc<Event>>,
     /// Its JSON, made once when it was published.
     pub json: Arc<str>,

@@ -115,9 +115,8 @@ impl EventBus for RingBus {
         let lifecycle = event.is_device_lifecycle();
         let stored = StoredEvent {
             id,
-            msg_id: format!("{}-{}-{id}", self.gateway, self.epoch).into(),
             device: device.map(Into::into),
-            event: Some(Arc::new(event)),
+            event: lifecycle.then(|| Arc::new(event)),
             json: json.into(),
             reach,
         };

@@ -207,7 +207,7 @@ impl ClusterBus {
     }
 
     /// Adds one event read from the stream to the view.
-    fn view_push(&self, seq: u64, subject: &str, msg_id: Option<&str>, payload: &[u8]) {
+    fn view_push(&self, seq: u64, subject: &str, payload: &[u8]) {
         let mut v = self.view.lock();
         if seq <= v.last {
             return; // a redelivery after the consumer was made again
@@ -240,7 +240,6 @@ impl ClusterBus {
         }
         v.events.push_back(StoredEvent {
             id: seq,
-            msg_id: msg_id.unwrap_or_default().into(),
             device,
             event: None,
             json: json.into(),
@@ -488,12 +487,7 @@ async fn follow(
                     idle = 0;
                     let Ok(info) = m.info() else { continue };
                     let seq = info.stream_sequence;
-                    let msg_id = m
-                        .headers
-                        .as_ref()
-                        .and_then(|h| h.get("Nats-Msg-Id"))
-                        .map(|v| v.as_str().to_owned());
-                    b.view_push(seq, m.subject.as_str(), msg_id.as_deref(), &m.payload);
+                    b.view_push(seq, m.subject.as_str(), &m.payload);
                     next = seq + 1;
                 }
                 Ok(Some(Err(e))) => {
