@@ -387,10 +387,7 @@ impl Connections {
         let (syn, ack) = (tcp[13] & 0x02 != 0, tcp[13] & 0x10 != 0);
         if let Some(stack) = self.by_port.get(&src_port).map(|s| s.clone()) {
             stack.ingest(packet);
-            if !fed.iter().any(|s| Arc::ptr_eq(s, &stack)) {
-                fed.push(stack);
-            }
-            return;
+            return stack.note_fed(fed);
         }
         let target = match self.forwards.iter().find(|f| f.port == dst_port) {
             Some(f) => Some(Target::Forward(f.target.clone())),

@@ -6,7 +6,8 @@
 //! [`EventBus`] is the interface; [`ring::RingBus`] (a bounded ring per
 //! boot, named by a random epoch) is the embedded implementation. The
 //! interface carries what a JetStream implementation needs: every event
-//! has a message id fit for deduplication (`Nats-Msg-Id`), and a cursor is
+//! has a message id fit for deduplication (`Nats-Msg-Id`,
+//! `<gateway>-<epoch>-<id>`, derived when it is published, not stored), and a cursor is
 //! a `u64` that a stream sequence can be.
 //!
 //! Ordering invariant: the state change an event announces is made

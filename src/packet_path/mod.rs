@@ -204,7 +204,6 @@ impl PacketPath {
         self.gateway_address
     }
 
-    /// Plugs in the receiver of packets addressed to the gateway. Once.
     /// Lets the sink send what it put off during a receive batch (see
     /// [`TunnelSink::end_of_batch`]).
     pub fn end_of_batch(&self) {
@@ -213,6 +212,7 @@ impl PacketPath {
         }
     }
 
+    /// Plugs in the receiver of packets addressed to the gateway. Once.
     pub fn set_sink(&self, sink: Arc<dyn TunnelSink>) -> Result<(), Arc<dyn TunnelSink>> {
         self.sink.set(sink)
     }

@@ -431,12 +431,7 @@ impl TunnelSink for Relay {
                     // for all the stream's segments in it.
                     Some(stack) => {
                         stack.ingest_with(packet, answer);
-                        FED.with(|f| {
-                            let mut f = f.borrow_mut();
-                            if !f.iter().any(|s| Arc::ptr_eq(s, &stack)) {
-                                f.push(stack);
-                            }
-                        });
+                        FED.with(|f| stack.note_fed(&mut f.borrow_mut()));
                     }
                     // A segment for a stream that no longer exists.
                     None => self.metrics.dropped(DropReason::NoStream),

@@ -592,13 +592,9 @@ impl NetStack {
         self.ack_owed = true;
     }
 
-    /// Takes the pacer's tokens (after telling it a round-trip sample, if
-    /// `rtt` is one).
-    fn take_budget(&self, now: Instant, rtt: Option<u64>) -> u32 {
+    /// Takes the pacer's tokens.
+    fn take_budget(&self, now: Instant) -> u32 {
         let mut p = self.pacer.lock();
-        if let Some(us) = rtt {
-            p.rtt_sample(us);
-        }
         p.refill(now);
         std::mem::take(&mut p.tokens)
     }
@@ -625,7 +621,7 @@ impl NetStack {
     }
 
     fn flush_with(&mut self, now: Instant, ts: smoltcp::time::Instant, egress: &dyn Egress) {
-        let mut budget = self.take_budget(now, None);
+        let mut budget = self.take_budget(now);
         if std::mem::take(&mut self.ack_owed) {
             budget = budget.max(1);
         }

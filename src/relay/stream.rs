@@ -202,6 +202,14 @@ impl SharedStack {
         self.guard(|| s.ingest(Instant::now(), packet, egress));
     }
 
+    /// Notes this stack in `fed`, the stacks a receive batch ingested into
+    /// (each once), to be [flushed](Self::flush) after the batch.
+    pub fn note_fed(self: Arc<Self>, fed: &mut Vec<Arc<SharedStack>>) {
+        if !fed.iter().any(|s| Arc::ptr_eq(s, &self)) {
+            fed.push(self);
+        }
+    }
+
     /// Sends what the stack owes after [`ingest`](Self::ingest).
     pub fn flush(&self) {
         self.with(|_| ())
