@@ -1,25 +1,28 @@
 //! X25519 implementations available as crates here, in one criterion run
-//! (issue "Ahead of every peer", item 2): what a Diffie-Hellman costs with
-//! the one boringtun uses (x25519-dalek 2 on curve25519-dalek 4: a serial
-//! Montgomery ladder on 64-bit limbs, whatever the backend, since its SIMD
-//! backends speed up Edwards arithmetic only) and with `ring` (already in
-//! the tree through async-nats; fiat-crypto field arithmetic, assembly on
-//! x86_64). `aws-lc-rs` is not measured: it builds AWS-LC from C sources
-//! with cmake, which these machines do not have.
+//! (issue "Ahead of every peer", item 2):
 //!
-//! - variable base: a shared secret from a peer's public key (four of
-//!   these in a first-contact responder handshake, three in a rekey);
+//! - curve25519-dalek 4, the arithmetic of crates.io's x25519-dalek 2 (what
+//!   boringtun calls): a serial Montgomery ladder on 64-bit limbs whatever
+//!   the backend (its SIMD backends speed up Edwards arithmetic only);
+//! - AWS-LC (aws-lc-sys, s2n-bignum's assembly), through `x25519_dalek`,
+//!   which the gateway patches to x25519-aws-lc/: what boringtun and the
+//!   gateway compute with;
+//! - `ring` (in the tree through async-nats; fiat-crypto field arithmetic,
+//!   assembly on x86_64), which offers X25519 through ephemeral keys only:
+//!   its figures include generating one (a fixed-base multiplication and 32
+//!   random bytes), so "ring agree" is keygen + variable-base, and the
+//!   variable-base cost alone is that minus "ring keygen".
+//!
+//! Each is measured as
+//! - variable base: a shared secret from a peer's public key (five of
+//!   these in a first contact through boringtun, three in a rekey);
 //! - fixed base: a public key from a secret (the ephemeral key, once per
-//!   handshake).
-//!
-//! ring offers X25519 only through ephemeral keys: its figures include
-//! generating one (a fixed-base multiplication and 32 random bytes), so
-//! "ring agree" is keygen + variable-base, and the variable-base cost alone
-//! is that minus "ring keygen".
+//!   handshake; boringtun's `Tunn::new` does one more).
 //!
 //! Run: `cargo bench --bench x25519`.
 
 use criterion::{criterion_group, criterion_main, Criterion};
+use curve25519_dalek::montgomery::MontgomeryPoint;
 use ring::agreement::{agree_ephemeral, EphemeralPrivateKey, UnparsedPublicKey, X25519};
 use ring::rand::SystemRandom;
 use std::hint::black_box;
@@ -29,10 +32,18 @@ fn x25519(c: &mut Criterion) {
     let mut g = c.benchmark_group("x25519");
     let a = StaticSecret::random_from_rng(rand_core::OsRng);
     let b = PublicKey::from(&StaticSecret::random_from_rng(rand_core::OsRng));
-    g.bench_function("dalek variable base (diffie_hellman)", |i| {
+    // x25519-dalek 2's diffie_hellman and PublicKey::from, one call each.
+    let (a_bytes, b_point) = (a.to_bytes(), MontgomeryPoint(b.to_bytes()));
+    g.bench_function("curve25519-dalek variable base (mul_clamped)", |i| {
+        i.iter(|| black_box(black_box(b_point).mul_clamped(black_box(a_bytes))))
+    });
+    g.bench_function("curve25519-dalek fixed base (mul_base_clamped)", |i| {
+        i.iter(|| black_box(MontgomeryPoint::mul_base_clamped(black_box(a_bytes))))
+    });
+    g.bench_function("aws-lc variable base (diffie_hellman)", |i| {
         i.iter(|| black_box(a.diffie_hellman(black_box(&b))))
     });
-    g.bench_function("dalek fixed base (PublicKey::from)", |i| {
+    g.bench_function("aws-lc fixed base (PublicKey::from)", |i| {
         i.iter(|| black_box(PublicKey::from(black_box(&a))))
     });
     let rng = SystemRandom::new();

@@ -77,7 +77,9 @@ fi
 
 # Benchmarks are not run here (see README, "Performance"), but they must build.
 cargo check --benches --quiet
-cargo nextest run --no-fail-fast "$@"
+# --workspace: the gateway and its X25519 patch (x25519-aws-lc/, checked
+# against curve25519-dalek).
+cargo nextest run --workspace --no-fail-fast "$@"
 
 # Fuzz smoke: every target for FUZZ_SECONDS (default 20) from its committed
 # corpus, so a panic reintroduced in a parser fails here (see fuzz/README.md).
