@@ -118,7 +118,12 @@ fn bench(c: &mut Criterion) {
                 }
                 let before = tx.0;
                 let t = Instant::now();
-                for init in &inits {
+                for (i, init) in inits.iter().enumerate() {
+                    // Each device from its own endpoint, as in a fleet (all
+                    // from one would make each first contact try the
+                    // previous device's tunnel, the only one there: one
+                    // more DH a fleet does not pay).
+                    let src = SocketAddr::new(src.ip(), 1024 + i as u16);
                     gw.path.handle_datagram(t, src, init, &mut gw.out, &mut tx);
                     gw.path.process_handshakes(t, 1, &mut gw.out, &mut tx);
                 }
