@@ -171,6 +171,7 @@ impl Gateway {
                 link_timeout: config.link_timeout,
                 handshake_rate_limit: config.handshake_rate_limit,
                 handshake_queue: config.handshake_queue,
+                name_boringtun_warnings: config.log.contains("boringtun"),
             },
         ));
         let status = {

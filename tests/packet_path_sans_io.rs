@@ -66,6 +66,7 @@ fn rig_with_ring(event_ring: usize) -> (Rig, Reg) {
             link_timeout: TIMEOUT,
             handshake_rate_limit: 0,
             handshake_queue: 64,
+            name_boringtun_warnings: false,
         },
     ));
     (

@@ -44,6 +44,7 @@ pub fn gateway(devices: usize) -> (Gw, Vec<[u8; 32]>) {
             link_timeout: Duration::from_secs(3600),
             handshake_rate_limit: 0,
             handshake_queue: 1 << 20,
+            name_boringtun_warnings: false,
         },
     ));
     let keys: Vec<[u8; 32]> = (0..devices).map(|_| generate_private_key()).collect();

@@ -151,6 +151,7 @@ pub fn run(data: &[u8]) -> Reached {
             link_timeout: Duration::from_secs(90),
             handshake_rate_limit: 0,
             handshake_queue: 16,
+            name_boringtun_warnings: false,
         },
     );
     let sink = Arc::new(CountingSink::default());

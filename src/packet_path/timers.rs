@@ -64,9 +64,13 @@ impl PacketPath {
         let share = n * bucket / BUCKETS as usize..n * (bucket + 1) / BUCKETS as usize;
         // boringtun's own warnings (REKEY_TIMEOUT, ...) name no peer: when
         // they are shown at all (`--log ...,boringtun=warn`), they are
-        // emitted inside a span naming the device. Checked once per tick,
-        // so a gateway that hides them (the default) pays nothing.
-        let tag_boringtun = tracing::enabled!(target: "boringtun", tracing::Level::WARN);
+        // emitted inside a span naming the device. Decided by the
+        // configuration, not by `tracing::enabled!`, which answered yes
+        // with the binary's layered filters even while boringtun's
+        // warnings were filtered out, so every session paid for a span on
+        // every pass.
+        let tag_boringtun = self.config.name_boringtun_warnings
+            && tracing::enabled!(target: "boringtun", tracing::Level::WARN);
         for session in &round[share] {
             let session = session.clone();
             let mut st = session.state.lock();
