@@ -73,33 +73,40 @@ pub fn x25519(k: [u8; 32], u: [u8; 32]) -> [u8; 32] {
     mul(&k, &u)
 }
 
+/// `to_bytes`, `as_bytes` and `AsRef<[u8]>` for a type holding 32 bytes.
+macro_rules! byte_views {
+    ($name:ident, $what:literal) => {
+        impl $name {
+            #[doc = concat!("The ", $what, ".")]
+            #[inline]
+            pub fn to_bytes(&self) -> [u8; 32] {
+                self.0
+            }
+
+            #[doc = concat!("A view of the ", $what, ".")]
+            #[inline]
+            pub fn as_bytes(&self) -> &[u8; 32] {
+                &self.0
+            }
+        }
+
+        impl AsRef<[u8]> for $name {
+            fn as_ref(&self) -> &[u8] {
+                &self.0
+            }
+        }
+    };
+}
+
 /// A public key: the u-coordinate of a point, as 32 little-endian bytes.
 #[derive(PartialEq, Eq, Hash, Copy, Clone, Debug)]
 pub struct PublicKey([u8; 32]);
 
-impl PublicKey {
-    /// The key's 32 bytes.
-    #[inline]
-    pub fn to_bytes(&self) -> [u8; 32] {
-        self.0
-    }
-
-    /// A view of the key's 32 bytes.
-    #[inline]
-    pub fn as_bytes(&self) -> &[u8; 32] {
-        &self.0
-    }
-}
+byte_views!(PublicKey, "key's 32 bytes");
 
 impl From<[u8; 32]> for PublicKey {
     fn from(bytes: [u8; 32]) -> PublicKey {
         PublicKey(bytes)
-    }
-}
-
-impl AsRef<[u8]> for PublicKey {
-    fn as_ref(&self) -> &[u8] {
-        &self.0
     }
 }
 
@@ -201,19 +208,9 @@ impl StaticSecret {
     pub fn diffie_hellman(&self, their_public: &PublicKey) -> SharedSecret {
         SharedSecret(mul(&self.0, &their_public.0))
     }
-
-    /// The secret's 32 bytes, as given (unclamped).
-    #[inline]
-    pub fn to_bytes(&self) -> [u8; 32] {
-        self.0
-    }
-
-    /// A view of the secret's 32 bytes, as given (unclamped).
-    #[inline]
-    pub fn as_bytes(&self) -> &[u8; 32] {
-        &self.0
-    }
 }
+
+byte_views!(StaticSecret, "secret's 32 bytes, as given (unclamped)");
 
 impl From<[u8; 32]> for StaticSecret {
     fn from(bytes: [u8; 32]) -> StaticSecret {
@@ -221,40 +218,18 @@ impl From<[u8; 32]> for StaticSecret {
     }
 }
 
-impl AsRef<[u8]> for StaticSecret {
-    fn as_ref(&self) -> &[u8] {
-        &self.0
-    }
-}
-
 /// The result of a Diffie-Hellman: a u-coordinate, wiped on drop.
 pub struct SharedSecret([u8; 32]);
 
+byte_views!(SharedSecret, "shared secret's 32 bytes");
+
 impl SharedSecret {
-    /// The shared secret's 32 bytes.
-    #[inline]
-    pub fn to_bytes(&self) -> [u8; 32] {
-        self.0
-    }
-
-    /// A view of the shared secret's 32 bytes.
-    #[inline]
-    pub fn as_bytes(&self) -> &[u8; 32] {
-        &self.0
-    }
-
     /// False when the peer's key had small order, so that the shared
     /// secret is the all-zero value whatever our secret (RFC 7748 §6.1).
     /// Folds all 32 bytes, with no branch on their values.
     #[must_use]
     pub fn was_contributory(&self) -> bool {
         self.0.iter().fold(0u8, |acc, b| acc | b) != 0
-    }
-}
-
-impl AsRef<[u8]> for SharedSecret {
-    fn as_ref(&self) -> &[u8] {
-        &self.0
     }
 }
 
