@@ -680,6 +680,13 @@ impl ServeArgs {
 }
 
 impl GatewayConfig {
+    /// Whether `--log` names boringtun: then its own warnings are shown
+    /// (the binary's filter) and the timer pass names their device (the
+    /// packet path); otherwise the binary filters them to `error`.
+    pub fn shows_boringtun_log(&self) -> bool {
+        self.log.contains("boringtun")
+    }
+
     pub fn validate(&self) -> Result<(), Error> {
         if self.link_timeout < Duration::from_secs(1) {
             return Err(Error::Config("--link-timeout must be at least 1s".into()));

@@ -171,7 +171,7 @@ impl Gateway {
                 link_timeout: config.link_timeout,
                 handshake_rate_limit: config.handshake_rate_limit,
                 handshake_queue: config.handshake_queue,
-                name_boringtun_warnings: config.log.contains("boringtun"),
+                name_boringtun_warnings: config.shows_boringtun_log(),
             },
         ));
         let status = {

@@ -69,7 +69,7 @@ fn main() -> anyhow::Result<()> {
             // peer per 5 s after a restart: 850 lines in 90 s for 55 gone
             // devices) name no device; the gateway reports link state
             // itself. `--log info,boringtun=warn` brings them back.
-            let filter = if config.log.contains("boringtun") {
+            let filter = if config.shows_boringtun_log() {
                 config.log.clone()
             } else {
                 format!("{},boringtun=error", config.log)
